@@ -1,0 +1,105 @@
+"""Protobuf <-> domain conversions, used only by gRPC edges (servicers and stubs' callers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from pool.layout import Column, Extent, Layout
+from proto import nvpool_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where the agent holding a drive can be reached."""
+
+    drive_id: str
+    agent_id: str
+    address: str
+    unix_path: str = ""
+    host: str = ""
+    alive: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ExtentRecord:
+    """An extent as an agent holds it: its place, its volume and its generation fence."""
+
+    extent_id: int
+    drive_id: str
+    drive_offset: int
+    length: int
+    volume_id: int
+    min_generation: int
+
+
+def layout_body_to_pb(lay: Layout) -> pb.LayoutBody:
+    return pb.LayoutBody(
+        volume_id=lay.volume_id,
+        name=lay.name,
+        generation=lay.generation,
+        size=lay.size,
+        stripe_unit=lay.stripe_unit,
+        columns=[
+            pb.Column(
+                extents=[
+                    pb.Extent(
+                        extent_id=e.extent_id, drive_id=e.drive_id, drive_offset=e.drive_offset, length=e.length
+                    )
+                    for e in c.extents
+                ]
+            )
+            for c in lay.columns
+        ],
+    )
+
+
+def layout_body_from_pb(m: pb.LayoutBody, target: Optional[Layout] = None) -> Layout:
+    return Layout(
+        volume_id=m.volume_id,
+        name=m.name,
+        generation=m.generation,
+        size=m.size,
+        stripe_unit=m.stripe_unit,
+        columns=tuple(
+            Column(tuple(Extent(e.extent_id, e.drive_id, e.drive_offset, e.length) for e in c.extents))
+            for c in m.columns
+        ),
+        target=target,
+    )
+
+
+def layout_to_pb(lay: Layout, endpoints: Iterable[Endpoint]) -> pb.Layout:
+    msg = pb.Layout(current=layout_body_to_pb(lay), endpoints=[endpoint_to_pb(e) for e in endpoints])
+    if lay.target is not None:
+        msg.target.CopyFrom(layout_body_to_pb(lay.target))
+        msg.has_target = True
+    return msg
+
+
+def layout_from_pb(m: pb.Layout) -> tuple[Layout, dict[str, Endpoint]]:
+    target = layout_body_from_pb(m.target) if m.has_target else None
+    lay = layout_body_from_pb(m.current, target)
+    return lay, {e.drive_id: endpoint_from_pb(e) for e in m.endpoints}
+
+
+def endpoint_to_pb(e: Endpoint) -> pb.Endpoint:
+    return pb.Endpoint(
+        drive_id=e.drive_id, agent_id=e.agent_id, address=e.address, unix_path=e.unix_path, host=e.host,
+        alive=e.alive,
+    )
+
+
+def endpoint_from_pb(m: pb.Endpoint) -> Endpoint:
+    return Endpoint(m.drive_id, m.agent_id, m.address, m.unix_path, m.host, m.alive)
+
+
+def extent_record_to_pb(r: ExtentRecord) -> pb.ExtentRecord:
+    return pb.ExtentRecord(
+        extent_id=r.extent_id, drive_id=r.drive_id, drive_offset=r.drive_offset, length=r.length,
+        volume_id=r.volume_id, min_generation=r.min_generation,
+    )
+
+
+def extent_record_from_pb(m: pb.ExtentRecord) -> ExtentRecord:
+    return ExtentRecord(m.extent_id, m.drive_id, m.drive_offset, m.length, m.volume_id, m.min_generation)
