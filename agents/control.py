@@ -1,0 +1,75 @@
+"""gRPC edge of the storage agent: the ``Agent`` control service the metadata service calls.
+
+Translates protobuf <-> ``AgentCore`` calls and maps domain errors to gRPC status codes. Control
+calls never carry data; the data plane is ``agents/dataplane.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable, Optional
+
+import grpc
+
+from agents.core import AgentCore
+from proto import nvpool_pb2 as pb
+from proto import nvpool_pb2_grpc as pbg
+from proto.convert import extent_record_from_pb, extent_record_to_pb
+from proto.errors import NotFoundError, NvpoolError, UnavailableError, UsageError
+
+logger = logging.getLogger(__name__)
+
+#: (dst_extent, dst_offset, src_address, src_extent, src_offset, length, generation) -> bytes copied
+CopyHandler = Callable[[pb.CopyExtentRequest], Awaitable[int]]
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, NotFoundError):
+        code = grpc.StatusCode.NOT_FOUND
+    elif isinstance(exc, UsageError):
+        code = grpc.StatusCode.INVALID_ARGUMENT
+    elif isinstance(exc, UnavailableError):
+        code = grpc.StatusCode.UNAVAILABLE
+    else:
+        code = grpc.StatusCode.INTERNAL
+    await context.abort(code, str(exc))
+
+
+class AgentServicer(pbg.AgentServicer):  # type: ignore[misc]
+    def __init__(self, core: AgentCore, copy_handler: Optional[CopyHandler] = None) -> None:
+        self.core = core
+        self.copy_handler = copy_handler
+
+    async def AssignExtents(self, request: Any, context: Any) -> pb.AssignExtentsResponse:
+        try:
+            self.core.assign([extent_record_from_pb(r) for r in request.extents], zero=request.zero)
+        except (NvpoolError, OSError) as exc:
+            await _abort(context, exc)
+        return pb.AssignExtentsResponse()
+
+    async def ReleaseExtents(self, request: Any, context: Any) -> pb.ReleaseExtentsResponse:
+        try:
+            self.core.release(request.extent_ids)
+        except (NvpoolError, OSError) as exc:
+            await _abort(context, exc)
+        return pb.ReleaseExtentsResponse()
+
+    async def Fence(self, request: Any, context: Any) -> pb.FenceResponse:
+        try:
+            n = self.core.fence(request.volume_id, request.min_generation)
+        except (NvpoolError, OSError) as exc:
+            await _abort(context, exc)
+        return pb.FenceResponse(extents=n)
+
+    async def ListExtents(self, request: Any, context: Any) -> pb.ListExtentsResponse:
+        return pb.ListExtentsResponse(extents=[extent_record_to_pb(r) for r in self.core.extents.values()])
+
+    async def CopyExtent(self, request: Any, context: Any) -> pb.CopyExtentResponse:
+        if self.copy_handler is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this agent cannot copy extents")
+        try:
+            assert self.copy_handler is not None
+            n = await self.copy_handler(request)
+        except (NvpoolError, OSError) as exc:
+            await _abort(context, exc)
+        return pb.CopyExtentResponse(bytes=n)

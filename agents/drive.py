@@ -1,0 +1,265 @@
+"""Drives: a block device or a file, carrying its own identity and extent table.
+
+Contract of a ``Drive`` (the agent's only way to touch storage):
+
+* ``readinto(buf, offset)`` / ``write(data, offset)`` move bytes at absolute drive offsets with
+  ``preadv``/``pwritev``; an aligned request goes through an O_DIRECT descriptor when the device
+  supports it, everything else through the page cache; ``flush()`` makes writes durable (fdatasync).
+* ``sendfile_fd`` is the descriptor to ``os.sendfile`` reads from (always the buffered one).
+* ``zero(offset, length)`` makes a range read as zeros (hole punch / BLKZEROOUT).
+* Errors surface as ``DriveError`` carrying the drive and the OS errno; the drive is then marked
+  failed and reported so to the metadata service.
+
+On-disk format (the first ``LABEL_AREA`` bytes; extents start at ``DATA_OFFSET``)::
+
+    0       4 KiB  label: b"NVPOOLDRV1\\n" + JSON {drive_id, created, size} , zero padded
+    64 KiB  slot A  extent table: header <8s magic, Q seq, I length, I crc32c> + JSON list
+    576 KiB slot B  extent table (the two slots alternate; the valid one with the highest seq wins)
+
+So an agent restarted on the same drives, or a drive moved to another server, is recognised with its
+extents and their generation fences, before the metadata service is even reachable.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+from agents import osio
+from proto.convert import ExtentRecord
+from proto.dataplane import crc32c
+from proto.errors import DriveError, UsageError
+
+logger = logging.getLogger(__name__)
+
+KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
+LABEL_MAGIC = b"NVPOOLDRV1\n"
+TABLE_MAGIC = b"NVEXTTB1"
+TABLE_HDR = struct.Struct("<8sQII")
+LABEL_SIZE = 4 * KiB
+SLOT_OFFSETS = (64 * KiB, 576 * KiB)
+SLOT_SIZE = 512 * KiB
+LABEL_AREA = DATA_OFFSET = 2 * MiB  # keep extents 1 MiB aligned, with room to spare
+DIRECT_ALIGN = 4096
+MIN_DRIVE_SIZE = DATA_OFFSET + 8 * MiB
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    """Where a drive is: ``file:PATH:SIZE`` (created sparse if missing), ``/dev/...``, or ``PATH``."""
+
+    path: str
+    create_size: int = 0  # for file: drives, the size to create when missing
+
+    @staticmethod
+    def parse(text: str) -> "DriveSpec":
+        if text.startswith("file:"):
+            rest = text[5:]
+            path, sep, size = rest.rpartition(":")
+            if not sep or not path:
+                raise UsageError(f"drive {text!r}: expected file:PATH:SIZE (e.g. file:/data/d0.img:8G)")
+            return DriveSpec(path, parse_size(size))
+        if not text:
+            raise UsageError("empty drive path")
+        return DriveSpec(text)
+
+
+def parse_size(text: str) -> int:
+    """'8G', '512M', '4096', '1.5T' -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    units = {"K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB, "P": 1024**5}
+    mult = 1
+    if t and t[-1] in units:
+        mult = units[t[-1]]
+        t = t[:-1]
+    try:
+        value = float(t)
+    except ValueError:
+        raise UsageError(f"invalid size {text!r} (examples: 4096, 512M, 8G)") from None
+    if value < 0:
+        raise UsageError(f"negative size {text!r}")
+    return int(value * mult)
+
+
+class Drive:
+    def __init__(self, path: str, fd: int, direct_fd: Optional[int], drive_id: str, size: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.direct_fd = direct_fd
+        self.drive_id = drive_id
+        self.size = size
+        self.failed: Optional[str] = None
+        self._table_seq = 0
+        self._table_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ open / label
+    @classmethod
+    def open(cls, spec: DriveSpec) -> "Drive":
+        """Open (creating a ``file:`` drive if needed) and read or write its label."""
+        path = spec.path
+        created = False
+        if spec.create_size and not os.path.exists(path):
+            if spec.create_size < MIN_DRIVE_SIZE:
+                raise UsageError(f"drive {path}: size {spec.create_size} is below the minimum {MIN_DRIVE_SIZE}")
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, spec.create_size)  # sparse
+            os.close(fd)
+            created = True
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise UsageError(
+                f"drive {path!r} does not exist (use file:PATH:SIZE to create a file-backed drive)"
+            ) from None
+        except OSError as exc:
+            raise UsageError(f"drive {path!r} cannot be opened: {exc.strerror}") from None
+        try:
+            size = osio.device_size(fd)
+            if size < MIN_DRIVE_SIZE:
+                raise UsageError(f"drive {path}: {size} bytes is too small (minimum {MIN_DRIVE_SIZE})")
+            label = os.pread(fd, LABEL_SIZE, 0)
+            if label.startswith(LABEL_MAGIC):
+                meta = json.loads(label[len(LABEL_MAGIC) :].rstrip(b"\0"))
+                drive_id = str(meta["drive_id"])
+            elif label.strip(b"\0") == b"" or created:
+                drive_id = str(uuid.uuid4())
+                body = LABEL_MAGIC + json.dumps(
+                    {"drive_id": drive_id, "created": time.time(), "size": size}
+                ).encode()
+                os.pwrite(fd, body.ljust(LABEL_SIZE, b"\0"), 0)
+                for off in SLOT_OFFSETS:  # no stale tables from a previous life
+                    os.pwrite(fd, bytes(TABLE_HDR.size), off)
+                os.fsync(fd)
+                logger.info("labelled new drive %s as %s", path, drive_id)
+            else:
+                raise UsageError(
+                    f"drive {path!r} holds data but no nvpool label; refusing to overwrite it "
+                    "(wipe its first 4 KiB to hand it to nvpool)"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        direct_fd = osio.open_direct(path) if osio.is_block_device(fd) else None
+        return cls(path, fd, direct_fd, drive_id, size)
+
+    def close(self) -> None:
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.direct_fd = None
+
+    @property
+    def capacity(self) -> int:
+        """Bytes usable for extents (1 MiB aligned)."""
+        return (self.size - DATA_OFFSET) // MiB * MiB
+
+    # ------------------------------------------------------------------ extent table
+    def load_extents(self) -> list[ExtentRecord]:
+        best: tuple[int, list[ExtentRecord]] = (0, [])
+        for off in SLOT_OFFSETS:
+            hdr = os.pread(self.fd, TABLE_HDR.size, off)
+            magic, seq, length, crc = TABLE_HDR.unpack(hdr)
+            if magic != TABLE_MAGIC or length > SLOT_SIZE - TABLE_HDR.size:
+                continue
+            body = os.pread(self.fd, length, off + TABLE_HDR.size)
+            if crc32c(body) != crc:
+                logger.warning("drive %s: extent table slot at %d is torn; using the other", self.path, off)
+                continue
+            if seq > best[0]:
+                recs = [ExtentRecord(**r) for r in json.loads(body)]
+                best = (seq, recs)
+        self._table_seq = best[0]
+        return best[1]
+
+    def save_extents(self, records: Iterable[ExtentRecord]) -> None:
+        """Atomically replace the on-disk extent table (alternating slots, fsync)."""
+        body = json.dumps(
+            [
+                {
+                    "extent_id": r.extent_id, "drive_id": r.drive_id, "drive_offset": r.drive_offset,
+                    "length": r.length, "volume_id": r.volume_id, "min_generation": r.min_generation,
+                }
+                for r in records
+                if r.drive_id == self.drive_id
+            ],
+            separators=(",", ":"),
+        ).encode()
+        if len(body) > SLOT_SIZE - TABLE_HDR.size:
+            raise DriveError(self.drive_id, errno.ENOSPC, "extent table is full")
+        with self._table_lock:
+            self._table_seq += 1
+            off = SLOT_OFFSETS[self._table_seq % 2]
+            try:
+                os.pwrite(self.fd, TABLE_HDR.pack(TABLE_MAGIC, self._table_seq, len(body), crc32c(body)) + body, off)
+                os.fdatasync(self.fd)
+            except OSError as exc:
+                raise self._fail(exc) from None
+
+    # ------------------------------------------------------------------ I/O
+    def _fail(self, exc: OSError) -> DriveError:
+        self.failed = exc.strerror or str(exc)
+        logger.error("drive %s (%s) failed: %s", self.drive_id, self.path, self.failed)
+        return DriveError(self.drive_id, exc.errno or errno.EIO, self.failed)
+
+    def _fd_for(self, length: int, offset: int, page_aligned: bool) -> int:
+        """O_DIRECT only for page-aligned buffers (the agent's own mmap'd ones) at aligned offsets."""
+        if page_aligned and self.direct_fd is not None and not (offset | length) % DIRECT_ALIGN:
+            return self.direct_fd
+        return self.fd
+
+    def readinto(self, buf: memoryview, offset: int, page_aligned: bool = False) -> None:
+        """Fill ``buf`` from ``offset`` (short reads past EOF are errors)."""
+        try:
+            n = os.preadv(self._fd_for(len(buf), offset, page_aligned), [buf], offset)
+            while n < len(buf):
+                got = os.preadv(self.fd, [buf[n:]], offset + n)
+                if got == 0:
+                    raise OSError(errno.EIO, "short read")
+                n += got
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` as a new bytes object (no zero-fill, one copy)."""
+        try:
+            data = os.pread(self.fd, length, offset)
+            if len(data) < length:
+                raise OSError(errno.EIO, "short read")
+            return data
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def write(self, data: Buffer, offset: int, page_aligned: bool = False) -> None:
+        try:
+            view = memoryview(data)
+            n = os.pwritev(self._fd_for(len(view), offset, page_aligned), [view], offset)
+            while n < len(view):
+                n += os.pwritev(self.fd, [view[n:]], offset + n)
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def zero(self, offset: int, length: int) -> None:
+        try:
+            osio.zero_range(self.fd, offset, length)
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def flush(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise self._fail(exc) from None

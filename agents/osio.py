@@ -1,0 +1,111 @@
+"""The one seam between the storage agent and the operating system's less common calls.
+
+Everything that is not plain ``os.pread``/``os.pwrite`` lives here (fallocate flags, block-device
+ioctls, sysfs discovery), so tests substitute this module and nothing else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import pathlib
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+BLKGETSIZE64 = 0x80081272
+BLKZEROOUT = 0x127F
+BLKDISCARD = 0x1277
+BLKSSZGET = 0x1268
+
+SYS_BLOCK = pathlib.Path("/sys/block")
+
+
+def is_block_device(fd: int) -> bool:
+    return stat.S_ISBLK(os.fstat(fd).st_mode)
+
+
+def device_size(fd: int) -> int:
+    """Size in bytes of an open file or block device."""
+    if is_block_device(fd):
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return int(struct.unpack("Q", buf)[0])
+    return os.fstat(fd).st_size
+
+
+def logical_block_size(fd: int) -> int:
+    if is_block_device(fd):
+        buf = fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4)
+        return int(struct.unpack("I", buf)[0])
+    return 512
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Make ``[offset, offset+length)`` read as zeros, releasing the space where the OS can."""
+    if length <= 0:
+        return
+    if is_block_device(fd):
+        fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+        return
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(err, os.strerror(err))
+    # file system without hole punching: write zeros
+    chunk = bytes(min(length, 1 << 20))
+    pos, end = offset, offset + length
+    while pos < end:
+        pos += os.pwrite(fd, chunk[: min(len(chunk), end - pos)], pos)
+
+
+def open_direct(path: str) -> int | None:
+    """An O_DIRECT descriptor for ``path``, or None if the file system refuses it."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class NvmeNamespace:
+    path: str  # /dev/nvme0n1
+    model: str
+    serial: str
+    size: int
+
+
+def discover_nvme(sys_block: pathlib.Path = SYS_BLOCK) -> Iterator[NvmeNamespace]:
+    """NVMe namespaces the kernel shows (``/sys/block/nvme*n*``), partitions excluded."""
+    if not sys_block.is_dir():
+        return
+    for dev in sorted(sys_block.glob("nvme*n*")):
+        name = dev.name
+        if "p" in name.split("n", 1)[1]:  # nvme0n1p1 is a partition
+            continue
+
+        def read(rel: str) -> str:
+            try:
+                return (dev / rel).read_text().strip()
+            except OSError:
+                return ""
+
+        sectors = read("size")
+        yield NvmeNamespace(
+            path=f"/dev/{name}",
+            model=read("device/model"),
+            serial=read("device/serial"),
+            size=int(sectors) * 512 if sectors.isdigit() else 0,
+        )

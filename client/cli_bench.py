@@ -1,0 +1,153 @@
+"""``nvpool bench VOLUME``: throughput, IOPS and latency through the client library (like ``rbd bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+
+@dataclass
+class BenchResult:
+    io_type: str
+    pattern: str
+    io_size: int
+    io_depth: int
+    transport: str
+    ops: int
+    bytes: int
+    seconds: float
+    MBps: float
+    iops: float
+    lat_p50_us: float
+    lat_p99_us: float
+    lat_p999_us: float
+    cpu_percent: float
+    cpu_s_per_GB: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def run_bench(
+    meta: Optional[str],
+    volume: str,
+    io_type: str = "read",
+    io_size: int = 1 << 20,
+    io_depth: int = 4,
+    pattern: str = "seq",
+    total: int = 0,
+    seconds: float = 0.0,
+    transport: str = "auto",
+    digests: bool = False,
+    seed: int = 1,
+    progress: bool = False,
+) -> BenchResult:
+    """Run one benchmark on the calling event loop (ends at ``total`` bytes or ``seconds``)."""
+    from client.api import AsyncPool
+    from client.volume import ClientOptions
+
+    if not total and not seconds:
+        seconds = 10.0
+    pool = await AsyncPool.connect(meta, ClientOptions(transport=transport, digests=digests))
+    try:
+        vol = await pool.open(volume, read_only=(io_type == "read"))
+        size = vol.size // io_size * io_size
+        if size <= 0:
+            raise SystemExit(f"volume {volume} is smaller than one I/O of {io_size} bytes")
+        rng = np.random.default_rng(seed)
+        payload = memoryview(rng.integers(0, 256, io_size, dtype=np.uint8).tobytes())
+        lat: list[int] = []
+        state = {"next": 0, "bytes": 0, "ops": 0}
+        deadline = time.monotonic() + seconds if seconds else float("inf")
+        limit = total or float("inf")
+        slots = size // io_size
+
+        async def worker(wid: int) -> None:
+            buf = memoryview(bytearray(io_size))
+            wr = np.random.default_rng(seed + wid + 1)
+            while state["bytes"] < limit and time.monotonic() < deadline:
+                if pattern == "seq":
+                    off = (state["next"] % slots) * io_size
+                    state["next"] += 1
+                else:
+                    off = int(wr.integers(0, slots)) * io_size
+                state["bytes"] += io_size
+                is_write = io_type == "write" or (io_type == "rw" and wr.random() < 0.5)
+                t0 = time.perf_counter_ns()
+                if is_write:
+                    await vol.write(off, payload)
+                else:
+                    await vol.readinto(buf, off)
+                lat.append(time.perf_counter_ns() - t0)
+                state["ops"] += 1
+
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(io_depth)))
+        wall = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        moved = state["ops"] * io_size
+        arr = np.array(lat or [0], dtype=np.float64) / 1000.0
+        return BenchResult(
+            io_type, pattern, io_size, io_depth, transport, state["ops"], moved, round(wall, 3),
+            round(moved / wall / 1e6, 1), round(state["ops"] / wall, 1),
+            round(float(np.percentile(arr, 50)), 1), round(float(np.percentile(arr, 99)), 1),
+            round(float(np.percentile(arr, 99.9)), 1), round(100 * cpu / wall, 1),
+            round(cpu / (moved / 1e9), 3) if moved else 0.0,
+        )
+    finally:
+        await pool.close()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from agents.drive import parse_size
+
+    res = uvloop.run(
+        run_bench(
+            args.meta or os.environ.get("NVPOOL_META"), args.volume, args.io_type, parse_size(args.io_size),
+            args.io_depth, args.pattern, parse_size(args.total) if args.total else 0, args.seconds or 0.0,
+            args.transport, args.digests,
+        )
+    )
+    if args.json:
+        json.dump(res.to_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        print(
+            f"{res.io_type} {res.pattern} {res.io_size}B x QD{res.io_depth} over {res.transport}: "
+            f"{res.MBps} MB/s, {res.iops:.0f} IOPS\n"
+            f"latency p50 {res.lat_p50_us} us  p99 {res.lat_p99_us} us  p99.9 {res.lat_p999_us} us\n"
+            f"client CPU {res.cpu_percent}% ({res.cpu_s_per_GB} CPU-s per GB)  {res.ops} ops in {res.seconds}s"
+        )
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench", help="measure a volume's throughput, IOPS and latency through the client library",
+        description="Benchmark a volume through the client library (not the NBD export). Writes destroy data.",
+    )
+    p.add_argument("volume")
+    p.add_argument("--io-type", choices=["read", "write", "rw"], default="read")
+    p.add_argument("--io-size", default="1M", help="bytes per I/O (default 1M)")
+    p.add_argument("--io-depth", type=int, default=4, help="I/Os in flight (default 4)")
+    p.add_argument("--pattern", choices=["seq", "rand"], default="seq")
+    p.add_argument("--total", help="stop after this many bytes (e.g. 4G)")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds (default 10 if no --total)")
+    p.add_argument("--transport", choices=["auto", "tcp", "shm"], default="auto")
+    p.add_argument("--digests", action="store_true", help="CRC32C header and data digests")
+    p.add_argument("--meta", help="metadata service (default $NVPOOL_META)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,153 @@
+"""``nvpool meta`` and ``nvpool agent``: the two daemons.
+
+Both accept ``--config FILE`` (TOML, keys as in deploy/*.toml.sample); a flag given on the command
+line overrides only that key. ``--ready-file`` writes a JSON object with the bound addresses once
+the daemon serves (what ``nvpool cluster up`` and tests wait for). SIGTERM/SIGINT stop gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import tomllib
+from typing import Any, Awaitable, Callable, Optional
+
+from proto.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def _load_config(path: Optional[str]) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path}: {exc}") from None
+
+
+def write_ready(path: Optional[str], info: dict[str, Any]) -> None:
+    if not path:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)
+
+
+def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
+    """Run ``main`` on uvloop until it returns or SIGTERM/SIGINT arrives."""
+    import uvloop
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await main()
+        except asyncio.CancelledError:
+            logger.info("stopping")
+
+    uvloop.run(runner())
+    return 0
+
+
+def cmd_meta(args: argparse.Namespace) -> int:
+    from pool.server import MetaConfig, serve
+
+    values = _load_config(args.config)
+    for key in ("listen", "store"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    config = MetaConfig.from_mapping(values)
+
+    def ready(address: str) -> None:
+        write_ready(args.ready_file, {"address": address, "pid": os.getpid()})
+        print(f"nvpool meta serving on {address} (store {config.store})", file=sys.stderr, flush=True)
+
+    return run_daemon(lambda: serve(config, on_ready=ready))
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from agents.agent import AgentConfig, StorageAgent, serve
+
+    values = _load_config(args.config)
+    mapping = {
+        "meta": args.meta, "listen": args.listen, "control_listen": args.control_listen,
+        "unix_path": args.unix, "advertise": args.advertise, "name": args.name, "host": args.host,
+        "rack": args.rack, "heartbeat_interval": args.heartbeat,
+    }
+    values.update({k: v for k, v in mapping.items() if v is not None})
+    if args.drive:
+        values["drives"] = list(values.get("drives", [])) + args.drive
+    if args.discover_nvme:
+        values["discover_nvme"] = True
+    if "meta" not in values:
+        values["meta"] = os.environ.get("NVPOOL_META", "127.0.0.1:7400")
+    config = AgentConfig.from_mapping(values)
+
+    def ready(agent: StorageAgent) -> None:
+        info = {
+            "agent_id": agent.agent_id, "address": agent.address, "control_address": agent.control_address,
+            "unix_path": config.unix_path, "drives": sorted(agent.core.drives), "pid": os.getpid(),
+        }
+        write_ready(args.ready_file, info)
+        print(
+            f"nvpool agent {agent.agent_id} serving {len(agent.core.drives)} drive(s) on {agent.address}",
+            file=sys.stderr, flush=True,
+        )
+
+    return run_daemon(lambda: serve(config, on_ready=ready))
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "meta",
+        help="run the metadata service",
+        description=(
+            "Run the metadata service: the registry of agents and drives, volume placement and the\n"
+            "versioned layouts. It is not on the data path: clients read a layout once and then\n"
+            "talk to agents directly."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--listen", help="HOST:PORT to serve gRPC on (default 127.0.0.1:7400; port 0 picks one)")
+    p.add_argument("--store", help="where metadata lives: sqlite:PATH (default sqlite:./nvpool-meta.db)")
+    p.add_argument("--config", help="TOML config file (see deploy/meta.toml.sample)")
+    p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
+    p.set_defaults(func=cmd_meta)
+
+    a = sub.add_parser(
+        "agent",
+        help="run a storage agent on an NVMe server",
+        description=(
+            "Run a storage agent: open its drives (labelling new ones), serve the data plane, and\n"
+            "register with the metadata service. Drives: --drive /dev/nvme1n1 (a block device),\n"
+            "--drive file:/data/d0.img:8G (a sparse file, created if missing), or --discover-nvme."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a.add_argument("--meta", help="metadata service HOST:PORT (default $NVPOOL_META or 127.0.0.1:7400)")
+    a.add_argument("--listen", help="data-plane HOST:PORT (default 127.0.0.1:7500; port 0 picks one)")
+    a.add_argument("--control-listen", help="control gRPC HOST:PORT (default: data-plane host, any port)")
+    a.add_argument("--unix", help="also serve the data plane on this Unix socket (same-host clients, shm transport)")
+    a.add_argument("--advertise", help="data-plane address to give clients, if not the bound one")
+    a.add_argument("--drive", action="append", default=[], help="a drive (repeatable): PATH or file:PATH:SIZE")
+    a.add_argument("--discover-nvme", action="store_true", help="also use every NVMe namespace in /sys/block")
+    a.add_argument("--name", help="agent id (default: the hostname)")
+    a.add_argument("--host", help="failure domain: server name (default: the agent id)")
+    a.add_argument("--rack", help="failure domain: rack label")
+    a.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 1)")
+    a.add_argument("--config", help="TOML config file (see deploy/agent.toml.sample)")
+    a.add_argument("--ready-file", help="write {address, control_address, drives, pid} as JSON once serving")
+    a.set_defaults(func=cmd_agent)

@@ -1,0 +1,209 @@
+"""``nvpool volume ...`` and ``nvpool pool ...``: volume management and pool status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+from client.metaclient import MetaClient, VolumeInfo, default_meta
+
+T = TypeVar("T")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def parse_size_arg(text: str) -> int:
+    from agents.drive import parse_size
+
+    return parse_size(text)
+
+
+def with_meta(args: argparse.Namespace, fn: Callable[[MetaClient], Awaitable[T]]) -> T:
+    async def run() -> T:
+        meta = MetaClient(args.meta or default_meta())
+        try:
+            return await fn(meta)
+        finally:
+            await meta.close()
+
+    return asyncio.run(run())
+
+
+def emit(args: argparse.Namespace, obj: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        json.dump(obj, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        print(text)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def describe(v: VolumeInfo) -> str:
+    return "\n".join(
+        [
+            f"volume      {v.name} (id {v.volume_id})",
+            f"size        {human(v.size)} ({v.size} bytes)",
+            f"striping    {v.stripe_width} columns x {human(v.stripe_unit)} stripe unit",
+            f"generation  {v.generation}",
+            f"state       {v.state}",
+            f"servers     {', '.join(sorted(set(v.hosts)))}",
+            f"drives      {len(v.drives)}",
+            f"created     {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.created))}",
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------- volume
+def cmd_create(args: argparse.Namespace) -> int:
+    size = parse_size_arg(args.size)
+    su = parse_size_arg(args.stripe_unit) if args.stripe_unit else 0
+    v = with_meta(args, lambda m: m.create_volume(args.name, size, su, args.stripe_width or 0))
+    emit(args, v.to_dict(), f"created {v.name}: {human(v.size)}, {v.stripe_width} columns on {len(set(v.hosts))} servers")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    vols = with_meta(args, lambda m: m.list_volumes())
+    rows = [[v.name, human(v.size), str(v.stripe_width), human(v.stripe_unit), str(v.generation), v.state] for v in vols]
+    emit(
+        args, [v.to_dict() for v in vols],
+        table(rows, ["NAME", "SIZE", "WIDTH", "UNIT", "GEN", "STATE"]) if rows else "no volumes",
+    )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    v = with_meta(args, lambda m: m.get_volume(args.name))
+    emit(args, v.to_dict(), describe(v))
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    size = parse_size_arg(args.size)
+    v = with_meta(args, lambda m: m.resize_volume(args.name, size))
+    emit(args, v.to_dict(), f"resized {v.name} to {human(v.size)} (generation {v.generation})")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    if not args.yes and sys.stdin.isatty():
+        answer = input(f"delete volume {args.name!r} and all its data? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return 1
+    with_meta(args, lambda m: m.delete_volume(args.name))
+    emit(args, {"deleted": args.name}, f"deleted {args.name}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- pool
+def status_dict(st: Any) -> dict[str, Any]:
+    return {
+        "health": st.health,
+        "capacity": st.capacity,
+        "used": st.used,
+        "volumes": st.volumes,
+        "agents": [
+            {
+                "agent_id": a.agent_id, "host": a.host, "rack": a.rack, "address": a.address, "alive": a.alive,
+                "state": a.state, "last_seen": a.last_seen,
+                "drives": [
+                    {"drive_id": d.info.drive_id, "path": d.info.path, "capacity": d.info.capacity,
+                     "used": d.used, "extents": d.extents, "state": d.info.state}
+                    for d in a.drives
+                ],
+            }
+            for a in st.agents
+        ],
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = with_meta(args, lambda m: m.pool_status())
+    d = status_dict(st)
+    rows = []
+    for a in d["agents"]:
+        cap = sum(x["capacity"] for x in a["drives"])
+        used = sum(x["used"] for x in a["drives"])
+        rows.append([
+            a["agent_id"], a["host"], a["address"], "up" if a["alive"] else "DOWN", a["state"] or "active",
+            str(len(a["drives"])), human(cap), f"{100 * used / cap:.0f}%" if cap else "-",
+        ])
+    head = (
+        f"health {d['health']}   capacity {human(d['capacity'])}   used {human(d['used'])} "
+        f"({100 * d['used'] / d['capacity']:.1f}%)   volumes {d['volumes']}" if d["capacity"]
+        else f"health {d['health']}   no drives registered"
+    )
+    emit(args, d, head + ("\n\n" + table(rows, ["AGENT", "SERVER", "ADDRESS", "STATE", "MODE", "DRIVES", "CAPACITY", "USED"]) if rows else ""))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--meta", help="metadata service HOST:PORT (default $NVPOOL_META or 127.0.0.1:7400)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def register(sub: Any) -> None:
+    v = sub.add_parser("volume", help="create, list, show, resize and delete volumes",
+                       description="Manage logical volumes (striped across drives and servers).")
+    vs = v.add_subparsers(dest="volume_command", metavar="ACTION", required=True)
+
+    c = vs.add_parser("create", help="create a volume (reads as zeros)",
+                      description="Create a volume striped over the pool's drives, on distinct servers where possible.")
+    c.add_argument("name")
+    c.add_argument("--size", required=True, help="e.g. 20G, 512M, bytes")
+    c.add_argument("--stripe-unit", help="bytes per stripe unit on one drive (default 1M)")
+    c.add_argument("--stripe-width", type=int, help="number of columns (drives); default: as wide as the pool allows")
+    _common(c)
+    c.set_defaults(func=cmd_create)
+
+    lst = vs.add_parser("list", help="list volumes")
+    _common(lst)
+    lst.set_defaults(func=cmd_list)
+
+    s = vs.add_parser("show", help="show one volume")
+    s.add_argument("name")
+    _common(s)
+    s.set_defaults(func=cmd_show)
+
+    r = vs.add_parser("resize", help="grow a volume online")
+    r.add_argument("name")
+    r.add_argument("--size", required=True, help="new size (larger than the current one)")
+    _common(r)
+    r.set_defaults(func=cmd_resize)
+
+    d = vs.add_parser("delete", help="delete a volume and free its space")
+    d.add_argument("name")
+    d.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    _common(d)
+    d.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("pool", help="pool status, rebalance, drain",
+                       description="Inspect and operate the pool as a whole.")
+    ps = p.add_subparsers(dest="pool_command", metavar="ACTION", required=True)
+    st = ps.add_parser("status", help="servers, drives, capacity, health")
+    _common(st)
+    st.set_defaults(func=cmd_status)
+    try:
+        from client import cli_rebalance
+    except ModuleNotFoundError as exc:
+        if exc.name != "client.cli_rebalance":
+            raise
+    else:
+        cli_rebalance.register(ps, _common)

@@ -1,0 +1,260 @@
+"""A real local pool: a metadata service and N agents as separate processes on loopback, with
+file-backed drives. Used by ``nvpool cluster up/down``, the README demo and the integration tests.
+
+State lives in ``DIR/cluster.json`` (pids and addresses), logs in ``DIR/logs/``, drives in
+``DIR/drives/``, metadata in ``DIR/meta.db``; a pool stopped with ``down`` and started again with
+``up`` on the same DIR comes back with its volumes and data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from proto.errors import NvpoolError, UnavailableError, UsageError
+
+
+@dataclass
+class ProcInfo:
+    name: str
+    pid: int = 0
+    address: str = ""
+    args: list[str] = field(default_factory=list)
+    ready_file: str = ""
+    log: str = ""
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is dead
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        agents: int = 4,
+        drives_per_agent: int = 2,
+        drive_size: str = "4G",
+        meta_listen: str = "127.0.0.1:0",
+        unix_sockets: bool = True,
+        python: str = sys.executable,
+    ) -> None:
+        self.dir = Path(directory).resolve()
+        self.n_agents = agents
+        self.drives_per_agent = drives_per_agent
+        self.drive_size = drive_size
+        self.meta_listen = meta_listen
+        self.unix_sockets = unix_sockets
+        self.python = python
+        self.meta = ProcInfo("meta")
+        self.agents: list[ProcInfo] = []
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "cluster.json"
+
+    def save(self) -> None:
+        state = {
+            "meta": asdict(self.meta), "agents": [asdict(a) for a in self.agents],
+            "drives_per_agent": self.drives_per_agent, "drive_size": self.drive_size,
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.state_file)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> "LocalCluster":
+        d = Path(directory).resolve()
+        try:
+            state = json.loads((d / "cluster.json").read_text())
+        except FileNotFoundError:
+            raise UsageError(f"no local pool in {d} (start one with `nvpool cluster up --dir {d}`)") from None
+        c = cls(d, len(state["agents"]), state["drives_per_agent"], state["drive_size"])
+        c.meta = ProcInfo(**state["meta"])
+        c.agents = [ProcInfo(**a) for a in state["agents"]]
+        return c
+
+    # ------------------------------------------------------------------ processes
+    def _spawn(self, info: ProcInfo) -> None:
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        if info.ready_file and os.path.exists(info.ready_file):
+            os.unlink(info.ready_file)
+        log = open(info.log, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [self.python, "-m", "client.cli", *info.args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+        log.close()
+        self._procs[proc.pid] = proc
+        info.pid = proc.pid
+
+    def _wait_ready(self, info: ProcInfo, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(info.ready_file):
+                try:
+                    return dict(json.loads(Path(info.ready_file).read_text()))
+                except ValueError:
+                    pass
+            if not _alive(info.pid):
+                tail = Path(info.log).read_text(errors="replace")[-2000:] if os.path.exists(info.log) else ""
+                raise UnavailableError(f"{info.name} exited during start-up; log {info.log}:\n{tail}")
+            time.sleep(0.05)
+        raise UnavailableError(f"{info.name} did not become ready within {timeout:.0f}s (log {info.log})")
+
+    def start_meta(self, timeout: float = 30) -> None:
+        listen = self.meta.address or self.meta_listen  # keep the port across restarts
+        self.meta.args = [
+            "meta", "--listen", listen, "--store", f"sqlite:{self.dir / 'meta.db'}",
+            "--ready-file", str(self.dir / "meta.ready"),
+        ]
+        self.meta.ready_file = str(self.dir / "meta.ready")
+        self.meta.log = str(self.dir / "logs" / "meta.log")
+        self._spawn(self.meta)
+        self.meta.address = self._wait_ready(self.meta, timeout)["address"]
+        self.save()
+
+    def agent_info(self, i: int) -> ProcInfo:
+        name = f"agent{i}"
+        drives = [f"file:{self.dir / 'drives' / f'{name}-d{j}.img'}:{self.drive_size}" for j in range(self.drives_per_agent)]
+        args = ["agent", "--meta", self.meta.address, "--listen", "127.0.0.1:0", "--name", name, "--host", name,
+                "--ready-file", str(self.dir / f"{name}.ready"), "--heartbeat", "0.5"]
+        if self.unix_sockets:
+            args += ["--unix", str(self.dir / f"{name}.sock")]
+        for d in drives:
+            args += ["--drive", d]
+        return ProcInfo(name, args=args, ready_file=str(self.dir / f"{name}.ready"), log=str(self.dir / "logs" / f"{name}.log"))
+
+    def start_agent(self, i: int, timeout: float = 30) -> ProcInfo:
+        while len(self.agents) <= i:
+            self.agents.append(self.agent_info(len(self.agents)))
+        info = self.agents[i]
+        fresh = self.agent_info(i)
+        info.args, info.ready_file, info.log = fresh.args, fresh.ready_file, fresh.log
+        self._spawn(info)
+        info.address = self._wait_ready(info, timeout)["address"]
+        self.save()
+        return info
+
+    def add_agent(self, timeout: float = 30) -> ProcInfo:
+        info = self.start_agent(len(self.agents), timeout)
+        self.n_agents = len(self.agents)
+        return info
+
+    def up(self, timeout: float = 60) -> "LocalCluster":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "drives").mkdir(exist_ok=True)
+        if self.state_file.exists():
+            old = LocalCluster.load(self.dir)
+            if _alive(old.meta.pid) or any(_alive(a.pid) for a in old.agents):
+                raise UsageError(f"a local pool is already running in {self.dir} (meta {old.meta.address})")
+            self.meta.address = old.meta.address
+        try:
+            self.start_meta(timeout)
+            for i in range(self.n_agents):
+                self.start_agent(i, timeout)
+            self.wait_registered(timeout)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def wait_registered(self, timeout: float = 30) -> None:
+        """Until the metadata service sees every agent alive."""
+        from client.metaclient import MetaClient
+        import asyncio
+
+        async def check() -> bool:
+            meta = MetaClient(self.meta.address, timeout=5)
+            try:
+                st = await meta.pool_status()
+                alive = {a.agent_id for a in st.agents if a.alive}
+                return all(a.name in alive for a in self.agents)
+            except NvpoolError:
+                return False
+            finally:
+                await meta.close()
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if asyncio.run(check()):
+                return
+            time.sleep(0.1)
+        raise UnavailableError(f"agents did not all register with {self.meta.address} within {timeout:.0f}s")
+
+    def stop_proc(self, info: ProcInfo, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+        if not _alive(info.pid):
+            return
+        try:
+            os.kill(info.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(info.pid):
+            time.sleep(0.02)
+        if _alive(info.pid):
+            os.kill(info.pid, signal.SIGKILL)
+            while _alive(info.pid):
+                time.sleep(0.02)
+        proc = self._procs.pop(info.pid, None)
+        if proc is not None:
+            proc.wait(timeout=5)
+
+    def kill_agent(self, i: int) -> None:
+        self.stop_proc(self.agents[i], signal.SIGKILL)
+
+    def kill_meta(self) -> None:
+        self.stop_proc(self.meta, signal.SIGKILL)
+
+    def down(self) -> None:
+        for a in self.agents:
+            self.stop_proc(a)
+        self.stop_proc(self.meta)
+        if self.state_file.parent.exists():
+            self.save()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "dir": str(self.dir), "meta": {"address": self.meta.address, "pid": self.meta.pid, "alive": _alive(self.meta.pid)},
+            "agents": [{"name": a.name, "address": a.address, "pid": a.pid, "alive": _alive(a.pid)} for a in self.agents],
+        }
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+def default_dir() -> str:
+    return os.environ.get("NVPOOL_HOME") or os.path.join(os.getcwd(), ".nvpool")
+
+
+def read_meta_address(directory: Optional[str]) -> Optional[str]:
+    try:
+        return LocalCluster.load(directory or default_dir()).meta.address
+    except NvpoolError:
+        return None

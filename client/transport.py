@@ -1,0 +1,224 @@
+"""Client side of the data plane: connections to agents with many tagged commands in flight.
+
+``AgentConnection`` (asyncio ``BufferedProtocol``) keeps a tag -> pending-command map. The sans-IO
+``CompletionDecoder`` asks, for each READ completion, where its payload goes; the answer is the slice
+of the caller's buffer, so data is received once, straight into it. Commands submitted in the same
+event-loop turn are corked into one ``writelines`` (many small commands, one syscall). A byte window
+bounds the data in flight per connection. When the connection drops, every pending command fails
+with ``UnavailableError`` (cause attached), and the volume layer retries them on a new connection.
+
+``Transport`` is the narrow interface the volume layer uses (submit a command, close); the TCP/Unix
+socket implementation is here, the one-sided shared-memory one in ``client/shm.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Optional, Protocol, Union
+
+from proto import dataplane as dp
+from proto.errors import DigestError, ProtocolError, UnavailableError, remote_error
+
+logger = logging.getLogger(__name__)
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class Transport(Protocol):
+    """What the volume layer needs from a connection to one agent."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def submit(
+        self,
+        opcode: int,
+        extent_id: int,
+        offset: int,
+        length: int,
+        generation: int,
+        payload: Optional[Buffer] = None,
+        dest: Optional[memoryview] = None,
+        flags: int = 0,
+    ) -> None:
+        """Run one command; READ data lands in ``dest``. Raises RemoteError/UnavailableError."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: "asyncio.Future[dp.Completion]"
+    dest: Optional[memoryview]
+    nbytes: int
+
+
+class AgentConnection(asyncio.BufferedProtocol):
+    """One connection to one agent (TCP or Unix socket)."""
+
+    def __init__(self, address: str, window: int = 4 * 1024 * 1024) -> None:
+        self.address = address
+        self.decoder = dp.CompletionDecoder(target=self._target)
+        self.pending: dict[int, _Pending] = {}
+        self.transport: Optional[asyncio.Transport] = None
+        self._next_tag = 1
+        self._out: list[Buffer] = []
+        self._flush_scheduled = False
+        self._window = window
+        self._inflight = 0
+        self._window_waiters: list[asyncio.Future[None]] = []
+        self._drain: Optional[asyncio.Future[None]] = None
+        self._lost: Optional[BaseException] = None
+        self._loop = asyncio.get_event_loop()
+        self.digest_errors = 0
+
+    # ------------------------------------------------------------------ asyncio protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.transport = None
+        cause = exc or ConnectionResetError("connection closed by agent")
+        self._lost = cause
+        err = UnavailableError(f"connection to agent {self.address} lost: {cause}")
+        err.__cause__ = cause
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(err)
+        for w in self._window_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._window_waiters.clear()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            events = self.decoder.advance(nbytes)
+        except ProtocolError as exc:
+            logger.warning("agent %s sent a malformed completion: %s", self.address, exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        for ev in events:
+            assert isinstance(ev, dp.Completion)
+            p = self.pending.pop(ev.tag, None)
+            if p is None:
+                logger.warning("agent %s completed unknown tag %d; dropping connection", self.address, ev.tag)
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+            self._release(p.nbytes)
+            if not p.future.done():
+                p.future.set_result(ev)
+
+    def _target(self, tag: int, n: int) -> Optional[memoryview]:
+        p = self.pending.get(tag)
+        if p is None or p.dest is None or len(p.dest) != n:
+            return None
+        return p.dest
+
+    # ------------------------------------------------------------------ submitting
+    @property
+    def closed(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def _release(self, n: int) -> None:
+        self._inflight -= n
+        while self._window_waiters and self._inflight < self._window:
+            w = self._window_waiters.pop(0)
+            if not w.done():
+                w.set_result(None)
+
+    def _alloc_tag(self) -> int:
+        tag = self._next_tag
+        while tag in self.pending:
+            tag = (tag + 1) & 0xFFFFFFFF or 1
+        self._next_tag = (tag + 1) & 0xFFFFFFFF or 1
+        return tag
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if self.transport is not None and out:
+            self.transport.writelines(out)
+
+    async def submit(
+        self,
+        opcode: int,
+        extent_id: int,
+        offset: int,
+        length: int,
+        generation: int,
+        payload: Optional[Buffer] = None,
+        dest: Optional[memoryview] = None,
+        flags: int = 0,
+        region: int = 0,
+        region_offset: int = 0,
+    ) -> None:
+        moving = length if opcode in (dp.Opcode.READ, dp.Opcode.WRITE) else 0
+        while self._inflight > 0 and self._inflight + moving > self._window and not self.closed:
+            w: asyncio.Future[None] = self._loop.create_future()
+            self._window_waiters.append(w)
+            await w
+        if self._drain is not None and not self._drain.done():
+            await self._drain
+        if self.closed:
+            raise UnavailableError(f"connection to agent {self.address} is closed: {self._lost}")
+        tag = self._alloc_tag()
+        fut: asyncio.Future[dp.Completion] = self._loop.create_future()
+        self.pending[tag] = _Pending(fut, dest, moving)
+        self._inflight += moving
+        hdr = dp.encode_command(opcode, tag, extent_id, offset, length, generation, flags, region, region_offset)
+        self._out.extend(dp.command_frames(hdr, payload, flags))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        comp = await fut
+        if comp.status != 0:
+            raise remote_error(comp.status, f"agent {self.address}: {comp.message}", comp.info)
+        if opcode == dp.Opcode.READ:
+            if comp.length != length:
+                raise UnavailableError(f"agent {self.address} returned {comp.length} bytes, asked {length}")
+            if not comp.digest_ok:
+                self.digest_errors += 1
+                raise DigestError(f"data digest mismatch reading from agent {self.address}")
+            if dest is not None and comp.payload is not None and comp.payload is not dest:
+                dest[:] = comp.payload  # only when the decoder could not use dest (never on the fast path)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def connect(address: str, window: int = 4 * 1024 * 1024, timeout: float = 5.0) -> AgentConnection:
+    """Open a connection: ``host:port`` over TCP, or ``unix:PATH``."""
+    loop = asyncio.get_running_loop()
+    try:
+        if address.startswith("unix:"):
+            coro = loop.create_unix_connection(lambda: AgentConnection(address, window), address[5:])
+        else:
+            host, _, port = address.rpartition(":")
+            coro = loop.create_connection(lambda: AgentConnection(address, window), host.strip("[]"), int(port))
+        _, proto = await asyncio.wait_for(coro, timeout)
+    except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        raise UnavailableError(f"cannot connect to agent {address}: {exc or 'timed out'}") from exc
+    return proto

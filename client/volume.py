@@ -1,0 +1,298 @@
+"""Volumes as block devices: byte ranges split by stripe unit and sent to all agents in parallel.
+
+``AsyncVolume`` implements ``client.blockdev.BlockDevice``. It holds one ``Layout`` (fetched once from
+the metadata service) and talks to agents directly. Failure handling, per piece of an I/O:
+
+* ``STALE_LAYOUT`` (an agent fenced our generation): fetch the layout again and re-map the piece;
+* a lost connection / unreachable agent: re-fetch endpoints (the agent may have restarted on another
+  port), reconnect, retry with back-off, up to ``retries`` times;
+* a data digest mismatch: retried the same way (and counted);
+* anything else (out of range, I/O error on the drive): raised to the caller.
+
+Reads and writes are idempotent per piece, so a retry after a lost connection is safe: a write either
+landed before or lands again with the same bytes. While the volume is being re-spread
+(``layout.target``), each write lands on the current columns and then on the target columns (in that
+order; see ``pool/migration.py`` for why the order matters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional, Union
+
+from client.metaclient import MetaClient
+from client.transport import AgentConnection, connect
+from pool.layout import Layout
+from proto import dataplane as dp
+from proto.convert import Endpoint
+from proto.errors import (
+    DigestError,
+    NvpoolError,
+    RemoteError,
+    StaleLayoutError,
+    Status,
+    UnavailableError,
+    UsageError,
+)
+
+logger = logging.getLogger(__name__)
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    #: "tcp", "shm" (one-sided, same host only) or "auto" (shm where the agent shares our host)
+    transport: str = "auto"
+    digests: bool = False
+    #: bytes in flight per agent connection
+    window: int = 4 * 1024 * 1024
+    retries: int = 8
+    connect_timeout: float = 5.0
+
+
+class Connections:
+    """One connection per agent address, opened on first use and re-opened after a failure."""
+
+    def __init__(self, options: ClientOptions) -> None:
+        self.options = options
+        self._conns: dict[str, AgentConnection] = {}
+        self._opening: dict[str, asyncio.Task[AgentConnection]] = {}
+
+    async def get(self, ep: Endpoint) -> AgentConnection:
+        addr = self._address(ep)
+        conn = self._conns.get(addr)
+        if conn is not None and not conn.closed:
+            return conn
+        task = self._opening.get(addr)
+        if task is None:
+            task = asyncio.ensure_future(self._open(addr))
+            self._opening[addr] = task
+            task.add_done_callback(lambda _t, a=addr: self._opening.pop(a, None))  # type: ignore[misc]
+        return await asyncio.shield(task)
+
+    def _address(self, ep: Endpoint) -> str:
+        if self.options.transport == "shm":
+            if not ep.unix_path:
+                raise UsageError(f"agent {ep.agent_id} has no same-host socket for the shm transport")
+            return "unix:" + ep.unix_path
+        return ep.address
+
+    async def _open(self, addr: str) -> AgentConnection:
+        conn = await connect(addr, self.options.window, self.options.connect_timeout)
+        self._conns[addr] = conn
+        return conn
+
+    def close(self) -> None:
+        for c in self._conns.values():
+            c.close()
+        self._conns.clear()
+
+
+@dataclass(slots=True)
+class _Range:
+    offset: int  # volume offset
+    length: int
+    buf_offset: int  # into the caller's buffer
+
+
+Sender = Callable[[AgentConnection, int, int, int, int, int], Awaitable[None]]
+"""(conn, extent_id, extent_offset, length, generation, buf_offset) -> None"""
+
+
+class AsyncVolume:
+    def __init__(
+        self,
+        meta: MetaClient,
+        connections: Connections,
+        layout: Layout,
+        endpoints: dict[str, Endpoint],
+        read_only: bool = False,
+        options: Optional[ClientOptions] = None,
+    ) -> None:
+        self.meta = meta
+        self.connections = connections
+        self.layout = layout
+        self.endpoints = endpoints
+        self._read_only = read_only
+        self.options = options or ClientOptions()
+        self._refresh_lock = asyncio.Lock()
+        self._closed = False
+        self.stats = {"stale_refetches": 0, "retries": 0, "digest_errors": 0}
+
+    # ------------------------------------------------------------------ BlockDevice
+    @property
+    def name(self) -> str:
+        return self.layout.name
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    async def readinto(self, buf: memoryview, offset: int) -> None:
+        buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
+        if buf.readonly:
+            raise UsageError("readinto needs a writable buffer")
+        flags = dp.Flag.HDGST | dp.Flag.DDGST if self.options.digests else 0
+
+        async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int) -> None:
+            await conn.submit(dp.Opcode.READ, ext, eoff, n, gen, dest=buf[boff : boff + n], flags=flags)
+
+        await self._run(offset, len(buf), send, target=False)
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        out = bytearray(length)
+        await self.readinto(memoryview(out), offset)
+        return out
+
+    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+        flags = (dp.Flag.HDGST | dp.Flag.DDGST if self.options.digests else 0) | (dp.Flag.FUA if fua else 0)
+
+        async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int) -> None:
+            await conn.submit(dp.Opcode.WRITE, ext, eoff, n, gen, payload=view[boff : boff + n], flags=flags)
+
+        await self._run(offset, len(view), send, target=True)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        self._check_writable()
+
+        async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int) -> None:
+            await conn.submit(dp.Opcode.WRITE_ZEROES, ext, eoff, n, gen)
+
+        await self._run(offset, length, send, target=True)
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.write_zeroes(offset, length)
+
+    async def flush(self) -> None:
+        """Make every completed write durable: FLUSH on every extent of the layout (in parallel)."""
+        async def one(ep: Endpoint, ext: int, gen: int) -> None:
+            conn = await self.connections.get(ep)
+            await conn.submit(dp.Opcode.FLUSH, ext, 0, 0, gen)
+
+        for attempt in range(self.options.retries + 1):
+            lay = self.layout
+            try:
+                await asyncio.gather(*(one(self._endpoint(e.drive_id), e.extent_id, lay.generation) for e in lay.extents()))
+                return
+            except (StaleLayoutError, UnavailableError) as exc:
+                if attempt == self.options.retries:
+                    raise
+                await self._recover(exc, attempt)
+
+    async def close(self) -> None:
+        self._closed = True
+
+    # ------------------------------------------------------------------ machinery
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise UsageError(f"volume {self.name!r} is open read-only")
+
+    def _endpoint(self, drive_id: str) -> Endpoint:
+        ep = self.endpoints.get(drive_id)
+        if ep is None:
+            raise UnavailableError(f"no agent currently holds drive {drive_id}")
+        return ep
+
+    async def refresh(self, min_generation: int = 0) -> None:
+        """Fetch the layout and endpoints again (once, however many callers ask at the same time)."""
+        seen = self.layout.generation
+        async with self._refresh_lock:
+            if self.layout.generation > seen and self.layout.generation >= min_generation:
+                return  # someone else refreshed while we waited
+            layout, endpoints = await self.meta.get_layout(volume_id=self.layout.volume_id)
+            if layout.generation < self.layout.generation:
+                logger.warning("metadata service returned an older layout (%d < %d)", layout.generation, self.layout.generation)
+            layout.validate()
+            self.layout, self.endpoints = layout, endpoints
+
+    async def _recover(self, exc: Exception, attempt: int) -> None:
+        if isinstance(exc, StaleLayoutError):
+            self.stats["stale_refetches"] += 1
+            await self.refresh(exc.info)
+            return
+        if isinstance(exc, DigestError):
+            self.stats["digest_errors"] += 1
+        self.stats["retries"] += 1
+        logger.info("retrying after: %s", exc)
+        await asyncio.sleep(min(0.05 * (2**attempt), 2.0))
+        try:
+            await self.refresh()
+        except NvpoolError as meta_exc:  # metadata service down: keep the layout we have
+            logger.info("cannot refresh layout (%s); retrying with the one we have", meta_exc)
+
+    async def _run(self, offset: int, length: int, send: Sender, target: bool) -> None:
+        """Map [offset, offset+length) onto the layout, send every piece, retry failed pieces."""
+        if self._closed:
+            raise UsageError("volume is closed")
+        self.layout.check_range(offset, length)
+        if length == 0:
+            return
+        todo = [_Range(offset, length, 0)]
+        attempt = 0
+        while todo:
+            lay = self.layout
+            failed: list[_Range] = []
+            errors: list[BaseException] = []
+
+            async def piece(r: _Range, lay: Layout = lay) -> None:
+                try:
+                    await self._send_range(lay, r, send)
+                    if target and lay.target is not None:
+                        await self._send_range(lay.target, r, send, generation=lay.generation)
+                except (StaleLayoutError, UnavailableError, DigestError) as exc:
+                    failed.append(r)
+                    errors.append(exc)
+                except RemoteError as exc:
+                    if exc.status == Status.FROZEN:
+                        failed.append(r)
+                        errors.append(exc)
+                    else:
+                        raise
+
+            await asyncio.gather(*(piece(r) for r in _split(lay, todo)))
+            if not failed:
+                return
+            if attempt >= self.options.retries:
+                raise errors[0]
+            stale = [e for e in errors if isinstance(e, StaleLayoutError)]
+            await self._recover(stale[0] if stale else errors[0], attempt)
+            attempt += 1
+            todo = failed
+
+    async def _send_range(self, lay: Layout, r: _Range, send: Sender, generation: int = 0) -> None:
+        gen = generation or lay.generation
+        coros = []
+        for p in lay.map(r.offset, r.length):
+            ep = self._endpoint(p.extent.drive_id)
+            conn = await self.connections.get(ep)
+            off, boff, left = p.extent_offset, r.buf_offset + p.buf_offset, p.length
+            while left > 0:
+                n = min(left, dp.MAX_IO)
+                coros.append(send(conn, p.extent.extent_id, off, n, gen, boff))
+                off, boff, left = off + n, boff + n, left - n
+        results = await asyncio.gather(*coros, return_exceptions=True)
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res
+
+
+def _split(lay: Layout, ranges: list[_Range]) -> list[_Range]:
+    """Cut ranges at stripe-unit boundaries so each retry unit is one piece of work per agent."""
+    out = []
+    su = lay.stripe_unit * max(1, lay.width)
+    for r in ranges:
+        pos, end, boff = r.offset, r.offset + r.length, r.buf_offset
+        while pos < end:
+            n = min(su - pos % su, end - pos)
+            out.append(_Range(pos, n, boff))
+            pos, boff = pos + n, boff + n
+    return out

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install what nvpool needs on a fresh Debian/Ubuntu machine: Debian packages (when missing) and a
+# virtual environment in ./.venv with nvpool installed in editable mode. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Third-party NBD clients and tools the tests and benchmarks use (see README).
+need=()
+for pair in fio:fio nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin \
+            qemu-img:qemu-utils nbd-client:nbd-client fusermount3:fuse3 mkfs.ext4:e2fsprogs \
+            losetup:mount etcd:etcd-server; do
+  cmd=${pair%%:*}; pkg=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || [[ " ${need[*]:-} " == *" $pkg "* ]] || need+=("$pkg")
+done
+if ((${#need[@]})); then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "bootstrap: installing Debian packages: ${need[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.nvpool-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "bootstrap: installing nvpool and its dependencies into .venv" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test,etcd]'
+  touch "$stamp"
+fi

@@ -1,0 +1,167 @@
+"""Storage agent: drive labels and extent tables, zeroing, fences, and the data-plane server's refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from agents.core import AgentCore
+from agents.dataplane import start_tcp
+from agents.drive import DATA_OFFSET, SLOT_OFFSETS, Drive, DriveSpec, parse_size
+from client.transport import connect
+from proto import dataplane as dp
+from proto.convert import ExtentRecord
+from proto.errors import RemoteError, StaleLayoutError, Status, UsageError
+
+MiB = 1 << 20
+
+
+def new_drive(tmp_path: Path, name: str = "d0", size: str = "64M") -> Drive:
+    return Drive.open(DriveSpec.parse(f"file:{tmp_path / name}:{size}"))
+
+
+def test_parse_size_and_spec() -> None:
+    assert parse_size("8G") == 8 << 30 and parse_size("512M") == 512 * MiB and parse_size("4096") == 4096
+    assert parse_size("1.5K") == 1536
+    for bad in ["", "x", "-1G", "G"]:
+        with pytest.raises(UsageError):
+            parse_size(bad)
+    assert DriveSpec.parse("file:/a/b:c.img:4G") == DriveSpec("/a/b:c.img", 4 << 30)
+    with pytest.raises(UsageError):
+        DriveSpec.parse("file:nosize")
+
+
+def test_label_survives_reopen_with_extents(tmp_path: Path) -> None:
+    d = new_drive(tmp_path)
+    rec = ExtentRecord(5, d.drive_id, DATA_OFFSET, MiB, 9, 3)
+    core = AgentCore([d])
+    core.assign([rec], zero=True)
+    drive_id = d.drive_id
+    core.close()
+    d2 = Drive.open(DriveSpec(str(tmp_path / "d0")))
+    assert d2.drive_id == drive_id
+    assert AgentCore([d2]).extents == {5: rec}
+
+
+def test_torn_table_slot_falls_back_to_the_other(tmp_path: Path) -> None:
+    d = new_drive(tmp_path)
+    core = AgentCore([d])
+    r1 = ExtentRecord(1, d.drive_id, DATA_OFFSET, MiB, 1, 1)
+    r2 = ExtentRecord(2, d.drive_id, DATA_OFFSET + MiB, MiB, 1, 1)
+    core.assign([r1], zero=False)
+    core.assign([r2], zero=False)  # second save goes to the other slot
+    latest = SLOT_OFFSETS[d._table_seq % 2]
+    os.pwrite(d.fd, b"garbage!", latest + 40)  # tear the newest table
+    assert {r.extent_id for r in d.load_extents()} == {1}
+
+
+def test_refuses_foreign_data_and_missing_path(tmp_path: Path) -> None:
+    p = tmp_path / "foreign"
+    p.write_bytes(b"precious data" + bytes(16 * MiB))
+    with pytest.raises(UsageError, match="no nvpool label"):
+        Drive.open(DriveSpec(str(p)))
+    assert p.read_bytes().startswith(b"precious data")
+    with pytest.raises(UsageError, match="does not exist"):
+        Drive.open(DriveSpec(str(tmp_path / "nope")))
+
+
+def test_assign_zeroes_old_bytes_and_release_fence(tmp_path: Path) -> None:
+    d = new_drive(tmp_path)
+    os.pwrite(d.fd, b"\xAA" * MiB, DATA_OFFSET)  # a previous volume's bytes
+    core = AgentCore([d])
+    core.assign([ExtentRecord(1, d.drive_id, DATA_OFFSET, MiB, 1, 1)], zero=True)
+    assert os.pread(d.fd, MiB, DATA_OFFSET) == bytes(MiB)
+    assert core.fence(1, 4) == 1 and core.extents[1].min_generation == 4
+    assert core.fence(1, 2) == 1 and core.extents[1].min_generation == 4  # fences never go back
+    with pytest.raises(UsageError):  # same id, other placement
+        core.assign([ExtentRecord(1, d.drive_id, DATA_OFFSET + MiB, MiB, 1, 1)], zero=True)
+    core.release([1])
+    assert core.extents == {} and d.load_extents() == []
+
+
+async def _with_agent(tmp_path: Path, body):  # type: ignore[no-untyped-def]
+    d = new_drive(tmp_path)
+    core = AgentCore([d])
+    core.assign([ExtentRecord(7, d.drive_id, DATA_OFFSET, 4 * MiB, 1, 2)], zero=True)
+    srv = await start_tcp(core, "127.0.0.1", 0)
+    addr = "127.0.0.1:%d" % srv.sockets[0].getsockname()[1]
+    try:
+        await body(addr, core)
+    finally:
+        srv.close()
+        core.close()
+
+
+def test_dataplane_refusals(tmp_path: Path) -> None:
+    async def body(addr: str, core: AgentCore) -> None:
+        c = await connect(addr)
+        data = os.urandom(10000)
+        await c.submit(dp.Opcode.WRITE, 7, 123, len(data), 2, payload=data)
+        out = memoryview(bytearray(len(data)))
+        await c.submit(dp.Opcode.READ, 7, 123, len(data), 2, dest=out)
+        assert out == data
+        cases = [
+            (dict(extent_id=99, offset=0, length=10, generation=2), Status.NO_EXTENT),
+            (dict(extent_id=7, offset=4 * MiB - 5, length=10, generation=2), Status.OUT_OF_RANGE),
+            (dict(extent_id=7, offset=0, length=10, generation=1), Status.STALE_LAYOUT),
+        ]
+        for kw, status in cases:
+            with pytest.raises(RemoteError) as ei:
+                await c.submit(dp.Opcode.READ, dest=memoryview(bytearray(10)), **kw)
+            assert ei.value.status == status
+        with pytest.raises(StaleLayoutError) as stale:
+            await c.submit(dp.Opcode.WRITE, 7, 0, 3, 1, payload=b"abc")
+        assert stale.value.info == 2
+        with pytest.raises(RemoteError) as ei:
+            await c.submit(0x7E, 7, 0, 0, 2)
+        assert ei.value.status == Status.INVALID
+        await c.submit(dp.Opcode.READ, 7, 123, len(data), 2, dest=out)  # nothing above changed the bytes
+        assert out == data
+        assert core.stats.errors["STALE_LAYOUT"] == 2
+
+    uvloop.run(_with_agent(tmp_path, body))
+
+
+def test_digest_mismatch_is_refused_and_connection_survives(tmp_path: Path) -> None:
+    async def body(addr: str, core: AgentCore) -> None:
+        host, port = addr.split(":")
+        r, w = await asyncio.open_connection(host, int(port))
+        data = b"x" * 5000
+        flags = dp.Flag.HDGST | dp.Flag.DDGST
+        hdr = dp.encode_command(dp.Opcode.WRITE, 1, 7, 0, len(data), 2, flags)
+        w.write(hdr + data + dp.DIGEST.pack(dp.crc32c(data) ^ 1))
+        w.write(dp.encode_command(dp.Opcode.NOP, 2, 0, 0, 0, 0))
+        dec = dp.CompletionDecoder()
+        events: list[dp.Completion] = []
+        while len(events) < 2:
+            events += dec.next_completions(await r.read(65536))
+        assert [(e.tag, e.status) for e in events] == [(1, Status.DIGEST), (2, Status.OK)]
+        check = memoryview(bytearray(5000))
+        c = await connect(addr)
+        await c.submit(dp.Opcode.READ, 7, 0, 5000, 2, dest=check)
+        assert bytes(check) == bytes(5000)  # the corrupted write was not applied
+        w.close()
+
+    uvloop.run(_with_agent(tmp_path, body))
+
+
+def test_malformed_command_drops_only_that_connection(tmp_path: Path) -> None:
+    async def body(addr: str, core: AgentCore) -> None:
+        good = await connect(addr)
+        host, port = addr.split(":")
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(100))
+        s.settimeout(5)
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, s.recv, 100) == b""  # closed by the agent
+        s.close()
+        await good.submit(dp.Opcode.NOP, 0, 0, 0, 0)  # the other client is still served
+        again = await connect(addr)
+        await again.submit(dp.Opcode.NOP, 0, 0, 0, 0)
+
+    uvloop.run(_with_agent(tmp_path, body))
