@@ -20,6 +20,7 @@ import grpc
 
 from agents import osio
 from agents.control import AgentServicer
+from agents.copy import Copier
 from agents.core import AgentCore
 from agents.dataplane import start_tcp, start_unix
 from agents.drive import Drive, DriveSpec
@@ -107,7 +108,8 @@ class StorageAgent:
         if self.config.unix_path:
             self._servers.append(await start_unix(self.core, self.config.unix_path))
         self._grpc = grpc.aio.server()
-        pbg.add_AgentServicer_to_server(AgentServicer(self.core), self._grpc)
+        self.copier = Copier(self.core)
+        pbg.add_AgentServicer_to_server(AgentServicer(self.core, self.copier.copy), self._grpc)
         chost, cport = split_hostport(self.config.control_listen or f"{host}:0")
         got = self._grpc.add_insecure_port(f"{chost}:{cport}")
         if got == 0:
@@ -184,6 +186,7 @@ class StorageAgent:
             srv.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
+        self.copier.close()
         self.core.close()
         if self.config.unix_path:
             try:

@@ -10,6 +10,14 @@ status, which the transport turns into an error completion. A command is served 
 
 The metadata service changes the table through the control service (assign with zeroing, release,
 fence); every change is written to the drives' own labels before it is acknowledged.
+
+Migration copies (``begin_copy`` / ``finish_copy``): while a volume is re-spread, the destination
+agent pulls a chunk from the source agent and applies it here. Clients write to the old extent first
+and then to the new one, so the only way a copy could lose a write is by overwriting bytes that a
+client wrote to the destination *after* the copy started reading its source. Every client write or
+zero to an extent with copies in flight is therefore recorded against those copies, and
+``finish_copy`` applies the chunk everywhere except those byte ranges. This runs on the agent's one
+event loop, so applying a chunk is atomic with respect to client writes.
 """
 
 from __future__ import annotations
@@ -37,11 +45,21 @@ class Stats:
         self.errors[status.name] = self.errors.get(status.name, 0) + 1
 
 
+@dataclass
+class CopyInFlight:
+    extent_id: int
+    offset: int
+    length: int
+    #: byte ranges [start, end) inside the copy's range written by clients since it began
+    written: list[tuple[int, int]] = field(default_factory=list)
+
+
 class AgentCore:
     def __init__(self, drives: Iterable[Drive]) -> None:
         self.drives: dict[str, Drive] = {d.drive_id: d for d in drives}
         self.extents: dict[int, ExtentRecord] = {}
         self.stats = Stats()
+        self._copies: dict[int, list[CopyInFlight]] = {}
         for d in self.drives.values():
             for rec in d.load_extents():
                 self.extents[rec.extent_id] = rec
@@ -82,6 +100,8 @@ class AgentCore:
 
     def write(self, cmd: Command, payload: memoryview, fua: bool = False, page_aligned: bool = False) -> None:
         drive, off, _ = self.locate(cmd)
+        if self._copies:
+            self._note_write(cmd.extent_id, cmd.offset, cmd.length)
         self._io(drive, lambda: drive.write(payload, off, page_aligned))
         if fua:
             self._io(drive, drive.flush)
@@ -89,7 +109,49 @@ class AgentCore:
 
     def zero(self, cmd: Command) -> None:
         drive, off, _ = self.locate(cmd)
+        if self._copies:
+            self._note_write(cmd.extent_id, cmd.offset, cmd.length)
         self._io(drive, lambda: drive.zero(off, cmd.length))
+
+    # ------------------------------------------------------------------ migration copies
+    def _note_write(self, extent_id: int, offset: int, length: int) -> None:
+        for cp in self._copies.get(extent_id, ()):
+            start, end = max(offset, cp.offset), min(offset + length, cp.offset + cp.length)
+            if start < end:
+                cp.written.append((start, end))
+
+    def begin_copy(self, extent_id: int, offset: int, length: int) -> CopyInFlight:
+        """Start recording client writes into ``[offset, offset+length)`` of a local extent."""
+        rec = self.extents.get(extent_id)
+        if rec is None:
+            raise NotFoundError(f"extent {extent_id} is not on this agent")
+        if offset < 0 or length <= 0 or offset + length > rec.length:
+            raise UsageError(f"copy range [{offset}, {offset + length}) is outside extent {extent_id}")
+        cp = CopyInFlight(extent_id, offset, length)
+        self._copies.setdefault(extent_id, []).append(cp)
+        return cp
+
+    def abort_copy(self, cp: CopyInFlight) -> None:
+        lst = self._copies.get(cp.extent_id)
+        if lst is not None and cp in lst:
+            lst.remove(cp)
+            if not lst:
+                del self._copies[cp.extent_id]
+
+    def finish_copy(self, cp: CopyInFlight, data: memoryview) -> int:
+        """Apply a copied chunk, skipping bytes clients wrote meanwhile; returns bytes applied."""
+        self.abort_copy(cp)
+        rec = self.extents.get(cp.extent_id)
+        if rec is None:
+            raise NotFoundError(f"extent {cp.extent_id} was released during the copy")
+        drive = self.drives[rec.drive_id]
+        applied, pos = 0, cp.offset
+        for start, end in sorted(cp.written) + [(cp.offset + cp.length, cp.offset + cp.length)]:
+            if start > pos:
+                drive.write(data[pos - cp.offset : start - cp.offset], rec.drive_offset + pos)
+                applied += start - pos
+            pos = max(pos, end)
+        return applied
 
     def flush(self, cmd: Command) -> None:
         """FLUSH with extent_id 0 flushes every drive; otherwise the extent's drive."""

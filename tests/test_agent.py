@@ -165,3 +165,25 @@ def test_malformed_command_drops_only_that_connection(tmp_path: Path) -> None:
         await again.submit(dp.Opcode.NOP, 0, 0, 0, 0)
 
     uvloop.run(_with_agent(tmp_path, body))
+
+
+def test_copy_never_overwrites_a_client_write_made_during_the_copy(tmp_path: Path) -> None:
+    d = new_drive(tmp_path)
+    core = AgentCore([d])
+    core.assign([ExtentRecord(3, d.drive_id, DATA_OFFSET, MiB, 1, 1)], zero=True)
+    cp = core.begin_copy(3, 0, 64 * 1024)
+    # a client writes into the middle of the range after the copy read its (older) source bytes
+    cmd = dp.Command(dp.Opcode.WRITE, 0, 1, 3, 1000, 10, generation=1)
+    core.write(cmd, memoryview(b"N" * 10))
+    cmd2 = dp.Command(dp.Opcode.WRITE_ZEROES, 0, 2, 3, 60000, 100, generation=1)
+    core.zero(cmd2)
+    old = memoryview(b"O" * (64 * 1024))
+    applied = core.finish_copy(cp, old)
+    assert applied == 64 * 1024 - 10 - 100
+    got = os.pread(d.fd, 64 * 1024, DATA_OFFSET)
+    assert got[:1000] == b"O" * 1000 and got[1000:1010] == b"N" * 10 and got[1010:60000] == b"O" * 58990
+    assert got[60000:60100] == bytes(100) and got[60100:] == b"O" * (64 * 1024 - 60100)
+    # once finished, later writes are not tracked and a new copy overwrites as usual
+    cp2 = core.begin_copy(3, 0, 10)
+    assert core.finish_copy(cp2, memoryview(b"P" * 10)) == 10
+    assert core._copies == {}

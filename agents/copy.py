@@ -1,0 +1,62 @@
+"""Agent-to-agent extent copies for online re-spreading: the destination pulls from the source.
+
+The destination agent reads the chunk from the source agent over the ordinary data plane (the same
+client connection code GPU hosts use) and applies it with ``AgentCore.finish_copy``, which never
+overwrites bytes a client wrote to the destination while the chunk was in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from agents.core import AgentCore
+from client.transport import AgentConnection, connect
+from proto import dataplane as dp
+from proto.errors import UnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class Copier:
+    def __init__(self, core: AgentCore) -> None:
+        self.core = core
+        self._conns: dict[str, AgentConnection] = {}
+        self.bytes_copied = 0
+
+    async def _conn(self, address: str) -> AgentConnection:
+        c = self._conns.get(address)
+        if c is None or c.closed:
+            c = await connect(address)
+            self._conns[address] = c
+        return c
+
+    async def copy(self, req: Any) -> int:
+        """Serve one CopyExtentRequest; returns the bytes applied."""
+        length = int(req.length)
+        cp = self.core.begin_copy(req.dst_extent_id, req.dst_offset, length)
+        try:
+            buf = memoryview(bytearray(length))
+            conn = await self._conn(req.src_address)
+            pos = 0
+            while pos < length:
+                n = min(dp.MAX_IO, length - pos)
+                await conn.submit(
+                    dp.Opcode.READ, req.src_extent_id, req.src_offset + pos, n, req.generation, dest=buf[pos : pos + n]
+                )
+                pos += n
+            applied = self.core.finish_copy(cp, buf)
+        except UnavailableError:
+            self.core.abort_copy(cp)
+            self._conns.pop(req.src_address, None)
+            raise
+        except BaseException:
+            self.core.abort_copy(cp)
+            raise
+        self.bytes_copied += length
+        return applied
+
+    def close(self) -> None:
+        for c in self._conns.values():
+            c.close()
+        self._conns.clear()

@@ -1,0 +1,58 @@
+"""Shared fixtures: a real local pool (processes on 127.0.0.1), and a guard that fails any test in which
+an unhandled exception reached an event loop (asyncio and uvloop both report those on the
+``asyncio`` logger)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from client.cluster import LocalCluster  # noqa: E402
+
+
+class _LoopErrors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_loop_errors() -> Iterator[None]:
+    handler = _LoopErrors()
+    log = logging.getLogger("asyncio")
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+    if handler.records:
+        msgs = "\n".join(handler.format(r) for r in handler.records[:5])
+        pytest.fail(f"unhandled exception(s) reached the event loop:\n{msgs}")
+
+
+def make_cluster(tmp: Path, agents: int = 4, drives_per_agent: int = 2, drive_size: str = "256M") -> LocalCluster:
+    return LocalCluster(tmp, agents=agents, drives_per_agent=drives_per_agent, drive_size=drive_size)
+
+
+@pytest.fixture(scope="module")
+def local_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real pool: metadata service + 4 agents x 2 drives of 256 MiB, shared by a test module."""
+    c = make_cluster(tmp_path_factory.mktemp("pool"))
+    c.up(timeout=60)
+    os.environ["NVPOOL_TEST_META"] = c.meta.address
+    try:
+        yield c
+    finally:
+        c.down()
