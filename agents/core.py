@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, TypeVar
 
 from agents.drive import Drive
 from proto.convert import ExtentRecord
@@ -32,6 +32,7 @@ from proto.dataplane import Command
 from proto.errors import DriveError, NotFoundError, RemoteError, StaleLayoutError, Status, UsageError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -164,7 +165,7 @@ class AgentCore:
         self._io(drive, drive.flush)
 
     @staticmethod
-    def _io(drive: Drive, fn):  # type: ignore[no-untyped-def]
+    def _io(drive: Drive, fn: Callable[[], T]) -> T:
         try:
             return fn()
         except DriveError as exc:

@@ -52,7 +52,7 @@ class AgentConnection(asyncio.BufferedProtocol):
             self._sock_fd = sock.fileno()
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=8 * 1024 * 1024)
+        transport.set_write_buffer_limits(high=8 * 1024 * 1024)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.transport = None

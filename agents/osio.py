@@ -96,7 +96,7 @@ def discover_nvme(sys_block: pathlib.Path = SYS_BLOCK) -> Iterator[NvmeNamespace
         if "p" in name.split("n", 1)[1]:  # nvme0n1p1 is a partition
             continue
 
-        def read(rel: str) -> str:
+        def read(rel: str, dev: pathlib.Path = dev) -> str:
             try:
                 return (dev / rel).read_text().strip()
             except OSError:

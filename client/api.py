@@ -82,6 +82,7 @@ class _LoopThread:
     """A private event loop (uvloop when available) on a daemon thread."""
 
     def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop
         try:
             import uvloop
 
@@ -108,7 +109,7 @@ def _as_view(buf: Buffer, writable: bool) -> memoryview:
     if isinstance(buf, np.ndarray):
         if not buf.flags["C_CONTIGUOUS"]:
             raise UsageError("numpy buffers must be C-contiguous")
-        view = memoryview(buf.reshape(-1).view(np.uint8))
+        view = buf.reshape(-1).view(np.uint8).data
     else:
         view = memoryview(buf).cast("B")
     if writable and view.readonly:

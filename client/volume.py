@@ -243,7 +243,9 @@ class AsyncVolume:
             failed: list[_Range] = []
             errors: list[BaseException] = []
 
-            async def piece(r: _Range, lay: Layout = lay) -> None:
+            async def piece(
+                r: _Range, lay: Layout = lay, failed: list[_Range] = failed, errors: list[BaseException] = errors
+            ) -> None:
                 try:
                     await self._send_range(lay, r, send)
                     if target and lay.target is not None:
@@ -264,7 +266,9 @@ class AsyncVolume:
             if attempt >= self.options.retries:
                 raise errors[0]
             stale = [e for e in errors if isinstance(e, StaleLayoutError)]
-            await self._recover(stale[0] if stale else errors[0], attempt)
+            first = stale[0] if stale else errors[0]
+            assert isinstance(first, Exception)
+            await self._recover(first, attempt)
             attempt += 1
             todo = failed
 

@@ -67,7 +67,7 @@ MAX_MESSAGE = 4096
 
 
 def crc32c(data: Union[bytes, bytearray, memoryview], value: int = 0) -> int:
-    return _crc32c.crc32c(data, value)  # type: ignore[no-any-return]
+    return int(_crc32c.crc32c(data, value))
 
 
 class Opcode(enum.IntEnum):
@@ -333,9 +333,11 @@ class _Reader:
                     return
                 (got,) = DIGEST.unpack_from(self._sv, self._start)
                 self._start += 4
-                ev = self._event
-                assert ev is not None and ev.payload is not None
-                ev.digest_ok = got == crc32c(ev.payload)
+                done = self._event
+                assert done is not None
+                payload = done.payload
+                assert payload is not None
+                done.digest_ok = got == crc32c(payload)
                 self._finish()
 
     def _begin_payload(self) -> None:

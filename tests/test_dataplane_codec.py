@@ -152,3 +152,12 @@ def test_roundtrip_property(items: list[tuple[int, bytes, bool]]) -> None:
     events = dp.CompletionDecoder().next_completions(stream)
     assert [(e.tag, bytes(e.payload or b"")) for e in events] == [(t, d) for t, d, _ in items]
     assert all(e.digest_ok for e in events)
+
+
+def test_data_digest_arriving_in_a_later_receive() -> None:
+    data = os.urandom(3000)
+    frame = cmd_frames(dp.Opcode.WRITE, 4, len(data), data, dp.Flag.DDGST)
+    dec = dp.CommandDecoder()
+    assert dec.next_commands(frame[:-2]) == []
+    (ev,) = dec.next_commands(frame[-2:])
+    assert ev.digest_ok and ev.payload is not None and bytes(ev.payload) == data
