@@ -63,7 +63,7 @@ def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
 
 
 def cmd_meta(args: argparse.Namespace) -> int:
-    from pool.server import MetaConfig, serve
+    from pool.grpc_meta import MetaConfig, serve
 
     values = _load_config(args.config)
     for key in ("listen", "store"):

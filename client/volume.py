@@ -274,16 +274,19 @@ class AsyncVolume:
 
     async def _send_range(self, lay: Layout, r: _Range, send: Sender, generation: int = 0) -> None:
         gen = generation or lay.generation
-        coros = []
+        work = []
         for p in lay.map(r.offset, r.length):
-            ep = self._endpoint(p.extent.drive_id)
-            conn = await self.connections.get(ep)
+            conn = await self.connections.get(self._endpoint(p.extent.drive_id))
             off, boff, left = p.extent_offset, r.buf_offset + p.buf_offset, p.length
             while left > 0:
                 n = min(left, dp.MAX_IO)
-                coros.append(send(conn, p.extent.extent_id, off, n, gen, boff))
+                work.append((conn, p.extent.extent_id, off, n, boff))
                 off, boff, left = off + n, boff + n, left - n
-        results = await asyncio.gather(*coros, return_exceptions=True)
+        if len(work) == 1:  # the common small-I/O case: no gather
+            conn, ext, off, n, boff = work[0]
+            await send(conn, ext, off, n, gen, boff)
+            return
+        results = await asyncio.gather(*(send(c, e, o, n, gen, b) for c, e, o, n, b in work), return_exceptions=True)
         for res in results:
             if isinstance(res, BaseException):
                 raise res

@@ -1,0 +1,68 @@
+"""gRPC client of the agents' control service (the metadata service's only way to reach agents)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+
+from pool.layout import Extent
+from proto import nvpool_pb2 as pb
+from proto import nvpool_pb2_grpc as pbg
+from proto.convert import ExtentRecord, extent_record_to_pb
+from proto.errors import NotFoundError, UnavailableError, UsageError
+
+logger = logging.getLogger(__name__)
+
+
+class GrpcAgentLink:
+    def __init__(self, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+        self._channels: dict[str, tuple[Any, Any]] = {}
+
+    def _stub(self, address: str) -> Any:
+        got = self._channels.get(address)
+        if got is None:
+            ch = grpc.aio.insecure_channel(address)
+            got = (ch, pbg.AgentStub(ch))
+            self._channels[address] = got
+        return got[1]
+
+    async def _call(self, address: str, method: str, request: Any, timeout: float | None = None) -> Any:
+        if not address:
+            raise UnavailableError("agent has no control address (not registered yet)")
+        try:
+            return await getattr(self._stub(address), method)(request, timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise UsageError(f"agent {address}: {exc.details()}") from None
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise NotFoundError(f"agent {address}: {exc.details()}") from None
+            raise UnavailableError(f"agent {address}: {code.name}: {exc.details()}") from None
+
+    async def assign(self, address: str, records: list[ExtentRecord], zero: bool) -> None:
+        await self._call(address, "AssignExtents",
+                         pb.AssignExtentsRequest(extents=[extent_record_to_pb(r) for r in records], zero=zero))
+
+    async def release(self, address: str, extent_ids: list[int]) -> None:
+        await self._call(address, "ReleaseExtents", pb.ReleaseExtentsRequest(extent_ids=extent_ids), timeout=5)
+
+    async def fence(self, address: str, volume_id: int, min_generation: int) -> None:
+        await self._call(address, "Fence", pb.FenceRequest(volume_id=volume_id, min_generation=min_generation), timeout=10)
+
+    async def copy(
+        self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,
+        length: int, generation: int,
+    ) -> int:
+        resp = await self._call(address, "CopyExtent", pb.CopyExtentRequest(
+            dst_extent_id=dst.extent_id, dst_offset=dst_offset, src_address=src_address,
+            src_extent_id=src.extent_id, src_offset=src_offset, length=length, generation=generation,
+        ))
+        return int(resp.bytes)
+
+    async def close(self) -> None:
+        for ch, _ in self._channels.values():
+            await ch.close()
+        self._channels.clear()

@@ -1,0 +1,210 @@
+"""gRPC edge of the metadata service: protobuf <-> domain, domain errors -> status codes, start/stop.
+
+Nothing below this module imports generated code. Entry point: ``serve(MetaConfig, on_ready)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping, Optional, TypeVar
+
+import grpc
+
+from pool.agentlink import GrpcAgentLink
+from pool.kvstore import open_store
+from pool.meta import AgentLink, AgentRec, DriveRec, MetaService
+from proto import nvpool_pb2 as pb
+from proto import nvpool_pb2_grpc as pbg
+from proto.convert import endpoint_to_pb, extent_record_to_pb, layout_to_pb
+from proto.errors import (
+    AlreadyExistsError,
+    CapacityError,
+    NotFoundError,
+    NvpoolError,
+    UnavailableError,
+    UsageError,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Every option of ``nvpool meta``; documented in deploy/meta.toml.sample."""
+
+    listen: str = "127.0.0.1:7400"
+    store: str = "sqlite:./nvpool-meta.db"
+    heartbeat_interval: float = 1.0
+    agent_timeout: float = 3.0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "MetaConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise UsageError(f"unknown meta option(s): {', '.join(sorted(unknown))}")
+        return cls(**dict(values))
+
+
+def _code(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, AlreadyExistsError):
+        return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(exc, CapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, UsageError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, UnavailableError):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+async def _guard(context: Any, coro: Awaitable[T]) -> T:
+    try:
+        return await coro
+    except NvpoolError as exc:
+        await context.abort(_code(exc), str(exc))
+        raise  # unreachable: abort raises
+
+
+def volume_pb(v: dict[str, Any]) -> pb.Volume:
+    return pb.Volume(**v)
+
+
+def rebalance_pb(d: dict[str, Any]) -> pb.RebalanceStatus:
+    moves = [pb.Move(**m) for m in d.get("moves", [])]
+    return pb.RebalanceStatus(**{**d, "moves": moves})
+
+
+class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
+    def __init__(self, service: MetaService, rebalancer: Any = None) -> None:
+        self.svc = service
+        self.reb = rebalancer
+
+    async def RegisterAgent(self, request: Any, context: Any) -> pb.RegisterAgentResponse:
+        agent = AgentRec(request.agent_id, request.host or request.agent_id, request.rack, request.address,
+                         request.control_address, request.unix_path, [])
+        drives = [DriveRec(d.drive_id, request.agent_id, d.path, d.capacity, d.data_offset, d.state or "ok")
+                  for d in request.drives]
+        if not request.agent_id or not request.address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent_id and address are required")
+        extents = await _guard(context, self.svc.register_agent(agent, drives))
+        return pb.RegisterAgentResponse(
+            heartbeat_interval_ms=int(self.svc.heartbeat_interval * 1000),
+            extents=[extent_record_to_pb(r) for r in extents],
+        )
+
+    async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatResponse:
+        again = self.svc.heartbeat(request.agent_id, {d.drive_id: d.state or "ok" for d in request.drives})
+        return pb.HeartbeatResponse(reregister=again)
+
+    async def CreateVolume(self, request: Any, context: Any) -> pb.Volume:
+        vol = await _guard(context, self.svc.create_volume(request.name, request.size, request.stripe_unit, request.stripe_width))
+        return volume_pb(self.svc.volume_view(vol))
+
+    async def GetVolume(self, request: Any, context: Any) -> pb.Volume:
+        async def get() -> pb.Volume:
+            return volume_pb(self.svc.volume_view(self.svc.volume(request.name)))
+        return await _guard(context, get())
+
+    async def ListVolumes(self, request: Any, context: Any) -> pb.ListVolumesResponse:
+        vols = sorted(self.svc.volumes.values(), key=lambda v: v.name)
+        return pb.ListVolumesResponse(volumes=[volume_pb(self.svc.volume_view(v)) for v in vols])
+
+    async def ResizeVolume(self, request: Any, context: Any) -> pb.Volume:
+        vol = await _guard(context, self.svc.resize_volume(request.name, request.size))
+        return volume_pb(self.svc.volume_view(vol))
+
+    async def DeleteVolume(self, request: Any, context: Any) -> pb.DeleteVolumeResponse:
+        await _guard(context, self.svc.delete_volume(request.name))
+        return pb.DeleteVolumeResponse()
+
+    async def GetLayout(self, request: Any, context: Any) -> pb.Layout:
+        async def get() -> pb.Layout:
+            lay, eps = self.svc.layout(request.name, request.volume_id)
+            return layout_to_pb(lay, eps)
+        return await _guard(context, get())
+
+    async def PoolStatus(self, request: Any, context: Any) -> pb.PoolStatusResponse:
+        st = self.svc.pool_status()
+        agents = []
+        for a in st["agents"]:
+            rec = a["agent"]
+            agents.append(pb.AgentStatus(
+                agent_id=rec.agent_id, host=rec.host, rack=rec.rack, address=rec.address, alive=a["alive"],
+                state=rec.state,
+                drives=[pb.DriveStatus(
+                    info=pb.DriveInfo(drive_id=d["drive"].drive_id, path=d["drive"].path, capacity=d["drive"].capacity,
+                                      data_offset=d["drive"].data_offset, state=d["drive"].state),
+                    used=d["used"], extents=d["extents"]) for d in a["drives"]],
+            ))
+        resp = pb.PoolStatusResponse(agents=agents, capacity=st["capacity"], used=st["used"], volumes=st["volumes"],
+                                     health=st["health"])
+        if self.reb is not None:
+            resp.rebalance.CopyFrom(rebalance_pb(self.reb.status()))
+        return resp
+
+    async def _reb(self, context: Any) -> Any:
+        if self.reb is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "rebalancing is not available")
+        return self.reb
+
+    async def Rebalance(self, request: Any, context: Any) -> pb.RebalanceStatus:
+        reb = await self._reb(context)
+        st = await _guard(context, reb.start(plan_only=request.plan_only, max_rate=request.max_rate,
+                                             volumes=list(request.volumes)))
+        return rebalance_pb(st)
+
+    async def GetRebalance(self, request: Any, context: Any) -> pb.RebalanceStatus:
+        reb = await self._reb(context)
+        return rebalance_pb(reb.status())
+
+    async def CancelRebalance(self, request: Any, context: Any) -> pb.RebalanceStatus:
+        reb = await self._reb(context)
+        return rebalance_pb(await _guard(context, reb.cancel()))
+
+    async def Drain(self, request: Any, context: Any) -> pb.RebalanceStatus:
+        reb = await self._reb(context)
+        return rebalance_pb(await _guard(context, reb.drain(request.host, request.remove)))
+
+
+async def serve(
+    config: MetaConfig, on_ready: Optional[Callable[[str], None]] = None, link: Optional[AgentLink] = None
+) -> None:
+    """Run the metadata service until cancelled; ``on_ready`` gets the bound host:port."""
+    store = open_store(config.store)
+    agent_link = link or GrpcAgentLink()
+    service = MetaService(store, agent_link, config.heartbeat_interval, config.agent_timeout)
+    rebalancer = None
+    try:
+        from pool.rebalancer import Rebalancer
+    except ModuleNotFoundError as exc:
+        if exc.name != "pool.rebalancer":
+            raise
+    else:
+        rebalancer = Rebalancer(service)
+    server = grpc.aio.server()
+    pbg.add_MetaServicer_to_server(MetaServicer(service, rebalancer), server)
+    host, _, port = config.listen.rpartition(":")
+    bound = server.add_insecure_port(config.listen)
+    if bound == 0:
+        raise UsageError(f"cannot listen on {config.listen}")
+    await server.start()
+    address = f"{host or '127.0.0.1'}:{bound}"
+    logger.info("metadata service on %s", address)
+    if rebalancer is not None:
+        rebalancer.resume()
+    if on_ready is not None:
+        on_ready(address)
+    try:
+        await server.wait_for_termination()
+    finally:
+        if rebalancer is not None:
+            await rebalancer.stop()
+        await server.stop(grace=1.0)
+        await agent_link.close()
+        store.close()
