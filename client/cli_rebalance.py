@@ -113,7 +113,7 @@ def cmd_drain(args: argparse.Namespace, remove: bool = False) -> int:
 
     async def go(meta: MetaClient) -> Any:
         st = await meta.call("Drain", pb.DrainRequest(host=args.server, remove=remove))
-        if (args.wait or remove) and st.state == "running":
+        if (getattr(args, "wait", False) or remove) and st.state == "running":
             st = await _follow(meta, quiet)
             if remove and st.state == "done":  # now empty: take it out of the pool
                 st = await meta.call("Drain", pb.DrainRequest(host=args.server, remove=True))

@@ -114,7 +114,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- pool
 def status_dict(st: Any) -> dict[str, Any]:
+    reb = st.rebalance
     return {
+        "rebalance": {"state": reb.state or "idle", "bytes_total": reb.bytes_total, "bytes_done": reb.bytes_done,
+                      "current_volume": reb.current_volume, "error": reb.error},
         "health": st.health,
         "capacity": st.capacity,
         "used": st.used,
@@ -150,6 +153,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"({100 * d['used'] / d['capacity']:.1f}%)   volumes {d['volumes']}" if d["capacity"]
         else f"health {d['health']}   no drives registered"
     )
+    reb = d["rebalance"]
+    if reb["state"] == "running":
+        head += f"\nrebalance running: {human(reb['bytes_done'])} of {human(reb['bytes_total'])} moved ({reb['current_volume']})"
+    elif reb["state"] == "failed":
+        head += f"\nlast rebalance failed: {reb['error']}"
     emit(args, d, head + ("\n\n" + table(rows, ["AGENT", "SERVER", "ADDRESS", "STATE", "MODE", "DRIVES", "CAPACITY", "USED"]) if rows else ""))
     return 0
 

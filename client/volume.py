@@ -29,6 +29,7 @@ from proto import dataplane as dp
 from proto.convert import Endpoint
 from proto.errors import (
     DigestError,
+    NotFoundError,
     NvpoolError,
     RemoteError,
     StaleLayoutError,
@@ -254,7 +255,7 @@ class AsyncVolume:
                     failed.append(r)
                     errors.append(exc)
                 except RemoteError as exc:
-                    if exc.status == Status.FROZEN:
+                    if exc.status in (Status.FROZEN, Status.NO_EXTENT):
                         failed.append(r)
                         errors.append(exc)
                     else:
@@ -268,7 +269,18 @@ class AsyncVolume:
             stale = [e for e in errors if isinstance(e, StaleLayoutError)]
             first = stale[0] if stale else errors[0]
             assert isinstance(first, Exception)
-            await self._recover(first, attempt)
+            if isinstance(first, RemoteError) and first.status == Status.NO_EXTENT:
+                # the extent was released: fine if the layout moved on (a migration finished), else a
+                # real error (the volume was deleted, or the agent lost it)
+                gen = self.layout.generation
+                try:
+                    await self.refresh()
+                except NotFoundError:
+                    raise first from None
+                if self.layout.generation == gen:
+                    raise first
+            else:
+                await self._recover(first, attempt)
             attempt += 1
             todo = failed
 

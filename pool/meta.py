@@ -292,6 +292,15 @@ class MetaService:
         for a, r in zip(sorted(agents), results):
             if isinstance(r, BaseException):
                 raise UnavailableError(f"agent {a} did not acknowledge fence {generation} of volume {volume_id}: {r}")
+        # an agent fences every extent of the volume it holds: mirror that, so re-registration agrees
+        lay = self.layouts.get(volume_id)
+        fences = self.fences.setdefault(volume_id, {})
+        if lay is not None:
+            for e in lay.extents():
+                d = self.drives.get(e.drive_id)
+                if d is not None and d.agent_id in agents:
+                    fences[e.extent_id] = max(fences.get(e.extent_id, 1), generation)
+            self.store.commit({f"fences/{volume_id:020d}": _j({str(k): g for k, g in fences.items()})})
 
     def _validate(self, name: str, size: int, stripe_unit: int) -> tuple[int, int]:
         if not NAME_RE.match(name or ""):

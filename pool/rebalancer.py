@@ -1,0 +1,393 @@
+"""The rebalancer: plans which volumes to re-spread and drives their migrations (``pool/migration.py``).
+
+* **Plan**: the target width of every volume is as wide as the pool allows (``planner.default_width``).
+  A volume narrower than that is re-striped over the emptiest drives (its data moves once); a volume
+  with extents on a draining server keeps its other columns and only the affected columns move.
+  Volumes are planned one after another against a simulated pool, where each finished migration has
+  freed its old extents, so the plan is feasible in the order it runs.
+* **Run**: one volume at a time; chunks copied by the destination agents, several in flight, throttled
+  by a token bucket (``max_rate``); progress persisted so a restarted metadata service resumes; an
+  unreachable agent is retried until it comes back or the rebalance is cancelled.
+* **Cancel**: the volume in flight keeps its old layout (its data never left it); nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional, TypeVar
+
+from pool.layout import Column, Extent, Layout
+from pool.meta import MetaService, VolumeRec
+from pool.migration import CopyChunk, copy_plan
+from pool.planner import DriveSpace, default_width, imbalance, plan_columns, with_allocations
+from proto.errors import NotFoundError, NvpoolError, UnavailableError, UsageError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHUNK = 4 * 1024 * 1024
+PARALLEL = 4
+
+
+@dataclass
+class Move:
+    volume: str
+    old_width: int
+    new_width: int
+    bytes: int
+    from_drives: list[str]
+    to_drives: list[str]
+
+
+@dataclass
+class RunState:
+    state: str = "idle"  # idle | running | done | cancelled | failed
+    queue: list[str] = field(default_factory=list)
+    drain: list[str] = field(default_factory=list)
+    max_rate: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    current_volume: str = ""
+    error: str = ""
+    imbalance_before: float = 0.0
+    imbalance_after: float = 0.0
+    moves: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TokenBucket:
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.tokens = float(min(rate, CHUNK)) if rate else 0.0
+        self.stamp = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        while True:
+            now = time.monotonic()
+            self.tokens = min(float(max(self.rate, n)), self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= n:
+                self.tokens -= n
+                return
+            await asyncio.sleep((n - self.tokens) / self.rate)
+
+
+class Rebalancer:
+    def __init__(self, service: MetaService, retry_interval: float = 0.5) -> None:
+        self.svc = service
+        self.retry_interval = retry_interval
+        self.run = RunState()
+        self._task: Optional[asyncio.Task[None]] = None
+        self._cancel = False
+        raw = self.svc.store.get("rebalance")
+        if raw:
+            self.run = RunState(**json.loads(raw))
+
+    # ------------------------------------------------------------------ state
+    def _persist(self) -> None:
+        self.svc.store.commit({"rebalance": json.dumps(self.run.__dict__).encode()})
+
+    def status(self) -> dict[str, Any]:
+        r = self.run
+        return {
+            "state": r.state, "moves": r.moves, "bytes_total": r.bytes_total, "bytes_done": r.bytes_done,
+            "current_volume": r.current_volume, "error": r.error, "imbalance_before": r.imbalance_before,
+            "imbalance_after": r.imbalance_after, "max_rate": r.max_rate,
+        }
+
+    # ------------------------------------------------------------------ planning
+    def _targets(self, names: Optional[list[str]], drain: list[str]) -> tuple[list[tuple[VolumeRec, Layout, Layout]], float, float]:
+        """(volume, current layout, target layout) for every volume to move, in order; imbalance before/after."""
+        svc = self.svc
+        spaces = svc.drive_spaces(exclude_hosts=drain)
+        before = imbalance(spaces)
+        width = default_width(spaces)
+        drained = {s.drive_id for s in spaces if s.host in set(drain)}
+        vols = sorted(svc.volumes.values(), key=lambda v: v.name)
+        if names:
+            missing = set(names) - {v.name for v in vols}
+            if missing:
+                raise NotFoundError(f"no volume named {sorted(missing)[0]!r}")
+            vols = [v for v in vols if v.name in names]
+        sim: list[DriveSpace] = spaces
+        next_id = svc.next_extent_id
+        out = []
+        for vol in vols:
+            lay = svc.layouts[vol.volume_id]
+            if lay.target is not None:
+                continue
+            on_drained = any(e.drive_id in drained for e in lay.extents())
+            if lay.width >= width and not on_drained:
+                continue
+            if on_drained and lay.width >= width:
+                cols, next_id = self._replace_columns(lay, sim, drained, vol.volume_id, next_id)
+            else:
+                new_cols, next_id = plan_columns(sim, lay.size, lay.stripe_unit, width, vol.volume_id, next_id)
+                cols = new_cols
+            target = Layout(vol.volume_id, vol.name, lay.generation + 1, lay.size, lay.stripe_unit, cols)
+            target.validate()
+            out.append((vol, lay, target))
+            new_ext = [e for e in target.extents() if e.extent_id not in {x.extent_id for x in lay.extents()}]
+            sim = with_allocations(with_allocations(sim, new_ext, 1), lay.extents(), -1)
+        return out, before, imbalance(sim)
+
+    def _replace_columns(
+        self, lay: Layout, sim: list[DriveSpace], drained: set[str], seed: int, next_id: int
+    ) -> tuple[tuple[Column, ...], int]:
+        keep = [c for c in lay.columns if not any(e.drive_id in drained for e in c.extents)]
+        avoid = {e.drive_id for c in keep for e in c.extents}
+        need = lay.width - len(keep)
+        fresh, next_id = plan_columns(sim, lay.size, lay.stripe_unit, need, seed, next_id, avoid=avoid)
+        it = iter(fresh)
+        cols = tuple(c if c in keep else next(it) for c in lay.columns)
+        return cols, next_id
+
+    def _moves(self, targets: list[tuple[VolumeRec, Layout, Layout]]) -> list[dict[str, Any]]:
+        moves = []
+        for vol, lay, target in targets:
+            chunks = list(copy_plan(lay, target, CHUNK))
+            moves.append(Move(
+                vol.name, lay.width, target.width, sum(c.length for c in chunks),
+                sorted({c.src.drive_id for c in chunks}), sorted({c.dst.drive_id for c in chunks}),
+            ).__dict__)
+        return moves
+
+    # ------------------------------------------------------------------ control
+    async def start(self, plan_only: bool = False, max_rate: int = 0, volumes: Optional[list[str]] = None,
+                    drain: Optional[list[str]] = None) -> dict[str, Any]:
+        if self.run.state == "running":
+            if plan_only:
+                return self.status()
+            raise UsageError("a rebalance is already running (nvpool pool rebalance --cancel stops it)")
+        async with self.svc.lock:
+            targets, before, after = self._targets(volumes, drain or [])
+        moves = self._moves(targets)
+        st = RunState(
+            state="running" if targets else "done", queue=[v.name for v, _, _ in targets], drain=drain or [],
+            max_rate=max_rate, bytes_total=sum(m["bytes"] for m in moves), imbalance_before=before,
+            imbalance_after=after, moves=moves,
+        )
+        if plan_only:
+            st.state = "idle"
+            return {**self.status(), **{k: getattr(st, k) for k in ("state", "moves", "bytes_total", "imbalance_before", "imbalance_after", "max_rate")}, "bytes_done": 0}
+        self.run = st
+        self._persist()
+        if targets:
+            self._spawn()
+        return self.status()
+
+    def resume(self) -> None:
+        """After a restart: finish any migration in flight and the rest of the queue."""
+        in_flight = [v.name for v in self.svc.volumes.values() if self.svc.layouts[v.volume_id].target is not None]
+        for name in in_flight:
+            if name not in self.run.queue:
+                self.run.queue.insert(0, name)
+        if in_flight or (self.run.queue and self.run.state == "running"):
+            if self.run.state != "running":
+                logger.info("finishing interrupted migrations: %s", ", ".join(self.run.queue))
+            self.run.state = "running"
+            self._persist()
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self._cancel = False
+        self._task = asyncio.get_running_loop().create_task(self._run_queue())
+
+    async def cancel(self) -> dict[str, Any]:
+        if self.run.state != "running" or self._task is None:
+            return self.status()
+        self._cancel = True
+        await asyncio.wait({self._task})
+        return self.status()
+
+    async def stop(self) -> None:
+        """Service shutdown: stop copying, keep the persisted state for resume()."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def drain(self, host: str, remove: bool) -> dict[str, Any]:
+        svc = self.svc
+        agents = [a for a in svc.agents.values() if a.host == host]
+        if not agents:
+            raise NotFoundError(f"no server named {host!r} in the pool")
+        holds = any(svc.drives[d].agent_id in {a.agent_id for a in agents}
+                    for lay in svc.layouts.values() for e in lay.extents() for d in [e.drive_id] if d in svc.drives)
+        if remove and not holds and all(a.state == "draining" for a in agents):
+            async with svc.lock:
+                deletes = []
+                for a in agents:
+                    for d in a.drives:
+                        svc.drives.pop(d, None)
+                        deletes.append(f"drive/{d}")
+                    svc.agents.pop(a.agent_id, None)
+                    deletes.append(f"agent/{a.agent_id}")
+                svc.store.commit({}, deletes)
+            logger.info("removed server %s from the pool", host)
+            self.run = RunState(state="done")
+            return self.status()
+        async with svc.lock:
+            for a in agents:
+                a.state = "draining"
+                svc.store.commit({f"agent/{a.agent_id}": json.dumps({**a.__dict__, "last_seen": 0.0}).encode()})
+        return await self.start(drain=sorted(set(self.run.drain) | {host}))
+
+    # ------------------------------------------------------------------ running
+    async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Retry while agents are unreachable (they may be restarting), until cancelled."""
+        warned = False
+        while True:
+            try:
+                return await fn()
+            except UnavailableError as exc:
+                if self._cancel:
+                    raise
+                if not warned:
+                    logger.warning("%s: %s; retrying", what, exc)
+                    warned = True
+                await asyncio.sleep(self.retry_interval)
+
+    async def _run_queue(self) -> None:
+        try:
+            while self.run.queue:
+                name = self.run.queue[0]
+                self.run.current_volume = name
+                self._persist()
+                if name in self.svc.volumes:
+                    done = await self._migrate(self.svc.volumes[name])
+                    if not done:
+                        self.run.state = "cancelled"
+                        self.run.queue = []
+                        self._persist()
+                        return
+                self.run.queue.pop(0)
+                self._persist()
+            self.run.state, self.run.current_volume = "done", ""
+            self._persist()
+            logger.info("rebalance done: %d bytes moved", self.run.bytes_done)
+        except asyncio.CancelledError:
+            raise
+        except (NvpoolError, OSError) as exc:
+            logger.error("rebalance failed: %s", exc)
+            self.run.state, self.run.error = "failed", str(exc)
+            self._persist()
+
+    async def _migrate(self, vol: VolumeRec) -> bool:
+        """Move one volume to its target layout; False if cancelled (the old layout stays)."""
+        svc = self.svc
+        vid = vol.volume_id
+        lay = svc.layouts[vid]
+        if lay.target is None:
+            async with svc.lock:
+                targets, _, _ = self._targets([vol.name], self.run.drain)
+                if not targets:
+                    return True
+                _, _, planned = targets[0]
+                old_ids = {e.extent_id for e in lay.extents()}
+                new_ext = [e for e in planned.extents() if e.extent_id not in old_ids]
+                svc.next_extent_id = max([svc.next_extent_id] + [e.extent_id + 1 for e in new_ext])
+                svc.store.commit(svc._counters())
+                g1 = lay.generation + 1
+                await self._retry("assigning target extents", lambda: svc.assign_on_agents(vid, new_ext, g1))
+                target = Layout(vid, vol.name, g1, lay.size, lay.stripe_unit, planned.columns)
+                lay = lay.with_target(target, g1)
+                svc.layouts[vid] = lay
+                svc.fences[vid].update({e.extent_id: g1 for e in new_ext})
+                svc.store.commit({**svc._volume_puts(vol), f"migration/{vid:020d}": b'{"done":0}'})
+        assert lay.target is not None
+        g1 = lay.generation
+        old = Layout(vid, vol.name, g1, lay.size, lay.stripe_unit, lay.columns)
+        target = lay.target
+        target_ids = {e.extent_id for e in target.extents()}
+        old_only = [e for e in old.extents() if e.extent_id not in target_ids]
+        new_only = [e for e in target.extents() if e.extent_id not in {x.extent_id for x in old.extents()}]
+        # 2. fence the old generation: from now on every write reaches the target too
+        await self._retry("fencing the old layout", lambda: svc.fence_on_agents(vid, old.extents(), g1))
+        # 3. copy
+        chunks = list(copy_plan(old, target, CHUNK))
+        raw = svc.store.get(f"migration/{vid:020d}")
+        start = json.loads(raw)["done"] if raw else 0
+        completed = await self._copy(vid, chunks, start, g1)
+        if not completed:
+            await self._finish(vol, old, keep=old, drop=new_only, g2=g1 + 1)
+            return False
+        # 4. cut over
+        await self._finish(vol, old, keep=target, drop=old_only, g2=g1 + 1)
+        return True
+
+    async def _copy(self, vid: int, chunks: list[CopyChunk], start: int, generation: int) -> bool:
+        svc = self.svc
+        bucket = TokenBucket(self.run.max_rate)
+        sem = asyncio.Semaphore(PARALLEL)
+        done = set(range(start))
+        last_save = time.monotonic()
+        errors: list[BaseException] = []
+
+        async def one(i: int, c: CopyChunk) -> None:
+            def call() -> Awaitable[int]:
+                dst = svc.agent_of_drive(c.dst.drive_id)
+                src = svc.agent_of_drive(c.src.drive_id)
+                return svc.link.copy(dst.control_address, c.dst, c.dst_offset, src.address, c.src, c.src_offset,
+                                     c.length, generation)
+            try:
+                await self._retry(f"copying chunk {i} of volume {vid}", call)
+                self.run.bytes_done += c.length
+                done.add(i)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+            finally:
+                sem.release()
+
+        tasks = []
+        for i in range(start, len(chunks)):
+            if self._cancel or errors:
+                break
+            await sem.acquire()
+            await bucket.take(chunks[i].length)
+            tasks.append(asyncio.create_task(one(i, chunks[i])))
+            if time.monotonic() - last_save > 0.5:
+                prefix = 0
+                while prefix in done:
+                    prefix += 1
+                svc.store.commit({f"migration/{vid:020d}": json.dumps({"done": prefix}).encode(),
+                                  "rebalance": json.dumps(self.run.__dict__).encode()})
+                last_save = time.monotonic()
+        await asyncio.gather(*tasks)
+        if errors and not self._cancel:
+            raise errors[0]
+        return not self._cancel
+
+    async def _finish(self, vol: VolumeRec, old: Layout, keep: Layout, drop: list[Extent], g2: int) -> None:
+        """Publish ``keep`` alone at generation ``g2`` and release ``drop`` (cut-over or cancel)."""
+        svc = self.svc
+        vid = vol.volume_id
+        was_cancel = self._cancel
+        self._cancel = False  # fences below must complete even when cancelling
+        try:
+            # no reader may still use the old extents once anyone can write at g2
+            await self._retry("fencing the old layout for cut-over", lambda: svc.fence_on_agents(vid, old.extents(), g2))
+            final = Layout(vid, vol.name, g2, keep.size, keep.stripe_unit, keep.columns)
+            final.validate()
+            async with svc.lock:
+                svc.layouts[vid] = final
+                fences = svc.fences[vid]
+                for e in drop:
+                    fences.pop(e.extent_id, None)
+                for e in final.extents():
+                    fences[e.extent_id] = max(fences.get(e.extent_id, 1), g2)
+                svc.store.commit(svc._volume_puts(vol), [f"migration/{vid:020d}"])
+            await self._retry("fencing the new layout", lambda: svc.fence_on_agents(vid, final.extents(), g2))
+            if drop:
+                # a client still writing them gets NO_EXTENT, re-fetches (generation g2) and retries
+                await svc.release_on_agents(drop)
+            logger.info("volume %s now at generation %d (%d columns)", vol.name, g2, final.width)
+        finally:
+            self._cancel = was_cancel
