@@ -42,6 +42,8 @@ class AgentConnection(asyncio.BufferedProtocol):
         self._peer: Any = None
         self._paused = False
         self._use_sendfile = True
+        #: completions produced while handling one receive, sent with one writelines
+        self._out: list[bytes] = []
 
     # ------------------------------------------------------------------ asyncio protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -85,6 +87,12 @@ class AgentConnection(asyncio.BufferedProtocol):
                 return
             assert isinstance(cmd, dp.Command)
             self._execute(cmd)
+        self._send()
+
+    def _send(self) -> None:
+        if self._out and self.transport is not None:
+            self.transport.writelines(self._out)
+        self._out = []
 
     def eof_received(self) -> Optional[bool]:
         return False
@@ -92,9 +100,7 @@ class AgentConnection(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------ commands
     def _reply_error(self, cmd: dp.Command, status: int, message: str, info: int = 0) -> None:
         self.core.stats.error(Status(status))
-        flags = cmd.flags & (dp.Flag.HDGST | dp.Flag.DDGST)
-        assert self.transport is not None
-        self.transport.write(dp.error_completion(cmd.tag, status, message, info, flags))
+        self._out.append(dp.error_completion(cmd.tag, status, message, info, cmd.flags & (dp.HDGST | dp.DDGST)))
 
     def _execute(self, cmd: dp.Command) -> None:
         self.core.stats.commands += 1
@@ -102,25 +108,25 @@ class AgentConnection(asyncio.BufferedProtocol):
             if not cmd.digest_ok:
                 raise RemoteError(Status.DIGEST, "data digest mismatch")
             op = cmd.opcode
-            if op == dp.Opcode.READ:
+            if op == dp.READ:
                 self._read(cmd)
-            elif op == dp.Opcode.WRITE:
+            elif op == dp.WRITE:
                 assert cmd.payload is not None
-                self.core.write(cmd, cmd.payload, fua=bool(cmd.flags & dp.Flag.FUA))
+                self.core.write(cmd, cmd.payload, fua=bool(cmd.flags & dp.FUA))
                 self._ok(cmd)
             elif op == dp.Opcode.READ_REGION:
                 self.core.readinto(cmd, self._region(cmd))
                 self._ok(cmd)
             elif op == dp.Opcode.WRITE_REGION:
-                self.core.write(cmd, self._region(cmd), fua=bool(cmd.flags & dp.Flag.FUA))
+                self.core.write(cmd, self._region(cmd), fua=bool(cmd.flags & dp.FUA))
                 self._ok(cmd)
             elif op in (dp.Opcode.WRITE_ZEROES, dp.Opcode.DISCARD):
                 self.core.zero(cmd)
                 self._ok(cmd)
-            elif op == dp.Opcode.FLUSH:
+            elif op == dp.FLUSH:
                 self.core.flush(cmd)
                 self._ok(cmd)
-            elif op == dp.Opcode.NOP:
+            elif op == dp.NOP:
                 self._ok(cmd)
             else:
                 raise RemoteError(Status.INVALID, f"unknown opcode {op}")
@@ -128,8 +134,7 @@ class AgentConnection(asyncio.BufferedProtocol):
             self._reply_error(cmd, exc.status, str(exc), exc.info)
 
     def _ok(self, cmd: dp.Command) -> None:
-        assert self.transport is not None
-        self.transport.write(dp.encode_completion(cmd.tag, Status.OK, 0, 0, cmd.flags & dp.Flag.HDGST))
+        self._out.append(dp.encode_completion(cmd.tag, 0, 0, 0, cmd.flags & dp.HDGST))
 
     def _region(self, cmd: dp.Command) -> memoryview:
         region = self.regions.get(cmd.region)
@@ -146,34 +151,26 @@ class AgentConnection(asyncio.BufferedProtocol):
     def _read(self, cmd: dp.Command) -> None:
         transport = self.transport
         assert transport is not None
-        flags = cmd.flags & (dp.Flag.HDGST | dp.Flag.DDGST)
+        flags = cmd.flags & (dp.HDGST | dp.DDGST)
         n = cmd.length
-        if (
-            self._use_sendfile
-            and n >= SENDFILE_MIN
-            and not flags & dp.Flag.DDGST
-            and self._sock_fd >= 0
-            and transport.get_write_buffer_size() == 0
-        ):
+        if self._use_sendfile and n >= SENDFILE_MIN and not flags & dp.DDGST and self._sock_fd >= 0:
             drive, off, _ = self.core.locate(cmd)
-            transport.write(dp.encode_completion(cmd.tag, Status.OK, n, 0, flags))
+            self._send()  # completions batched before this one go first
             if transport.get_write_buffer_size() == 0:
-                sent = self._sendfile(drive.fd, off, n)
+                transport.write(dp.encode_completion(cmd.tag, 0, n, 0, flags))
+                # header sent and nothing queued: the payload may go straight from the page cache
+                sent = self._sendfile(drive.fd, off, n) if transport.get_write_buffer_size() == 0 else 0
                 self.core.stats.bytes_read += sent
-                if sent == n:
-                    return
-                # the socket is full: the rest goes through the transport, which keeps the order
-                cmd.offset += sent
-                cmd.length = n - sent
-                transport.write(self.core.read(cmd))
+                if sent < n:  # socket full: the rest through the transport, which keeps the order
+                    cmd.offset += sent
+                    cmd.length = n - sent
+                    transport.write(self.core.read(cmd))
                 return
-            transport.write(self.core.read(cmd))
-            return
         data = self.core.read(cmd)
-        frames: list[bytes] = [dp.encode_completion(cmd.tag, Status.OK, n, 0, flags), data]
-        if flags & dp.Flag.DDGST:
-            frames.append(dp.DIGEST.pack(dp.crc32c(data)))
-        transport.writelines(frames)
+        self._out.append(dp.encode_completion(cmd.tag, 0, n, 0, flags))
+        self._out.append(data)
+        if flags & dp.DDGST:
+            self._out.append(dp.DIGEST.pack(dp.crc32c(data)))
 
     def _sendfile(self, file_fd: int, offset: int, count: int) -> int:
         sent = 0

@@ -174,7 +174,7 @@ class AgentConnection(asyncio.BufferedProtocol):
         region: int = 0,
         region_offset: int = 0,
     ) -> None:
-        moving = length if opcode in (dp.Opcode.READ, dp.Opcode.WRITE) else 0
+        moving = length if opcode == dp.READ or opcode == dp.WRITE else 0
         while self._inflight > 0 and self._inflight + moving > self._window and not self.closed:
             w: asyncio.Future[None] = self._loop.create_future()
             self._window_waiters.append(w)
@@ -195,7 +195,7 @@ class AgentConnection(asyncio.BufferedProtocol):
         comp = await fut
         if comp.status != 0:
             raise remote_error(comp.status, f"agent {self.address}: {comp.message}", comp.info)
-        if opcode == dp.Opcode.READ:
+        if opcode == dp.READ:
             if comp.length != length:
                 raise UnavailableError(f"agent {self.address} returned {comp.length} bytes, asked {length}")
             if not comp.digest_ok:

@@ -62,6 +62,11 @@ class Connections:
         self._conns: dict[str, AgentConnection] = {}
         self._opening: dict[str, asyncio.Task[AgentConnection]] = {}
 
+    def peek(self, ep: Endpoint) -> Optional[AgentConnection]:
+        """The open connection for ``ep``, if there is one (no await: the small-I/O fast path)."""
+        conn = self._conns.get(ep.address if self.options.transport != "shm" else "unix:" + ep.unix_path)
+        return conn if conn is not None and not conn.closed else None
+
     async def get(self, ep: Endpoint) -> AgentConnection:
         addr = self._address(ep)
         conn = self._conns.get(addr)
@@ -140,10 +145,10 @@ class AsyncVolume:
         buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
         if buf.readonly:
             raise UsageError("readinto needs a writable buffer")
-        flags = dp.Flag.HDGST | dp.Flag.DDGST if self.options.digests else 0
+        flags = dp.HDGST | dp.DDGST if self.options.digests else 0
 
         async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int) -> None:
-            await conn.submit(dp.Opcode.READ, ext, eoff, n, gen, dest=buf[boff : boff + n], flags=flags)
+            await conn.submit(dp.READ, ext, eoff, n, gen, dest=buf[boff : boff + n], flags=flags)
 
         await self._run(offset, len(buf), send, target=False)
 
@@ -155,10 +160,10 @@ class AsyncVolume:
     async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         self._check_writable()
         view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
-        flags = (dp.Flag.HDGST | dp.Flag.DDGST if self.options.digests else 0) | (dp.Flag.FUA if fua else 0)
+        flags = (dp.HDGST | dp.DDGST if self.options.digests else 0) | (dp.FUA if fua else 0)
 
         async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int) -> None:
-            await conn.submit(dp.Opcode.WRITE, ext, eoff, n, gen, payload=view[boff : boff + n], flags=flags)
+            await conn.submit(dp.WRITE, ext, eoff, n, gen, payload=view[boff : boff + n], flags=flags)
 
         await self._run(offset, len(view), send, target=True)
 
@@ -234,9 +239,26 @@ class AsyncVolume:
         """Map [offset, offset+length) onto the layout, send every piece, retry failed pieces."""
         if self._closed:
             raise UsageError("volume is closed")
-        self.layout.check_range(offset, length)
+        lay = self.layout
+        lay.check_range(offset, length)
         if length == 0:
             return
+        su = lay.stripe_unit
+        if length <= su - offset % su and (not target or lay.target is None):
+            # fast path: one piece on one agent, no gather; any trouble takes the general path below
+            pieces = list(lay.map(offset, length))
+            p = pieces[0]
+            ep = self.endpoints.get(p.extent.drive_id)
+            conn = self.connections.peek(ep) if ep is not None and len(pieces) == 1 else None
+            if conn is not None:
+                try:
+                    await send(conn, p.extent.extent_id, p.extent_offset, length, lay.generation, 0)
+                    return
+                except (StaleLayoutError, UnavailableError, DigestError):
+                    pass
+                except RemoteError as exc:
+                    if exc.status not in (Status.FROZEN, Status.NO_EXTENT):
+                        raise
         todo = [_Range(offset, length, 0)]
         attempt = 0
         while todo:

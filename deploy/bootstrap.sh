@@ -27,7 +27,10 @@ fi
 stamp=.venv/.nvpool-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "bootstrap: installing nvpool and its dependencies into .venv" >&2
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[test,etcd]'
+  log=$(mktemp)
+  if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[test,etcd]'; } >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; echo "bootstrap: pip install failed" >&2; exit 1
+  fi
+  rm -f "$log"
   touch "$stamp"
 fi
