@@ -17,7 +17,7 @@ COMMAND_MODULES = (
     "client.cli_volume",  # volume, pool
     "client.cli_cluster",  # cluster up/down/status
     "client.cli_bench",  # bench
-    "client.cli_nbd",  # export, mount, unmount
+    "client.cli_export",  # export, mount, unmount
 )
 
 
