@@ -22,7 +22,8 @@ from agents import osio
 from agents.control import AgentServicer
 from agents.copy import Copier
 from agents.core import AgentCore
-from agents.dataplane import start_tcp, start_unix
+from agents.dataplane import start_tcp
+from agents.shm import start_unix
 from agents.drive import Drive, DriveSpec
 from proto import nvpool_pb2 as pb
 from proto import nvpool_pb2_grpc as pbg

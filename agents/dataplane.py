@@ -192,10 +192,3 @@ class AgentConnection(asyncio.BufferedProtocol):
 async def start_tcp(core: AgentCore, host: str, port: int) -> asyncio.base_events.Server:
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: AgentConnection(core), host, port, reuse_address=True, backlog=256)
-
-
-async def start_unix(core: AgentCore, path: str) -> asyncio.base_events.Server:
-    loop = asyncio.get_running_loop()
-    if os.path.exists(path):
-        os.unlink(path)
-    return await loop.create_unix_server(lambda: AgentConnection(core), path)

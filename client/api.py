@@ -67,6 +67,11 @@ class AsyncPool:
     ) -> VolumeInfo:
         return await self.meta.create_volume(name, parse_size(size), parse_size(stripe_unit), stripe_width)
 
+    def alloc(self, nbytes: int) -> np.ndarray:
+        """A numpy uint8 buffer in memory registered with same-host agents: reads into it are
+        placed there by the agent itself (zero copies in this process). Allocate before I/O."""
+        return self.connections.register(nbytes).array(nbytes)
+
     async def list_volumes(self) -> list[VolumeInfo]:
         return await self.meta.list_volumes()
 
@@ -199,6 +204,13 @@ class Pool:
 
     def list_volumes(self) -> list[VolumeInfo]:
         return self._run(self._apool.list_volumes())
+
+    def alloc(self, nbytes: int) -> np.ndarray:
+        """Registered (zero-copy) memory; see ``AsyncPool.alloc``."""
+        return self._run(self._alloc(nbytes))
+
+    async def _alloc(self, nbytes: int) -> np.ndarray:
+        return self._apool.alloc(nbytes)
 
     def volume_info(self, name: str) -> VolumeInfo:
         return self._run(self._apool.meta.get_volume(name))

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional, Union
 
 from client.metaclient import MetaClient
 from client.transport import AgentConnection, connect
+from client.transport_shm import BOUNCE_ID, Region, ShmConnection, connect_shm
 from pool.layout import Layout
 from proto import dataplane as dp
 from proto.convert import Endpoint
@@ -55,41 +57,69 @@ class ClientOptions:
 
 
 class Connections:
-    """One connection per agent address, opened on first use and re-opened after a failure."""
+    """One connection per agent, opened on first use and re-opened after a failure.
+
+    Transport per agent: "tcp"; "shm" (the agent's Unix socket with registered memory: same server
+    only); "auto": shm where the agent's socket exists on this machine and accepts us, else TCP.
+    """
 
     def __init__(self, options: ClientOptions) -> None:
+        if options.transport not in ("auto", "tcp", "shm"):
+            raise UsageError(f"unknown transport {options.transport!r} (auto, tcp, shm)")
         self.options = options
-        self._conns: dict[str, AgentConnection] = {}
+        self._conns: dict[str, AgentConnection] = {}  # keyed by the agent's TCP address
         self._opening: dict[str, asyncio.Task[AgentConnection]] = {}
+        self._no_shm: set[str] = set()
+        self.user_regions: list[Region] = []
 
     def peek(self, ep: Endpoint) -> Optional[AgentConnection]:
         """The open connection for ``ep``, if there is one (no await: the small-I/O fast path)."""
-        conn = self._conns.get(ep.address if self.options.transport != "shm" else "unix:" + ep.unix_path)
+        conn = self._conns.get(ep.address)
         return conn if conn is not None and not conn.closed else None
 
     async def get(self, ep: Endpoint) -> AgentConnection:
-        addr = self._address(ep)
-        conn = self._conns.get(addr)
+        conn = self._conns.get(ep.address)
         if conn is not None and not conn.closed:
             return conn
-        task = self._opening.get(addr)
+        task = self._opening.get(ep.address)
         if task is None:
-            task = asyncio.ensure_future(self._open(addr))
-            self._opening[addr] = task
-            task.add_done_callback(lambda _t, a=addr: self._opening.pop(a, None))  # type: ignore[misc]
+            task = asyncio.ensure_future(self._open(ep))
+            self._opening[ep.address] = task
+            task.add_done_callback(lambda _t, a=ep.address: self._opening.pop(a, None))  # type: ignore[misc]
         return await asyncio.shield(task)
 
-    def _address(self, ep: Endpoint) -> str:
-        if self.options.transport == "shm":
+    def _wants_shm(self, ep: Endpoint) -> bool:
+        t = self.options.transport
+        if t == "shm":
             if not ep.unix_path:
                 raise UsageError(f"agent {ep.agent_id} has no same-host socket for the shm transport")
-            return "unix:" + ep.unix_path
-        return ep.address
+            return True
+        return t == "auto" and bool(ep.unix_path) and ep.address not in self._no_shm and os.path.exists(ep.unix_path)
 
-    async def _open(self, addr: str) -> AgentConnection:
-        conn = await connect(addr, self.options.window, self.options.connect_timeout)
-        self._conns[addr] = conn
+    async def _open(self, ep: Endpoint) -> AgentConnection:
+        conn: AgentConnection
+        if self._wants_shm(ep):
+            try:
+                conn = await connect_shm(ep.unix_path, self.options.window, self.user_regions, self.options.connect_timeout)
+            except UnavailableError:
+                if self.options.transport == "shm":
+                    raise
+                self._no_shm.add(ep.address)  # not on our server after all: TCP from now on
+                conn = await connect(ep.address, self.options.window, self.options.connect_timeout)
+        else:
+            conn = await connect(ep.address, self.options.window, self.options.connect_timeout)
+        self._conns[ep.address] = conn
         return conn
+
+    def register(self, nbytes: int) -> Region:
+        """Register memory with every same-host agent (open shm connections reconnect to include it)."""
+        region = Region(BOUNCE_ID + 1 + len(self.user_regions), nbytes)
+        self.user_regions.append(region)
+        for addr, c in list(self._conns.items()):
+            if isinstance(c, ShmConnection):
+                c.close()
+                del self._conns[addr]
+        return region
 
     def close(self) -> None:
         for c in self._conns.values():
