@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Data-plane benchmark (run by hand; not collected by pytest). Everything side by side in one run:
+
+1. sequential 1 MiB reads of a 4-agent striped volume through the library (TCP and shm) vs fio reading
+   the same backing drive files locally (psync, 1 MiB): the local limit;
+2. 4 KiB random reads at QD32 (IOPS) and QD1 (p50, p99) through the library vs
+   ``fio --ioengine=nbd`` against ``nbdkit file`` serving a file of the same size: a C peer;
+3. the same with writes;
+4. client CPU per GB read with 1, 2 and 4 agents;
+5. client and agent resident memory after reading ``--rss-gib`` GiB.
+
+    .venv/bin/python tests/bench_dataplane.py [--size 1G] [--seconds 4] [--rss-gib 16] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import uvloop  # noqa: E402
+
+from agents.drive import DATA_OFFSET, parse_size  # noqa: E402
+from client.cli_bench import run_bench  # noqa: E402
+from client.cluster import LocalCluster  # noqa: E402
+
+MiB = 1 << 20
+
+
+def fio(args: list[str]) -> dict[str, Any]:
+    p = subprocess.run(["fio", "--output-format=json", *args], capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise SystemExit(f"fio failed: {p.stderr[-1500:]}")
+    job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
+    return job
+
+
+def fio_figures(job: dict[str, Any], kind: str) -> dict[str, float]:
+    d = job[kind]
+    pct = d.get("clat_ns", {}).get("percentile", {})
+    return {"MBps": d["bw_bytes"] / 1e6, "iops": d["iops"],
+            "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000}
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench(meta: str, vol: str, **kw: Any) -> Any:
+    return uvloop.run(run_bench(meta, vol, **kw))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1G", help="volume size")
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rss-gib", type=float, default=16.0, help="GiB to read before measuring RSS")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    for tool in ("fio", "nbdkit"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (./deploy/bootstrap.sh installs it)")
+    size = parse_size(args.size)
+    work = Path(tempfile.mkdtemp(prefix="nvpool-bench-"))
+    rows: list[dict[str, Any]] = []
+
+    def row(what: str, ours: float, ref: float, ref_name: str, goal: str, higher_better: bool = True) -> None:
+        ratio = ours / ref if ref else 0.0
+        rows.append({"what": what, "nvpool": round(ours, 1), "reference": round(ref, 1), "ref": ref_name,
+                     "ratio": round(ratio, 2), "goal": goal})
+        print(f"{what:<44} {ours:>10.1f} {ref:>10.1f} {ratio:>7.2f}  {ref_name}  (goal {goal})", file=sys.stderr)
+
+    c = LocalCluster(work / "pool", agents=4, drives_per_agent=1, drive_size=str(size // 4 + 600 * MiB))
+    nbdkit = None
+    try:
+        c.up()
+        meta = c.meta.address
+        import client
+
+        with client.connect(meta) as pool:
+            pool.create_volume("seq", size)
+            for w in (1, 2):
+                pool.create_volume(f"w{w}", 256 * MiB, stripe_width=w)
+        bench(meta, "seq", io_type="write", io_size=MiB, io_depth=8, total=size)
+        for w in (1, 2):
+            bench(meta, f"w{w}", io_type="write", io_size=MiB, io_depth=8, total=256 * MiB)
+        drives = sorted((work / "pool" / "drives").glob("*.img"))
+        col = size // 4
+        # 1. sequential reads vs the local limit
+        print(f"{'figure':<44} {'nvpool':>10} {'reference':>10} {'ratio':>7}", file=sys.stderr)
+        bench(meta, "seq", io_type="read", io_size=MiB, io_depth=8, total=size, transport="tcp")  # warm
+        local = fio_figures(fio(["--name=local", "--ioengine=psync", "--rw=read", "--bs=1M", f"--offset={DATA_OFFSET}",
+                                 f"--size={col}", "--filename=" + ":".join(str(d) for d in drives), "--numjobs=1",
+                                 f"--runtime={args.seconds}", "--time_based"]), "read")
+        for t, goal in (("tcp", ">= 0.5"), ("shm", ">= 0.7")):
+            r = bench(meta, "seq", io_type="read", io_size=MiB, io_depth=8, seconds=args.seconds, transport=t)
+            row(f"seq 1M read MB/s, 4 agents, {t}", r.MBps, local["MBps"], "fio psync local", goal)
+        # 2./3. small I/O vs nbdkit
+        peer = work / "peer.img"
+        with open(peer, "wb") as f:
+            f.truncate(size)
+        subprocess.run(["dd", f"if={drives[0]}", f"of={peer}", "bs=1M", f"count={min(col // MiB, 256)}",
+                        f"skip={DATA_OFFSET // MiB}", "conv=notrunc", "status=none"], check=True)
+        sock = str(work / "nbdkit.sock")
+        nbdkit = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", str(peer)])
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        uri = f"nbd+unix:///?socket={sock}"
+        for io_type, rw in (("read", "randread"), ("write", "randwrite")):
+            kind = "read" if io_type == "read" else "write"
+            for t in ("tcp", "shm"):
+                q32 = bench(meta, "seq", io_type=io_type, io_size=4096, io_depth=32, pattern="rand", seconds=args.seconds, transport=t)
+                q1 = bench(meta, "seq", io_type=io_type, io_size=4096, io_depth=1, pattern="rand", seconds=args.seconds, transport=t)
+                p32 = fio_figures(fio(["--name=p", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+                                       "--iodepth=32", f"--runtime={args.seconds}", "--time_based", f"--size={size}"]), kind)
+                p1 = fio_figures(fio(["--name=p", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+                                      "--iodepth=1", f"--runtime={args.seconds}", "--time_based", f"--size={size}"]), kind)
+                row(f"4K rand {io_type} IOPS QD32, {t}", q32.iops, p32["iops"], "fio nbd -> nbdkit", ">= 0.5")
+                row(f"4K rand {io_type} p50 us QD1, {t}", q1.lat_p50_us, p1["p50_us"], "fio nbd -> nbdkit", "<= 1.5", False)
+                row(f"4K rand {io_type} p99 us QD1, {t}", q1.lat_p99_us, p1["p99_us"], "fio nbd -> nbdkit", "report", False)
+        # 4. CPU per GB read, 1/2/4 agents
+        cpu = {}
+        for w, name in ((1, "w1"), (2, "w2"), (4, "seq")):
+            r = bench(meta, name, io_type="read", io_size=MiB, io_depth=8, seconds=args.seconds, transport="tcp")
+            cpu[w] = r.cpu_s_per_GB
+        for w in (2, 4):
+            row(f"client CPU-s per GB read, {w} agents vs 1", cpu[w], cpu[1], "same, 1 agent", "flat (~1.0)", False)
+        # 5. memory after reading a lot
+        total = int(args.rss_gib * (1 << 30))
+        before = {a.name: rss_kib(a.pid) for a in c.agents}
+        bench(meta, "seq", io_type="read", io_size=MiB, io_depth=8, total=total, transport="tcp")
+        import resource
+
+        client_rss = rss_kib(os.getpid())
+        after = {a.name: rss_kib(a.pid) for a in c.agents}
+        print(f"\nafter reading {args.rss_gib:g} GiB: client RSS {client_rss / 1024:.0f} MiB "
+              f"(peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB); agents RSS "
+              + ", ".join(f"{n} {before[n] / 1024:.0f}->{after[n] / 1024:.0f} MiB" for n in after), file=sys.stderr)
+        rows.append({"what": f"RSS after {args.rss_gib:g} GiB", "client_MiB": round(client_rss / 1024),
+                     "agents_MiB_before": {n: round(v / 1024) for n, v in before.items()},
+                     "agents_MiB_after": {n: round(v / 1024) for n, v in after.items()}})
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        return 0
+    finally:
+        if nbdkit is not None:
+            nbdkit.terminate()
+            nbdkit.wait()
+        c.down()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""NBD export benchmark (run by hand; not collected by pytest), side by side in one run:
+fio --ioengine=nbd over ``nvpool export`` of a pool volume, over ``nvpool export --file`` (the front end
+alone) and over ``nbdkit file`` serving the same bytes from one file: 4 KiB random read IOPS at QD32,
+QD1 p50/p99 latency, 1 MiB sequential read MB/s, with the ratios to nbdkit.
+
+    .venv/bin/python tests/bench_nbd.py [--size 512M] [--seconds 4] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agents.drive import parse_size  # noqa: E402
+from client.cluster import LocalCluster  # noqa: E402
+from tests.bench_dataplane import fio, fio_figures  # noqa: E402
+
+
+def wait_path(p: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while not os.path.exists(p):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"server for {p} did not start")
+        time.sleep(0.05)
+
+
+def measure(uri: str, seconds: float, size: int) -> dict[str, float]:
+    common = ["--ioengine=nbd", f"--uri={uri}", f"--runtime={seconds}", "--time_based", f"--size={size}"]
+    q32 = fio_figures(fio(["--name=q32", "--rw=randread", "--bs=4k", "--iodepth=32", *common]), "read")
+    q1 = fio_figures(fio(["--name=q1", "--rw=randread", "--bs=4k", "--iodepth=1", *common]), "read")
+    seq = fio_figures(fio(["--name=seq", "--rw=read", "--bs=1M", "--iodepth=8", *common]), "read")
+    return {"iops_qd32": q32["iops"], "p50_us_qd1": q1["p50_us"], "p99_us_qd1": q1["p99_us"], "seq_MBps": seq["MBps"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="512M")
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    for tool in ("fio", "nbdkit", "nbdcopy"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (./deploy/bootstrap.sh installs it)")
+    size = parse_size(args.size)
+    work = Path(tempfile.mkdtemp(prefix="nvpool-nbdbench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    c = LocalCluster(work / "pool", agents=4, drives_per_agent=1, drive_size=str(size // 4 + 256 * (1 << 20)))
+    try:
+        c.up()
+        data = work / "data.img"
+        with open(data, "wb") as f:
+            for _ in range(size // (1 << 20)):
+                f.write(os.urandom(1 << 20))
+        import client
+
+        with client.connect(c.meta.address) as pool:
+            pool.create_volume("nbdbench", size)
+        servers = {
+            "nvpool export (pool volume, 4 agents)": ["nbdbench", "--meta", c.meta.address],
+            "nvpool export --file (front end alone)": ["--file", str(data)],
+        }
+        uris = {}
+        for label, extra in servers.items():
+            sock = str(work / f"{len(uris)}.sock")
+            p = subprocess.Popen([sys.executable, "-m", "client.cli", "export", *extra, "--socket", sock,
+                                  "--ready-file", sock + ".ready"], cwd=ROOT)
+            procs.append(p)
+            wait_path(sock + ".ready", p)
+            uris[label] = f"nbd+unix:///?socket={sock}"
+        sock = str(work / "nbdkit.sock")
+        p = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", str(data)])
+        procs.append(p)
+        wait_path(sock, p)
+        uris["nbdkit file (C peer)"] = f"nbd+unix:///?socket={sock}"
+        # same bytes everywhere, caches warm
+        subprocess.run(["nbdcopy", str(data), uris["nvpool export (pool volume, 4 agents)"]], check=True)
+        results = {label: measure(uri, args.seconds, size) for label, uri in uris.items()}
+        ref = results["nbdkit file (C peer)"]
+        print(f"\n{'server':<42} {'4K QD32 IOPS':>13} {'QD1 p50 us':>11} {'QD1 p99 us':>11} {'1M seq MB/s':>12}")
+        for label, r in results.items():
+            print(f"{label:<42} {r['iops_qd32']:>13.0f} {r['p50_us_qd1']:>11.1f} {r['p99_us_qd1']:>11.1f} {r['seq_MBps']:>12.0f}")
+            if label != "nbdkit file (C peer)":
+                print(f"{'  ratio to nbdkit':<42} {r['iops_qd32'] / ref['iops_qd32']:>13.2f} "
+                      f"{r['p50_us_qd1'] / ref['p50_us_qd1']:>11.2f} {r['p99_us_qd1'] / ref['p99_us_qd1']:>11.2f} "
+                      f"{r['seq_MBps'] / ref['seq_MBps']:>12.2f}")
+        if args.json:
+            print(json.dumps(results, indent=2))
+        return 0
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+        c.down()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
