@@ -77,6 +77,8 @@ class _Connection(asyncio.Protocol):
         self.peer: Any = None
         self._paused = False
         self._closing = False
+        self._out: list[Union[bytes, bytearray, memoryview]] = []
+        self._flush_scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -116,17 +118,28 @@ class _Connection(asyncio.Protocol):
         if self._paused and len(self.tasks) < MAX_IN_FLIGHT // 2 and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        if self._closing and not self.tasks and self.transport is not None:
+        if self._closing and not self.tasks and not self._out and self.transport is not None:
             self.transport.close()
 
     def _close_when_idle(self) -> None:
         self._closing = True
-        if not self.tasks and self.transport is not None:
+        if not self.tasks and not self._out and self.transport is not None:
             self.transport.close()
 
     def _send(self, frames: list[Union[bytes, bytearray, memoryview]]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(frames)
+        """Queue a whole reply; replies finished in one event-loop turn go out in one writelines."""
+        self._out.extend(frames)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+        if self._closing and not self.tasks and self.transport is not None:
+            self.transport.close()
 
     async def _serve(self, req: nbd.Request) -> None:
         dev = self.server.device
