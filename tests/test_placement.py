@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pool.layout import ALLOC_ALIGN, Layout
+from pool.layout import ALLOC_ALIGN, Layout, column_length_for
 from pool.planner import DriveSpace, imbalance, plan_columns, plan_grow, with_allocations
 from proto.errors import CapacityError
 
@@ -69,7 +69,8 @@ def test_plan_properties(drives: list[DriveSpace], size_mib: int, su: int, width
     assert all(by[d].usable for d in col_drives)
     assert len(set(col_drives)) == w, "one drive holds two columns of a volume"
     hosts = Counter(by[d].host for d in col_drives)
-    n_hosts = len({d.host for d in usable})
+    col_len = -(-column_length_for(size, su, w) // ALLOC_ALIGN) * ALLOC_ALIGN
+    n_hosts = len({d.host for d in usable if d.free_bytes() >= col_len})  # servers that can take a column
     if w <= n_hosts:
         assert max(hosts.values()) == 1, "columns share a server although enough servers exist"
     # deterministic for a given seed
