@@ -86,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 k = (off // chunk) % (3 * chunk // 4096)
                 piece = data[k * 4096 // 4 : k * 4096 // 4 + chunk]
                 vol.write(off, piece)
-                h_w.update(piece)
+                h_w.update(piece.data)
                 bar.update(chunk)
         vol.flush()
         t_write = time.perf_counter() - t0
@@ -95,7 +95,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with tqdm(total=total, unit="B", unit_scale=True, desc="read", disable=quiet) as bar:
             for off in range(0, total, chunk):
                 vol.readinto(buf, off)
-                h_r.update(buf)
+                h_r.update(buf.data)
                 bar.update(chunk)
         t_read = time.perf_counter() - t0
         ok = h_w.digest() == h_r.digest()

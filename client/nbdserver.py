@@ -79,6 +79,7 @@ class _Connection(asyncio.Protocol):
         self._closing = False
         self._out: list[Union[bytes, bytearray, memoryview]] = []
         self._flush_scheduled = False
+        self.fast_in_flight = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -102,6 +103,8 @@ class _Connection(asyncio.Protocol):
             self.transport.write(out)
         for ev in events:
             if isinstance(ev, nbd.Request):
+                if ev.command == nbd.CMD_READ and self._fast_read(ev):
+                    continue
                 task = asyncio.ensure_future(self._serve(ev))
                 self.tasks.add(task)
                 task.add_done_callback(self._done)
@@ -113,17 +116,44 @@ class _Connection(asyncio.Protocol):
             self._paused = True
             self.transport.pause_reading()
 
+    def _fast_read(self, req: nbd.Request) -> bool:
+        """Small reads of a pool volume: posted straight to the agent, answered from a callback
+        (no task, no coroutine chain). Anything unusual goes the normal way (``_serve``)."""
+        start = getattr(self.server.device, "start_read", None)
+        finish = getattr(self.server.device, "finish_read", None)
+        if start is None or finish is None or req.length > nbd.MAX_REQUEST:
+            return False
+        buf = bytearray(req.length)
+        fut = start(memoryview(buf), req.offset)
+        if fut is None:
+            return False
+        self.fast_in_flight += 1
+
+        def done(f: "asyncio.Future[object]") -> None:
+            self.fast_in_flight -= 1
+            try:
+                finish(f)
+            except Exception:  # noqa: BLE001 - any trouble: the full path retries and maps errors
+                task = asyncio.ensure_future(self._serve(req))
+                self.tasks.add(task)
+                task.add_done_callback(self._done)
+                return
+            self._send(self.codec.read_reply(req.handle, req.offset, buf))
+
+        fut.add_done_callback(done)
+        return True
+
     def _done(self, task: "asyncio.Task[None]") -> None:
         self.tasks.discard(task)
         if self._paused and len(self.tasks) < MAX_IN_FLIGHT // 2 and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        if self._closing and not self.tasks and not self._out and self.transport is not None:
+        if self._closing and not self.tasks and not self.fast_in_flight and not self._out and self.transport is not None:
             self.transport.close()
 
     def _close_when_idle(self) -> None:
         self._closing = True
-        if not self.tasks and not self._out and self.transport is not None:
+        if not self.tasks and not self.fast_in_flight and not self._out and self.transport is not None:
             self.transport.close()
 
     def _send(self, frames: list[Union[bytes, bytearray, memoryview]]) -> None:

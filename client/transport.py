@@ -183,6 +183,26 @@ class AgentConnection(asyncio.BufferedProtocol):
             await self._drain
         if self.closed:
             raise UnavailableError(f"connection to agent {self.address} is closed: {self._lost}")
+        comp = await self._post(opcode, extent_id, offset, length, generation, payload, dest, flags, region,
+                                region_offset, moving)
+        self.check(comp, opcode, length, dest)
+
+    def start(
+        self, opcode: int, extent_id: int, offset: int, length: int, generation: int,
+        dest: Optional[memoryview] = None,
+    ) -> "Optional[asyncio.Future[dp.Completion]]":
+        """Post a READ without awaiting (callback-style callers); None if it would have to wait.
+        The caller passes the completion to ``check``."""
+        if self.closed or (self._inflight > 0 and self._inflight + length > self._window) or (
+            self._drain is not None and not self._drain.done()
+        ):
+            return None
+        return self._post(opcode, extent_id, offset, length, generation, None, dest, 0, 0, 0, length)
+
+    def _post(
+        self, opcode: int, extent_id: int, offset: int, length: int, generation: int, payload: Optional[Buffer],
+        dest: Optional[memoryview], flags: int, region: int, region_offset: int, moving: int,
+    ) -> "asyncio.Future[dp.Completion]":
         tag = self._alloc_tag()
         fut: asyncio.Future[dp.Completion] = self._loop.create_future()
         self.pending[tag] = _Pending(fut, dest, moving)
@@ -192,7 +212,10 @@ class AgentConnection(asyncio.BufferedProtocol):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-        comp = await fut
+        return fut
+
+    def check(self, comp: dp.Completion, opcode: int, length: int, dest: Optional[memoryview]) -> None:
+        """Raise the error a completion carries (and place READ data the decoder could not)."""
         if comp.status != 0:
             raise remote_error(comp.status, f"agent {self.address}: {comp.message}", comp.info)
         if opcode == dp.READ:

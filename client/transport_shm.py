@@ -75,18 +75,25 @@ class SlotAllocator:
         self.free: list[tuple[int, int]] = [(0, size)]  # sorted (offset, length)
         self._waiters: list[asyncio.Future[None]] = []
 
+    def try_alloc(self, n: int) -> Optional[int]:
+        n = -(-n // PAGE) * PAGE
+        for i, (off, length) in enumerate(self.free):
+            if length >= n:
+                if length == n:
+                    del self.free[i]
+                else:
+                    self.free[i] = (off + n, length - n)
+                return off
+        return None
+
     async def alloc(self, n: int) -> int:
         n = -(-n // PAGE) * PAGE
         if n > self.size:
             raise UnavailableError(f"I/O of {n} bytes is larger than the shared region ({self.size})")
         while True:
-            for i, (off, length) in enumerate(self.free):
-                if length >= n:
-                    if length == n:
-                        del self.free[i]
-                    else:
-                        self.free[i] = (off + n, length - n)
-                    return off
+            off = self.try_alloc(n)
+            if off is not None:
+                return off
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
             await fut
@@ -124,6 +131,36 @@ class ShmConnection(AgentConnection):
             if off is not None:
                 return r.region_id, off
         return None
+
+    def start(
+        self, opcode: int, extent_id: int, offset: int, length: int, generation: int,
+        dest: Optional[memoryview] = None,
+    ) -> "Optional[asyncio.Future[dp.Completion]]":
+        """Callback-style READ through the bounce region; None if it would have to wait."""
+        if opcode != dp.READ or dest is None or self.closed:
+            return None
+        off = self.slots.try_alloc(length)
+        if off is None:
+            return None
+        inner = self._post(dp.Opcode.READ_REGION, extent_id, offset, length, generation, None, None, 0, BOUNCE_ID, off, 0)
+        outer: asyncio.Future[dp.Completion] = self._loop.create_future()
+
+        def done(f: "asyncio.Future[dp.Completion]") -> None:
+            try:
+                exc = f.exception()
+                if exc is not None:
+                    outer.set_exception(exc)
+                    return
+                comp = f.result()
+                if comp.status == 0:
+                    dest[:] = self.bounce.view[off : off + length]
+                    comp.length = length  # the payload went through the region, not the socket
+                outer.set_result(comp)
+            finally:
+                self.slots.release(off, length)
+
+        inner.add_done_callback(done)
+        return outer
 
     async def submit(
         self,

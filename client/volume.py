@@ -21,7 +21,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional, Union
+from typing import Any, Awaitable, Callable, Optional, Union
 
 from client.metaclient import MetaClient
 from client.transport import AgentConnection, connect
@@ -156,6 +156,7 @@ class AsyncVolume:
         self.options = options or ClientOptions()
         self._refresh_lock = asyncio.Lock()
         self._closed = False
+        self._started: dict[int, tuple[AgentConnection, int, memoryview]] = {}
         self.stats = {"stale_refetches": 0, "retries": 0, "digest_errors": 0}
 
     # ------------------------------------------------------------------ BlockDevice
@@ -181,6 +182,33 @@ class AsyncVolume:
             await conn.submit(dp.READ, ext, eoff, n, gen, dest=buf[boff : boff + n], flags=flags)
 
         await self._run(offset, len(buf), send, target=False)
+
+    def start_read(self, buf: memoryview, offset: int) -> "Optional[asyncio.Future[Any]]":
+        """Callback-style read for front ends (the NBD export): if ``buf`` maps to one piece on a
+        connected agent, post it now and return its completion future (check it with
+        ``finish_read``); otherwise None, and the caller uses ``readinto``, which handles everything."""
+        lay = self.layout
+        n = len(buf)
+        if n == 0 or offset < 0 or offset + n > lay.size or offset % lay.stripe_unit + n > lay.stripe_unit:
+            return None
+        pieces = list(lay.map(offset, n))
+        if len(pieces) != 1:
+            return None
+        p = pieces[0]
+        ep = self.endpoints.get(p.extent.drive_id)
+        conn = self.connections.peek(ep) if ep is not None else None
+        if conn is None or self.options.digests:
+            return None
+        fut = conn.start(dp.READ, p.extent.extent_id, p.extent_offset, n, lay.generation, buf)
+        if fut is None:
+            return None
+        self._started[id(fut)] = (conn, n, buf)
+        return fut
+
+    def finish_read(self, fut: "asyncio.Future[Any]") -> None:
+        """Raise what a ``start_read`` completion carries (the caller then retries with readinto)."""
+        conn, n, buf = self._started.pop(id(fut))
+        conn.check(fut.result(), dp.READ, n, buf)
 
     async def read(self, offset: int, length: int) -> bytearray:
         out = bytearray(length)

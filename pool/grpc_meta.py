@@ -17,7 +17,7 @@ from pool.kvstore import open_store
 from pool.meta import AgentLink, AgentRec, DriveRec, MetaService
 from proto import nvpool_pb2 as pb
 from proto import nvpool_pb2_grpc as pbg
-from proto.convert import endpoint_to_pb, extent_record_to_pb, layout_to_pb
+from proto.convert import extent_record_to_pb, layout_to_pb
 from proto.errors import (
     AlreadyExistsError,
     CapacityError,

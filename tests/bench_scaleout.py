@@ -118,7 +118,7 @@ def main() -> int:
                     done = threading.Event()
                     samples: list[float] = []
 
-                    def fg() -> None:
+                    def fg(done: threading.Event = done, samples: list[float] = samples) -> None:
                         while not done.is_set():
                             samples.append(read_mbps())
 

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 import client
-from client.cluster import LocalCluster
 from tests.conftest import make_cluster
 
 MiB = 1 << 20

@@ -26,7 +26,9 @@ def test_sqlite_commit_scan_and_reopen(tmp_path: pathlib.Path) -> None:
 def test_failed_commit_changes_nothing(tmp_path: pathlib.Path) -> None:
     s = SQLiteStore(str(tmp_path / "m.db"))
     s.commit({"k": b"v"})
-    with pytest.raises(Exception):
+    import sqlite3
+
+    with pytest.raises(sqlite3.Error):
         s.commit({"k": b"new", "bad": object()})  # type: ignore[dict-item]
     assert s.get("k") == b"v" and s.get("bad") is None
 
