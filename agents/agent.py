@@ -9,7 +9,6 @@ brings the extent table in line with the metadata service's authoritative list.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import socket
@@ -28,6 +27,7 @@ from agents.drive import Drive, DriveSpec
 from proto import nvpool_pb2 as pb
 from proto import nvpool_pb2_grpc as pbg
 from proto.convert import extent_record_from_pb, extent_record_to_pb
+from proto.config import check_keys
 from proto.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -61,10 +61,7 @@ class AgentConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "AgentConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise UsageError(f"unknown agent option(s): {', '.join(sorted(unknown))}")
+        check_keys(cls, values, "agent")
         vals = dict(values)
         if "drives" in vals:
             vals["drives"] = tuple(vals["drives"])

@@ -8,8 +8,8 @@ import sys
 import time
 from typing import Any, Callable
 
-from client.cli_volume import emit, human, parse_size_arg, table
-from client.metaclient import MetaClient, default_meta
+from client.cli_volume import emit, human, parse_size_arg, table, with_meta
+from client.metaclient import MetaClient
 from proto import nvpool_pb2 as pb
 
 
@@ -66,17 +66,6 @@ async def _follow(meta: MetaClient, quiet: bool) -> Any:
     return st
 
 
-def _run(args: argparse.Namespace, fn: Callable[[MetaClient], Any]) -> Any:
-    async def go() -> Any:
-        meta = MetaClient(args.meta or default_meta())
-        try:
-            return await fn(meta)
-        finally:
-            await meta.close()
-
-    return asyncio.run(go())
-
-
 def cmd_rebalance(args: argparse.Namespace) -> int:
     rate = parse_size_arg(args.max_rate) if args.max_rate else 0
     quiet = args.json or not sys.stderr.isatty()
@@ -92,7 +81,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         return st
 
     t0 = time.monotonic()
-    st = _run(args, go)
+    st = with_meta(args, go)
     d = rebalance_dict(st)
     if args.plan:
         emit(args, d, describe_plan(d, rate))
@@ -119,7 +108,7 @@ def cmd_drain(args: argparse.Namespace, remove: bool = False) -> int:
                 st = await meta.call("Drain", pb.DrainRequest(host=args.server, remove=True))
         return st
 
-    d = rebalance_dict(_run(args, go))
+    d = rebalance_dict(with_meta(args, go))
     verb = "removed" if remove else "draining"
     emit(args, d, f"{args.server}: {verb if d['state'] in ('done', 'idle', 'running') else d['state']}; "
                   f"{human(d['bytes_done'])} of {human(d['bytes_total'])} moved" + (f"\nerror: {d['error']}" if d["error"] else ""))

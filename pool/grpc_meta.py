@@ -5,7 +5,6 @@ Nothing below this module imports generated code. Entry point: ``serve(MetaConfi
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Optional, TypeVar
@@ -17,6 +16,7 @@ from pool.kvstore import open_store
 from pool.meta import AgentLink, AgentRec, DriveRec, MetaService
 from proto import nvpool_pb2 as pb
 from proto import nvpool_pb2_grpc as pbg
+from proto.config import check_keys
 from proto.convert import extent_record_to_pb, layout_to_pb
 from proto.errors import (
     AlreadyExistsError,
@@ -42,10 +42,7 @@ class MetaConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "MetaConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise UsageError(f"unknown meta option(s): {', '.join(sorted(unknown))}")
+        check_keys(cls, values, "meta")
         return cls(**dict(values))
 
 
