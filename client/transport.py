@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from typing import Optional, Protocol, Union
 
@@ -54,13 +55,15 @@ class _Pending:
     future: "asyncio.Future[dp.Completion]"
     dest: Optional[memoryview]
     nbytes: int
+    posted: float
 
 
 class AgentConnection(asyncio.BufferedProtocol):
     """One connection to one agent (TCP or Unix socket)."""
 
-    def __init__(self, address: str, window: int = 4 * 1024 * 1024) -> None:
+    def __init__(self, address: str, window: int = 4 * 1024 * 1024, io_timeout: float = 30.0) -> None:
         self.address = address
+        self.io_timeout = io_timeout
         self.decoder = dp.CompletionDecoder(target=self._target)
         self.pending: dict[int, _Pending] = {}
         self.transport: Optional[asyncio.Transport] = None
@@ -76,7 +79,22 @@ class AgentConnection(asyncio.BufferedProtocol):
         self.digest_errors = 0
 
     # ------------------------------------------------------------------ asyncio protocol
+    def _watch(self) -> None:
+        """A silent peer (cut link, hung agent) never closes the socket: give up on it after
+        ``io_timeout`` so every pending command fails over to a retry instead of waiting forever."""
+        if self.transport is None:
+            return
+        if self.pending:
+            oldest = next(iter(self.pending.values()))
+            if time.monotonic() - oldest.posted > self.io_timeout:
+                logger.warning("agent %s did not answer for %.0fs; dropping the connection", self.address, self.io_timeout)
+                self._lost = TimeoutError(f"no answer for {self.io_timeout:.0f}s")
+                self.transport.abort()
+                return
+        self._loop.call_later(min(1.0, self.io_timeout / 4), self._watch)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._loop.call_later(min(1.0, self.io_timeout / 4), self._watch)
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -84,7 +102,7 @@ class AgentConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.transport = None
-        cause = exc or ConnectionResetError("connection closed by agent")
+        cause = exc or self._lost or ConnectionResetError("connection closed by agent")
         self._lost = cause
         err = UnavailableError(f"connection to agent {self.address} lost: {cause}")
         err.__cause__ = cause
@@ -205,7 +223,7 @@ class AgentConnection(asyncio.BufferedProtocol):
     ) -> "asyncio.Future[dp.Completion]":
         tag = self._alloc_tag()
         fut: asyncio.Future[dp.Completion] = self._loop.create_future()
-        self.pending[tag] = _Pending(fut, dest, moving)
+        self.pending[tag] = _Pending(fut, dest, moving, time.monotonic())
         self._inflight += moving
         hdr = dp.encode_command(opcode, tag, extent_id, offset, length, generation, flags, region, region_offset)
         self._out.extend(dp.command_frames(hdr, payload, flags))
@@ -232,15 +250,17 @@ class AgentConnection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-async def connect(address: str, window: int = 4 * 1024 * 1024, timeout: float = 5.0) -> AgentConnection:
+async def connect(
+    address: str, window: int = 4 * 1024 * 1024, timeout: float = 5.0, io_timeout: float = 30.0
+) -> AgentConnection:
     """Open a connection: ``host:port`` over TCP, or ``unix:PATH``."""
     loop = asyncio.get_running_loop()
     try:
         if address.startswith("unix:"):
-            coro = loop.create_unix_connection(lambda: AgentConnection(address, window), address[5:])
+            coro = loop.create_unix_connection(lambda: AgentConnection(address, window, io_timeout), address[5:])
         else:
             host, _, port = address.rpartition(":")
-            coro = loop.create_connection(lambda: AgentConnection(address, window), host.strip("[]"), int(port))
+            coro = loop.create_connection(lambda: AgentConnection(address, window, io_timeout), host.strip("[]"), int(port))
         _, proto = await asyncio.wait_for(coro, timeout)
     except (OSError, asyncio.TimeoutError, ValueError) as exc:
         raise UnavailableError(f"cannot connect to agent {address}: {exc or 'timed out'}") from exc

@@ -116,8 +116,9 @@ class SlotAllocator:
 
 
 class ShmConnection(AgentConnection):
-    def __init__(self, address: str, window: int, bounce: Region, user_regions: Sequence[Region]) -> None:
-        super().__init__(address, window)
+    def __init__(self, address: str, window: int, bounce: Region, user_regions: Sequence[Region],
+                 io_timeout: float = 30.0) -> None:
+        super().__init__(address, window, io_timeout)
         self.bounce = bounce
         self.user_regions = list(user_regions)
         self.slots = SlotAllocator(bounce.size)

@@ -54,6 +54,8 @@ class ClientOptions:
     window: int = 4 * 1024 * 1024
     retries: int = 8
     connect_timeout: float = 5.0
+    #: a command unanswered this long fails its connection over to a retry (cut link, hung agent)
+    io_timeout: float = 30.0
 
 
 class Connections:
@@ -105,9 +107,9 @@ class Connections:
                 if self.options.transport == "shm":
                     raise
                 self._no_shm.add(ep.address)  # not on our server after all: TCP from now on
-                conn = await connect(ep.address, self.options.window, self.options.connect_timeout)
+                conn = await connect(ep.address, self.options.window, self.options.connect_timeout, self.options.io_timeout)
         else:
-            conn = await connect(ep.address, self.options.window, self.options.connect_timeout)
+            conn = await connect(ep.address, self.options.window, self.options.connect_timeout, self.options.io_timeout)
         self._conns[ep.address] = conn
         return conn
 
