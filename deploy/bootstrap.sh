@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 need=()
 for pair in fio:fio nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin \
             qemu-img:qemu-utils nbd-client:nbd-client fusermount3:fuse3 mkfs.ext4:e2fsprogs \
-            losetup:mount etcd:etcd-server; do
+            losetup:mount; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [[ " ${need[*]:-} " == *" $pkg "* ]] || need+=("$pkg")
 done
