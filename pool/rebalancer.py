@@ -285,7 +285,8 @@ class Rebalancer:
         svc = self.svc
         vid = vol.volume_id
         lay = svc.layouts[vid]
-        if lay.target is None:
+        while lay.target is None:
+            # one attempt per lock hold: an unreachable agent must not stall other metadata changes
             async with svc.lock:
                 targets, _, _ = self._targets([vol.name], self.run.drain)
                 if not targets:
@@ -294,14 +295,25 @@ class Rebalancer:
                 old_ids = {e.extent_id for e in lay.extents()}
                 new_ext = [e for e in planned.extents() if e.extent_id not in old_ids]
                 svc.next_extent_id = max([svc.next_extent_id] + [e.extent_id + 1 for e in new_ext])
-                svc.store.commit(svc._counters())
+                svc.store.commit(svc._counters())  # ids are burned even if the agents refuse
                 g1 = lay.generation + 1
-                await self._retry("assigning target extents", lambda: svc.assign_on_agents(vid, new_ext, g1))
-                target = Layout(vid, vol.name, g1, lay.size, lay.stripe_unit, planned.columns)
-                lay = lay.with_target(target, g1)
-                svc.layouts[vid] = lay
-                svc.fences[vid].update({e.extent_id: g1 for e in new_ext})
-                svc.store.commit({**svc._volume_puts(vol), f"migration/{vid:020d}": b'{"done":0}'})
+                try:
+                    await svc.assign_on_agents(vid, new_ext, g1)
+                except UnavailableError as exc:
+                    logger.warning("assigning target extents of %s: %s; retrying", vol.name, exc)
+                else:
+                    target = Layout(vid, vol.name, g1, lay.size, lay.stripe_unit, planned.columns)
+                    lay = lay.with_target(target, g1)
+                    svc.layouts[vid] = lay
+                    svc.fences[vid].update({e.extent_id: g1 for e in new_ext})
+                    svc.store.commit({**svc._volume_puts(vol), f"migration/{vid:020d}": b'{"done":0}'})
+                    break
+            if self._cancel:
+                return False
+            await asyncio.sleep(self.retry_interval)
+            if vid not in svc.layouts:  # deleted meanwhile: nothing to move
+                return True
+            lay = svc.layouts[vid]
         assert lay.target is not None
         g1 = lay.generation
         old = Layout(vid, vol.name, g1, lay.size, lay.stripe_unit, lay.columns)

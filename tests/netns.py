@@ -80,10 +80,16 @@ class Fabric:
         for ns in netns.listnetns():
             if ns.startswith(PREFIX):
                 netns.remove(ns)
+        from pyroute2.netlink.exceptions import NetlinkError
+
         for link in self.ipr.get_links():
             name = link.get_attr("IFLA_IFNAME")
             if name and name.startswith(PREFIX):
-                self.ipr.link("del", index=link["index"])
+                try:
+                    self.ipr.link("del", index=link["index"])
+                except NetlinkError as exc:
+                    if exc.code != 19:  # ENODEV: already gone with its peer
+                        raise
 
     def add_host(self, label: str, rate: Optional[str] = None) -> Host:
         """A namespace on the bridge; ``rate`` (e.g. "400mbit") limits what it sends."""
@@ -130,10 +136,16 @@ class Fabric:
                 netns.remove(host.name)
             except OSError:
                 pass
+        from pyroute2.netlink.exceptions import NetlinkError
+
         for name in [h.veth_root for h in self.hosts.values()] + [BRIDGE]:
             found = self.ipr.link_lookup(ifname=name)
             if found:
-                self.ipr.link("del", index=found[0])
+                try:
+                    self.ipr.link("del", index=found[0])
+                except NetlinkError as exc:  # the namespace's removal took the veth pair with it
+                    if exc.code != 19:  # ENODEV
+                        raise
         self.hosts.clear()
         self.ipr.close()
 
