@@ -1,0 +1,51 @@
+"""The README's first command, through the CLI: cluster up -> demo -> bench -> status -> down -> up again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def nv(*args: str, env: dict[str, str] | None = None) -> str:
+    p = subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True,
+                       timeout=300, env=env or dict(os.environ))
+    assert p.returncode == 0, f"nvpool {' '.join(args)}: {p.stderr}"
+    return p.stdout
+
+
+def test_cluster_lifecycle_demo_and_bench(tmp_path: Path) -> None:
+    d = str(tmp_path / "pool")
+    up = json.loads(nv("cluster", "up", "--dir", d, "--agents", "3", "--drives-per-agent", "1", "--drive-size", "512M", "--json"))
+    assert len(up["agents"]) == 3 and all(a["alive"] for a in up["agents"])
+    try:
+        demo = json.loads(nv("cluster", "demo", "--dir", d, "--size", "64M", "--json"))
+        assert demo["match"] and demo["sha256_written"] == demo["sha256_read"]
+        assert demo["columns"] == 3 and demo["servers"] == 3 and demo["read_MBps"] > 0
+        env = dict(os.environ, NVPOOL_META=up["meta"]["address"])
+        for io_type in ("write", "read"):
+            b = json.loads(nv("bench", "demo", "--io-type", io_type, "--io-size", "64K", "--io-depth", "4",
+                              "--total", "16M", "--json", env=env))
+            assert b["ops"] == 256 and b["bytes"] == 16 << 20 and b["lat_p99_us"] >= b["lat_p50_us"] > 0
+        st = json.loads(nv("cluster", "status", "--dir", d, "--json"))
+        assert st["meta"]["alive"] and len(st["agents"]) == 3
+        with pytest.raises(AssertionError, match="already running"):
+            nv("cluster", "up", "--dir", d)
+    finally:
+        nv("cluster", "down", "--dir", d)
+    st = json.loads(nv("cluster", "status", "--dir", d, "--json"))
+    assert not st["meta"]["alive"] and not any(a["alive"] for a in st["agents"])
+    # the pool comes back with its volume and data
+    nv("cluster", "up", "--dir", d, "--agents", "3", "--drives-per-agent", "1", "--drive-size", "512M")
+    try:
+        env = dict(os.environ, NVPOOL_META=json.loads(nv("cluster", "status", "--dir", d, "--json"))["meta"]["address"])
+        vols = json.loads(nv("volume", "list", "--json", env=env))
+        assert [v["name"] for v in vols] == ["demo"]
+    finally:
+        nv("cluster", "down", "--dir", d)
