@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import os
+import signal
+import socket
 import sys
 from typing import Any
 
@@ -23,6 +25,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         print("nvpool: error: which volume? (nvpool export VOLUME, or --file PATH)", file=sys.stderr)
         return 2
 
+    workers = max(1, args.workers)
+    listener = None
+    if workers > 1:
+        if args.file:
+            print("nvpool: error: --workers serves pool volumes only", file=sys.stderr)
+            return 2
+        listener = _listen(args)
+    children = _fork_workers(workers - 1) if listener is not None else []
+    is_parent = listener is None or children is not None
+
     async def main() -> None:
         pool = None
         if args.file:
@@ -36,14 +48,24 @@ def cmd_export(args: argparse.Namespace) -> int:
             name = args.name or args.volume
         server = NBDServer(device, name, args.read_only, description=f"nvpool volume {name}")
         try:
-            if args.socket:
+            if listener is not None:
+                await server.listen_socket(listener)
+                if listener.family == socket.AF_UNIX:
+                    uri = f"nbd+unix:///{name}?socket={args.socket}"
+                else:
+                    h, p = listener.getsockname()[:2]
+                    uri = f"nbd://{h}:{p}/{name}"
+            elif args.socket:
                 where = await server.listen_unix(args.socket)
                 uri = f"nbd+unix:///{name}?socket={where}"
             else:
                 host, _, port = (args.listen or "127.0.0.1:10809").rpartition(":")
                 where = await server.listen_tcp(host or "127.0.0.1", int(port))
                 uri = f"nbd://{where}/{name}"
-            info = {"export": name, "size": device.size, "read_only": server.read_only, "uri": uri, "pid": os.getpid()}
+            info = {"export": name, "size": device.size, "read_only": server.read_only, "uri": uri, "pid": os.getpid(),
+                    "workers": workers}
+            if not is_parent:
+                await asyncio.Event().wait()  # workers just serve
             write_ready(args.ready_file, info)
             if args.json:
                 print(json.dumps(info), flush=True)
@@ -56,7 +78,46 @@ def cmd_export(args: argparse.Namespace) -> int:
             if pool is not None:
                 await pool.close()
 
-    return run_daemon(main)
+    try:
+        return run_daemon(main)
+    finally:
+        for pid in children or []:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+
+
+def _listen(args: argparse.Namespace) -> socket.socket:
+    """The listening socket all worker processes accept from (the kernel spreads connections)."""
+    if args.socket:
+        if os.path.exists(args.socket):
+            os.unlink(args.socket)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(args.socket)
+    else:
+        host, _, port = (args.listen or "127.0.0.1:10809").rpartition(":")
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host or "127.0.0.1", int(port)))
+    s.listen(128)
+    s.setblocking(False)
+    return s
+
+
+def _fork_workers(n: int) -> "list[int] | None":
+    """Fork ``n`` workers before any event loop or connection exists; None in a worker."""
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: never outlive the parent
+            return None
+        pids.append(pid)
+    return pids
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -93,6 +154,8 @@ def register(sub: Any) -> None:
     where.add_argument("--socket", help="serve on this Unix socket")
     where.add_argument("--listen", help="serve on HOST:PORT (default 127.0.0.1:10809)")
     e.add_argument("--read-only", action="store_true", help="refuse writes")
+    e.add_argument("--workers", type=int, default=1,
+                   help="processes serving the export (they share the socket; multi-connection clients use more cores)")
     e.add_argument("--name", help="export name (default: the volume name)")
     e.add_argument("--file", help="export a plain file instead of a volume (testing, benchmarks)")
     e.add_argument("--meta", help="metadata service (default $NVPOOL_META)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from typing import Any, Optional, Union
 
 from client.blockdev import BlockDevice, check_range
@@ -254,6 +255,15 @@ class NBDServer:
         srv = await loop.create_unix_server(lambda: _Connection(self), path)
         self._servers.append(srv)
         return path
+
+    async def listen_socket(self, sock: "socket.socket") -> None:
+        """Serve on a listening socket made elsewhere (shared by several worker processes)."""
+        loop = asyncio.get_running_loop()
+        if sock.family == socket.AF_UNIX:
+            srv = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        else:
+            srv = await loop.create_server(lambda: _Connection(self), sock=sock)
+        self._servers.append(srv)
 
     async def close(self) -> None:
         for srv in self._servers:

@@ -40,7 +40,9 @@ def measure(uri: str, seconds: float, size: int) -> dict[str, float]:
     q32 = fio_figures(fio(["--name=q32", "--rw=randread", "--bs=4k", "--iodepth=32", *common]), "read")
     q1 = fio_figures(fio(["--name=q1", "--rw=randread", "--bs=4k", "--iodepth=1", *common]), "read")
     seq = fio_figures(fio(["--name=seq", "--rw=read", "--bs=1M", "--iodepth=8", *common]), "read")
-    return {"iops_qd32": q32["iops"], "p50_us_qd1": q1["p50_us"], "p99_us_qd1": q1["p99_us"], "seq_MBps": seq["MBps"]}
+    multi = fio_figures(fio(["--name=m", "--rw=randread", "--bs=4k", "--iodepth=8", "--numjobs=4", "--group_reporting", *common]), "read")
+    return {"iops_qd32": q32["iops"], "p50_us_qd1": q1["p50_us"], "p99_us_qd1": q1["p99_us"], "seq_MBps": seq["MBps"],
+            "iops_4conn": multi["iops"]}
 
 
 def main() -> int:
@@ -68,6 +70,7 @@ def main() -> int:
             pool.create_volume("nbdbench", size)
         servers = {
             "nvpool export (pool volume, 4 agents)": ["nbdbench", "--meta", c.meta.address],
+            "nvpool export --workers 2 (pool volume)": ["nbdbench", "--meta", c.meta.address, "--workers", "2"],
             "nvpool export --file (front end alone)": ["--file", str(data)],
         }
         uris = {}
@@ -87,13 +90,15 @@ def main() -> int:
         subprocess.run(["nbdcopy", str(data), uris["nvpool export (pool volume, 4 agents)"]], check=True)
         results = {label: measure(uri, args.seconds, size) for label, uri in uris.items()}
         ref = results["nbdkit file (C peer)"]
-        print(f"\n{'server':<42} {'4K QD32 IOPS':>13} {'QD1 p50 us':>11} {'QD1 p99 us':>11} {'1M seq MB/s':>12}")
+        print(f"\n{'server':<42} {'4K QD32 IOPS':>13} {'QD1 p50 us':>11} {'QD1 p99 us':>11} {'1M seq MB/s':>12} "
+              f"{'4K 4 conn x QD8':>16}")
         for label, r in results.items():
-            print(f"{label:<42} {r['iops_qd32']:>13.0f} {r['p50_us_qd1']:>11.1f} {r['p99_us_qd1']:>11.1f} {r['seq_MBps']:>12.0f}")
+            print(f"{label:<42} {r['iops_qd32']:>13.0f} {r['p50_us_qd1']:>11.1f} {r['p99_us_qd1']:>11.1f} "
+                  f"{r['seq_MBps']:>12.0f} {r['iops_4conn']:>16.0f}")
             if label != "nbdkit file (C peer)":
                 print(f"{'  ratio to nbdkit':<42} {r['iops_qd32'] / ref['iops_qd32']:>13.2f} "
                       f"{r['p50_us_qd1'] / ref['p50_us_qd1']:>11.2f} {r['p99_us_qd1'] / ref['p99_us_qd1']:>11.2f} "
-                      f"{r['seq_MBps'] / ref['seq_MBps']:>12.2f}")
+                      f"{r['seq_MBps'] / ref['seq_MBps']:>12.2f} {r['iops_4conn'] / ref['iops_4conn']:>16.2f}")
         if args.json:
             print(json.dumps(results, indent=2))
         return 0

@@ -297,3 +297,37 @@ def test_mount_failure_undoes_its_steps(local_pool: LocalCluster, tmp_path: Path
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert not list((tmp_path / "run" / "mounts").glob("*.json"))
+
+
+@pytest.mark.external
+def test_export_workers_share_one_socket(local_pool: LocalCluster, tmp_path: Path) -> None:
+    need("nbdcopy", "fio")
+    import client
+
+    with client.connect(local_pool.meta.address) as pool:
+        pool.create_volume("wvol", 32 * MiB)
+    sock = str(tmp_path / "w.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "export", "wvol", "--workers", "2", "--socket", sock,
+                             "--meta", local_pool.meta.address, "--ready-file", sock + ".ready"])
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock + ".ready"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        uri = f"nbd+unix:///wvol?socket={sock}"
+        src = tmp_path / "src.img"
+        src.write_bytes(os.urandom(32 * MiB))
+        subprocess.run(["nbdcopy", "--connections=4", str(src), uri], check=True)  # spread over both workers
+        out = tmp_path / "out.img"
+        subprocess.run(["nbdcopy", "--connections=4", uri, str(out)], check=True)
+        assert out.read_bytes() == src.read_bytes()
+        p = subprocess.run(["fio", "--name=v", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
+                            "--size=8M", "--offset_increment=8M", "--iodepth=8", "--numjobs=2", "--verify=crc32c", "--do_verify=1",
+                            "--verify_fatal=1"], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "err= 0" in p.stdout, p.stdout + p.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    time.sleep(0.3)
+    left = subprocess.run(["pgrep", "-f", f"export wvol --workers 2 --socket {sock}"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "a worker outlived the export"
