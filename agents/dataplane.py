@@ -20,7 +20,7 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from agents.core import AgentCore
 from proto import dataplane as dp
@@ -98,57 +98,10 @@ class AgentConnection(asyncio.BufferedProtocol):
         return False
 
     # ------------------------------------------------------------------ commands
-    def _reply_error(self, cmd: dp.Command, status: int, message: str, info: int = 0) -> None:
-        self.core.stats.error(Status(status))
-        self._out.append(dp.error_completion(cmd.tag, status, message, info, cmd.flags & (dp.HDGST | dp.DDGST)))
-
     def _execute(self, cmd: dp.Command) -> None:
-        self.core.stats.commands += 1
-        try:
-            if not cmd.digest_ok:
-                raise RemoteError(Status.DIGEST, "data digest mismatch")
-            op = cmd.opcode
-            if op == dp.READ:
-                self._read(cmd)
-            elif op == dp.WRITE:
-                assert cmd.payload is not None
-                self.core.write(cmd, cmd.payload, fua=bool(cmd.flags & dp.FUA))
-                self._ok(cmd)
-            elif op == dp.Opcode.READ_REGION:
-                self.core.readinto(cmd, self._region(cmd))
-                self._ok(cmd)
-            elif op == dp.Opcode.WRITE_REGION:
-                self.core.write(cmd, self._region(cmd), fua=bool(cmd.flags & dp.FUA))
-                self._ok(cmd)
-            elif op in (dp.Opcode.WRITE_ZEROES, dp.Opcode.DISCARD):
-                self.core.zero(cmd)
-                self._ok(cmd)
-            elif op == dp.FLUSH:
-                self.core.flush(cmd)
-                self._ok(cmd)
-            elif op == dp.NOP:
-                self._ok(cmd)
-            else:
-                raise RemoteError(Status.INVALID, f"unknown opcode {op}")
-        except RemoteError as exc:
-            self._reply_error(cmd, exc.status, str(exc), exc.info)
+        execute(self.core, cmd, self.regions, self._out, self._read)
 
-    def _ok(self, cmd: dp.Command) -> None:
-        self._out.append(dp.encode_completion(cmd.tag, 0, 0, 0, cmd.flags & dp.HDGST))
-
-    def _region(self, cmd: dp.Command) -> memoryview:
-        region = self.regions.get(cmd.region)
-        if region is None:
-            raise RemoteError(Status.REGION, f"region {cmd.region} is not registered on this connection")
-        if cmd.region_offset + cmd.length > len(region):
-            raise RemoteError(
-                Status.REGION,
-                f"[{cmd.region_offset}, {cmd.region_offset + cmd.length}) is outside region {cmd.region} "
-                f"({len(region)} bytes)",
-            )
-        return region[cmd.region_offset : cmd.region_offset + cmd.length]
-
-    def _read(self, cmd: dp.Command) -> None:
+    def _read(self, cmd: dp.Command, out: list[bytes]) -> None:
         transport = self.transport
         assert transport is not None
         flags = cmd.flags & (dp.HDGST | dp.DDGST)
@@ -166,11 +119,7 @@ class AgentConnection(asyncio.BufferedProtocol):
                     cmd.length = n - sent
                     transport.write(self.core.read(cmd))
                 return
-        data = self.core.read(cmd)
-        self._out.append(dp.encode_completion(cmd.tag, 0, n, 0, flags))
-        self._out.append(data)
-        if flags & dp.DDGST:
-            self._out.append(dp.DIGEST.pack(dp.crc32c(data)))
+        read_frames(self.core, cmd, out)
 
     def _sendfile(self, file_fd: int, offset: int, count: int) -> int:
         sent = 0
@@ -192,3 +141,64 @@ class AgentConnection(asyncio.BufferedProtocol):
 async def start_tcp(core: AgentCore, host: str, port: int) -> asyncio.base_events.Server:
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: AgentConnection(core), host, port, reuse_address=True, backlog=256)
+
+
+# ---------------------------------------------------------------------- shared by every server
+ReadFn = Callable[[dp.Command, list[bytes]], None]
+
+
+def read_frames(core: AgentCore, cmd: dp.Command, out: list[bytes]) -> None:
+    """A READ answered from one pread: completion header, data, optional data digest."""
+    flags = cmd.flags & (dp.HDGST | dp.DDGST)
+    data = core.read(cmd)
+    out.append(dp.encode_completion(cmd.tag, 0, cmd.length, 0, flags))
+    out.append(data)
+    if flags & dp.DDGST:
+        out.append(dp.DIGEST.pack(dp.crc32c(data)))
+
+
+def _region(regions: dict[int, memoryview], cmd: dp.Command) -> memoryview:
+    region = regions.get(cmd.region)
+    if region is None:
+        raise RemoteError(Status.REGION, f"region {cmd.region} is not registered on this connection")
+    if cmd.region_offset + cmd.length > len(region):
+        raise RemoteError(
+            Status.REGION,
+            f"[{cmd.region_offset}, {cmd.region_offset + cmd.length}) is outside region {cmd.region} "
+            f"({len(region)} bytes)",
+        )
+    return region[cmd.region_offset : cmd.region_offset + cmd.length]
+
+
+def execute(core: AgentCore, cmd: dp.Command, regions: dict[int, memoryview], out: list[bytes],
+            read: Optional[ReadFn] = None) -> None:
+    """Run one command and append its completion frames to ``out`` (refusals become error completions)."""
+    core.stats.commands += 1
+    try:
+        if not cmd.digest_ok:
+            raise RemoteError(Status.DIGEST, "data digest mismatch")
+        op = cmd.opcode
+        ok_flags = cmd.flags & dp.HDGST
+        if op == dp.READ:
+            if read is None:
+                read_frames(core, cmd, out)
+            else:
+                read(cmd, out)
+            return
+        if op == dp.WRITE:
+            assert cmd.payload is not None
+            core.write(cmd, cmd.payload, fua=bool(cmd.flags & dp.FUA))
+        elif op == dp.Opcode.READ_REGION:
+            core.readinto(cmd, _region(regions, cmd))
+        elif op == dp.Opcode.WRITE_REGION:
+            core.write(cmd, _region(regions, cmd), fua=bool(cmd.flags & dp.FUA))
+        elif op in (dp.Opcode.WRITE_ZEROES, dp.Opcode.DISCARD):
+            core.zero(cmd)
+        elif op == dp.FLUSH:
+            core.flush(cmd)
+        elif op != dp.NOP:
+            raise RemoteError(Status.INVALID, f"unknown opcode {op}")
+        out.append(dp.encode_completion(cmd.tag, 0, 0, 0, ok_flags))
+    except RemoteError as exc:
+        core.stats.error(Status(exc.status))
+        out.append(dp.error_completion(cmd.tag, exc.status, str(exc), exc.info, cmd.flags & (dp.HDGST | dp.DDGST)))

@@ -28,7 +28,9 @@ from typing import Any, Coroutine, Optional, TypeVar, Union
 import numpy as np
 
 from client.metaclient import MetaClient, VolumeInfo, default_meta
+from client.syncpath import MAX_FAST, FastPathMiss, SyncChannels
 from client.volume import AsyncVolume, ClientOptions, Connections
+from proto import dataplane as dp
 from proto.errors import UsageError
 
 T = TypeVar("T")
@@ -153,13 +155,39 @@ class Volume:
 
     def readinto(self, buf: Buffer, offset: int) -> int:
         view = _as_view(buf, writable=True)
-        self._pool._run(self._avol.readinto(view, offset))
+        if not self._fast(dp.READ, offset, view):
+            self._pool._run(self._avol.readinto(view, offset))
         return len(view)
 
     def write(self, offset: int, data: Buffer, fua: bool = False) -> int:
         view = _as_view(data, writable=False)
-        self._pool._run(self._avol.write(offset, view, fua))
+        if fua or self._avol.read_only or not self._fast(dp.WRITE, offset, view):
+            self._pool._run(self._avol.write(offset, view, fua))
         return len(view)
+
+    def _fast(self, opcode: int, offset: int, view: memoryview) -> bool:
+        """Small single-piece I/O on this thread's own blocking connection (client/syncpath.py);
+        False sends the request the normal way (which also reports any error)."""
+        av = self._avol
+        lay = av.layout
+        n = len(view)
+        if not 0 < n <= MAX_FAST or av.options.digests or offset < 0 or offset + n > lay.size:
+            return False
+        if offset % lay.stripe_unit + n > lay.stripe_unit or (opcode == dp.WRITE and lay.target is not None):
+            return False
+        pieces = list(lay.map(offset, n))
+        ep = av.endpoints.get(pieces[0].extent.drive_id)
+        if len(pieces) != 1 or ep is None:
+            return False
+        p = pieces[0]
+        unix = ep.unix_path if av.options.transport != "tcp" else ""
+        try:
+            self._pool._sync.call(ep.address, unix, opcode, p.extent.extent_id, p.extent_offset, n, lay.generation,
+                                  payload=view if opcode == dp.WRITE else None,
+                                  dest=view if opcode == dp.READ else None)
+        except FastPathMiss:
+            return False
+        return True
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._pool._run(self._avol.write_zeroes(offset, length))
@@ -186,6 +214,7 @@ class Pool:
     def __init__(self, meta_address: Optional[str] = None, options: Optional[ClientOptions] = None) -> None:
         self._lt = _LoopThread()
         self._apool = self._lt.run(AsyncPool.connect(meta_address, options))
+        self._sync = SyncChannels(self._apool.options.connect_timeout)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._lt.run(coro)
@@ -223,6 +252,7 @@ class Pool:
 
     def close(self) -> None:
         try:
+            self._sync.close()
             self._run(self._apool.close())
         finally:
             self._lt.stop()

@@ -192,3 +192,25 @@ def test_restarts_of_meta_and_agent_lose_nothing(local_pool: LocalCluster) -> No
         expect[5 * MiB : 5 * MiB + 13] = b"after-restart"
         assert bytes(again.read(0, 24 * MiB)) == bytes(expect)
         pool.delete_volume("durable")
+
+
+def test_sync_fast_path_agrees_with_the_full_path(local_pool: LocalCluster) -> None:
+    rng = np.random.default_rng(9)
+    with client.connect(local_pool.meta.address) as pool:
+        pool.create_volume("fast", 8 * MiB, stripe_unit="64K")
+        vol = pool.open("fast")
+        model = np.zeros(8 * MiB, dtype=np.uint8)
+        for _ in range(200):
+            n = int(rng.integers(1, 64 * 1024))
+            off = int(rng.integers(0, 8 * MiB - n))
+            data = rng.integers(0, 256, n, dtype=np.uint8)
+            vol.write(off, data)  # small ones take this thread's blocking channels
+            model[off : off + n] = data
+            assert np.array_equal(vol.read(off, n), model[off : off + n])
+        assert pool._sync._channels(), "small I/O did not use the synchronous fast path"
+        assert np.array_equal(vol.read(0, 8 * MiB), model)  # the full (asyncio) path sees the same bytes
+        with pytest.raises(UsageError):
+            vol.read(8 * MiB - 10, 20)  # out of range: refused by the full path, not the fast one
+        pool.delete_volume("fast")
+        with pytest.raises(RemoteError):
+            vol.read(0, 4096)  # a deleted volume: the fast path misses, the full path reports NO_EXTENT

@@ -1,0 +1,127 @@
+"""Synchronous fast path for small I/O from the sync API: one blocking socket per thread per agent.
+
+A blocking call of the sync API otherwise crosses into the event-loop thread and back, which costs
+more than the I/O itself for small requests. Here the calling thread sends one command on its own
+connection (the agent's Unix socket when it is on this server, else TCP) and receives the completion
+straight into the caller's buffer with ``recv_into``: no event loop, no thread switch, no copy.
+
+Only the plain case is handled (one piece on one agent, at most ``MAX_FAST`` bytes, no digests);
+any error raises ``FastPathMiss`` and the caller takes the full asyncio path, which retries, re-fetches
+layouts and maps errors. Each connection carries one command at a time, so a stale or broken
+connection is simply closed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from typing import Optional, Union
+
+from proto import dataplane as dp
+
+MAX_FAST = 256 * 1024
+_HELLO_NO_REGIONS = struct.pack("<4sII", b"NVSH", 1, 0)
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class FastPathMiss(Exception):
+    """The fast path cannot serve this request; use the normal path."""
+
+
+class _Channel:
+    def __init__(self, address: str, unix_path: str, timeout: float) -> None:
+        if unix_path and os.path.exists(unix_path):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            s.connect(unix_path)
+            s.sendall(_HELLO_NO_REGIONS)  # same-host socket: register no regions
+            if self._recv_exact(s, 8)[:4] != b"NVOK":
+                s.close()
+                raise OSError("agent refused the same-host connection")
+        else:
+            host, _, port = address.rpartition(":")
+            s = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = s
+        self.hdr = bytearray(dp.COMPLETION.size)
+        self.tag = 0
+
+    @staticmethod
+    def _recv_exact(s: socket.socket, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = s.recv(n - len(out))
+            if not chunk:
+                raise OSError("connection closed")
+            out += chunk
+        return out
+
+    def _recv_into(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise OSError("connection closed")
+            got += n
+
+    def call(self, opcode: int, extent_id: int, offset: int, length: int, generation: int,
+             payload: Optional[Buffer], dest: Optional[memoryview]) -> None:
+        self.tag = (self.tag + 1) & 0xFFFFFFFF or 1
+        hdr = dp.encode_command(opcode, self.tag, extent_id, offset, length, generation)
+        if payload is not None:
+            self.sock.sendmsg([hdr, payload])
+        else:
+            self.sock.sendall(hdr)
+        self._recv_into(memoryview(self.hdr))
+        magic, status, flags, tag, n, _res, _info = dp.COMPLETION.unpack(self.hdr)
+        if magic != dp.COMPLETION_MAGIC or tag != self.tag or flags:
+            raise OSError("unexpected completion")
+        if status != 0:
+            if n:
+                self._recv_into(memoryview(bytearray(n)))  # the error message; the full path reports it
+            raise FastPathMiss(f"status {status}")
+        if opcode == dp.READ:
+            if dest is None or n != len(dest):
+                raise OSError("unexpected payload length")
+            self._recv_into(dest)
+        elif n:
+            raise OSError("unexpected payload")
+
+
+class SyncChannels:
+    """Per-thread blocking connections to agents."""
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _channels(self) -> dict[str, _Channel]:
+        d: Optional[dict[str, _Channel]] = getattr(self._local, "channels", None)
+        if d is None:
+            d = {}
+            self._local.channels = d
+        return d
+
+    def call(self, address: str, unix_path: str, opcode: int, extent_id: int, offset: int, length: int,
+             generation: int, payload: Optional[Buffer] = None, dest: Optional[memoryview] = None) -> None:
+        chans = self._channels()
+        ch = chans.get(address)
+        try:
+            if ch is None:
+                ch = chans[address] = _Channel(address, unix_path, self.timeout)
+            ch.call(opcode, extent_id, offset, length, generation, payload, dest)
+        except FastPathMiss:
+            raise
+        except (OSError, ValueError, struct.error) as exc:
+            bad = chans.pop(address, None)
+            if bad is not None:
+                bad.sock.close()
+            raise FastPathMiss(str(exc)) from exc
+
+    def close(self) -> None:
+        for ch in self._channels().values():
+            ch.sock.close()
+        self._channels().clear()
