@@ -214,3 +214,42 @@ def test_sync_fast_path_agrees_with_the_full_path(local_pool: LocalCluster) -> N
         pool.delete_volume("fast")
         with pytest.raises(RemoteError):
             vol.read(0, 4096)  # a deleted volume: the fast path misses, the full path reports NO_EXTENT
+
+
+def test_dead_agent_clear_errors_degraded_health_nothing_lost(local_pool: LocalCluster) -> None:
+    """Runs last in this module: it stops one agent and brings it back."""
+    import time
+
+    from client.api import ClientOptions
+    from proto.errors import UnavailableError
+
+    meta = local_pool.meta.address
+    data = os.urandom(16 * MiB)
+    with client.connect(meta) as pool:
+        pool.create_volume("victim", 16 * MiB, stripe_unit="256K")
+        pool.open("victim").write(0, data)
+    local_pool.kill_agent(3)
+    try:
+        with client.connect(meta, ClientOptions(retries=2, connect_timeout=1.0)) as pool:
+            vol = pool.open("victim")
+            t0 = time.monotonic()
+            with pytest.raises(UnavailableError):
+                vol.read(0, 16 * MiB)  # some stripes live on the dead agent
+            assert time.monotonic() - t0 < 15
+            deadline = time.monotonic() + 10
+            while True:
+                st = json.loads(nvpool(meta, "pool", "status", "--json").stdout)
+                if st["health"] == "degraded":
+                    break
+                assert time.monotonic() < deadline, "the pool never reported the dead agent"
+                time.sleep(0.2)
+            assert [a["alive"] for a in st["agents"] if a["agent_id"] == "agent3"] == [False]
+            fresh = pool.create_volume("avoids-dead", 8 * MiB)
+            assert "agent3" not in fresh.hosts and len(set(fresh.hosts)) == 3
+            pool.delete_volume("avoids-dead")
+    finally:
+        local_pool.start_agent(3)
+        local_pool.wait_registered()
+    with client.connect(meta) as pool:
+        assert bytes(pool.open("victim").read(0, 16 * MiB)) == data
+        pool.delete_volume("victim")
