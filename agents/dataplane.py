@@ -11,7 +11,7 @@ a well-framed but invalid command gets an error completion and the connection ca
 Back-pressure: when the transport's write buffer is full, the agent stops reading commands.
 
 One-sided ("RDMA-style") opcodes work on memory regions that the client registered for this
-connection (``regions``: region id -> writable memoryview); see ``agents/regions.py``.
+connection (``regions``: region id -> writable memoryview); see ``agents/shm.py``.
 """
 
 from __future__ import annotations

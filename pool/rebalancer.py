@@ -92,8 +92,8 @@ class Rebalancer:
     def _persist(self) -> None:
         self.svc.store.commit({"rebalance": json.dumps(self.run.__dict__).encode()})
 
-    def status(self) -> dict[str, Any]:
-        r = self.run
+    def status(self, run: Optional[RunState] = None) -> dict[str, Any]:
+        r = run or self.run
         return {
             "state": r.state, "moves": r.moves, "bytes_total": r.bytes_total, "bytes_done": r.bytes_done,
             "current_volume": r.current_volume, "error": r.error, "imbalance_before": r.imbalance_before,
@@ -172,9 +172,9 @@ class Rebalancer:
             max_rate=max_rate, bytes_total=sum(m["bytes"] for m in moves), imbalance_before=before,
             imbalance_after=after, moves=moves,
         )
-        if plan_only:
+        if plan_only:  # a dry run reports the plan and changes nothing
             st.state = "idle"
-            return {**self.status(), **{k: getattr(st, k) for k in ("state", "moves", "bytes_total", "imbalance_before", "imbalance_after", "max_rate")}, "bytes_done": 0}
+            return self.status(st)
         self.run = st
         self._persist()
         if targets:

@@ -5,7 +5,6 @@ an unhandled exception reached an event loop (asyncio and uvloop both report tho
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -51,7 +50,6 @@ def local_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluste
     """A real pool: metadata service + 4 agents x 2 drives of 256 MiB, shared by a test module."""
     c = make_cluster(tmp_path_factory.mktemp("pool"))
     c.up(timeout=60)
-    os.environ["NVPOOL_TEST_META"] = c.meta.address
     try:
         yield c
     finally:
