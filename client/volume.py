@@ -314,7 +314,9 @@ class AsyncVolume:
                 try:
                     await send(conn, p.extent.extent_id, p.extent_offset, length, lay.generation, 0)
                     return
-                except (StaleLayoutError, UnavailableError, DigestError):
+                except DigestError:
+                    self.stats["digest_errors"] += 1
+                except (StaleLayoutError, UnavailableError):
                     pass
                 except RemoteError as exc:
                     if exc.status not in (Status.FROZEN, Status.NO_EXTENT):
