@@ -157,8 +157,8 @@ class StorageAgent:
                             interval = resp.heartbeat_interval_ms / 1000
                         need_register = False
                         warned = False
-                        self.registered.set()
                         logger.info("registered with %s (%d drives)", self.config.meta, len(self.core.drives))
+                        continue  # heartbeat at once: it tells the service the extent list is applied
                     else:
                         st = self.core.stats
                         hb = await stub.Heartbeat(
@@ -169,6 +169,8 @@ class StorageAgent:
                             timeout=max(2 * interval, 2.0),
                         )
                         need_register = hb.reregister
+                        if not need_register:
+                            self.registered.set()  # registered, extents adopted, placeable
                     backoff = 0.2
                     await asyncio.sleep(interval)
                 except grpc.aio.AioRpcError as exc:

@@ -66,6 +66,10 @@ class AgentRec:
     drives: list[str]
     state: str = "active"  # "active" | "draining"
     last_seen: float = field(default=0.0, compare=False)
+    #: False from registration until the agent's next heartbeat, which it sends only after it has
+    #: adopted the authoritative extent list: until then it takes no new extents (a concurrent
+    #: assignment would be dropped when the agent applies the older list)
+    ready: bool = field(default=False, compare=False)
 
 
 @dataclass
@@ -131,7 +135,7 @@ class MetaService:
             c = json.loads(counters)
             self.next_volume_id, self.next_extent_id = c["volume"], c["extent"]
         for a in self.agents.values():
-            a.last_seen = 0.0
+            a.last_seen, a.ready = 0.0, False
         logger.info("loaded %d agents, %d drives, %d volumes", len(self.agents), len(self.drives), len(self.volumes))
 
     def _counters(self) -> dict[str, bytes]:
@@ -193,8 +197,9 @@ class MetaService:
                 puts[f"drive/{d.drive_id}"] = _j(asdict(d))
             agent.drives = [d.drive_id for d in drives]
             agent.last_seen = time.monotonic()
+            agent.ready = False
             self.agents[agent.agent_id] = agent
-            puts[f"agent/{agent.agent_id}"] = _j({**asdict(agent), "last_seen": 0.0})
+            puts[f"agent/{agent.agent_id}"] = _j({**asdict(agent), "last_seen": 0.0, "ready": False})
             self.store.commit(puts, deletes)
             logger.info("agent %s registered at %s with %d drives", agent.agent_id, agent.address, len(drives))
             return self.extents_for_agent(agent.agent_id)
@@ -205,6 +210,7 @@ class MetaService:
         if a is None or not a.address:
             return True
         a.last_seen = time.monotonic()
+        a.ready = True
         for did, st in drive_states.items():
             d = self.drives.get(did)
             if d is not None and d.state != st:
@@ -224,8 +230,8 @@ class MetaService:
         for d in sorted(self.drives.values(), key=lambda d: d.drive_id):
             a = self.agents.get(d.agent_id)
             usable = (
-                a is not None and self.alive(a.agent_id, now) and d.state == "ok" and a.state == "active"
-                and a.host not in excl
+                a is not None and a.ready and self.alive(a.agent_id, now) and d.state == "ok"
+                and a.state == "active" and a.host not in excl
             )
             out.append(DriveSpace(d.drive_id, a.host if a else "", d.capacity, d.data_offset,
                                   tuple(used.get(d.drive_id, ())), usable, a.rack if a else ""))
@@ -422,7 +428,7 @@ class MetaService:
                 drives.append({"drive": d, "used": used, "extents": counts.get(did, 0)})
                 if (not alive or d.state != "ok") and counts.get(did, 0):
                     degraded = True
-            agents.append({"agent": a, "alive": alive, "drives": drives})
+            agents.append({"agent": a, "alive": alive and a.ready, "drives": drives})
         cap = sum(d.capacity for d in self.drives.values())
         used = sum(s.used_bytes for s in spaces.values())
         health = "empty" if not self.drives else ("degraded" if degraded else "ok")
