@@ -101,3 +101,21 @@ def test_deleted_volume_leaves_the_authoritative_extent_list() -> None:
         assert all(d.used == () for d in svc.drive_spaces())
 
     asyncio.run(body())
+
+
+def test_drive_moved_to_another_server_keeps_its_extents() -> None:
+    async def body() -> None:
+        svc = MetaService(MemoryStore(), FakeLink())
+        await register(svc, 2)
+        vol = await svc.create_volume("m", 8 * MiB)
+        on_d0 = {e.extent_id for e in svc.layouts[vol.volume_id].extents() if e.drive_id == "d0"}
+        assert on_d0
+        # d0 is pulled from server a0 and plugged into a new server a9
+        newcomer = AgentRec("a9", "h9", "", "127.0.0.1:7999", "ctl9", "", [])
+        got = await svc.register_agent(newcomer, [DriveRec("d0", "a9", "/dev/nvme3n1", 256 * MiB, 2 * MiB)])
+        assert {r.extent_id for r in got} == on_d0
+        assert svc.extents_for_agent("a0") == [] and "d0" not in svc.agents["a0"].drives
+        _, eps = svc.layout("m")
+        assert {e.drive_id: e.agent_id for e in eps}["d0"] == "a9"
+
+    asyncio.run(body())
