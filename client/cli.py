@@ -56,6 +56,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rc = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `nvpool ... | head`: the reader left; not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except NvpoolError as exc:
         print(f"nvpool: error: {exc}", file=sys.stderr)
         return 1

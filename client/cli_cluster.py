@@ -51,6 +51,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    """Shell lines that point the CLI at the local pool: eval "$(nvpool cluster env)"."""
+    c = LocalCluster.load(args.dir)
+    print(f"export NVPOOL_META={c.meta.address}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Create a volume, write random data across many stripes, read it back, compare, report MB/s."""
     import numpy as np
@@ -145,6 +152,10 @@ def register(sub: Any) -> None:
     st = cs.add_parser("status", help="processes of the local pool")
     common(st)
     st.set_defaults(func=cmd_status)
+
+    env = cs.add_parser("env", help='print "export NVPOOL_META=..." for the local pool (use with eval)')
+    env.add_argument("--dir", default=default_dir(), help="state of the local pool (default $NVPOOL_HOME or ./.nvpool)")
+    env.set_defaults(func=cmd_env)
 
     demo = cs.add_parser("demo", help="end-to-end check: write random data, read it back, compare, MB/s")
     demo.add_argument("--meta", help="metadata service (default: $NVPOOL_META or the local pool in --dir)")

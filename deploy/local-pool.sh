@@ -9,4 +9,5 @@ DIR=${NVPOOL_HOME:-.nvpool/local}
 if [ -f "$DIR/cluster.json" ]; then .venv/bin/nvpool cluster down --dir "$DIR" 2>/dev/null || true; fi
 .venv/bin/nvpool cluster up --dir "$DIR" --agents "${AGENTS:-4}" --drives-per-agent 2 --drive-size 4G
 .venv/bin/nvpool cluster demo --dir "$DIR" --size "${DEMO_SIZE:-1G}"
-.venv/bin/nvpool pool status --meta "$(.venv/bin/python -c "from client.cluster import read_meta_address as r; print(r('$DIR'))")"
+eval "$(.venv/bin/nvpool cluster env --dir "$DIR")"
+.venv/bin/nvpool pool status
