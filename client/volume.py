@@ -319,7 +319,7 @@ class AsyncVolume:
                 except (StaleLayoutError, UnavailableError):
                     pass
                 except RemoteError as exc:
-                    if exc.status not in (Status.FROZEN, Status.NO_EXTENT):
+                    if exc.status != Status.NO_EXTENT:
                         raise
         todo = [_Range(offset, length, 0)]
         attempt = 0
@@ -339,7 +339,7 @@ class AsyncVolume:
                     failed.append(r)
                     errors.append(exc)
                 except RemoteError as exc:
-                    if exc.status in (Status.FROZEN, Status.NO_EXTENT):
+                    if exc.status == Status.NO_EXTENT:
                         failed.append(r)
                         errors.append(exc)
                     else:

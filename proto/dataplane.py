@@ -87,14 +87,12 @@ class Flag(enum.IntFlag):
     HDGST = 1
     DDGST = 2
     FUA = 4
-    #: internal: a copy chunk written by a migration; never overwrites a client write (see agents/)
-    COPY = 8
 
 
 # plain ints for hot paths (IntFlag arithmetic costs microseconds per operation)
-HDGST, DDGST, FUA, COPY = 1, 2, 4, 8
+HDGST, DDGST, FUA = 1, 2, 4
 READ, WRITE, FLUSH, NOP = int(Opcode.READ), int(Opcode.WRITE), int(Opcode.FLUSH), int(Opcode.NOP)
-_KNOWN_FLAGS = HDGST | DDGST | FUA | COPY
+_KNOWN_FLAGS = HDGST | DDGST | FUA
 _OPCODES = frozenset(int(o) for o in Opcode)
 #: opcodes whose command carries a payload on the stream
 _CARRIES_PAYLOAD = frozenset({WRITE})

@@ -30,7 +30,6 @@ class Status(enum.IntEnum):
     DIGEST = 6  # CRC32C data digest mismatch
     REGION = 7  # unknown memory region or bytes outside it
     BUSY = 8  # the agent is shutting down or overloaded; retry elsewhere/later
-    FROZEN = 9  # the extent is being cut over; retry shortly
 
 
 class NvpoolError(Exception):
