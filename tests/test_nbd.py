@@ -170,7 +170,7 @@ def test_fio_random_writes_verify(pool_export: str, depth: int) -> None:
     p = subprocess.run(
         ["fio", "--name=verify", "--ioengine=nbd", f"--uri={pool_export}", "--rw=randwrite",
          "--bssplit=4k/50:16k/20:64k/20:1m/10", "--size=24M", f"--iodepth={depth}", "--verify=crc32c",
-         "--do_verify=1", "--verify_fatal=1", "--output-format=json"],
+         "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"],
         capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
@@ -323,7 +323,7 @@ def test_export_workers_share_one_socket(local_pool: LocalCluster, tmp_path: Pat
         assert out.read_bytes() == src.read_bytes()
         p = subprocess.run(["fio", "--name=v", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
                             "--size=8M", "--offset_increment=8M", "--iodepth=8", "--numjobs=2", "--verify=crc32c", "--do_verify=1",
-                            "--verify_fatal=1"], capture_output=True, text=True, timeout=120)
+                            "--verify_fatal=1", "--verify_state_save=0"], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and "err= 0" in p.stdout, p.stdout + p.stderr
     finally:
         proc.terminate()
