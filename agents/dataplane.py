@@ -90,9 +90,10 @@ class AgentConnection(asyncio.BufferedProtocol):
         self._send()
 
     def _send(self) -> None:
+        """Send the batch and empty it in place (``execute`` callers hold a reference to it)."""
         if self._out and self.transport is not None:
-            self.transport.writelines(self._out)
-        self._out = []
+            self.transport.writelines(self._out)  # copies what it cannot send now
+        self._out.clear()
 
     def eof_received(self) -> Optional[bool]:
         return False

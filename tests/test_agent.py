@@ -187,3 +187,52 @@ def test_copy_never_overwrites_a_client_write_made_during_the_copy(tmp_path: Pat
     cp2 = core.begin_copy(3, 0, 10)
     assert core.finish_copy(cp2, memoryview(b"P" * 10)) == 10
     assert core._copies == {}
+
+
+class _CongestedTransport:
+    """Looks like a socket whose send buffer is full: nothing can bypass the queue."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sent: list[bytes] = []
+
+    def get_extra_info(self, name: str) -> object:
+        return self.sock if name == "socket" else None
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 1  # always something queued
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(bytes(data))
+
+    def writelines(self, frames: list[bytes]) -> None:
+        self.sent.extend(bytes(f) for f in frames)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_large_read_while_congested_is_still_answered(tmp_path: Path) -> None:
+    """Regression: a sendfile-sized read that must fall back to the queue was once never answered."""
+    from agents.dataplane import AgentConnection
+
+    d = new_drive(tmp_path)
+    core = AgentCore([d])
+    core.assign([ExtentRecord(7, d.drive_id, DATA_OFFSET, 4 * MiB, 1, 1)], zero=True)
+    os.pwrite(d.fd, b"\x5a" * (256 * 1024), DATA_OFFSET)
+    a, b = socket.socketpair()
+    conn = AgentConnection(core)
+    tr = _CongestedTransport(a)
+    conn.connection_made(tr)  # type: ignore[arg-type]
+    frames = dp.encode_command(dp.Opcode.NOP, 1, 0, 0, 0, 0) + dp.encode_command(dp.Opcode.READ, 2, 7, 0, 256 * 1024, 1)
+    buf = conn.get_buffer(-1)
+    buf[: len(frames)] = frames
+    conn.buffer_updated(len(frames))
+    events = dp.CompletionDecoder().next_completions(b"".join(tr.sent))
+    assert [(e.tag, e.status) for e in events] == [(1, 0), (2, 0)]
+    assert events[1].payload is not None and bytes(events[1].payload) == b"\x5a" * (256 * 1024)
+    a.close()
+    b.close()
