@@ -66,13 +66,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait_for(cond: Any, what: str, timeout: float = 30, pid: Optional[int] = None) -> None:
+def _wait_for(cond: Any, what: str, timeout: float = 30, proc: Optional[subprocess.Popen[bytes]] = None,
+              log: Optional[Path] = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
             return
-        if pid is not None and not _alive(pid):
-            raise UnavailableError(f"{what}: the process exited")
+        if proc is not None and proc.poll() is not None:  # poll() also reaps: a zombie is not "alive"
+            said = log.read_text(errors="replace").strip().splitlines()[-1:] if log and log.exists() else []
+            raise UnavailableError(f"{what} failed: {said[0] if said else f'exit status {proc.returncode}'}")
         time.sleep(0.05)
     raise UnavailableError(f"{what}: timed out after {timeout:.0f}s")
 
@@ -85,7 +87,8 @@ def start_export(volume: str, meta: Optional[str], socket_path: str, read_only: 
     ready = socket_path + ".ready"
     if os.path.exists(ready):
         os.unlink(ready)
-    log = open(run_dir() / "logs" / f"export-{volume}.log", "ab")
+    log_path = run_dir() / "logs" / f"export-{volume}.log"
+    log = open(log_path, "ab")
     argv = [sys.executable, "-m", "client.cli", "export", volume, "--socket", socket_path, "--ready-file", ready]
     if meta:
         argv += ["--meta", meta]
@@ -94,7 +97,7 @@ def start_export(volume: str, meta: Optional[str], socket_path: str, read_only: 
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
     log.close()
-    _wait_for(lambda: os.path.exists(ready), f"export of {volume}", pid=proc.pid)
+    _wait_for(lambda: os.path.exists(ready), f"export of {volume}", proc=proc, log=log_path)
     return proc.pid
 
 
@@ -127,10 +130,10 @@ def mount(volume: str, mountpoint: str, meta: Optional[str] = None, mkfs: Option
             fuse_dir.mkdir(parents=True, exist_ok=True)
             disk = fuse_dir / "disk"
             argv = ["nbdfuse"] + (["-r"] if read_only else []) + [str(disk), "--unix", socket_path]
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             state["steps"].append({"kind": "fuse", "dir": str(fuse_dir), "pid": proc.pid})
             _save(state)
-            _wait_for(lambda: disk.exists() and os.stat(disk).st_size > 0, "nbdfuse", pid=None)
+            _wait_for(lambda: disk.exists() and os.stat(disk).st_size > 0, "nbdfuse", proc=proc)
             dev = _run(["losetup", "--find", "--show"] + (["--read-only"] if read_only else []) + [str(disk)])
             state["steps"].append({"kind": "loop", "device": dev})
         _save(state)

@@ -296,6 +296,7 @@ def test_mount_failure_undoes_its_steps(local_pool: LocalCluster, tmp_path: Path
     p = subprocess.run([sys.executable, "-m", "client.cli", "mount", "no-such-volume", str(tmp_path / "m")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "no-such-volume" in p.stderr  # the export's own reason reaches the user
     assert not list((tmp_path / "run" / "mounts").glob("*.json"))
 
 
