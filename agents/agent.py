@@ -17,18 +17,18 @@ from typing import Any, Callable, Mapping, Optional
 
 import grpc
 
-from agents import osio
-from agents.control import AgentServicer
-from agents.copy import Copier
-from agents.core import AgentCore
-from agents.dataplane import start_tcp
-from agents.shm import start_unix
-from agents.drive import Drive, DriveSpec
-from proto import nvpool_pb2 as pb
-from proto import nvpool_pb2_grpc as pbg
-from proto.convert import extent_record_from_pb, extent_record_to_pb
-from proto.config import check_keys
-from proto.errors import UsageError
+from nvpool.agents import osio
+from nvpool.agents.control import AgentServicer
+from nvpool.agents.copy import Copier
+from nvpool.agents.core import AgentCore
+from nvpool.agents.dataplane import start_tcp
+from nvpool.agents.shm import start_unix
+from nvpool.agents.drive import Drive, DriveSpec
+from nvpool.proto import nvpool_pb2 as pb
+from nvpool.proto import nvpool_pb2_grpc as pbg
+from nvpool.proto.convert import extent_record_from_pb, extent_record_to_pb
+from nvpool.proto.config import check_keys
+from nvpool.proto.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class StorageAgent:
         )
 
     def _drive_infos(self) -> list[pb.DriveInfo]:
-        from agents.drive import DATA_OFFSET
+        from nvpool.agents.drive import DATA_OFFSET
 
         return [
             pb.DriveInfo(

@@ -11,11 +11,11 @@ from typing import Any, Awaitable, Callable, Optional
 
 import grpc
 
-from agents.core import AgentCore
-from proto import nvpool_pb2 as pb
-from proto import nvpool_pb2_grpc as pbg
-from proto.convert import extent_record_from_pb, extent_record_to_pb
-from proto.errors import NotFoundError, NvpoolError, UnavailableError, UsageError
+from nvpool.agents.core import AgentCore
+from nvpool.proto import nvpool_pb2 as pb
+from nvpool.proto import nvpool_pb2_grpc as pbg
+from nvpool.proto.convert import extent_record_from_pb, extent_record_to_pb
+from nvpool.proto.errors import NotFoundError, NvpoolError, UnavailableError, UsageError
 
 logger = logging.getLogger(__name__)
 

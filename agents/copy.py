@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from agents.core import AgentCore
-from client.transport import AgentConnection, connect
-from proto import dataplane as dp
-from proto.errors import UnavailableError
+from nvpool.agents.core import AgentCore
+from nvpool.proto.transport import AgentConnection, connect
+from nvpool.proto import dataplane as dp
+from nvpool.proto.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, TypeVar
 
-from agents.drive import Drive
-from proto.convert import ExtentRecord
-from proto.dataplane import Command
-from proto.errors import DriveError, NotFoundError, RemoteError, StaleLayoutError, Status, UsageError
+from nvpool.agents.drive import Drive
+from nvpool.proto.records import ExtentRecord
+from nvpool.proto.dataplane import Command
+from nvpool.proto.errors import DriveError, NotFoundError, RemoteError, StaleLayoutError, Status, UsageError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -22,9 +22,9 @@ import os
 import socket
 from typing import Any, Callable, Optional
 
-from agents.core import AgentCore
-from proto import dataplane as dp
-from proto.errors import ProtocolError, RemoteError, Status
+from nvpool.agents.core import AgentCore
+from nvpool.proto import dataplane as dp
+from nvpool.proto.errors import ProtocolError, RemoteError, Status
 
 logger = logging.getLogger(__name__)
 

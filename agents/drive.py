@@ -33,10 +33,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
-from agents import osio
-from proto.convert import ExtentRecord
-from proto.dataplane import crc32c
-from proto.errors import DriveError, UsageError
+from nvpool.agents import osio
+from nvpool.proto.records import ExtentRecord
+from nvpool.proto.dataplane import crc32c
+from nvpool.proto.errors import DriveError, UsageError
+from nvpool.proto.units import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -72,23 +73,6 @@ class DriveSpec:
         if not text:
             raise UsageError("empty drive path")
         return DriveSpec(text)
-
-
-def parse_size(text: str) -> int:
-    """'8G', '512M', '4096', '1.5T' -> bytes (binary units)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    units = {"K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB, "P": 1024**5}
-    mult = 1
-    if t and t[-1] in units:
-        mult = units[t[-1]]
-        t = t[:-1]
-    try:
-        value = float(t)
-    except ValueError:
-        raise UsageError(f"invalid size {text!r} (examples: 4096, 512M, 8G)") from None
-    if value < 0:
-        raise UsageError(f"negative size {text!r}")
-    return int(value * mult)
 
 
 class Drive:

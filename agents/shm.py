@@ -25,8 +25,8 @@ import socket
 import struct
 from typing import Any, Optional
 
-from agents.core import AgentCore
-from agents.dataplane import AgentConnection
+from nvpool.agents.core import AgentCore
+from nvpool.agents.dataplane import AgentConnection
 
 logger = logging.getLogger(__name__)
 

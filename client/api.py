@@ -2,7 +2,7 @@
 
 Synchronous (any thread; an event loop runs in a background thread)::
 
-    from client import api
+    from nvpool.client import api
     pool = api.connect("127.0.0.1:7400")          # or NVPOOL_META
     pool.create_volume("train", "20G")
     vol = pool.open("train")
@@ -27,24 +27,17 @@ from typing import Any, Coroutine, Optional, TypeVar, Union
 
 import numpy as np
 
-from client.metaclient import MetaClient, VolumeInfo, default_meta
-from client.syncpath import MAX_FAST, FastPathMiss, SyncChannels
-from client.volume import AsyncVolume, ClientOptions, Connections
-from proto import dataplane as dp
-from proto.errors import UsageError
+from nvpool.client.metaclient import MetaClient, VolumeInfo, default_meta
+from nvpool.client.syncpath import MAX_FAST, FastPathMiss, SyncChannels
+from nvpool.client.volume import AsyncVolume, ClientOptions, Connections
+from nvpool.proto import dataplane as dp
+from nvpool.proto.errors import UsageError
+from nvpool.proto.units import parse_size
 
 T = TypeVar("T")
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 
 __all__ = ["AsyncPool", "Pool", "Volume", "ClientOptions", "VolumeInfo", "connect", "default_meta"]
-
-
-def parse_size(value: Union[int, str]) -> int:
-    if isinstance(value, int):
-        return value
-    from agents.drive import parse_size as _parse
-
-    return _parse(value)
 
 
 class AsyncPool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol, Union, runtime_checkable
 
-from proto.errors import UsageError
+from nvpool.proto.errors import UsageError
 
 Buffer = Union[bytes, bytearray, memoryview]
 

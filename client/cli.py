@@ -9,15 +9,16 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from proto.errors import NvpoolError
+from nvpool import __version__
+from nvpool.proto.errors import NvpoolError
 
 #: modules that add subcommands (each has register(subparsers) -> None)
 COMMAND_MODULES = (
-    "client.cli_daemons",  # meta, agent
-    "client.cli_volume",  # volume, pool
-    "client.cli_cluster",  # cluster up/down/status
-    "client.cli_bench",  # bench
-    "client.cli_export",  # export, mount, unmount
+    "nvpool.client.cli_daemons",  # meta, agent
+    "nvpool.client.cli_volume",  # volume, pool
+    "nvpool.client.cli_cluster",  # cluster up/down/status
+    "nvpool.client.cli_bench",  # bench
+    "nvpool.client.cli_export",  # export, mount, unmount
 )
 
 
@@ -33,15 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Environment: NVPOOL_META is the default metadata service address (host:port).",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    p.add_argument("--version", action="version", version=f"nvpool {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        mod.register(sub)
+        importlib.import_module(name).register(sub)
     return p
 
 

@@ -52,8 +52,8 @@ async def run_bench(
     progress: bool = False,
 ) -> BenchResult:
     """Run one benchmark on the calling event loop (ends at ``total`` bytes or ``seconds``)."""
-    from client.api import AsyncPool
-    from client.volume import ClientOptions
+    from nvpool.client.api import AsyncPool
+    from nvpool.client.volume import ClientOptions
 
     if not total and not seconds:
         seconds = 10.0
@@ -112,7 +112,7 @@ async def run_bench(
 def cmd_bench(args: argparse.Namespace) -> int:
     import uvloop
 
-    from agents.drive import parse_size
+    from nvpool.proto.units import parse_size
 
     res = uvloop.run(
         run_bench(

@@ -10,8 +10,8 @@ import sys
 import time
 from typing import Any
 
-from client.cli_volume import human
-from client.cluster import LocalCluster, default_dir
+from nvpool.proto.units import human
+from nvpool.client.cluster import LocalCluster, default_dir
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -63,14 +63,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from client.api import connect
-    from client.cluster import read_meta_address
+    from nvpool.client.api import connect
+    from nvpool.client.cluster import read_meta_address
 
     meta = args.meta or os.environ.get("NVPOOL_META") or read_meta_address(args.dir)
     if not meta:
         print("nvpool: error: no pool found: start one with `nvpool cluster up` or pass --meta", file=sys.stderr)
         return 1
-    from agents.drive import parse_size
+    from nvpool.proto.units import parse_size
 
     total = parse_size(args.size)
     chunk = 8 * 1024 * 1024

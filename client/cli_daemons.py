@@ -17,7 +17,7 @@ import sys
 import tomllib
 from typing import Any, Awaitable, Callable, Optional
 
-from proto.errors import UsageError
+from nvpool.proto.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
 
 
 def cmd_meta(args: argparse.Namespace) -> int:
-    from pool.grpc_meta import MetaConfig, serve
+    from nvpool.pool.grpc_meta import MetaConfig, serve
 
     values = _load_config(args.config)
     for key in ("listen", "store"):
@@ -79,7 +79,7 @@ def cmd_meta(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from agents.agent import AgentConfig, StorageAgent, serve
+    from nvpool.agents.agent import AgentConfig, StorageAgent, serve
 
     values = _load_config(args.config)
     mapping = {

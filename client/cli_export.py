@@ -11,12 +11,12 @@ import socket
 import sys
 from typing import Any
 
-from client.cli_daemons import run_daemon, write_ready
-from client.cli_volume import human
+from nvpool.client.cli_daemons import run_daemon, write_ready
+from nvpool.proto.units import human
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from client.nbdserver import FileBlockDevice, NBDServer
+    from nvpool.client.nbdserver import FileBlockDevice, NBDServer
 
     if args.file and args.volume:
         print("nvpool: error: give a VOLUME or --file, not both", file=sys.stderr)
@@ -41,7 +41,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             device: Any = FileBlockDevice(args.file, args.read_only)
             name = args.name or os.path.basename(args.file)
         else:
-            from client.api import AsyncPool
+            from nvpool.client.api import AsyncPool
 
             pool = await AsyncPool.connect(args.meta)
             device = await pool.open(args.volume, read_only=args.read_only)
@@ -121,7 +121,7 @@ def _fork_workers(n: int) -> "list[int] | None":
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from client.mounting import mount
+    from nvpool.client.mounting import mount
 
     st = mount(args.volume, args.mountpoint, args.meta, args.mkfs, args.read_only, args.socket)
     if args.json:
@@ -132,7 +132,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    from client.mounting import unmount
+    from nvpool.client.mounting import unmount
 
     unmount(args.mountpoint)
     print(f"unmounted {args.mountpoint}")

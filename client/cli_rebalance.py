@@ -8,9 +8,9 @@ import sys
 import time
 from typing import Any, Callable
 
-from client.cli_volume import emit, human, parse_size_arg, table, with_meta
-from client.metaclient import MetaClient
-from proto import nvpool_pb2 as pb
+from nvpool.client.cli_common import emit, human, parse_size_arg, table, with_meta
+from nvpool.client.metaclient import MetaClient
+from nvpool.proto import nvpool_pb2 as pb
 
 
 def rebalance_dict(st: Any) -> dict[str, Any]:

@@ -3,55 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import sys
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
-from client.metaclient import MetaClient, VolumeInfo, default_meta
+from nvpool.client.metaclient import VolumeInfo
+from nvpool.client import cli_rebalance
+from nvpool.client.cli_common import add_common, emit, human, parse_size_arg, table, with_meta
 
 T = TypeVar("T")
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def parse_size_arg(text: str) -> int:
-    from agents.drive import parse_size
-
-    return parse_size(text)
-
-
-def with_meta(args: argparse.Namespace, fn: Callable[[MetaClient], Awaitable[T]]) -> T:
-    async def run() -> T:
-        meta = MetaClient(args.meta or default_meta())
-        try:
-            return await fn(meta)
-        finally:
-            await meta.close()
-
-    return asyncio.run(run())
-
-
-def emit(args: argparse.Namespace, obj: Any, text: str) -> None:
-    if getattr(args, "json", False):
-        json.dump(obj, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
-    else:
-        print(text)
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
 
 
 def describe(v: VolumeInfo) -> str:
@@ -162,11 +122,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--meta", help="metadata service HOST:PORT (default $NVPOOL_META or 127.0.0.1:7400)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-
 def register(sub: Any) -> None:
     v = sub.add_parser("volume", help="create, list, show, resize and delete volumes",
                        description="Manage logical volumes (striped across drives and servers).")
@@ -178,40 +133,34 @@ def register(sub: Any) -> None:
     c.add_argument("--size", required=True, help="e.g. 20G, 512M, bytes")
     c.add_argument("--stripe-unit", help="bytes per stripe unit on one drive (default 1M)")
     c.add_argument("--stripe-width", type=int, help="number of columns (drives); default: as wide as the pool allows")
-    _common(c)
+    add_common(c)
     c.set_defaults(func=cmd_create)
 
     lst = vs.add_parser("list", help="list volumes")
-    _common(lst)
+    add_common(lst)
     lst.set_defaults(func=cmd_list)
 
     s = vs.add_parser("show", help="show one volume")
     s.add_argument("name")
-    _common(s)
+    add_common(s)
     s.set_defaults(func=cmd_show)
 
     r = vs.add_parser("resize", help="grow a volume online")
     r.add_argument("name")
     r.add_argument("--size", required=True, help="new size (larger than the current one)")
-    _common(r)
+    add_common(r)
     r.set_defaults(func=cmd_resize)
 
     d = vs.add_parser("delete", help="delete a volume and free its space")
     d.add_argument("name")
     d.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    _common(d)
+    add_common(d)
     d.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("pool", help="pool status, rebalance, drain",
                        description="Inspect and operate the pool as a whole.")
     ps = p.add_subparsers(dest="pool_command", metavar="ACTION", required=True)
     st = ps.add_parser("status", help="servers, drives, capacity, health")
-    _common(st)
+    add_common(st)
     st.set_defaults(func=cmd_status)
-    try:
-        from client import cli_rebalance
-    except ModuleNotFoundError as exc:
-        if exc.name != "client.cli_rebalance":
-            raise
-    else:
-        cli_rebalance.register(ps, _common)
+    cli_rebalance.register(ps, add_common)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from proto.errors import NvpoolError, UnavailableError, UsageError
+from nvpool.proto.errors import NvpoolError, UnavailableError, UsageError
 
 
 @dataclass
@@ -103,7 +103,7 @@ class LocalCluster:
         log = open(info.log, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
-            [self.python, "-m", "client.cli", *info.args],
+            [self.python, "-m", "nvpool", *info.args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
             cwd=str(Path(__file__).resolve().parent.parent),
         )
@@ -184,7 +184,7 @@ class LocalCluster:
 
     def wait_registered(self, timeout: float = 30) -> None:
         """Until the metadata service sees every agent alive."""
-        from client.metaclient import MetaClient
+        from nvpool.client.metaclient import MetaClient
         import asyncio
 
         async def check() -> bool:

@@ -12,11 +12,12 @@ from typing import Any, Optional
 
 import grpc
 
-from pool.layout import Layout
-from proto import nvpool_pb2 as pb
-from proto import nvpool_pb2_grpc as pbg
-from proto.convert import Endpoint, layout_from_pb
-from proto.errors import (
+from nvpool.proto.layout import Layout
+from nvpool.proto import nvpool_pb2 as pb
+from nvpool.proto import nvpool_pb2_grpc as pbg
+from nvpool.proto.convert import layout_from_pb
+from nvpool.proto.records import Endpoint
+from nvpool.proto.errors import (
     AlreadyExistsError,
     CapacityError,
     NotFoundError,

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from proto.errors import NvpoolError, UnavailableError, UsageError
+from nvpool.proto.errors import NvpoolError, UnavailableError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def start_export(volume: str, meta: Optional[str], socket_path: str, read_only: 
         os.unlink(ready)
     log_path = run_dir() / "logs" / f"export-{volume}.log"
     log = open(log_path, "ab")
-    argv = [sys.executable, "-m", "client.cli", "export", volume, "--socket", socket_path, "--ready-file", ready]
+    argv = [sys.executable, "-m", "nvpool", "export", volume, "--socket", socket_path, "--ready-file", ready]
     if meta:
         argv += ["--meta", meta]
     if read_only:

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-from proto.errors import ProtocolError
+from nvpool.proto.errors import ProtocolError
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054

@@ -16,9 +16,9 @@ import os
 import socket
 from typing import Any, Optional, Union
 
-from client.blockdev import BlockDevice, check_range
-from client import nbdproto as nbd
-from proto.errors import NvpoolError, UsageError
+from nvpool.client.blockdev import BlockDevice, check_range
+from nvpool.client import nbdproto as nbd
+from nvpool.proto.errors import NvpoolError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class FileBlockDevice:
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         check_range(self._size, offset, length)
-        from agents.osio import zero_range
+        from nvpool.agents.osio import zero_range
 
         zero_range(self.fd, offset, length)
 

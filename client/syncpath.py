@@ -19,7 +19,7 @@ import struct
 import threading
 from typing import Optional, Union
 
-from proto import dataplane as dp
+from nvpool.proto import dataplane as dp
 
 MAX_FAST = 256 * 1024
 _HELLO_NO_REGIONS = struct.pack("<4sII", b"NVSH", 1, 0)

@@ -25,9 +25,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from client.transport import AgentConnection
-from proto import dataplane as dp
-from proto.errors import UnavailableError
+from nvpool.proto.transport import AgentConnection
+from nvpool.proto import dataplane as dp
+from nvpool.proto.errors import UnavailableError
 
 HELLO = struct.Struct("<4sII")
 REGION = struct.Struct("<IQ")

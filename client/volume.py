@@ -23,13 +23,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Union
 
-from client.metaclient import MetaClient
-from client.transport import AgentConnection, connect
-from client.transport_shm import BOUNCE_ID, Region, ShmConnection, connect_shm
-from pool.layout import Layout
-from proto import dataplane as dp
-from proto.convert import Endpoint
-from proto.errors import (
+from nvpool.client.metaclient import MetaClient
+from nvpool.proto.transport import AgentConnection, connect
+from nvpool.client.transport_shm import BOUNCE_ID, Region, ShmConnection, connect_shm
+from nvpool.proto.layout import Layout
+from nvpool.proto import dataplane as dp
+from nvpool.proto.records import Endpoint
+from nvpool.proto.errors import (
     DigestError,
     NotFoundError,
     NvpoolError,

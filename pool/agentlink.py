@@ -7,11 +7,12 @@ from typing import Any
 
 import grpc
 
-from pool.layout import Extent
-from proto import nvpool_pb2 as pb
-from proto import nvpool_pb2_grpc as pbg
-from proto.convert import ExtentRecord, extent_record_to_pb
-from proto.errors import NotFoundError, UnavailableError, UsageError
+from nvpool.proto.layout import Extent
+from nvpool.proto import nvpool_pb2 as pb
+from nvpool.proto import nvpool_pb2_grpc as pbg
+from nvpool.proto.convert import extent_record_to_pb
+from nvpool.proto.records import ExtentRecord
+from nvpool.proto.errors import NotFoundError, UnavailableError, UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -11,14 +11,15 @@ from typing import Any, Awaitable, Callable, Mapping, Optional, TypeVar
 
 import grpc
 
-from pool.agentlink import GrpcAgentLink
-from pool.kvstore import open_store
-from pool.meta import AgentLink, AgentRec, DriveRec, MetaService
-from proto import nvpool_pb2 as pb
-from proto import nvpool_pb2_grpc as pbg
-from proto.config import check_keys
-from proto.convert import extent_record_to_pb, layout_to_pb
-from proto.errors import (
+from nvpool.pool.agentlink import GrpcAgentLink
+from nvpool.pool.kvstore import open_store
+from nvpool.pool.meta import AgentLink, AgentRec, DriveRec, MetaService
+from nvpool.pool.rebalancer import Rebalancer
+from nvpool.proto import nvpool_pb2 as pb
+from nvpool.proto import nvpool_pb2_grpc as pbg
+from nvpool.proto.config import check_keys
+from nvpool.proto.convert import extent_record_to_pb, layout_to_pb
+from nvpool.proto.errors import (
     AlreadyExistsError,
     CapacityError,
     NotFoundError,
@@ -176,14 +177,7 @@ async def serve(
     store = open_store(config.store)
     agent_link = link or GrpcAgentLink()
     service = MetaService(store, agent_link, config.heartbeat_interval, config.agent_timeout)
-    rebalancer = None
-    try:
-        from pool.rebalancer import Rebalancer
-    except ModuleNotFoundError as exc:
-        if exc.name != "pool.rebalancer":
-            raise
-    else:
-        rebalancer = Rebalancer(service)
+    rebalancer = Rebalancer(service)
     server = grpc.aio.server()
     pbg.add_MetaServicer_to_server(MetaServicer(service, rebalancer), server)
     host, _, port = config.listen.rpartition(":")

@@ -13,7 +13,7 @@ import os
 import sqlite3
 from typing import Iterable, Mapping, Optional, Protocol
 
-from proto.errors import UsageError
+from nvpool.proto.errors import UsageError
 
 
 class KVStore(Protocol):

@@ -25,11 +25,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional, Protocol
 
-from pool.kvstore import KVStore
-from pool.layout import DEFAULT_STRIPE_UNIT, Extent, Layout
-from pool.planner import DriveSpace, plan_columns, plan_grow
-from proto.convert import Endpoint, ExtentRecord
-from proto.errors import AlreadyExistsError, NotFoundError, UnavailableError, UsageError
+from nvpool.pool.kvstore import KVStore
+from nvpool.proto.layout import DEFAULT_STRIPE_UNIT, Extent, Layout
+from nvpool.pool.planner import DriveSpace, plan_columns, plan_grow
+from nvpool.proto.records import Endpoint, ExtentRecord
+from nvpool.proto.errors import AlreadyExistsError, NotFoundError, UnavailableError, UsageError
 
 logger = logging.getLogger(__name__)
 

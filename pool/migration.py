@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from pool.layout import Extent, Layout
-from proto.errors import UsageError
+from nvpool.proto.layout import Extent, Layout
+from nvpool.proto.errors import UsageError
 
 
 @dataclass(frozen=True, slots=True)

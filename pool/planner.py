@@ -21,8 +21,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from pool.layout import ALLOC_ALIGN, Column, Extent, Layout, column_length_for
-from proto.errors import CapacityError, UsageError
+from nvpool.proto.layout import ALLOC_ALIGN, Column, Extent, Layout, column_length_for
+from nvpool.proto.errors import CapacityError, UsageError
 
 MAX_WIDTH = 16
 

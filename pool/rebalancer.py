@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, TypeVar
 
-from pool.layout import Column, Extent, Layout
-from pool.meta import MetaService, VolumeRec
-from pool.migration import CopyChunk, copy_plan
-from pool.planner import DriveSpace, default_width, imbalance, plan_columns, with_allocations
-from proto.errors import NotFoundError, NvpoolError, UnavailableError, UsageError
+from nvpool.proto.layout import Column, Extent, Layout
+from nvpool.pool.meta import MetaService, VolumeRec
+from nvpool.pool.migration import CopyChunk, copy_plan
+from nvpool.pool.planner import DriveSpace, default_width, imbalance, plan_columns, with_allocations
+from nvpool.proto.errors import NotFoundError, NvpoolError, UnavailableError, UsageError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

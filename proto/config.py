@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from proto.errors import UsageError
+from nvpool.proto.errors import UsageError
 
 
 def check_keys(cls: type, values: Mapping[str, Any], what: str) -> None:

@@ -2,35 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from pool.layout import Column, Extent, Layout
-from proto import nvpool_pb2 as pb
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where the agent holding a drive can be reached."""
-
-    drive_id: str
-    agent_id: str
-    address: str
-    unix_path: str = ""
-    host: str = ""
-    alive: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class ExtentRecord:
-    """An extent as an agent holds it: its place, its volume and its generation fence."""
-
-    extent_id: int
-    drive_id: str
-    drive_offset: int
-    length: int
-    volume_id: int
-    min_generation: int
+from nvpool.proto import nvpool_pb2 as pb
+from nvpool.proto.layout import Column, Extent, Layout
+from nvpool.proto.records import Endpoint, ExtentRecord
 
 
 def layout_body_to_pb(lay: Layout) -> pb.LayoutBody:

@@ -51,7 +51,7 @@ from typing import Callable, Iterable, Optional, Union
 
 import crc32c as _crc32c
 
-from proto.errors import ProtocolError, Status
+from nvpool.proto.errors import ProtocolError, Status
 
 COMMAND_MAGIC = 0x564E
 COMPLETION_MAGIC = 0x434E

@@ -30,9 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 import uvloop  # noqa: E402
 
-from agents.drive import DATA_OFFSET, parse_size  # noqa: E402
-from client.cli_bench import run_bench  # noqa: E402
-from client.cluster import LocalCluster  # noqa: E402
+from nvpool.agents.drive import DATA_OFFSET  # noqa: E402
+from nvpool.proto.units import parse_size  # noqa: E402
+from nvpool.client.cli_bench import run_bench  # noqa: E402
+from nvpool.client.cluster import LocalCluster  # noqa: E402
 
 MiB = 1 << 20
 
@@ -42,7 +43,7 @@ def fio(args: list[str]) -> dict[str, Any]:
     if p.returncode != 0:
         raise SystemExit(f"fio failed: {p.stderr[-1500:]}")
     job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
-    return job
+    return dict(job)
 
 
 def fio_figures(job: dict[str, Any], kind: str) -> dict[str, float]:
@@ -88,7 +89,7 @@ def main() -> int:
     try:
         c.up()
         meta = c.meta.address
-        import client
+        from nvpool import client
 
         with client.connect(meta) as pool:
             pool.create_volume("seq", size)

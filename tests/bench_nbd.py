@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agents.drive import parse_size  # noqa: E402
-from client.cluster import LocalCluster  # noqa: E402
+from nvpool.proto.units import parse_size  # noqa: E402
+from nvpool.client.cluster import LocalCluster  # noqa: E402
 from tests.bench_dataplane import fio, fio_figures  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main() -> int:
         with open(data, "wb") as f:
             for _ in range(size // (1 << 20)):
                 f.write(os.urandom(1 << 20))
-        import client
+        from nvpool import client
 
         with client.connect(c.meta.address) as pool:
             pool.create_volume("nbdbench", size)
@@ -73,10 +73,10 @@ def main() -> int:
             "nvpool export --workers 2 (pool volume)": ["nbdbench", "--meta", c.meta.address, "--workers", "2"],
             "nvpool export --file (front end alone)": ["--file", str(data)],
         }
-        uris = {}
+        uris: dict[str, str] = {}
         for label, extra in servers.items():
             sock = str(work / f"{len(uris)}.sock")
-            p = subprocess.Popen([sys.executable, "-m", "client.cli", "export", *extra, "--socket", sock,
+            p = subprocess.Popen([sys.executable, "-m", "nvpool", "export", *extra, "--socket", sock,
                                   "--ready-file", sock + ".ready"], cwd=ROOT)
             procs.append(p)
             wait_path(sock + ".ready", p)

@@ -34,7 +34,7 @@ PY = sys.executable
 
 
 def cli(*args: str, host: Host | None = None, meta: str = "", timeout: float = 600) -> str:
-    argv = [PY, "-m", "client.cli", *args]
+    argv = [PY, "-m", "nvpool", *args]
     if host is not None:
         argv = host.exec_args(argv)
     env = dict(os.environ, NVPOOL_META=meta, PYTHONPATH=str(ROOT))
@@ -79,7 +79,7 @@ def main() -> int:
     try:
         meta_ready = work / "meta.ready"
         procs.append(subprocess.Popen(
-            [PY, "-m", "client.cli", "meta", "--listen", f"{BRIDGE_ADDR}:0", "--store", f"sqlite:{work / 'meta.db'}",
+            [PY, "-m", "nvpool", "meta", "--listen", f"{BRIDGE_ADDR}:0", "--store", f"sqlite:{work / 'meta.db'}",
              "--ready-file", str(meta_ready)],
             cwd=ROOT, stdout=open(work / "meta.log", "wb"), stderr=subprocess.STDOUT,
         ))
@@ -92,7 +92,7 @@ def main() -> int:
             h = fabric.add_host(f"s{i}", rate=args.rate)
             ready = work / f"s{i}.ready"
             procs.append(h.popen(
-                [PY, "-m", "client.cli", "agent", "--meta", meta, "--listen", f"{h.address}:0", "--name", f"s{i}",
+                [PY, "-m", "nvpool", "agent", "--meta", meta, "--listen", f"{h.address}:0", "--name", f"s{i}",
                  "--drive", f"file:{work / f's{i}.img'}:2G", "--ready-file", str(ready), "--heartbeat", "0.5"],
                 cwd=ROOT, stdout=open(work / f"s{i}.log", "wb"), stderr=subprocess.STDOUT,
             ))

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from client.cluster import LocalCluster  # noqa: E402
+from nvpool.client.cluster import LocalCluster  # noqa: E402
 
 
 class _LoopErrors(logging.Handler):

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from agents.core import AgentCore
-from agents.dataplane import start_tcp
-from agents.drive import DATA_OFFSET, SLOT_OFFSETS, Drive, DriveSpec, parse_size
-from client.transport import connect
-from proto import dataplane as dp
-from proto.convert import ExtentRecord
-from proto.errors import RemoteError, StaleLayoutError, Status, UsageError
+from nvpool.agents.core import AgentCore
+from nvpool.agents.dataplane import start_tcp
+from nvpool.agents.drive import DATA_OFFSET, SLOT_OFFSETS, Drive, DriveSpec
+from nvpool.proto.units import parse_size
+from nvpool.proto.transport import connect
+from nvpool.proto import dataplane as dp
+from nvpool.proto.records import ExtentRecord
+from nvpool.proto.errors import RemoteError, StaleLayoutError, Status, UsageError
 
 MiB = 1 << 20
 
@@ -112,7 +113,8 @@ def test_dataplane_refusals(tmp_path: Path) -> None:
         ]
         for kw, status in cases:
             with pytest.raises(RemoteError) as ei:
-                await c.submit(dp.Opcode.READ, dest=memoryview(bytearray(10)), **kw)
+                await c.submit(dp.Opcode.READ, kw["extent_id"], kw["offset"], kw["length"], kw["generation"],
+                               dest=memoryview(bytearray(10)))
             assert ei.value.status == status
         with pytest.raises(StaleLayoutError) as stale:
             await c.submit(dp.Opcode.WRITE, 7, 0, 3, 1, payload=b"abc")
@@ -217,7 +219,7 @@ class _CongestedTransport:
 
 def test_large_read_while_congested_is_still_answered(tmp_path: Path) -> None:
     """Regression: a sendfile-sized read that must fall back to the queue was once never answered."""
-    from agents.dataplane import AgentConnection
+    from nvpool.agents.dataplane import AgentConnection
 
     d = new_drive(tmp_path)
     core = AgentCore([d])

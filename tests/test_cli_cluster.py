@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def nv(*args: str, env: dict[str, str] | None = None) -> str:
-    p = subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "nvpool", *args], capture_output=True, text=True,
                        timeout=300, env=env or dict(os.environ))
     assert p.returncode == 0, f"nvpool {' '.join(args)}: {p.stderr}"
     return p.stdout

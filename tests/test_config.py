@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.agent import AgentConfig
-from pool.grpc_meta import MetaConfig
-from proto.errors import UsageError
+from nvpool.agents.agent import AgentConfig
+from nvpool.pool.grpc_meta import MetaConfig
+from nvpool.proto.errors import UsageError
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proto import dataplane as dp
-from proto.errors import ProtocolError, Status
+from nvpool.proto import dataplane as dp
+from nvpool.proto.errors import ProtocolError, Status
 
 
 def cmd_frames(op: int, tag: int, length: int, payload: bytes | None = None, flags: int = 0, **kw: int) -> bytes:
@@ -18,7 +18,8 @@ def cmd_frames(op: int, tag: int, length: int, payload: bytes | None = None, fla
 
 
 def stream_of_commands() -> tuple[bytes, list[tuple[int, int, bytes | None]]]:
-    parts, expect = [], []
+    parts: list[bytes] = []
+    expect: list[tuple[int, int, bytes | None]] = []
     for i in range(20):
         if i % 3 == 0:
             data = os.urandom(1 + i * 997)

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pool.layout import Column, Extent, Layout, column_length_for
-from proto.errors import UsageError
+from nvpool.proto.layout import Column, Extent, Layout, column_length_for
+from nvpool.proto.errors import UsageError
 
 
 @st.composite
@@ -18,7 +18,8 @@ def layouts(draw: st.DrawFn) -> Layout:
     need = column_length_for(size, su, width)
     cols, eid = [], 1
     for c in range(width):
-        exts, left, off = [], need + draw(st.integers(0, 2)) * su, 0
+        exts: list[Extent] = []
+        left, off = need + draw(st.integers(0, 2)) * su, 0
         while left > 0:  # split columns into several extents at arbitrary points
             n = left if len(exts) == 3 or draw(st.booleans()) else draw(st.integers(1, left))
             exts.append(Extent(eid, f"drive{c}", off * 7 + 1000, n))

@@ -7,11 +7,11 @@ import asyncio
 
 import pytest
 
-from pool.kvstore import MemoryStore
-from pool.layout import Extent
-from pool.meta import AgentRec, DriveRec, MetaService
-from proto.convert import ExtentRecord
-from proto.errors import CapacityError, UnavailableError
+from nvpool.pool.kvstore import MemoryStore
+from nvpool.proto.layout import Extent
+from nvpool.pool.meta import AgentRec, DriveRec, MetaService
+from nvpool.proto.records import ExtentRecord
+from nvpool.proto.errors import CapacityError, UnavailableError
 
 MiB = 1 << 20
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pool.layout import Column, Extent, Layout, column_length_for
-from pool.migration import bytes_to_move, copy_plan
+from nvpool.proto.layout import Column, Extent, Layout, column_length_for
+from nvpool.pool.migration import bytes_to_move, copy_plan
 
 
 def make(size: int, su: int, cols: list[list[tuple[int, str, int]]]) -> Layout:

@@ -21,11 +21,11 @@ import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client import nbdproto as nbd
-from client.blockdev import MemoryBlockDevice
-from client.cluster import LocalCluster
-from client.nbdserver import NBDServer
-from proto.errors import UnavailableError
+from nvpool.client import nbdproto as nbd
+from nvpool.client.blockdev import MemoryBlockDevice
+from nvpool.client.cluster import LocalCluster
+from nvpool.client.nbdserver import NBDServer
+from nvpool.proto.errors import UnavailableError
 
 MiB = 1 << 20
 
@@ -114,13 +114,13 @@ def test_codec_fuzz_only_its_error_escapes(garbage: bytes, step: int, after_hand
 # ---------------------------------------------------------------------------- real clients over a pool volume
 @pytest.fixture(scope="module")
 def pool_export(local_pool: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import client
+    from nvpool import client
 
     with client.connect(local_pool.meta.address) as pool:
         pool.create_volume("nbdvol", 64 * MiB, stripe_unit="256K")
     sock = str(tmp_path_factory.mktemp("nbd") / "vol.sock")
     ready = sock + ".ready"
-    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "export", "nbdvol", "--socket", sock,
+    proc = subprocess.Popen([sys.executable, "-m", "nvpool", "export", "nbdvol", "--socket", sock,
                              "--meta", local_pool.meta.address, "--ready-file", ready],
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
@@ -261,7 +261,7 @@ def test_mount_write_unmount_remount(local_pool: LocalCluster, tmp_path: Path) -
     if why:
         print(f"skipping the mount chain: {why}")
         pytest.skip(why)
-    import client
+    from nvpool import client
 
     with client.connect(local_pool.meta.address) as pool:
         pool.create_volume("fsvol", 96 * MiB)
@@ -269,7 +269,7 @@ def test_mount_write_unmount_remount(local_pool: LocalCluster, tmp_path: Path) -
     mnt = tmp_path / "mnt"
 
     def nv(*args: str) -> None:
-        p = subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True, env=env, timeout=180)
+        p = subprocess.run([sys.executable, "-m", "nvpool", *args], capture_output=True, text=True, env=env, timeout=180)
         assert p.returncode == 0, p.stderr
 
     nv("mount", "fsvol", str(mnt), "--mkfs", "ext4")
@@ -293,7 +293,7 @@ def test_mount_write_unmount_remount(local_pool: LocalCluster, tmp_path: Path) -
 
 def test_mount_failure_undoes_its_steps(local_pool: LocalCluster, tmp_path: Path) -> None:
     env = dict(os.environ, NVPOOL_RUN_DIR=str(tmp_path / "run"), NVPOOL_META=local_pool.meta.address)
-    p = subprocess.run([sys.executable, "-m", "client.cli", "mount", "no-such-volume", str(tmp_path / "m")],
+    p = subprocess.run([sys.executable, "-m", "nvpool", "mount", "no-such-volume", str(tmp_path / "m")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "no-such-volume" in p.stderr  # the export's own reason reaches the user
@@ -303,12 +303,12 @@ def test_mount_failure_undoes_its_steps(local_pool: LocalCluster, tmp_path: Path
 @pytest.mark.external
 def test_export_workers_share_one_socket(local_pool: LocalCluster, tmp_path: Path) -> None:
     need("nbdcopy", "fio")
-    import client
+    from nvpool import client
 
     with client.connect(local_pool.meta.address) as pool:
         pool.create_volume("wvol", 32 * MiB)
     sock = str(tmp_path / "w.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "export", "wvol", "--workers", "2", "--socket", sock,
+    proc = subprocess.Popen([sys.executable, "-m", "nvpool", "export", "wvol", "--workers", "2", "--socket", sock,
                              "--meta", local_pool.meta.address, "--ready-file", sock + ".ready"])
     try:
         deadline = time.monotonic() + 30

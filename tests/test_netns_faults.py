@@ -8,6 +8,7 @@ again once the link is back.
 from __future__ import annotations
 
 import json
+from typing import Any
 import os
 import subprocess
 import sys
@@ -17,16 +18,16 @@ from typing import Iterator
 
 import pytest
 
-import client
-from client.api import ClientOptions
-from proto.errors import UnavailableError
+from nvpool import client
+from nvpool.client.api import ClientOptions
+from nvpool.proto.errors import UnavailableError
 from tests.netns import BRIDGE_ADDR, Fabric, available
 
 MiB = 1 << 20
 pytestmark = pytest.mark.netns
 
 
-def wait_json(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict:
+def wait_json(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
@@ -34,7 +35,7 @@ def wait_json(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) ->
                 return dict(json.loads(path.read_text()))
             except ValueError:
                 pass
-        assert proc.poll() is None, f"process exited: {proc.args}"
+        assert proc.poll() is None, f"process exited: {proc.args!r}"
         time.sleep(0.05)
     raise AssertionError(f"{path} did not appear")
 
@@ -48,12 +49,12 @@ def fabric_pool(tmp_path: Path) -> Iterator[tuple[Fabric, str]]:
     fabric = Fabric()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        meta = subprocess.Popen([sys.executable, "-m", "client.cli", "meta", "--listen", f"{BRIDGE_ADDR}:0",
+        meta = subprocess.Popen([sys.executable, "-m", "nvpool", "meta", "--listen", f"{BRIDGE_ADDR}:0",
                                  "--store", f"sqlite:{tmp_path / 'meta.db'}", "--ready-file", str(tmp_path / "meta.ready")])
         procs.append(meta)
         addr = str(wait_json(tmp_path / "meta.ready", meta)["address"])
         host = fabric.add_host("s0")
-        agent = host.popen([sys.executable, "-m", "client.cli", "agent", "--meta", addr, "--listen", f"{host.address}:0",
+        agent = host.popen([sys.executable, "-m", "nvpool", "agent", "--meta", addr, "--listen", f"{host.address}:0",
                             "--name", "s0", "--drive", f"file:{tmp_path / 'd0.img'}:256M", "--heartbeat", "0.5",
                             "--ready-file", str(tmp_path / "s0.ready")], cwd=os.getcwd())
         procs.append(agent)

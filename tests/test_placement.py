@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pool.layout import ALLOC_ALIGN, Layout, column_length_for
-from pool.planner import DriveSpace, imbalance, plan_columns, plan_grow, with_allocations
-from proto.errors import CapacityError
+from nvpool.proto.layout import ALLOC_ALIGN, Layout, column_length_for
+from nvpool.pool.planner import DriveSpace, imbalance, plan_columns, plan_grow, with_allocations
+from nvpool.proto.errors import CapacityError
 
 MiB = ALLOC_ALIGN
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import uvloop
 
-import client
-from client.api import AsyncPool
-from client.cluster import LocalCluster
-from proto.errors import AlreadyExistsError, CapacityError, NotFoundError, RemoteError, Status, UsageError
+from nvpool import client
+from nvpool.client.api import AsyncPool
+from nvpool.client.cluster import LocalCluster
+from nvpool.proto.errors import AlreadyExistsError, CapacityError, NotFoundError, RemoteError, Status, UsageError
 
 MiB = 1 << 20
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 def nvpool(meta: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, NVPOOL_META=meta)
-    p = subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True, env=env, timeout=60)
+    p = subprocess.run([sys.executable, "-m", "nvpool", *args], capture_output=True, text=True, env=env, timeout=60)
     if check and p.returncode != 0:
         raise AssertionError(f"nvpool {' '.join(args)} failed ({p.returncode}): {p.stderr}")
     return p
@@ -52,7 +52,7 @@ def test_random_io_matches_model(local_pool: LocalCluster) -> None:
             else:
                 # misaligned destination inside a larger buffer
                 buf = np.zeros(n + 3, dtype=np.uint8)
-                vol.readinto(memoryview(buf)[3:], off)
+                vol.readinto(buf[3:], off)
                 assert np.array_equal(buf[3:], model[off : off + n]), f"mismatch at op {i} [{off}, {off + n})"
         vol.flush()
         assert np.array_equal(vol.read(0, size), model)
@@ -220,8 +220,8 @@ def test_dead_agent_clear_errors_degraded_health_nothing_lost(local_pool: LocalC
     """Runs last in this module: it stops one agent and brings it back."""
     import time
 
-    from client.api import ClientOptions
-    from proto.errors import UnavailableError
+    from nvpool.client.api import ClientOptions
+    from nvpool.proto.errors import UnavailableError
 
     meta = local_pool.meta.address
     data = os.urandom(16 * MiB)

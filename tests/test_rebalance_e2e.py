@@ -7,6 +7,7 @@ time, and at the end every byte is compared.
 from __future__ import annotations
 
 import json
+from typing import Any
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import client
+from nvpool import client
 from tests.conftest import make_cluster
 
 MiB = 1 << 20
@@ -76,19 +77,19 @@ class Workload:
                 assert np.array_equal(got, gold), f"{name}: final contents differ from the golden copy"
 
 
-def nvpool(meta: str, *args: str) -> dict:
-    p = subprocess.run([sys.executable, "-m", "client.cli", *args, "--meta", meta, "--json"],
+def nvpool(meta: str, *args: str) -> dict[str, Any]:
+    p = subprocess.run([sys.executable, "-m", "nvpool", *args, "--meta", meta, "--json"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
+    return dict(json.loads(p.stdout))
 
 
-def wait_rebalance(meta: str, timeout: float = 120) -> dict:
+def wait_rebalance(meta: str, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = nvpool(meta, "pool", "status")["rebalance"]
         if st["state"] != "running":
-            return st
+            return dict(st)
         time.sleep(0.2)
     raise AssertionError("rebalance did not finish")
 

@@ -7,8 +7,8 @@ import tempfile
 
 import pytest
 
-from pool.kvstore import SQLiteStore, open_store
-from proto.errors import UsageError
+from nvpool.pool.kvstore import SQLiteStore, open_store
+from nvpool.proto.errors import UsageError
 
 
 def test_sqlite_commit_scan_and_reopen(tmp_path: pathlib.Path) -> None:
@@ -44,10 +44,10 @@ def test_store_urls() -> None:
 
 def test_generated_code_is_up_to_date() -> None:
     pytest.importorskip("grpc_tools")
-    from proto.generate import OUTPUTS, ROOT, generate
+    from nvpool.proto.generate import OUTPUTS, ROOT, generate
 
     with tempfile.TemporaryDirectory() as tmp:
         generate(pathlib.Path(tmp))
         for name in OUTPUTS:
-            fresh = (pathlib.Path(tmp) / "proto" / name).read_text()
-            assert fresh == (ROOT / "proto" / name).read_text(), f"proto/{name} is stale: run python -m proto.generate"
+            fresh = (pathlib.Path(tmp) / "nvpool" / "proto" / name).read_text()
+            assert fresh == (ROOT / "proto" / name).read_text(), f"proto/{name} is stale: run python -m nvpool.proto.generate"

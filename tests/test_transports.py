@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import uvloop
 
-import client
-from agents.core import AgentCore
-from agents.drive import DATA_OFFSET, Drive, DriveSpec
-from agents.shm import ShmServer
-from client.api import AsyncPool, ClientOptions
-from client.cluster import LocalCluster
-from client.transport_shm import Region, connect_shm
-from proto import dataplane as dp
-from proto.convert import Endpoint, ExtentRecord
-from proto.errors import RemoteError, Status, UnavailableError
+from nvpool import client
+from nvpool.agents.core import AgentCore
+from nvpool.agents.drive import DATA_OFFSET, Drive, DriveSpec
+from nvpool.agents.shm import ShmServer
+from nvpool.client.api import AsyncPool, ClientOptions
+from nvpool.client.cluster import LocalCluster
+from nvpool.client.transport_shm import Region, connect_shm
+from nvpool.proto import dataplane as dp
+from nvpool.proto.records import Endpoint, ExtentRecord
+from nvpool.proto.errors import RemoteError, Status, UnavailableError
 
 MiB = 1 << 20
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def test_random_reads_and_writes_byte_for_byte(local_pool: LocalCluster, golden:
                 model[off : off + n] = data
             else:
                 buf = np.zeros(n + 7, dtype=np.uint8)
-                vol.readinto(memoryview(buf)[7:], off)  # misaligned destination
+                vol.readinto(buf[7:], off)  # misaligned destination
                 assert np.array_equal(buf[7:], model[off : off + n])
         vol.write(0, golden)  # leave the fixture as found
         assert np.array_equal(vol.read(0, len(golden)), golden)

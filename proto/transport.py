@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Protocol, Union
 
-from proto import dataplane as dp
-from proto.errors import DigestError, ProtocolError, UnavailableError, remote_error
+from nvpool.proto import dataplane as dp
+from nvpool.proto.errors import DigestError, ProtocolError, UnavailableError, remote_error
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from proto.errors import UsageError
+from nvpool.proto.errors import UsageError
 
 MiB = 1024 * 1024
 #: Extents start and end on this boundary on every drive (O_DIRECT friendly, limits fragmentation).
