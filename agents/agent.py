@@ -3,7 +3,17 @@ service and heartbeats.
 
 The data plane serves from the extent tables on the drives' own labels, so it works from the first
 second, even while the metadata service is unreachable; registration (retried with back-off) then
-brings the extent table in line with the metadata service's authoritative list.
+brings the extent table in line with the metadata service's authoritative list, and every heartbeat
+reconciles it again (see ``pool/meta.py``, "Extent release").
+
+Pool identity: the drives' labels carry the pool id from the agent's first registration. An agent
+never adopts the extent list of a metadata service of another pool, nor of one that refuses it
+because it holds extents that service never allocated (a wrong address, a restored older store): it
+keeps its extents and data, logs why at ERROR, and tries again later.
+
+Addresses: the agent registers the address clients and the metadata service should dial, never a
+wildcard: ``advertise`` (a host, or host:port) if given, else the listen host, else (for 0.0.0.0
+or ::) the local address this server uses to reach the metadata service.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import asyncio
 import logging
 import os
 import socket
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
@@ -23,24 +34,45 @@ from nvpool.agents.copy import Copier
 from nvpool.agents.core import AgentCore
 from nvpool.agents.dataplane import start_tcp
 from nvpool.agents.shm import start_unix
+from nvpool import __version__
 from nvpool.agents.drive import Drive, DriveSpec
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
 from nvpool.proto.convert import extent_record_from_pb, extent_record_to_pb
 from nvpool.proto.config import check_keys
+from nvpool.proto.addresses import check_bindable, is_wildcard, join_hostport, split_hostport
 from nvpool.proto.errors import UsageError
+from nvpool.proto.records import extent_digest
 
 logger = logging.getLogger(__name__)
 
 
-def split_hostport(text: str, default_port: int = 0) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return text or "127.0.0.1", default_port
+def route_source(meta: str) -> str:
+    """The local address this host uses to reach ``meta`` (a UDP connect sends nothing)."""
+    host, port = split_hostport(meta.split(",")[0], 7400)
     try:
-        return host.strip("[]") or "127.0.0.1", int(port)
-    except ValueError:
-        raise UsageError(f"invalid address {text!r}: expected HOST:PORT") from None
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        family, _, _, _, addr = infos[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            return str(s.getsockname()[0])
+    except OSError as exc:
+        raise UsageError(
+            f"cannot tell which address to advertise (listening on a wildcard, and {meta} is not routable: "
+            f"{exc.strerror or exc}); pass --advertise HOST"
+        ) from None
+
+
+def default_name() -> str:
+    """The server's host name; a generic one (localhost, a container's) gets the machine id added."""
+    name = socket.gethostname() or "localhost"
+    if name.startswith("localhost"):
+        try:
+            with open("/etc/machine-id") as f:
+                name = f"{name}-{f.read().strip()[:12]}"
+        except OSError:
+            pass
+    return name
 
 
 @dataclass(frozen=True)
@@ -51,10 +83,10 @@ class AgentConfig:
     listen: str = "127.0.0.1:7500"  # data plane (TCP); port 0 picks one
     control_listen: str = ""  # control gRPC; default: the data-plane host, port 0
     unix_path: str = ""  # same-host data plane (one-sided transport); "" = none
-    advertise: str = ""  # data address clients should use, if not the bound one
+    advertise: str = ""  # host (or host:port of the data plane) others dial; never a wildcard
     drives: tuple[str, ...] = ()
     discover_nvme: bool = False
-    name: str = field(default_factory=socket.gethostname)  # agent id
+    name: str = field(default_factory=default_name)  # agent id, unique in the pool
     host: str = ""  # failure domain: the server (default: name)
     rack: str = ""
     heartbeat_interval: float = 1.0
@@ -89,8 +121,18 @@ class StorageAgent:
             for d in drives:
                 d.close()
             raise UsageError("the same drive was given twice")
+        pools = {d.pool_id for d in drives if d.pool_id}
+        if len(pools) > 1:
+            for d in drives:
+                d.close()
+            raise UsageError(f"the drives belong to different pools ({', '.join(sorted(pools))}); "
+                             "serve each pool's drives from its own agent")
+        self.pool_id = pools.pop() if pools else ""
+        self.instance = uuid.uuid4().hex
         self.core = AgentCore(drives)
         self.agent_id = config.name
+        #: extent ids the metadata service asked us to release that we no longer hold (to confirm)
+        self._released: set[int] = set()
         self.address = ""
         self.control_address = ""
         self.registered = asyncio.Event()
@@ -99,21 +141,33 @@ class StorageAgent:
 
     async def start(self) -> None:
         host, port = split_hostport(self.config.listen, 7500)
+        check_bindable(join_hostport(host, port), "agent data plane")
         srv = await start_tcp(self.core, host, port)
         self._servers.append(srv)
         bound = srv.sockets[0].getsockname()
-        self.address = self.config.advertise or f"{host}:{bound[1]}"
+        adv_host, adv_port = self.config.advertise, 0
+        if adv_host.startswith("[") or adv_host.count(":") == 1:  # HOST:PORT or [V6]:PORT
+            adv_host, adv_port = split_hostport(adv_host)
+        if not adv_host:
+            adv_host = route_source(self.config.meta) if is_wildcard(host) else host
+        if is_wildcard(adv_host):
+            raise UsageError(f"cannot advertise the wildcard address {adv_host}: pass --advertise HOST")
+        self.address = join_hostport(adv_host, adv_port or bound[1])
         if self.config.unix_path:
             self._servers.append(await start_unix(self.core, self.config.unix_path))
-        self._grpc = grpc.aio.server()
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.copier = Copier(self.core)
         pbg.add_AgentServicer_to_server(AgentServicer(self.core, self.copier.copy), self._grpc)
         chost, cport = split_hostport(self.config.control_listen or f"{host}:0")
-        got = self._grpc.add_insecure_port(f"{chost}:{cport}")
+        check_bindable(join_hostport(chost, cport), "agent control service")
+        try:
+            got = self._grpc.add_insecure_port(f"{chost}:{cport}")
+        except RuntimeError:
+            got = 0
         if got == 0:
-            raise UsageError(f"cannot listen on control address {chost}:{cport}")
+            raise UsageError(f"cannot listen on control address {chost}:{cport}: in use or not local")
         await self._grpc.start()
-        self.control_address = f"{chost}:{got}"
+        self.control_address = join_hostport(adv_host, got)
         logger.info("agent %s data plane on %s, control on %s", self.agent_id, self.address, self.control_address)
 
     def _register_request(self) -> pb.RegisterAgentRequest:
@@ -126,8 +180,42 @@ class StorageAgent:
             unix_path=self.config.unix_path,
             drives=self._drive_infos(),
             extents=[extent_record_to_pb(r) for r in self.core.extents.values()],
-            version="0.1.0",
+            version=__version__,
+            pool_id=self.pool_id,
+            instance=self.instance,
         )
+
+    def _adopt_pool(self, pool_id: str) -> bool:
+        """Check the metadata service's pool id against the drives'; label unlabelled drives."""
+        if self.pool_id and pool_id != self.pool_id:
+            logger.error(
+                "metadata service %s serves pool %s, but this agent's drives belong to pool %s: "
+                "refusing it (extents and data kept); check --meta", self.config.meta, pool_id or "?", self.pool_id)
+            return False
+        if not self.pool_id and pool_id:
+            for d in self.core.drives.values():
+                d.set_pool(pool_id)
+            self.pool_id = pool_id
+            logger.info("drives joined pool %s", pool_id)
+        return True
+
+    def _heartbeat_request(self) -> pb.HeartbeatRequest:
+        st = self.core.stats
+        held = self.core.held_ids()
+        released = sorted(e for e in self._released if e not in self.core.extents)
+        return pb.HeartbeatRequest(
+            agent_id=self.agent_id, drives=self._drive_infos(), bytes_read=st.bytes_read,
+            bytes_written=st.bytes_written, commands=st.commands, instance=self.instance,
+            extents_digest=extent_digest(held), released=released,
+        )
+
+    def _apply_heartbeat(self, hb: pb.HeartbeatResponse, sent: pb.HeartbeatRequest) -> None:
+        self._released -= set(sent.released)  # confirmed: the service has freed them
+        if hb.reconcile:
+            self.core.keep_only(extent_record_from_pb(r) for r in hb.keep)
+        if hb.release:
+            self.core.release(hb.release)
+            self._released |= set(hb.release)
 
     def _drive_infos(self) -> list[pb.DriveInfo]:
         from nvpool.agents.drive import DATA_OFFSET
@@ -152,7 +240,11 @@ class StorageAgent:
                 try:
                     if need_register:
                         resp = await stub.RegisterAgent(self._register_request(), timeout=10)
-                        self.core.replace_all(extent_record_from_pb(r) for r in resp.extents)
+                        if not self._adopt_pool(resp.pool_id):
+                            await asyncio.sleep(min(backoff * 10, 30.0))
+                            backoff = min(backoff * 2, 5.0)
+                            continue
+                        self.core.keep_only(extent_record_from_pb(r) for r in resp.extents)
                         if resp.heartbeat_interval_ms:
                             interval = resp.heartbeat_interval_ms / 1000
                         need_register = False
@@ -160,25 +252,23 @@ class StorageAgent:
                         logger.info("registered with %s (%d drives)", self.config.meta, len(self.core.drives))
                         continue  # heartbeat at once: it tells the service the extent list is applied
                     else:
-                        st = self.core.stats
-                        hb = await stub.Heartbeat(
-                            pb.HeartbeatRequest(
-                                agent_id=self.agent_id, drives=self._drive_infos(), bytes_read=st.bytes_read,
-                                bytes_written=st.bytes_written, commands=st.commands,
-                            ),
-                            timeout=max(2 * interval, 2.0),
-                        )
+                        req = self._heartbeat_request()
+                        hb = await stub.Heartbeat(req, timeout=max(2 * interval, 2.0))
                         need_register = hb.reregister
                         if not need_register:
+                            self._apply_heartbeat(hb, req)
                             self.registered.set()  # registered, extents adopted, placeable
                     backoff = 0.2
                     await asyncio.sleep(interval)
                 except grpc.aio.AioRpcError as exc:
-                    if not warned:
+                    refused = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS)
+                    if refused:  # not a network problem: say it every time, loudly, and back off
+                        logger.error("metadata service %s refused this agent: %s", self.config.meta, exc.details())
+                    elif not warned:
                         logger.warning("metadata service %s: %s; retrying", self.config.meta, exc.details())
                         warned = True
                     need_register = True
-                    await asyncio.sleep(backoff)
+                    await asyncio.sleep(5.0 if refused else backoff)
                     backoff = min(backoff * 2, 5.0)
 
     async def stop(self) -> None:

@@ -9,7 +9,11 @@ status, which the transport turns into an error completion. A command is served 
 * ``offset + length`` lies inside the extent (else ``OUT_OF_RANGE``).
 
 The metadata service changes the table through the control service (assign with zeroing, release,
-fence); every change is written to the drives' own labels before it is acknowledged.
+fence) and through heartbeat answers (release lists and keep-lists; see ``pool/meta.py``, "Extent
+release"); every change is written to the drives' own labels before it is acknowledged. Only
+``assign`` adds an extent (after zeroing it), and it refuses one that would overlap the bytes of
+another extent this agent holds on the same drive: two live extents never share bytes, so a stale
+client of one can never write into the other.
 
 Migration copies (``begin_copy`` / ``finish_copy``): while a volume is re-spread, the destination
 agent pulls a chunk from the source agent and applies it here. Clients write to the old extent first
@@ -186,6 +190,15 @@ class AgentCore:
                 r.drive_id, r.drive_offset, r.length,
             ):
                 raise UsageError(f"extent {r.extent_id} already exists with another placement")
+            for other in list(self.extents.values()) + [x for x in recs if x is not r]:
+                if (other.extent_id != r.extent_id and other.drive_id == r.drive_id
+                        and other.drive_offset < r.drive_offset + r.length
+                        and r.drive_offset < other.drive_offset + other.length):
+                    raise UsageError(
+                        f"extent {r.extent_id} would overlap extent {other.extent_id} on drive {r.drive_id} "
+                        f"([{r.drive_offset}, {r.drive_offset + r.length}) and "
+                        f"[{other.drive_offset}, {other.drive_offset + other.length})); refused"
+                    )
         for r in recs:
             if zero and r.extent_id not in self.extents:
                 self.drives[r.drive_id].zero(r.drive_offset, r.length)
@@ -213,16 +226,32 @@ class AgentCore:
         self._persist(touched)
         return n
 
-    def replace_all(self, records: Iterable[ExtentRecord]) -> None:
-        """Adopt the metadata service's authoritative extent list for this agent's drives."""
-        new = {r.extent_id: r for r in records if r.drive_id in self.drives}
-        dropped = set(self.extents) - set(new)
+    def keep_only(self, records: Iterable[ExtentRecord]) -> list[int]:
+        """Reconcile with the metadata service's keep-list: drop every held extent not in it and raise
+        fences to the list's. Never adds an extent (only ``assign`` does, after zeroing); never lowers a
+        fence. Returns the ids dropped."""
+        keep = {r.extent_id: r for r in records if r.drive_id in self.drives}
+        dropped = [e for e in self.extents if e not in keep]
+        changed = set()
+        for eid in dropped:
+            changed.add(self.extents.pop(eid).drive_id)
+        for eid, rec in list(self.extents.items()):
+            want = keep[eid]
+            if (want.drive_id, want.drive_offset, want.length) != (rec.drive_id, rec.drive_offset, rec.length):
+                logger.error("extent %d: the metadata service places it elsewhere; dropping it", eid)
+                changed.add(self.extents.pop(eid).drive_id)
+                dropped.append(eid)
+            elif want.min_generation > rec.min_generation:
+                self.extents[eid] = replace(rec, min_generation=want.min_generation)
+                changed.add(rec.drive_id)
         if dropped:
-            logger.info("dropping %d extents the metadata service no longer knows", len(dropped))
-        changed = {r.drive_id for r in new.values() if self.extents.get(r.extent_id) != r}
-        changed |= {self.extents[e].drive_id for e in dropped}
-        self.extents = new
+            logger.info("dropped %d extents the metadata service no longer assigns here: %s", len(dropped),
+                        sorted(dropped)[:10])
         self._persist(changed)
+        return dropped
+
+    def held_ids(self) -> list[int]:
+        return list(self.extents)
 
     def _persist(self, drive_ids: Iterable[str]) -> None:
         for did in drive_ids:

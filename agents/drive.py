@@ -12,17 +12,20 @@ Contract of a ``Drive`` (the agent's only way to touch storage):
 
 On-disk format (the first ``LABEL_AREA`` bytes; extents start at ``DATA_OFFSET``)::
 
-    0       4 KiB  label: b"NVPOOLDRV1\\n" + JSON {drive_id, created, size} , zero padded
+    0       4 KiB  label: b"NVPOOLDRV1\\n" + JSON {drive_id, created, size, pool_id} , zero padded
     64 KiB  slot A  extent table: header <8s magic, Q seq, I length, I crc32c> + JSON list
     576 KiB slot B  extent table (the two slots alternate; the valid one with the highest seq wins)
 
 So an agent restarted on the same drives, or a drive moved to another server, is recognised with its
-extents and their generation fences, before the metadata service is even reachable.
+extents and their generation fences, before the metadata service is even reachable. ``pool_id`` is
+written at the agent's first registration: a drive of one pool is never adopted by another pool's
+metadata service. An open drive is locked (``flock``), so two agents never serve the same drive.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -76,7 +79,10 @@ class DriveSpec:
 
 
 class Drive:
-    def __init__(self, path: str, fd: int, direct_fd: Optional[int], drive_id: str, size: int) -> None:
+    def __init__(self, path: str, fd: int, direct_fd: Optional[int], drive_id: str, size: int,
+                 label: Optional[dict[str, object]] = None) -> None:
+        self.label: dict[str, object] = dict(label or {"drive_id": drive_id, "size": size})
+        self.pool_id = str(self.label.get("pool_id") or "")
         self.path = path
         self.fd = fd
         self.direct_fd = direct_fd
@@ -109,6 +115,11 @@ class Drive:
         except OSError as exc:
             raise UsageError(f"drive {path!r} cannot be opened: {exc.strerror}") from None
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"drive {path!r} is in use by another nvpool agent on this server") from None
+        try:
             size = osio.device_size(fd)
             if size < MIN_DRIVE_SIZE:
                 raise UsageError(f"drive {path}: {size} bytes is too small (minimum {MIN_DRIVE_SIZE})")
@@ -118,9 +129,8 @@ class Drive:
                 drive_id = str(meta["drive_id"])
             elif label.strip(b"\0") == b"" or created:
                 drive_id = str(uuid.uuid4())
-                body = LABEL_MAGIC + json.dumps(
-                    {"drive_id": drive_id, "created": time.time(), "size": size}
-                ).encode()
+                meta = {"drive_id": drive_id, "created": time.time(), "size": size}
+                body = LABEL_MAGIC + json.dumps(meta).encode()
                 os.pwrite(fd, body.ljust(LABEL_SIZE, b"\0"), 0)
                 for off in SLOT_OFFSETS:  # no stale tables from a previous life
                     os.pwrite(fd, bytes(TABLE_HDR.size), off)
@@ -135,7 +145,20 @@ class Drive:
             os.close(fd)
             raise
         direct_fd = osio.open_direct(path) if osio.is_block_device(fd) else None
-        return cls(path, fd, direct_fd, drive_id, size)
+        return cls(path, fd, direct_fd, drive_id, size, meta)
+
+    def set_pool(self, pool_id: str) -> None:
+        """Write the pool id into the label (first registration); durable before it returns."""
+        label = {**self.label, "pool_id": pool_id}
+        body = LABEL_MAGIC + json.dumps(label).encode()
+        if len(body) > LABEL_SIZE:
+            raise DriveError(self.drive_id, errno.EINVAL, "label too large")
+        try:
+            os.pwrite(self.fd, body.ljust(LABEL_SIZE, b"\0"), 0)
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise self._fail(exc) from None
+        self.label, self.pool_id = label, pool_id
 
     def close(self) -> None:
         for fd in (self.fd, self.direct_fd):

@@ -5,6 +5,7 @@ Nothing below this module imports generated code. Entry point: ``serve(MetaConfi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Optional, TypeVar
@@ -13,15 +14,17 @@ import grpc
 
 from nvpool.pool.agentlink import GrpcAgentLink
 from nvpool.pool.kvstore import open_store
-from nvpool.pool.meta import AgentLink, AgentRec, DriveRec, MetaService
+from nvpool.pool.meta import LEASE_TTL, AgentLink, AgentRec, DriveRec, MetaService
 from nvpool.pool.rebalancer import Rebalancer
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
+from nvpool.proto.addresses import check_bindable
 from nvpool.proto.config import check_keys
 from nvpool.proto.convert import extent_record_to_pb, layout_to_pb
 from nvpool.proto.errors import (
     AlreadyExistsError,
     CapacityError,
+    LeaseError,
     NotFoundError,
     NvpoolError,
     UnavailableError,
@@ -48,6 +51,8 @@ class MetaConfig:
 
 
 def _code(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, LeaseError):
+        return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, AlreadyExistsError):
         return grpc.StatusCode.ALREADY_EXISTS
     if isinstance(exc, CapacityError):
@@ -70,7 +75,15 @@ async def _guard(context: Any, coro: Awaitable[T]) -> T:
 
 
 def volume_pb(v: dict[str, Any]) -> pb.Volume:
-    return pb.Volume(**v)
+    return pb.Volume(**{**v, "holders": [pb.Holder(**h) for h in v.get("holders", [])]})
+
+
+def who(context: Any) -> str:
+    """The peer that asked, for the audit log."""
+    try:
+        return str(context.peer())
+    except Exception:  # noqa: BLE001 - a test double may not have a peer
+        return "unknown peer"
 
 
 def rebalance_pb(d: dict[str, Any]) -> pb.RebalanceStatus:
@@ -85,24 +98,49 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
 
     async def RegisterAgent(self, request: Any, context: Any) -> pb.RegisterAgentResponse:
         agent = AgentRec(request.agent_id, request.host or request.agent_id, request.rack, request.address,
-                         request.control_address, request.unix_path, [])
+                         request.control_address, request.unix_path, [], instance=request.instance)
         drives = [DriveRec(d.drive_id, request.agent_id, d.path, d.capacity, d.data_offset, d.state or "ok")
                   for d in request.drives]
         if not request.agent_id or not request.address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent_id and address are required")
-        extents = await _guard(context, self.svc.register_agent(agent, drives))
+        extents = await _guard(context, self.svc.register_agent(
+            agent, drives, request.pool_id, [e.extent_id for e in request.extents]))
         return pb.RegisterAgentResponse(
             heartbeat_interval_ms=int(self.svc.heartbeat_interval * 1000),
             extents=[extent_record_to_pb(r) for r in extents],
+            pool_id=self.svc.pool_id,
         )
 
     async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatResponse:
-        again = self.svc.heartbeat(request.agent_id, {d.drive_id: d.state or "ok" for d in request.drives})
-        return pb.HeartbeatResponse(reregister=again)
+        res = self.svc.heartbeat(
+            request.agent_id, {d.drive_id: d.state or "ok" for d in request.drives}, request.instance,
+            request.extents_digest if request.extents_digest else None, request.released,
+        )
+        return pb.HeartbeatResponse(
+            reregister=res.reregister, reconcile=res.keep is not None,
+            keep=[extent_record_to_pb(r) for r in res.keep or ()], release=res.release,
+        )
 
     async def CreateVolume(self, request: Any, context: Any) -> pb.Volume:
-        vol = await _guard(context, self.svc.create_volume(request.name, request.size, request.stripe_unit, request.stripe_width))
+        vol = await _guard(context, self.svc.create_volume(request.name, request.size, request.stripe_unit,
+                                                           request.stripe_width, who=who(context)))
         return volume_pb(self.svc.volume_view(vol))
+
+    async def OpenVolume(self, request: Any, context: Any) -> pb.OpenVolumeResponse:
+        lease = await _guard(context, self.svc.open_volume(request.name, request.write,
+                                                           request.holder or who(context), request.force))
+        return pb.OpenVolumeResponse(lease_id=lease.lease_id, ttl_ms=int(LEASE_TTL * 1000),
+                                     volume=volume_pb(self.svc.volume_view(self.svc.volume_by_id(lease.volume_id))))
+
+    async def RenewLease(self, request: Any, context: Any) -> pb.RenewLeaseResponse:
+        async def renew() -> pb.RenewLeaseResponse:
+            self.svc.renew_lease(request.lease_id)
+            return pb.RenewLeaseResponse(ttl_ms=int(LEASE_TTL * 1000))
+        return await _guard(context, renew())
+
+    async def CloseVolume(self, request: Any, context: Any) -> pb.CloseVolumeResponse:
+        await _guard(context, self.svc.close_lease(request.lease_id))
+        return pb.CloseVolumeResponse()
 
     async def GetVolume(self, request: Any, context: Any) -> pb.Volume:
         async def get() -> pb.Volume:
@@ -114,16 +152,18 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
         return pb.ListVolumesResponse(volumes=[volume_pb(self.svc.volume_view(v)) for v in vols])
 
     async def ResizeVolume(self, request: Any, context: Any) -> pb.Volume:
-        vol = await _guard(context, self.svc.resize_volume(request.name, request.size))
+        vol = await _guard(context, self.svc.resize_volume(request.name, request.size, who=who(context)))
         return volume_pb(self.svc.volume_view(vol))
 
     async def DeleteVolume(self, request: Any, context: Any) -> pb.DeleteVolumeResponse:
-        await _guard(context, self.svc.delete_volume(request.name))
+        await _guard(context, self.svc.delete_volume(request.name, request.force, who=who(context)))
         return pb.DeleteVolumeResponse()
 
     async def GetLayout(self, request: Any, context: Any) -> pb.Layout:
         async def get() -> pb.Layout:
             lay, eps = self.svc.layout(request.name, request.volume_id)
+            if request.lease_id:
+                self.svc.check_lease(request.lease_id, lay.volume_id)
             return layout_to_pb(lay, eps)
         return await _guard(context, get())
 
@@ -134,14 +174,15 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             rec = a["agent"]
             agents.append(pb.AgentStatus(
                 agent_id=rec.agent_id, host=rec.host, rack=rec.rack, address=rec.address, alive=a["alive"],
-                state=rec.state,
+                state=rec.state, last_seen=a["last_seen"],
                 drives=[pb.DriveStatus(
                     info=pb.DriveInfo(drive_id=d["drive"].drive_id, path=d["drive"].path, capacity=d["drive"].capacity,
                                       data_offset=d["drive"].data_offset, state=d["drive"].state),
                     used=d["used"], extents=d["extents"]) for d in a["drives"]],
             ))
         resp = pb.PoolStatusResponse(agents=agents, capacity=st["capacity"], used=st["used"], volumes=st["volumes"],
-                                     health=st["health"])
+                                     health=st["health"], pool_id=st["pool_id"],
+                                     releasing_extents=st["releasing_extents"], releasing_bytes=st["releasing_bytes"])
         if self.reb is not None:
             resp.rebalance.CopyFrom(rebalance_pb(self.reb.status()))
         return resp
@@ -174,28 +215,43 @@ async def serve(
     config: MetaConfig, on_ready: Optional[Callable[[str], None]] = None, link: Optional[AgentLink] = None
 ) -> None:
     """Run the metadata service until cancelled; ``on_ready`` gets the bound host:port."""
+    check_bindable(config.listen, "metadata service")
     store = open_store(config.store)
     agent_link = link or GrpcAgentLink()
     service = MetaService(store, agent_link, config.heartbeat_interval, config.agent_timeout)
     rebalancer = Rebalancer(service)
-    server = grpc.aio.server()
+    # no SO_REUSEPORT: a second service on a busy address must fail, not split the connections
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pbg.add_MetaServicer_to_server(MetaServicer(service, rebalancer), server)
     host, _, port = config.listen.rpartition(":")
-    bound = server.add_insecure_port(config.listen)
+    try:
+        bound = server.add_insecure_port(config.listen)
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise UsageError(f"cannot listen on {config.listen}")
+        store.close()
+        await agent_link.close()
+        raise UsageError(f"cannot listen on {config.listen}: the address is in use or not local")
     await server.start()
     address = f"{host or '127.0.0.1'}:{bound}"
-    logger.info("metadata service on %s", address)
-    if rebalancer is not None:
-        rebalancer.resume()
+    logger.info("metadata service of pool %s on %s (store %s)", service.pool_id, address, config.store)
+    rebalancer.resume()
+    watch = asyncio.create_task(_watch(service))
     if on_ready is not None:
         on_ready(address)
     try:
         await server.wait_for_termination()
     finally:
-        if rebalancer is not None:
-            await rebalancer.stop()
+        watch.cancel()
+        await rebalancer.stop()
         await server.stop(grace=1.0)
         await agent_link.close()
         store.close()
+
+
+async def _watch(service: MetaService) -> None:
+    """Housekeeping: log agents whose heartbeats stopped, expire leases."""
+    while True:
+        await asyncio.sleep(service.heartbeat_interval)
+        service.mark_down()
+        service.expire_leases()

@@ -9,6 +9,7 @@ transaction per ``commit``.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 from typing import Iterable, Mapping, Optional, Protocol
@@ -32,6 +33,21 @@ class SQLiteStore:
         if not os.path.isdir(d):
             raise UsageError(f"metadata store directory {d} does not exist")
         self.path = path
+        # one service per store: a second one would hand out the same space twice
+        self._lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(self._lock_fd, 64, 0).decode(errors="replace").strip()
+            finally:
+                os.close(self._lock_fd)
+            raise UsageError(
+                f"metadata store {path} is in use by another metadata service"
+                + (f" (pid {holder})" if holder else "")
+            ) from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -63,6 +79,9 @@ class SQLiteStore:
 
     def close(self) -> None:
         self._db.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 class MemoryStore:

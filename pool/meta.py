@@ -1,18 +1,64 @@
-"""The metadata service's domain core: registry of agents and drives, volumes, layouts and fences.
+"""The metadata service's domain core: registry of agents and drives, volumes, layouts, fences, leases.
 
 Contract:
 
 * State lives in memory and in a ``KVStore``; every mutation is committed to the store before the
   call returns, so a restarted service loses nothing it acknowledged. Mutations are serialized by
   one asyncio lock.
-* Free space is derived from the extents in all layouts (current and migration target): there is no
-  second allocation table to drift. Volume and extent ids come from persisted counters and are
-  never reused, so a stale client can never address a reused extent.
+* Volume and extent ids come from persisted counters and are never reused, so a stale client can
+  never address a reused extent.
+* Free space is derived from the extents in all layouts (current and migration target) plus the
+  *reserved* extents: there is no second allocation table to drift.
 * Each volume has per-extent *fences* (the lowest layout generation an agent accepts). The extents
   an agent must hold, with their fences, are derived from the layouts: ``extents_for_agent``.
 * Agents are called through ``AgentLink`` (gRPC ``Agent`` service); a tested fake can replace it.
 
-Nothing here imports generated protobuf code; ``pool/server.py`` is the gRPC edge.
+Pool identity. The first start of a store creates a pool id (``pool`` key). Agents write it into
+their drive labels at their first registration and refuse a metadata service with another id; the
+service refuses an agent whose drives carry another pool's id, or that holds extent ids it never
+allocated (ids at or above ``next_extent_id``: a different or an older, restored store). So an agent
+pointed at the wrong metadata service keeps its extents and its data, and says why.
+
+Agent identity. A registration carries the agent process's random *instance* token. A second live
+agent (heartbeat within ``agent_timeout``) registering an id already held by another instance with
+other drives is refused; a restart of the same agent (same drives, which an agent locks) is not.
+Heartbeats from an instance that is not the registered one are told to register again (and are
+then refused), so two agents can never keep one registry entry alive.
+
+Extent release (why a deleted volume's space is never reused while an agent still serves it):
+
+1. Space is *reserved* before any agent is asked to hold it: a create or grow plans under the lock
+   and persists its new extents as ``pending`` reservations, calls the agents outside the lock, and
+   commits the layout (dropping the reservations) under the lock. A service that dies in between
+   finds the pending reservations at its next start and turns them into ``releasing`` ones.
+2. Deleting a volume, dropping a migration's old or target columns, or rolling back a refused create
+   removes the extents from every layout and, in the same store commit, records them as
+   ``releasing``. Releasing space counts as used: the planner never places anything on it.
+3. Every heartbeat response lists the releasing extents on the agent's drives (``release``); the
+   agent drops them (persisting its table first) and confirms, in its next heartbeat, the ids it no
+   longer holds (``released``). Only a confirmation frees the space. Heartbeats are sequential per
+   agent, so a confirmation always describes the agent's table after the drop.
+4. A drive that moves to another agent is confirmed by the agent that now holds it (the new agent
+   registered with the drive's own label table). An agent that never returns keeps its releasing
+   space reserved, which is safe: it is on that agent's drives.
+5. Every heartbeat also carries a digest of the extent ids the agent holds; on a mismatch the
+   response carries the authoritative keep-list (current layouts plus pending reservations) with
+   their fences, and the agent drops what is not in it and raises its fences. Reconciliation never
+   *adds* an extent: only ``assign`` does, after zeroing. And an agent refuses to assign an extent
+   that overlaps one it holds, so even a stale table cannot put two live extents on the same bytes.
+
+Writer leases (exclusive write access, any number of readers; RBD's exclusive lock is the anchor):
+opening a volume for writing takes the writer lease, renewed by the client; a second writer is
+refused with the holder's name unless it forces a takeover. Whenever a writer lease is granted after
+one that was not closed cleanly (it expired, or is being broken by ``force``), the volume's layout
+generation is raised and every agent holding its extents must acknowledge the new fence before the
+lease is granted: the previous holder's in-flight and future commands carry an older generation and
+are refused (``STALE_LAYOUT``); when it re-fetches the layout with its lease id it is told its lease
+is gone, and the client library fails its writes from then on. A takeover is refused while the
+volume is being re-spread (the migration owns the generation then). Leases are persisted, renewals
+are not: a restarted service gives every persisted lease one full term before it can expire.
+
+Nothing here imports generated protobuf code; ``pool/grpc_meta.py`` is the gRPC edge.
 """
 
 from __future__ import annotations
@@ -22,20 +68,29 @@ import json
 import logging
 import re
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional, Protocol
 
 from nvpool.pool.kvstore import KVStore
 from nvpool.proto.layout import DEFAULT_STRIPE_UNIT, Extent, Layout
 from nvpool.pool.planner import DriveSpace, plan_columns, plan_grow
-from nvpool.proto.records import Endpoint, ExtentRecord
-from nvpool.proto.errors import AlreadyExistsError, NotFoundError, UnavailableError, UsageError
+from nvpool.proto.records import Endpoint, ExtentRecord, extent_digest
+from nvpool.proto.errors import (
+    AlreadyExistsError,
+    LeaseError,
+    NotFoundError,
+    UnavailableError,
+    UsageError,
+)
 
 logger = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 MIN_STRIPE_UNIT, MAX_STRIPE_UNIT = 4096, 16 * 1024 * 1024
 SIZE_ALIGN = 4096
+#: how long a writer or reader lease lives without renewal (clients renew every third of it)
+LEASE_TTL = 15.0
 
 
 class AgentLink(Protocol):
@@ -70,6 +125,10 @@ class AgentRec:
     #: adopted the authoritative extent list: until then it takes no new extents (a concurrent
     #: assignment would be dropped when the agent applies the older list)
     ready: bool = field(default=False, compare=False)
+    #: random token of the registered agent process (see "Agent identity")
+    instance: str = field(default="", compare=False)
+    #: wall-clock time of the last heartbeat (for operators; liveness uses the monotonic last_seen)
+    last_seen_wall: float = field(default=0.0, compare=False)
 
 
 @dataclass
@@ -92,8 +151,46 @@ class VolumeRec:
     state: str = "ready"  # "ready" | "migrating"
 
 
+@dataclass(frozen=True)
+class Reserved:
+    """Space no planner may use: extents being created (``pending``) or not yet confirmed released."""
+
+    extent_id: int
+    drive_id: str
+    drive_offset: int
+    length: int
+    volume_id: int
+    generation: int
+    kind: str  # "pending" | "releasing"
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    volume_id: int
+    mode: str  # "write" | "read"
+    holder: str  # who: "host pid N (what)"
+    granted: float  # wall clock
+    expires: float = field(default=0.0, compare=False)  # monotonic; not persisted
+
+
+@dataclass
+class HeartbeatResult:
+    reregister: bool = False
+    #: set when the agent's extent ids differ from the authoritative ones: what it may keep
+    keep: Optional[list[ExtentRecord]] = None
+    #: releasing extents on the agent's drives that it must drop and confirm
+    release: list[int] = field(default_factory=list)
+
+
 def _j(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _lease_dict(lease: Lease) -> dict[str, Any]:
+    d = asdict(lease)
+    d.pop("expires")
+    return d
 
 
 class MetaService:
@@ -110,8 +207,14 @@ class MetaService:
         self.volumes: dict[str, VolumeRec] = {}
         self.layouts: dict[int, Layout] = {}
         self.fences: dict[int, dict[int, int]] = {}  # volume_id -> extent_id -> min generation
+        self.reserved: dict[int, Reserved] = {}  # extent_id -> reservation
+        self.leases: dict[str, Lease] = {}  # lease_id -> lease
+        #: volume ids whose last writer lease ended without a clean close (next writer must fence)
+        self.unclean: set[int] = set()
         self.next_volume_id = 1
         self.next_extent_id = 1
+        self.pool_id = ""
+        self._creating: set[str] = set()
         self._load()
 
     # ------------------------------------------------------------------ persistence
@@ -136,7 +239,37 @@ class MetaService:
             self.next_volume_id, self.next_extent_id = c["volume"], c["extent"]
         for a in self.agents.values():
             a.last_seen, a.ready = 0.0, False
-        logger.info("loaded %d agents, %d drives, %d volumes", len(self.agents), len(self.drives), len(self.volumes))
+        puts: dict[str, bytes] = {}
+        for _, v in self.store.scan("reserved/"):
+            r = Reserved(**json.loads(v))
+            if r.kind == "pending":  # its create or grow died with the previous process: roll it back
+                r = Reserved(**{**asdict(r), "kind": "releasing"})
+                puts[self._rkey(r.extent_id)] = _j(asdict(r))
+            self.reserved[r.extent_id] = r
+        now = time.monotonic()
+        for _, v in self.store.scan("lease/"):
+            lease = Lease(**json.loads(v))
+            lease.expires = now + LEASE_TTL  # one full term of grace after a restart
+            self.leases[lease.lease_id] = lease
+        for _, v in self.store.scan("unclean/"):
+            self.unclean.add(int(json.loads(v)))
+        raw = self.store.get("pool")
+        if raw:
+            self.pool_id = json.loads(raw)["pool_id"]
+        else:
+            self.pool_id = uuid.uuid4().hex
+            puts["pool"] = _j({"pool_id": self.pool_id, "created": time.time()})
+            logger.info("new pool %s", self.pool_id)
+        self.store.commit(puts)
+        logger.info("pool %s: loaded %d agents, %d drives, %d volumes, %d reserved extents", self.pool_id,
+                    len(self.agents), len(self.drives), len(self.volumes), len(self.reserved))
+
+    @staticmethod
+    def _rkey(extent_id: int) -> str:
+        return f"reserved/{extent_id:020d}"
+
+    def _agent_puts(self, a: AgentRec) -> dict[str, bytes]:
+        return {f"agent/{a.agent_id}": _j({**asdict(a), "last_seen": 0.0, "ready": False})}
 
     def _counters(self) -> dict[str, bytes]:
         return {"counters": _j({"volume": self.next_volume_id, "extent": self.next_extent_id})}
@@ -174,13 +307,48 @@ class MetaService:
                                             fences.get(e.extent_id, 1)))
         return out
 
+    def keep_list_for_agent(self, agent_id: str) -> list[ExtentRecord]:
+        """What an agent may hold: its extents in the layouts plus pending ones (being assigned)."""
+        drives = {d for d, rec in self.drives.items() if rec.agent_id == agent_id}
+        out = self.extents_for_agent(agent_id)
+        out += [ExtentRecord(r.extent_id, r.drive_id, r.drive_offset, r.length, r.volume_id, r.generation)
+                for r in self.reserved.values() if r.kind == "pending" and r.drive_id in drives]
+        return out
+
+    def check_pool(self, agent_id: str, pool_id: str, held: Iterable[int]) -> None:
+        """Refuse an agent of another pool, or one holding extents this store never allocated."""
+        if pool_id and pool_id != self.pool_id:
+            logger.warning("refused agent %s: its drives belong to pool %s, this is pool %s",
+                           agent_id, pool_id, self.pool_id)
+            raise UsageError(
+                f"agent {agent_id!r} belongs to pool {pool_id}, but this metadata service serves pool "
+                f"{self.pool_id}: check the agent's --meta address"
+            )
+        unknown = sorted(e for e in held if e >= self.next_extent_id)
+        if unknown:
+            logger.warning("refused agent %s: it holds extents %s that this store never allocated",
+                           agent_id, unknown[:5])
+            raise UsageError(
+                f"agent {agent_id!r} holds extents ({', '.join(map(str, unknown[:5]))}) that this metadata "
+                f"service never allocated: it is a different pool's or an older copy of this pool's store"
+            )
+
     async def register_agent(
-        self, agent: AgentRec, drives: list[DriveRec]
+        self, agent: AgentRec, drives: list[DriveRec], pool_id: str = "", held: Iterable[int] = ()
     ) -> list[ExtentRecord]:
         async with self.lock:
+            self.check_pool(agent.agent_id, pool_id, held)
             old = self.agents.get(agent.agent_id)
             if old is not None:
                 agent.state = old.state
+                if (old.instance and agent.instance != old.instance and self.alive(old.agent_id)
+                        and set(old.drives) != {d.drive_id for d in drives}):
+                    logger.warning("refused agent %s at %s: the name is in use by a live agent at %s",
+                                   agent.agent_id, agent.address, old.address)
+                    raise AlreadyExistsError(
+                        f"an agent named {agent.agent_id!r} is already registered and alive at {old.address} "
+                        f"with other drives: give this agent another --name"
+                    )
             puts: dict[str, bytes] = {}
             deletes: list[str] = []
             for d in drives:
@@ -197,26 +365,62 @@ class MetaService:
                 puts[f"drive/{d.drive_id}"] = _j(asdict(d))
             agent.drives = [d.drive_id for d in drives]
             agent.last_seen = time.monotonic()
+            agent.last_seen_wall = time.time()
             agent.ready = False
             self.agents[agent.agent_id] = agent
-            puts[f"agent/{agent.agent_id}"] = _j({**asdict(agent), "last_seen": 0.0, "ready": False})
+            puts.update(self._agent_puts(agent))
             self.store.commit(puts, deletes)
-            logger.info("agent %s registered at %s with %d drives", agent.agent_id, agent.address, len(drives))
-            return self.extents_for_agent(agent.agent_id)
+            logger.info("agent %s registered at %s (control %s) with %d drives", agent.agent_id, agent.address,
+                        agent.control_address, len(drives))
+            return self.keep_list_for_agent(agent.agent_id)
 
-    def heartbeat(self, agent_id: str, drive_states: dict[str, str]) -> bool:
-        """Returns True if the agent must register again."""
+    def heartbeat(
+        self, agent_id: str, drive_states: dict[str, str], instance: str = "", digest: Optional[bytes] = None,
+        released: Iterable[int] = (),
+    ) -> HeartbeatResult:
+        """Record a heartbeat; tell the agent to register again, to reconcile, or to release extents."""
         a = self.agents.get(agent_id)
-        if a is None or not a.address:
-            return True
+        if a is None or not a.address or (instance and a.instance and instance != a.instance):
+            return HeartbeatResult(reregister=True)
+        if not a.ready or not self.alive(agent_id):
+            logger.info("agent %s is up", agent_id)
         a.last_seen = time.monotonic()
+        a.last_seen_wall = time.time()
         a.ready = True
+        puts: dict[str, bytes] = {}
+        deletes: list[str] = []
         for did, st in drive_states.items():
             d = self.drives.get(did)
             if d is not None and d.state != st:
                 d.state = st
-                self.store.commit({f"drive/{did}": _j(asdict(d))})
-        return False
+                puts[f"drive/{did}"] = _j(asdict(d))
+        mine = set(a.drives)
+        for eid in released:
+            r = self.reserved.get(eid)
+            if r is not None and r.kind == "releasing" and r.drive_id in mine:
+                del self.reserved[eid]
+                deletes.append(self._rkey(eid))
+        if deletes:
+            logger.info("agent %s confirmed the release of %d extents", agent_id, len(deletes))
+        self.store.commit(puts, deletes)
+        result = HeartbeatResult()
+        result.release = sorted(e for e, r in self.reserved.items() if r.kind == "releasing" and r.drive_id in mine)
+        if digest is not None:
+            keep = self.keep_list_for_agent(agent_id)
+            if digest != extent_digest(r.extent_id for r in keep):
+                result.keep = keep
+        return result
+
+    def mark_down(self) -> list[str]:
+        """Agents whose heartbeats stopped since the last call (for the audit log)."""
+        now = time.monotonic()
+        gone = []
+        for a in self.agents.values():
+            if a.ready and a.last_seen and not self.alive(a.agent_id, now):
+                a.ready = False
+                gone.append(a.agent_id)
+                logger.warning("agent %s is down: no heartbeat for %.1f s", a.agent_id, now - a.last_seen)
+        return gone
 
     def drive_spaces(self, exclude_hosts: Iterable[str] = ()) -> list[DriveSpace]:
         """Space snapshots for the planner (usable = alive agent, drive ok, server not draining)."""
@@ -225,6 +429,8 @@ class MetaService:
         for lay in self.layouts.values():
             for e in lay.extents():
                 used.setdefault(e.drive_id, []).append((e.drive_offset, e.length))
+        for r in self.reserved.values():
+            used.setdefault(r.drive_id, []).append((r.drive_offset, r.length))
         now = time.monotonic()
         out = []
         for d in sorted(self.drives.values(), key=lambda d: d.drive_id):
@@ -265,16 +471,56 @@ class MetaService:
         )
         failed = [(n, r) for n, r in zip(names, results) if isinstance(r, BaseException)]
         if failed:
-            ok = [n for n, r in zip(names, results) if not isinstance(r, BaseException)]
-            await asyncio.gather(
-                *(self.link.release(self.agents[n].control_address, [r.extent_id for r in by_agent[n]]) for n in ok),
-                return_exceptions=True,
-            )
+            # every agent asked may hold them (a refusal may come after the agent applied them, e.g. a
+            # timeout): all are released, and the space stays reserved until each agent confirms
+            self.mark_releasing(extents, volume_id, generation)
+            await self.release_on_agents(extents, mark=False)
             n, exc = failed[0]
             raise UnavailableError(f"agent {n} could not take the new extents: {exc}")
 
-    async def release_on_agents(self, extents: Iterable[Extent]) -> None:
-        """Best effort: an agent that misses it drops them when it registers again."""
+    def reserve_pending(self, volume_id: int, extents: Iterable[Extent], generation: int) -> dict[str, bytes]:
+        """Reserve new extents before any agent is asked to hold them; returns the store puts."""
+        puts = {}
+        for e in extents:
+            r = Reserved(e.extent_id, e.drive_id, e.drive_offset, e.length, volume_id, generation, "pending")
+            self.reserved[e.extent_id] = r
+            puts[self._rkey(e.extent_id)] = _j(asdict(r))
+        return puts
+
+    def rollback_pending(self, extents: Iterable[Extent]) -> None:
+        """Turn still-pending reservations into releasing ones (their agents may hold them)."""
+        left = [e for e in extents if (r := self.reserved.get(e.extent_id)) is not None and r.kind == "pending"]
+        if left:
+            self.mark_releasing(left)
+
+    def unreserve(self, extents: Iterable[Extent]) -> list[str]:
+        """Drop pending reservations that a committed layout now accounts for; returns store deletes."""
+        out = []
+        for e in extents:
+            r = self.reserved.get(e.extent_id)
+            if r is not None and r.kind == "pending":
+                del self.reserved[e.extent_id]
+                out.append(self._rkey(e.extent_id))
+        return out
+
+    def mark_releasing(self, extents: Iterable[Extent], volume_id: int = 0, generation: int = 0,
+                       commit: bool = True) -> dict[str, bytes]:
+        """Record extents (already out of every layout) as releasing: reserved until confirmed."""
+        puts = {}
+        for e in extents:
+            r = Reserved(e.extent_id, e.drive_id, e.drive_offset, e.length, volume_id, generation, "releasing")
+            self.reserved[e.extent_id] = r
+            puts[self._rkey(e.extent_id)] = _j(asdict(r))
+        if commit:
+            self.store.commit(puts)
+        return puts
+
+    async def release_on_agents(self, extents: Iterable[Extent], mark: bool = True) -> None:
+        """Mark the extents releasing (persisted) and ask their agents to drop them now. The space is
+        freed only when each agent confirms in a heartbeat (see "Extent release" above)."""
+        extents = list(extents)
+        if mark:
+            self.mark_releasing(extents)
         by_agent: dict[str, list[int]] = {}
         for e in extents:
             d = self.drives.get(e.drive_id)
@@ -286,7 +532,7 @@ class MetaService:
         )
         for a, r in zip(by_agent, results):
             if isinstance(r, BaseException):
-                logger.info("agent %s will drop released extents when it registers again (%s)", a, r)
+                logger.info("agent %s will drop released extents at its next heartbeat (%s)", a, r)
 
     async def fence_on_agents(self, volume_id: int, extents: Iterable[Extent], generation: int) -> None:
         """Fence extents at ``generation`` on every agent holding them; all must acknowledge."""
@@ -322,30 +568,43 @@ class MetaService:
             raise UsageError(f"stripe unit must be a power of two between 4 KiB and 16 MiB (got {su})")
         return size, su
 
-    async def create_volume(self, name: str, size: int, stripe_unit: int = 0, width: int = 0) -> VolumeRec:
+    async def create_volume(self, name: str, size: int, stripe_unit: int = 0, width: int = 0,
+                            who: str = "") -> VolumeRec:
+        """Plan and reserve under the lock, assign on the agents outside it, commit under it."""
         size, su = self._validate(name, size, stripe_unit)
         if width < 0:
             raise UsageError("stripe width must not be negative")
         async with self.lock:
-            if name in self.volumes:
+            if name in self.volumes or name in self._creating:
                 raise AlreadyExistsError(f"a volume named {name!r} already exists")
             vid = self.next_volume_id
             columns, next_eid = plan_columns(self.drive_spaces(), size, su, width, vid, self.next_extent_id)
-            # burn the ids first: they must never be reused, even if the agents refuse
-            self.next_volume_id, self.next_extent_id = vid + 1, next_eid
-            self.store.commit(self._counters())
             lay = Layout(vid, name, 1, size, su, columns)
             lay.validate()
-            await self.assign_on_agents(vid, list(lay.extents()), 1)
-            vol = VolumeRec(vid, name, size, su, time.time())
-            self.volumes[name] = vol
-            self.layouts[vid] = lay
-            self.fences[vid] = {e.extent_id: 1 for e in lay.extents()}
-            self.persist_volume(vol)
-            logger.info("created volume %s (%d bytes, %d columns)", name, size, lay.width)
-            return vol
+            # burn the ids and reserve the space first: ids are never reused, even if the agents refuse
+            self.next_volume_id, self.next_extent_id = vid + 1, next_eid
+            self.store.commit({**self._counters(), **self.reserve_pending(vid, lay.extents(), 1)})
+            self._creating.add(name)
+        try:
+            try:
+                await self.assign_on_agents(vid, list(lay.extents()), 1)
+            except BaseException:  # refused, or cancelled (the caller went away): never leave them pending
+                self.rollback_pending(lay.extents())
+                raise
+            async with self.lock:
+                vol = VolumeRec(vid, name, size, su, time.time())
+                self.volumes[name] = vol
+                self.layouts[vid] = lay
+                self.fences[vid] = {e.extent_id: 1 for e in lay.extents()}
+                self.store.commit({**self._volume_puts(vol), **self._counters()}, self.unreserve(lay.extents()))
+        finally:
+            self._creating.discard(name)
+        logger.info("created volume %s (%s bytes, %d columns, %d servers)%s", name, size, lay.width,
+                    len({self.drives[e.drive_id].agent_id for e in lay.extents() if e.drive_id in self.drives}),
+                    f" for {who}" if who else "")
+        return vol
 
-    async def resize_volume(self, name: str, size: int) -> VolumeRec:
+    async def resize_volume(self, name: str, size: int, who: str = "") -> VolumeRec:
         async with self.lock:
             vol = self.volume(name)
             size, _ = self._validate(name, size, vol.stripe_unit)
@@ -358,28 +617,148 @@ class MetaService:
                 return vol
             new, next_eid = plan_grow(lay, self.drive_spaces(), size, self.next_extent_id)
             self.next_extent_id = next_eid
-            self.store.commit(self._counters())
             old_ids = {e.extent_id for e in lay.extents()}
             added = [e for e in new.extents() if e.extent_id not in old_ids]
-            await self.assign_on_agents(vol.volume_id, added, new.generation)
+            self.store.commit({**self._counters(), **self.reserve_pending(vol.volume_id, added, new.generation)})
+            # resize stays under the lock: the rebalancer plans from the current layout
+            try:
+                await self.assign_on_agents(vol.volume_id, added, new.generation)
+            except BaseException:
+                self.rollback_pending(added)
+                raise
+            old_size = vol.size
             vol.size = size
             self.layouts[vol.volume_id] = new
             self.fences[vol.volume_id].update({e.extent_id: new.generation for e in added})
-            self.persist_volume(vol)
-            return vol
+            self.store.commit({**self._volume_puts(vol), **self._counters()}, self.unreserve(added))
+        logger.info("resized volume %s from %d to %d bytes%s", name, old_size, size, f" for {who}" if who else "")
+        return vol
 
-    async def delete_volume(self, name: str) -> None:
+    async def delete_volume(self, name: str, force: bool = False, who: str = "") -> None:
         async with self.lock:
             vol = self.volume(name)
-            lay = self.layouts.pop(vol.volume_id)
+            lay = self.layouts[vol.volume_id]
+            if lay.target is not None:
+                raise UsageError(f"volume {name!r} is being re-spread; cancel the rebalance or wait, then delete it")
+            held = [lease for lease in self._live_leases(vol.volume_id)]
+            if held and not force:
+                raise LeaseError(
+                    f"volume {name!r} is in use by {held[0].holder} ({held[0].mode})"
+                    + (f" and {len(held) - 1} more" if len(held) > 1 else "")
+                    + "; close it first or delete with --force"
+                )
+            extents = list(lay.extents())
+            del self.layouts[vol.volume_id]
             del self.volumes[name]
             self.fences.pop(vol.volume_id, None)
+            dropped = [k for k, lease in self.leases.items() if lease.volume_id == vol.volume_id]
+            for k in dropped:
+                del self.leases[k]
+            self.unclean.discard(vol.volume_id)
+            # one commit: the extents leave every layout and become releasing together
             self.store.commit(
-                {}, [f"volume/{name}", f"layout/{vol.volume_id:020d}", f"fences/{vol.volume_id:020d}",
-                     f"migration/{vol.volume_id:020d}"],
+                self.mark_releasing(extents, vol.volume_id, lay.generation, commit=False),
+                [f"volume/{name}", f"layout/{vol.volume_id:020d}", f"fences/{vol.volume_id:020d}",
+                 f"migration/{vol.volume_id:020d}", f"unclean/{vol.volume_id:020d}"]
+                + [f"lease/{k}" for k in dropped],
             )
-        await self.release_on_agents(lay.extents())
-        logger.info("deleted volume %s", name)
+        await self.release_on_agents(extents, mark=False)
+        logger.info("deleted volume %s%s%s", name, " (forced, leases broken)" if held else "",
+                    f" for {who}" if who else "")
+
+    # ------------------------------------------------------------------ leases
+    def _live_leases(self, volume_id: int, now: Optional[float] = None) -> list[Lease]:
+        now = now or time.monotonic()
+        return [lease for lease in self.leases.values() if lease.volume_id == volume_id and lease.expires > now]
+
+    def expire_leases(self) -> None:
+        now = time.monotonic()
+        gone = [lease for lease in self.leases.values() if lease.expires <= now]
+        puts: dict[str, bytes] = {}
+        for lease in gone:
+            del self.leases[lease.lease_id]
+            if lease.mode == "write":
+                self.unclean.add(lease.volume_id)
+                puts[f"unclean/{lease.volume_id:020d}"] = _j(lease.volume_id)
+            logger.info("lease of %s on volume %d (%s) expired", lease.holder, lease.volume_id, lease.mode)
+        if gone:
+            self.store.commit(puts, [f"lease/{lease.lease_id}" for lease in gone])
+
+    async def open_volume(self, name: str, write: bool, holder: str, force: bool = False) -> Lease:
+        """Take a lease: ``write`` is exclusive (see "Writer leases"), readers share."""
+        async with self.lock:
+            self.expire_leases()
+            vol = self.volume(name)
+            vid = vol.volume_id
+            lease = Lease(uuid.uuid4().hex, vid, "write" if write else "read", holder or "unknown", time.time(),
+                          time.monotonic() + LEASE_TTL)
+            if write:
+                writers = [w for w in self._live_leases(vid) if w.mode == "write"]
+                if writers and not force:
+                    raise LeaseError(
+                        f"volume {name!r} is open for writing by {writers[0].holder} (since "
+                        f"{time.strftime('%H:%M:%S', time.localtime(writers[0].granted))}); open it read-only, "
+                        f"or take it over with --force (that fences the current writer)"
+                    )
+                if writers or vid in self.unclean:
+                    await self._fence_writers(vol, [w.holder for w in writers])
+                deletes = [f"lease/{w.lease_id}" for w in writers] + [f"unclean/{vid:020d}"]
+                for w in writers:
+                    del self.leases[w.lease_id]
+                    logger.warning("writer lease of %s on volume %s broken by %s", w.holder, name, holder)
+                self.unclean.discard(vid)
+            else:
+                deletes = []
+            self.leases[lease.lease_id] = lease
+            self.store.commit({f"lease/{lease.lease_id}": _j(_lease_dict(lease))}, deletes)
+            logger.info("%s lease on volume %s taken by %s", lease.mode, name, lease.holder)
+            return lease
+
+    async def _fence_writers(self, vol: VolumeRec, holders: list[str]) -> None:
+        """Raise the volume's generation and fence every extent at it (all agents must acknowledge)."""
+        lay = self.layouts[vol.volume_id]
+        if lay.target is not None:
+            raise LeaseError(
+                f"volume {vol.name!r} is being re-spread: a writer cannot be fenced now; wait for the "
+                "rebalance or cancel it"
+            )
+        g = lay.generation + 1
+        try:
+            await self.fence_on_agents(vol.volume_id, lay.extents(), g)
+        except UnavailableError as exc:
+            raise UnavailableError(f"cannot fence the previous writer of {vol.name!r}: {exc}") from None
+        new = Layout(lay.volume_id, lay.name, g, lay.size, lay.stripe_unit, lay.columns)
+        self.layouts[vol.volume_id] = new
+        fences = self.fences.setdefault(vol.volume_id, {})
+        for e in new.extents():
+            fences[e.extent_id] = max(fences.get(e.extent_id, 1), g)
+        self.persist_volume(vol)
+        logger.info("volume %s fenced at generation %d (previous writer: %s)", vol.name, g,
+                    ", ".join(holders) or "expired")
+
+    def renew_lease(self, lease_id: str) -> Lease:
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.expires <= time.monotonic():
+            raise LeaseError("the lease is gone (it expired or was taken over)")
+        lease.expires = time.monotonic() + LEASE_TTL
+        return lease
+
+    def check_lease(self, lease_id: str, volume_id: int) -> None:
+        """For GetLayout: a holder whose lease was broken must learn it, not get a new generation."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.volume_id != volume_id or lease.expires <= time.monotonic():
+            raise LeaseError("the lease on this volume is gone (it expired or was taken over); reopen the volume")
+
+    async def close_lease(self, lease_id: str) -> None:
+        async with self.lock:
+            lease = self.leases.pop(lease_id, None)
+            if lease is None:
+                return
+            self.store.commit({}, [f"lease/{lease_id}"])
+            logger.info("%s lease on volume %d released by %s", lease.mode, lease.volume_id, lease.holder)
+
+    def holders(self, volume_id: int) -> list[Lease]:
+        return sorted(self._live_leases(volume_id), key=lambda lease: (lease.mode != "write", lease.granted))
 
     def layout(self, name: str = "", volume_id: int = 0) -> tuple[Layout, list[Endpoint]]:
         vol = self.volume(name) if name else self.volume_by_id(volume_id)
@@ -406,6 +785,8 @@ class MetaService:
             "stripe_width": lay.width, "generation": lay.generation,
             "state": "migrating" if lay.target is not None else vol.state, "created": vol.created,
             "drives": drives, "hosts": hosts,
+            "holders": [{"lease_id": "", "mode": h.mode, "holder": h.holder, "granted": h.granted}
+                        for h in self.holders(vol.volume_id)],
         }
 
     def pool_status(self) -> dict[str, Any]:
@@ -428,8 +809,12 @@ class MetaService:
                 drives.append({"drive": d, "used": used, "extents": counts.get(did, 0)})
                 if (not alive or d.state != "ok") and counts.get(did, 0):
                     degraded = True
-            agents.append({"agent": a, "alive": alive and a.ready, "drives": drives})
+            agents.append({"agent": a, "alive": alive and a.ready, "drives": drives,
+                           "last_seen": a.last_seen_wall if a.last_seen else 0.0})
         cap = sum(d.capacity for d in self.drives.values())
         used = sum(s.used_bytes for s in spaces.values())
         health = "empty" if not self.drives else ("degraded" if degraded else "ok")
-        return {"agents": agents, "capacity": cap, "used": used, "volumes": len(self.volumes), "health": health}
+        releasing = [r for r in self.reserved.values() if r.kind == "releasing"]
+        return {"agents": agents, "capacity": cap, "used": used, "volumes": len(self.volumes), "health": health,
+                "pool_id": self.pool_id, "releasing_extents": len(releasing),
+                "releasing_bytes": sum(r.length for r in releasing)}

@@ -228,6 +228,10 @@ class Rebalancer:
                     for d in a.drives:
                         svc.drives.pop(d, None)
                         deletes.append(f"drive/{d}")
+                        # the drive leaves the pool: nothing on it can be reused by this pool any more
+                        for eid in [e for e, r in svc.reserved.items() if r.drive_id == d]:
+                            del svc.reserved[eid]
+                            deletes.append(svc._rkey(eid))
                     svc.agents.pop(a.agent_id, None)
                     deletes.append(f"agent/{a.agent_id}")
                 svc.store.commit({}, deletes)
@@ -295,18 +299,25 @@ class Rebalancer:
                 old_ids = {e.extent_id for e in lay.extents()}
                 new_ext = [e for e in planned.extents() if e.extent_id not in old_ids]
                 svc.next_extent_id = max([svc.next_extent_id] + [e.extent_id + 1 for e in new_ext])
-                svc.store.commit(svc._counters())  # ids are burned even if the agents refuse
                 g1 = lay.generation + 1
+                # ids are burned and the space reserved even if the agents refuse (see pool/meta.py)
+                svc.store.commit({**svc._counters(), **svc.reserve_pending(vid, new_ext, g1)})
                 try:
                     await svc.assign_on_agents(vid, new_ext, g1)
                 except UnavailableError as exc:
                     logger.warning("assigning target extents of %s: %s; retrying", vol.name, exc)
+                except BaseException:
+                    svc.rollback_pending(new_ext)
+                    raise
                 else:
                     target = Layout(vid, vol.name, g1, lay.size, lay.stripe_unit, planned.columns)
                     lay = lay.with_target(target, g1)
                     svc.layouts[vid] = lay
                     svc.fences[vid].update({e.extent_id: g1 for e in new_ext})
-                    svc.store.commit({**svc._volume_puts(vol), f"migration/{vid:020d}": b'{"done":0}'})
+                    svc.store.commit({**svc._volume_puts(vol), f"migration/{vid:020d}": b'{"done":0}'},
+                                     svc.unreserve(new_ext))
+                    logger.info("rebalance: volume %s prepared at generation %d (%d new extents)", vol.name, g1,
+                                len(new_ext))
                     break
             if self._cancel:
                 return False
@@ -395,11 +406,13 @@ class Rebalancer:
                     fences.pop(e.extent_id, None)
                 for e in final.extents():
                     fences[e.extent_id] = max(fences.get(e.extent_id, 1), g2)
-                svc.store.commit(svc._volume_puts(vol), [f"migration/{vid:020d}"])
+                # one commit: the dropped extents leave the layout and become releasing together
+                svc.store.commit({**svc._volume_puts(vol), **svc.mark_releasing(drop, vid, g2, commit=False)},
+                                 [f"migration/{vid:020d}"])
             await self._retry("fencing the new layout", lambda: svc.fence_on_agents(vid, final.extents(), g2))
             if drop:
                 # a client still writing them gets NO_EXTENT, re-fetches (generation g2) and retries
-                await svc.release_on_agents(drop)
+                await svc.release_on_agents(drop, mark=False)
             logger.info("volume %s now at generation %d (%d columns)", vol.name, g2, final.width)
         finally:
             self._cancel = was_cancel

@@ -56,6 +56,11 @@ class UnavailableError(NvpoolError, ConnectionError):
     """A peer could not be reached, or went away mid-request."""
 
 
+class LeaseError(NvpoolError):
+    """The volume is held by someone else (a writer, or any opener for delete), or this process's
+    lease on it is gone (it expired, or another writer took over and fenced this one)."""
+
+
 class ProtocolError(NvpoolError):
     """A peer sent bytes that violate the protocol; the connection must be dropped."""
 

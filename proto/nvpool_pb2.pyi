@@ -104,7 +104,7 @@ class Layout(_message.Message):
     def __init__(self, current: _Optional[_Union[LayoutBody, _Mapping]] = ..., target: _Optional[_Union[LayoutBody, _Mapping]] = ..., has_target: _Optional[bool] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
 
 class Volume(_message.Message):
-    __slots__ = ("volume_id", "name", "size", "stripe_unit", "stripe_width", "generation", "state", "created", "drives", "hosts")
+    __slots__ = ("volume_id", "name", "size", "stripe_unit", "stripe_width", "generation", "state", "created", "drives", "hosts", "holders")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class Volume(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     DRIVES_FIELD_NUMBER: _ClassVar[int]
     HOSTS_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_FIELD_NUMBER: _ClassVar[int]
     volume_id: int
     name: str
     size: int
@@ -125,10 +126,23 @@ class Volume(_message.Message):
     created: float
     drives: _containers.RepeatedScalarFieldContainer[str]
     hosts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, volume_id: _Optional[int] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., stripe_unit: _Optional[int] = ..., stripe_width: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[str] = ..., created: _Optional[float] = ..., drives: _Optional[_Iterable[str]] = ..., hosts: _Optional[_Iterable[str]] = ...) -> None: ...
+    holders: _containers.RepeatedCompositeFieldContainer[Holder]
+    def __init__(self, volume_id: _Optional[int] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., stripe_unit: _Optional[int] = ..., stripe_width: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[str] = ..., created: _Optional[float] = ..., drives: _Optional[_Iterable[str]] = ..., hosts: _Optional[_Iterable[str]] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ...) -> None: ...
+
+class Holder(_message.Message):
+    __slots__ = ("lease_id", "mode", "holder", "granted")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    mode: str
+    holder: str
+    granted: float
+    def __init__(self, lease_id: _Optional[str] = ..., mode: _Optional[str] = ..., holder: _Optional[str] = ..., granted: _Optional[float] = ...) -> None: ...
 
 class RegisterAgentRequest(_message.Message):
-    __slots__ = ("agent_id", "host", "rack", "address", "control_address", "unix_path", "drives", "extents", "version")
+    __slots__ = ("agent_id", "host", "rack", "address", "control_address", "unix_path", "drives", "extents", "version", "pool_id", "instance")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     RACK_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +152,8 @@ class RegisterAgentRequest(_message.Message):
     DRIVES_FIELD_NUMBER: _ClassVar[int]
     EXTENTS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     host: str
     rack: str
@@ -147,35 +163,51 @@ class RegisterAgentRequest(_message.Message):
     drives: _containers.RepeatedCompositeFieldContainer[DriveInfo]
     extents: _containers.RepeatedCompositeFieldContainer[ExtentRecord]
     version: str
-    def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., control_address: _Optional[str] = ..., unix_path: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+    pool_id: str
+    instance: str
+    def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., control_address: _Optional[str] = ..., unix_path: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., version: _Optional[str] = ..., pool_id: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class RegisterAgentResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_ms", "extents")
+    __slots__ = ("heartbeat_interval_ms", "extents", "pool_id")
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_ms: int
     extents: _containers.RepeatedCompositeFieldContainer[ExtentRecord]
-    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ...) -> None: ...
+    pool_id: str
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., pool_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("agent_id", "drives", "bytes_read", "bytes_written", "commands")
+    __slots__ = ("agent_id", "drives", "bytes_read", "bytes_written", "commands", "instance", "extents_digest", "released")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     DRIVES_FIELD_NUMBER: _ClassVar[int]
     BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     COMMANDS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     drives: _containers.RepeatedCompositeFieldContainer[DriveInfo]
     bytes_read: int
     bytes_written: int
     commands: int
-    def __init__(self, agent_id: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., commands: _Optional[int] = ...) -> None: ...
+    instance: str
+    extents_digest: bytes
+    released: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, agent_id: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., commands: _Optional[int] = ..., instance: _Optional[str] = ..., extents_digest: _Optional[bytes] = ..., released: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("reregister",)
+    __slots__ = ("reregister", "reconcile", "keep", "release")
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
+    RECONCILE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     reregister: bool
-    def __init__(self, reregister: _Optional[bool] = ...) -> None: ...
+    reconcile: bool
+    keep: _containers.RepeatedCompositeFieldContainer[ExtentRecord]
+    release: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reregister: _Optional[bool] = ..., reconcile: _Optional[bool] = ..., keep: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CreateVolumeRequest(_message.Message):
     __slots__ = ("name", "size", "stripe_unit", "stripe_width")
@@ -214,22 +246,70 @@ class ResizeVolumeRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class DeleteVolumeRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "force")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class DeleteVolumeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetLayoutRequest(_message.Message):
-    __slots__ = ("name", "volume_id")
+    __slots__ = ("name", "volume_id", "lease_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     volume_id: int
-    def __init__(self, name: _Optional[str] = ..., volume_id: _Optional[int] = ...) -> None: ...
+    lease_id: str
+    def __init__(self, name: _Optional[str] = ..., volume_id: _Optional[int] = ..., lease_id: _Optional[str] = ...) -> None: ...
+
+class OpenVolumeRequest(_message.Message):
+    __slots__ = ("name", "write", "force", "holder")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    write: bool
+    force: bool
+    holder: str
+    def __init__(self, name: _Optional[str] = ..., write: _Optional[bool] = ..., force: _Optional[bool] = ..., holder: _Optional[str] = ...) -> None: ...
+
+class OpenVolumeResponse(_message.Message):
+    __slots__ = ("lease_id", "ttl_ms", "volume")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    ttl_ms: int
+    volume: Volume
+    def __init__(self, lease_id: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ...) -> None: ...
+
+class RenewLeaseRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
+class RenewLeaseResponse(_message.Message):
+    __slots__ = ("ttl_ms",)
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    ttl_ms: int
+    def __init__(self, ttl_ms: _Optional[int] = ...) -> None: ...
+
+class CloseVolumeRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
+class CloseVolumeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class AgentStatus(_message.Message):
     __slots__ = ("agent_id", "host", "rack", "address", "alive", "last_seen", "drives", "state")
@@ -266,20 +346,26 @@ class PoolStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PoolStatusResponse(_message.Message):
-    __slots__ = ("agents", "capacity", "used", "volumes", "health", "rebalance")
+    __slots__ = ("agents", "capacity", "used", "volumes", "health", "rebalance", "pool_id", "releasing_extents", "releasing_bytes")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
     VOLUMES_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     REBALANCE_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    RELEASING_EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    RELEASING_BYTES_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[AgentStatus]
     capacity: int
     used: int
     volumes: int
     health: str
     rebalance: RebalanceStatus
-    def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., volumes: _Optional[int] = ..., health: _Optional[str] = ..., rebalance: _Optional[_Union[RebalanceStatus, _Mapping]] = ...) -> None: ...
+    pool_id: str
+    releasing_extents: int
+    releasing_bytes: int
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., volumes: _Optional[int] = ..., health: _Optional[str] = ..., rebalance: _Optional[_Union[RebalanceStatus, _Mapping]] = ..., pool_id: _Optional[str] = ..., releasing_extents: _Optional[int] = ..., releasing_bytes: _Optional[int] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
     __slots__ = ("plan_only", "max_rate", "volumes")

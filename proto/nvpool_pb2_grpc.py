@@ -70,6 +70,21 @@ class MetaStub:
                 request_serializer=nvpool_dot_proto_dot_nvpool__pb2.DeleteVolumeRequest.SerializeToString,
                 response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.DeleteVolumeResponse.FromString,
                 _registered_method=True)
+        self.OpenVolume = channel.unary_unary(
+                '/nvpool.v1.Meta/OpenVolume',
+                request_serializer=nvpool_dot_proto_dot_nvpool__pb2.OpenVolumeRequest.SerializeToString,
+                response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.OpenVolumeResponse.FromString,
+                _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/nvpool.v1.Meta/RenewLease',
+                request_serializer=nvpool_dot_proto_dot_nvpool__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.RenewLeaseResponse.FromString,
+                _registered_method=True)
+        self.CloseVolume = channel.unary_unary(
+                '/nvpool.v1.Meta/CloseVolume',
+                request_serializer=nvpool_dot_proto_dot_nvpool__pb2.CloseVolumeRequest.SerializeToString,
+                response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.CloseVolumeResponse.FromString,
+                _registered_method=True)
         self.GetLayout = channel.unary_unary(
                 '/nvpool.v1.Meta/GetLayout',
                 request_serializer=nvpool_dot_proto_dot_nvpool__pb2.GetLayoutRequest.SerializeToString,
@@ -142,6 +157,24 @@ class MetaServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseVolume(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,6 +253,21 @@ def add_MetaServicer_to_server(servicer, server):
                     servicer.DeleteVolume,
                     request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.DeleteVolumeRequest.FromString,
                     response_serializer=nvpool_dot_proto_dot_nvpool__pb2.DeleteVolumeResponse.SerializeToString,
+            ),
+            'OpenVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenVolume,
+                    request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.OpenVolumeRequest.FromString,
+                    response_serializer=nvpool_dot_proto_dot_nvpool__pb2.OpenVolumeResponse.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=nvpool_dot_proto_dot_nvpool__pb2.RenewLeaseResponse.SerializeToString,
+            ),
+            'CloseVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseVolume,
+                    request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.CloseVolumeRequest.FromString,
+                    response_serializer=nvpool_dot_proto_dot_nvpool__pb2.CloseVolumeResponse.SerializeToString,
             ),
             'GetLayout': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLayout,
@@ -441,6 +489,87 @@ class Meta:
             '/nvpool.v1.Meta/DeleteVolume',
             nvpool_dot_proto_dot_nvpool__pb2.DeleteVolumeRequest.SerializeToString,
             nvpool_dot_proto_dot_nvpool__pb2.DeleteVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvpool.v1.Meta/OpenVolume',
+            nvpool_dot_proto_dot_nvpool__pb2.OpenVolumeRequest.SerializeToString,
+            nvpool_dot_proto_dot_nvpool__pb2.OpenVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvpool.v1.Meta/RenewLease',
+            nvpool_dot_proto_dot_nvpool__pb2.RenewLeaseRequest.SerializeToString,
+            nvpool_dot_proto_dot_nvpool__pb2.RenewLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvpool.v1.Meta/CloseVolume',
+            nvpool_dot_proto_dot_nvpool__pb2.CloseVolumeRequest.SerializeToString,
+            nvpool_dot_proto_dot_nvpool__pb2.CloseVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

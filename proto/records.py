@@ -3,7 +3,10 @@ extent as an agent holds it. No protobuf here; ``proto/convert.py`` converts at 
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from dataclasses import dataclass
+from typing import Iterable
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,3 +31,12 @@ class ExtentRecord:
     length: int
     volume_id: int
     min_generation: int
+
+
+def extent_digest(extent_ids: Iterable[int]) -> bytes:
+    """A short digest of a set of extent ids: an agent and the metadata service compare their views
+    of what the agent holds on every heartbeat without sending the whole list."""
+    h = hashlib.sha256()
+    for eid in sorted(set(extent_ids)):
+        h.update(struct.pack("<Q", eid))
+    return h.digest()[:16]

@@ -238,3 +238,53 @@ def test_large_read_while_congested_is_still_answered(tmp_path: Path) -> None:
     assert events[1].payload is not None and bytes(events[1].payload) == b"\x5a" * (256 * 1024)
     a.close()
     b.close()
+
+
+def test_assign_refuses_an_extent_over_bytes_another_extent_holds(tmp_path: Path) -> None:
+    """Two live extents never share bytes: a stale client of one could write into the other."""
+    d = new_drive(tmp_path)
+    core = AgentCore([d])
+    core.assign([ExtentRecord(1, d.drive_id, DATA_OFFSET, 4 * MiB, 1, 1)], zero=True)
+    for off, n in ((DATA_OFFSET, MiB), (DATA_OFFSET + 3 * MiB, 2 * MiB), (DATA_OFFSET - MiB, 2 * MiB)):
+        with pytest.raises(UsageError, match="overlap extent 1"):
+            core.assign([ExtentRecord(2, d.drive_id, off, n, 2, 1)], zero=True)
+    # two new extents that overlap each other in one request
+    with pytest.raises(UsageError, match="overlap"):
+        core.assign([ExtentRecord(3, d.drive_id, DATA_OFFSET + 8 * MiB, 2 * MiB, 2, 1),
+                     ExtentRecord(4, d.drive_id, DATA_OFFSET + 9 * MiB, 2 * MiB, 2, 1)], zero=True)
+    assert set(core.extents) == {1}
+    core.assign([ExtentRecord(2, d.drive_id, DATA_OFFSET + 4 * MiB, MiB, 2, 1)], zero=True)  # adjacent: fine
+    core.assign([ExtentRecord(1, d.drive_id, DATA_OFFSET, 4 * MiB, 1, 1)], zero=True)  # idempotent re-assign
+    assert set(core.extents) == {1, 2}
+
+
+def test_reconciliation_drops_and_raises_fences_but_never_adds(tmp_path: Path) -> None:
+    d = new_drive(tmp_path)
+    core = AgentCore([d])
+    r1 = ExtentRecord(1, d.drive_id, DATA_OFFSET, MiB, 1, 1)
+    r2 = ExtentRecord(2, d.drive_id, DATA_OFFSET + MiB, MiB, 1, 5)
+    core.assign([r1, r2], zero=True)
+    new = ExtentRecord(3, d.drive_id, DATA_OFFSET + 2 * MiB, MiB, 1, 1)
+    dropped = core.keep_only([ExtentRecord(1, d.drive_id, DATA_OFFSET, MiB, 1, 4),
+                              ExtentRecord(2, d.drive_id, DATA_OFFSET + MiB, MiB, 1, 2), new])
+    assert dropped == [] and set(core.extents) == {1, 2}  # 3 was not added
+    assert core.extents[1].min_generation == 4 and core.extents[2].min_generation == 5  # never lowered
+    assert core.keep_only([core.extents[2]]) == [1]
+    assert AgentCore([d]).extents == {2: core.extents[2]}  # persisted
+
+
+def test_a_drive_is_served_by_one_agent_at_a_time(tmp_path: Path) -> None:
+    d = new_drive(tmp_path)
+    with pytest.raises(UsageError, match="in use by another nvpool agent"):
+        Drive.open(DriveSpec(str(tmp_path / "d0")))
+    d.close()
+    Drive.open(DriveSpec(str(tmp_path / "d0"))).close()
+
+
+def test_pool_id_is_written_to_the_label(tmp_path: Path) -> None:
+    d = new_drive(tmp_path)
+    assert d.pool_id == ""
+    d.set_pool("p1")
+    d.close()
+    again = Drive.open(DriveSpec(str(tmp_path / "d0")))
+    assert again.pool_id == "p1" and again.drive_id == d.drive_id

@@ -11,7 +11,7 @@ from nvpool.pool.kvstore import MemoryStore
 from nvpool.proto.layout import Extent
 from nvpool.pool.meta import AgentRec, DriveRec, MetaService
 from nvpool.proto.records import ExtentRecord
-from nvpool.proto.errors import CapacityError, UnavailableError
+from nvpool.proto.errors import AlreadyExistsError, CapacityError, UnavailableError, UsageError
 
 MiB = 1 << 20
 
@@ -45,7 +45,7 @@ async def register(svc: MetaService, n: int, heartbeat: bool = True) -> None:
         a = AgentRec(f"a{i}", f"h{i}", "", f"127.0.0.1:{7000 + i}", f"ctl{i}", "", [])
         await svc.register_agent(a, [DriveRec(f"d{i}", f"a{i}", f"/d{i}", 256 * MiB, 2 * MiB)])
         if heartbeat:
-            assert svc.heartbeat(f"a{i}", {}) is False
+            assert svc.heartbeat(f"a{i}", {}).reregister is False
 
 
 def test_new_agent_takes_no_extents_until_it_heartbeats() -> None:
@@ -57,7 +57,7 @@ def test_new_agent_takes_no_extents_until_it_heartbeats() -> None:
             await svc.create_volume("v", 8 * MiB)
         svc.heartbeat("a0", {})
         assert [d.drive_id for d in svc.drive_spaces() if d.usable] == ["d0"]
-        assert svc.heartbeat("nobody", {}) is True  # unknown agent: register again
+        assert svc.heartbeat("nobody", {}).reregister is True  # unknown agent: register again
 
     asyncio.run(body())
 
@@ -97,8 +97,23 @@ def test_deleted_volume_leaves_the_authoritative_extent_list() -> None:
         ext: list[Extent] = list(svc.layouts[vol.volume_id].extents())
         await svc.delete_volume("gone")
         assert svc.extents_for_agent("a0") == [] and set(link.released) == {e.extent_id for e in ext}
+        # not free until every agent confirmed the drop: a stopped agent may still serve them
+        assert all(d.used != () for d in svc.drive_spaces())
+        with pytest.raises(CapacityError):
+            await svc.create_volume("big", 508 * MiB)
+        for a, d in (("a0", "d0"), ("a1", "d1")):
+            mine = sorted(e.extent_id for e in ext if e.drive_id == d)
+            assert svc.heartbeat(a, {}).release == mine  # told again at every heartbeat
+            assert svc.heartbeat(a, {}, released=[]).release == mine
+            # a confirmation for another agent's extents frees nothing
+            other = [e.extent_id for e in ext if e.drive_id != d]
+            before = set(svc.reserved)
+            svc.heartbeat(a, {}, released=other)
+            assert set(svc.reserved) == before
+            assert svc.heartbeat(a, {}, released=mine).release == []
         # the space is free again
         assert all(d.used == () for d in svc.drive_spaces())
+        await svc.create_volume("big", 508 * MiB)
 
     asyncio.run(body())
 
@@ -117,5 +132,85 @@ def test_drive_moved_to_another_server_keeps_its_extents() -> None:
         assert svc.extents_for_agent("a0") == [] and "d0" not in svc.agents["a0"].drives
         _, eps = svc.layout("m")
         assert {e.drive_id: e.agent_id for e in eps}["d0"] == "a9"
+
+    asyncio.run(body())
+
+
+class BlockingLink(FakeLink):
+    """assign never returns: the metadata service dies while agents are taking the extents."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+
+    async def assign(self, address: str, records: list[ExtentRecord], zero: bool) -> None:
+        self.assigned.setdefault(address, []).extend(records)
+        self.entered.set()
+        await asyncio.Event().wait()
+
+
+def test_space_of_a_create_that_died_half_way_stays_reserved_until_released() -> None:
+    async def body() -> None:
+        store = MemoryStore()
+        link = BlockingLink()
+        svc = MetaService(store, link)
+        await register(svc, 2)
+        task = asyncio.create_task(svc.create_volume("half", 8 * MiB))
+        await link.entered.wait()
+        # the lock is not held while agents work: other mutations go on
+        await asyncio.wait_for(svc.register_agent(AgentRec("a7", "h7", "", "127.0.0.1:7007", "ctl7", "", []),
+                                                  [DriveRec("d7", "a7", "/d7", 256 * MiB, 2 * MiB)]), 2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # a caller that went away leaves nothing pending in the live service either
+        assert svc.reserved and all(r.kind == "releasing" for r in svc.reserved.values())
+        for r in list(store.data):
+            if r.startswith("reserved/"):  # as if it died before it could roll back
+                store.data[r] = store.data[r].replace(b'"releasing"', b'"pending"')
+        # "restart": a new service over the same store
+        again = MetaService(store, FakeLink())
+        assigned = {r.extent_id for rs in link.assigned.values() for r in rs}
+        assert assigned and set(again.reserved) == assigned
+        assert all(r.kind == "releasing" for r in again.reserved.values())
+        assert again.volumes == {}
+        await register(again, 2)
+        res = again.heartbeat("a0", {})
+        assert set(res.release) == {e for e in assigned if again.reserved[e].drive_id == "d0"}
+        # the agent holds them (its digest differs from the authoritative empty list): told to drop them
+        from nvpool.proto.records import extent_digest
+        mine = [r.extent_id for r in link.assigned.get("ctl0", [])]
+        assert again.heartbeat("a0", {}, digest=extent_digest(mine)).keep == []
+        assert again.heartbeat("a0", {}, digest=extent_digest([]), released=mine).keep is None
+        assert not any(r.drive_id == "d0" for r in again.reserved.values())
+
+    asyncio.run(body())
+
+
+def test_pool_identity_and_agent_identity() -> None:
+    async def body() -> None:
+        store = MemoryStore()
+        svc = MetaService(store, FakeLink())
+        assert svc.pool_id and MetaService(store, FakeLink()).pool_id == svc.pool_id  # persisted
+        assert MetaService(MemoryStore(), FakeLink()).pool_id != svc.pool_id
+        a = AgentRec("a0", "h0", "", "127.0.0.1:7000", "ctl0", "", [], instance="i1")
+        drive = DriveRec("d0", "a0", "/d0", 256 * MiB, 2 * MiB)
+        with pytest.raises(UsageError, match="belongs to pool"):
+            await svc.register_agent(a, [drive], pool_id="another-pool")
+        with pytest.raises(UsageError, match="never allocated"):
+            await svc.register_agent(a, [drive], pool_id=svc.pool_id, held=[svc.next_extent_id + 3])
+        await svc.register_agent(a, [drive], pool_id=svc.pool_id)
+        assert svc.heartbeat("a0", {}, instance="i1").reregister is False
+        # a second live agent with the same name and other drives is refused
+        twin = AgentRec("a0", "h9", "", "127.0.0.1:7999", "ctl9", "", [], instance="i2")
+        with pytest.raises(AlreadyExistsError, match="another --name"):
+            await svc.register_agent(twin, [DriveRec("d9", "a0", "/d9", 256 * MiB, 2 * MiB)])
+        assert svc.agents["a0"].address == "127.0.0.1:7000"
+        # its heartbeats do not keep the entry alive
+        assert svc.heartbeat("a0", {}, instance="i2").reregister is True
+        # the same agent restarted (same drives, new instance) is welcome
+        again = AgentRec("a0", "h0", "", "127.0.0.1:7001", "ctl0", "", [], instance="i3")
+        await svc.register_agent(again, [drive])
+        assert svc.agents["a0"].address == "127.0.0.1:7001"
 
     asyncio.run(body())

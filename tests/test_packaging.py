@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,10 +17,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A non-editable install of a copy of the tree (building in place would leave build/ behind)."""
+    src = tmp_path_factory.mktemp("src") / "nvpool"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".nvpool", "build", "*.egg-info", "__pycache__", ".mypy_cache", ".ruff_cache"))
     target = tmp_path_factory.mktemp("site")
     p = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-compile",
-         "--target", str(target), str(ROOT)],
+         "--target", str(target), str(src)],
         capture_output=True, text=True, timeout=300,
     )
     assert p.returncode == 0, p.stderr
