@@ -35,7 +35,7 @@ from nvpool.agents.core import AgentCore
 from nvpool.agents.dataplane import start_tcp
 from nvpool.agents.shm import start_unix
 from nvpool import __version__
-from nvpool.agents.drive import Drive, DriveSpec
+from nvpool.agents.drive import DATA_OFFSET, Drive, DriveSpec
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
 from nvpool.proto.convert import extent_record_from_pb, extent_record_to_pb
@@ -209,21 +209,21 @@ class StorageAgent:
             extents_digest=extent_digest(held), released=released,
         )
 
-    def _apply_heartbeat(self, hb: pb.HeartbeatResponse, sent: pb.HeartbeatRequest) -> None:
+    async def _apply_heartbeat(self, hb: pb.HeartbeatResponse, sent: pb.HeartbeatRequest) -> None:
         self._released -= set(sent.released)  # confirmed: the service has freed them
         if hb.reconcile:
-            self.core.keep_only(extent_record_from_pb(r) for r in hb.keep)
+            before = dict(self.core.extents)
+            dropped = self.core.keep_only(extent_record_from_pb(r) for r in hb.keep)
+            await self.core.punch_async(before[e] for e in dropped)
         if hb.release:
-            self.core.release(hb.release)
+            await self.core.release_async(hb.release)
             self._released |= set(hb.release)
 
     def _drive_infos(self) -> list[pb.DriveInfo]:
-        from nvpool.agents.drive import DATA_OFFSET
-
         return [
             pb.DriveInfo(
                 drive_id=d.drive_id, path=d.path, capacity=d.capacity, data_offset=DATA_OFFSET,
-                state="failed" if d.failed else "ok",
+                state="failed" if d.failed else "ok", errors=d.errors, last_error=d.last_error,
             )
             for d in self.core.drives.values()
         ]
@@ -256,7 +256,7 @@ class StorageAgent:
                         hb = await stub.Heartbeat(req, timeout=max(2 * interval, 2.0))
                         need_register = hb.reregister
                         if not need_register:
-                            self._apply_heartbeat(hb, req)
+                            await self._apply_heartbeat(hb, req)
                             self.registered.set()  # registered, extents adopted, placeable
                     backoff = 0.2
                     await asyncio.sleep(interval)

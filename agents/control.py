@@ -42,14 +42,14 @@ class AgentServicer(pbg.AgentServicer):  # type: ignore[misc]
 
     async def AssignExtents(self, request: Any, context: Any) -> pb.AssignExtentsResponse:
         try:
-            self.core.assign([extent_record_from_pb(r) for r in request.extents], zero=request.zero)
+            await self.core.assign_async([extent_record_from_pb(r) for r in request.extents], zero=request.zero)
         except (NvpoolError, OSError) as exc:
             await _abort(context, exc)
         return pb.AssignExtentsResponse()
 
     async def ReleaseExtents(self, request: Any, context: Any) -> pb.ReleaseExtentsResponse:
         try:
-            self.core.release(request.extent_ids)
+            await self.core.release_async(request.extent_ids)
         except (NvpoolError, OSError) as exc:
             await _abort(context, exc)
         return pb.ReleaseExtentsResponse()

@@ -26,6 +26,7 @@ event loop, so applying a chunk is atomic with respect to client writes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, TypeVar
@@ -65,6 +66,8 @@ class AgentCore:
         self.extents: dict[int, ExtentRecord] = {}
         self.stats = Stats()
         self._copies: dict[int, list[CopyInFlight]] = {}
+        #: extents being zeroed and reserved by ``assign_async`` (not yet served)
+        self._assigning: dict[int, ExtentRecord] = {}
         for d in self.drives.values():
             for rec in d.load_extents():
                 self.extents[rec.extent_id] = rec
@@ -176,21 +179,23 @@ class AgentCore:
             raise RemoteError(Status.IO_ERROR, str(exc)) from None
 
     # ------------------------------------------------------------------ control path
-    def assign(self, records: Iterable[ExtentRecord], zero: bool) -> None:
-        """Add extents (zeroed first if asked). Re-assigning the same extent is idempotent."""
-        recs = list(records)
+    def _check_assign(self, recs: list[ExtentRecord]) -> list[ExtentRecord]:
+        """Validate an assignment; returns the records that are new (re-assigning is idempotent)."""
+        busy = list(self.extents.values()) + list(self._assigning.values())
         for r in recs:
             drive = self.drives.get(r.drive_id)
             if drive is None:
                 raise NotFoundError(f"drive {r.drive_id} is not attached to this agent")
             if r.drive_offset < 0 or r.drive_offset + r.length > drive.size or r.length <= 0:
                 raise UsageError(f"extent {r.extent_id} does not fit drive {r.drive_id}")
-            old = self.extents.get(r.extent_id)
+            if drive.failed:
+                raise UsageError(f"drive {r.drive_id} has failed ({drive.failed}); it takes no new extents")
+            old = self.extents.get(r.extent_id) or self._assigning.get(r.extent_id)
             if old is not None and (old.drive_id, old.drive_offset, old.length) != (
                 r.drive_id, r.drive_offset, r.length,
             ):
                 raise UsageError(f"extent {r.extent_id} already exists with another placement")
-            for other in list(self.extents.values()) + [x for x in recs if x is not r]:
+            for other in busy + [x for x in recs if x is not r]:
                 if (other.extent_id != r.extent_id and other.drive_id == r.drive_id
                         and other.drive_offset < r.drive_offset + r.length
                         and r.drive_offset < other.drive_offset + other.length):
@@ -199,12 +204,63 @@ class AgentCore:
                         f"([{r.drive_offset}, {r.drive_offset + r.length}) and "
                         f"[{other.drive_offset}, {other.drive_offset + other.length})); refused"
                     )
-        for r in recs:
-            if zero and r.extent_id not in self.extents:
-                self.drives[r.drive_id].zero(r.drive_offset, r.length)
+        return [r for r in recs if r.extent_id not in self.extents]
+
+    def _prepare(self, r: ExtentRecord, zero: bool) -> None:
+        """Zero a new extent and make it own its space (runs on the drive's worker thread)."""
+        if zero:
+            self.drives[r.drive_id].reserve(r.drive_offset, r.length)
+
+    def assign(self, records: Iterable[ExtentRecord], zero: bool) -> None:
+        """Add extents (zeroed and reserved first if asked). Re-assigning the same extent is idempotent."""
+        recs = list(records)
+        for r in self._check_assign(recs):
+            self._io(self.drives[r.drive_id], lambda r=r: self._prepare(r, zero))  # type: ignore[misc]
         for r in recs:
             self.extents[r.extent_id] = r
         self._persist({r.drive_id for r in recs})
+
+    async def assign_async(self, records: Iterable[ExtentRecord], zero: bool) -> None:
+        """``assign`` with the zeroing and the table saves on the drives' worker threads."""
+        recs = list(records)
+        new = self._check_assign(recs)
+        for r in new:
+            self._assigning[r.extent_id] = r  # later assignments see these bytes as taken
+        try:
+            results = await asyncio.gather(
+                *(self._on_drive(r.drive_id, lambda r=r: self._prepare(r, zero)) for r in new),  # type: ignore[misc]
+                return_exceptions=True,
+            )
+            for res in results:
+                if isinstance(res, BaseException):
+                    for r in new:  # give back what was reserved
+                        try:
+                            await self._on_drive(r.drive_id, lambda r=r: self.drives[r.drive_id].release(  # type: ignore[misc]
+                                r.drive_offset, r.length))
+                        except DriveError:
+                            pass
+                    if isinstance(res, DriveError):
+                        raise UsageError(str(res)) from None
+                    raise res
+        finally:
+            for r in new:
+                self._assigning.pop(r.extent_id, None)
+        for r in recs:
+            self.extents[r.extent_id] = r
+        await self.persist_async({r.drive_id for r in recs})
+
+    async def _on_drive(self, drive_id: str, fn: Callable[[], T]) -> T:
+        drive = self.drives[drive_id]
+        return await asyncio.get_running_loop().run_in_executor(drive.worker, fn)
+
+    async def persist_async(self, drive_ids: Iterable[str]) -> None:
+        """Save the tables of ``drive_ids`` on their worker threads (snapshots taken here, on the loop)."""
+        jobs = []
+        for did in set(drive_ids):
+            d = self.drives[did]
+            snap = [r for r in self.extents.values() if r.drive_id == did]
+            jobs.append(self._on_drive(did, lambda d=d, snap=snap: d.save_extents(snap)))  # type: ignore[misc]
+        await asyncio.gather(*jobs)
 
     def release(self, extent_ids: Iterable[int]) -> None:
         touched = set()
@@ -213,6 +269,27 @@ class AgentCore:
             if rec is not None:
                 touched.add(rec.drive_id)
         self._persist(touched)
+
+    async def release_async(self, extent_ids: Iterable[int]) -> list[ExtentRecord]:
+        """Drop extents (persisted before this returns), then give their space back to the file system."""
+        gone = [rec for eid in extent_ids if (rec := self.extents.pop(eid, None)) is not None]
+        if gone:
+            await self.persist_async({r.drive_id for r in gone})
+            await self.punch_async(gone)
+        return gone
+
+    async def punch_async(self, records: Iterable[ExtentRecord]) -> None:
+        """Give dropped extents' space back, never touching bytes a held extent still covers."""
+        for r in records:
+            live = list(self.extents.values()) + list(self._assigning.values())
+            if any(o.drive_id == r.drive_id and o.drive_offset < r.drive_offset + r.length
+                   and r.drive_offset < o.drive_offset + o.length for o in live):
+                continue
+            try:
+                await self._on_drive(r.drive_id, lambda r=r: self.drives[r.drive_id].release(  # type: ignore[misc]
+                    r.drive_offset, r.length))
+            except DriveError as exc:
+                logger.warning("giving back the space of extent %d: %s", r.extent_id, exc)
 
     def fence(self, volume_id: int, min_generation: int) -> int:
         """Raise the fence of every extent of ``volume_id``; returns how many extents it covers."""

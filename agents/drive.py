@@ -7,8 +7,15 @@ Contract of a ``Drive`` (the agent's only way to touch storage):
   supports it, everything else through the page cache; ``flush()`` makes writes durable (fdatasync).
 * ``sendfile_fd`` is the descriptor to ``os.sendfile`` reads from (always the buffered one).
 * ``zero(offset, length)`` makes a range read as zeros (hole punch / BLKZEROOUT).
-* Errors surface as ``DriveError`` carrying the drive and the OS errno; the drive is then marked
-  failed and reported so to the metadata service.
+* ``reserve(offset, length)`` zeroes a newly assigned extent and makes it own its space (a sparse
+  file drive then cannot hit ENOSPC in the middle of a client's write); ``release(offset, length)``
+  gives a released extent's space back (hole punch on file drives).
+* Errors surface as ``DriveError`` carrying the drive and the OS errno, and are counted. Only errors
+  that say the device itself is broken (EIO, ENXIO, ENODEV, EROFS, ...) mark the drive failed (and
+  so every extent on it unavailable); a full file system, a quota or a bad request fails that
+  request only, and the drive stays in service for everything else.
+* Slow work (zeroing, reserving, punching, table saves) runs on the drive's own worker thread
+  (``worker``), so one slow drive never stalls the agent's event loop (Swift's per-disk thread pool).
 
 On-disk format (the first ``LABEL_AREA`` bytes; extents start at ``DATA_OFFSET``)::
 
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 import os
@@ -89,6 +97,10 @@ class Drive:
         self.drive_id = drive_id
         self.size = size
         self.failed: Optional[str] = None
+        #: I/O errors seen (each failed request counts), and the last one, for `pool status`
+        self.errors = 0
+        self.last_error = ""
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"drive-{drive_id[:8]}")
         self._table_seq = 0
         self._table_lock = threading.Lock()
 
@@ -161,6 +173,7 @@ class Drive:
         self.label, self.pool_id = label, pool_id
 
     def close(self) -> None:
+        self.worker.shutdown(wait=True)
         for fd in (self.fd, self.direct_fd):
             if fd is not None:
                 try:
@@ -217,10 +230,21 @@ class Drive:
                 raise self._fail(exc) from None
 
     # ------------------------------------------------------------------ I/O
+    #: errno values that mean the device is broken, not that one request could not be served
+    FATAL_ERRNOS = frozenset({errno.EIO, errno.ENXIO, errno.ENODEV, errno.EROFS, errno.EBADF, errno.EUCLEAN})
+
     def _fail(self, exc: OSError) -> DriveError:
-        self.failed = exc.strerror or str(exc)
-        logger.error("drive %s (%s) failed: %s", self.drive_id, self.path, self.failed)
-        return DriveError(self.drive_id, exc.errno or errno.EIO, self.failed)
+        code = exc.errno or errno.EIO
+        msg = exc.strerror or str(exc)
+        self.errors += 1
+        self.last_error = msg
+        if code in self.FATAL_ERRNOS:
+            if not self.failed:
+                logger.error("drive %s (%s) failed: %s", self.drive_id, self.path, msg)
+            self.failed = msg
+        else:
+            logger.warning("drive %s (%s): request failed: %s (drive stays in service)", self.drive_id, self.path, msg)
+        return DriveError(self.drive_id, code, msg)
 
     def _fd_for(self, length: int, offset: int, page_aligned: bool) -> int:
         """O_DIRECT only for page-aligned buffers (the agent's own mmap'd ones) at aligned offsets."""
@@ -256,6 +280,23 @@ class Drive:
             n = os.pwritev(self._fd_for(len(view), offset, page_aligned), [view], offset)
             while n < len(view):
                 n += os.pwritev(self.fd, [view[n:]], offset + n)
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def reserve(self, offset: int, length: int) -> None:
+        """Zero a new extent's range and allocate its space (ENOSPC: a clean refusal)."""
+        try:
+            osio.reserve_zeroed(self.fd, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                osio.punch(self.fd, offset, length)  # give back whatever was allocated
+                raise DriveError(self.drive_id, exc.errno, f"no space left to reserve {length} bytes "
+                                 f"(the file system under {self.path} is full)") from None
+            raise self._fail(exc) from None
+
+    def release(self, offset: int, length: int) -> None:
+        try:
+            osio.punch(self.fd, offset, length)
         except OSError as exc:
             raise self._fail(exc) from None
 

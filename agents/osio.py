@@ -71,6 +71,37 @@ def zero_range(fd: int, offset: int, length: int) -> None:
         pos += os.pwrite(fd, chunk[: min(len(chunk), end - pos)], pos)
 
 
+def reserve_zeroed(fd: int, offset: int, length: int) -> None:
+    """Make ``[offset, offset+length)`` read as zeros *and* own its space, so later writes cannot
+    fail with ENOSPC (a file drive is sparse). Raises OSError(ENOSPC) when the file system is full.
+    Block devices own their space already: zeroed only."""
+    if length <= 0:
+        return
+    if is_block_device(fd):
+        zero_range(fd, offset, length)
+        return
+    if _libc.fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        raise OSError(err, os.strerror(err))
+    zero_range(fd, offset, length)  # no ZERO_RANGE here: punch, then allocate
+    if _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    """Give a released range's space back to the file system (file drives; a no-op elsewhere)."""
+    if length <= 0 or is_block_device(fd):
+        return
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+
+
 def open_direct(path: str) -> int | None:
     """An O_DIRECT descriptor for ``path``, or None if the file system refuses it."""
     try:

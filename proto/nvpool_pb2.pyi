@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DriveInfo(_message.Message):
-    __slots__ = ("drive_id", "path", "capacity", "data_offset", "model", "serial", "state")
+    __slots__ = ("drive_id", "path", "capacity", "data_offset", "model", "serial", "state", "errors", "last_error")
     DRIVE_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,8 @@ class DriveInfo(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERIAL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     drive_id: str
     path: str
     capacity: int
@@ -23,7 +25,9 @@ class DriveInfo(_message.Message):
     model: str
     serial: str
     state: str
-    def __init__(self, drive_id: _Optional[str] = ..., path: _Optional[str] = ..., capacity: _Optional[int] = ..., data_offset: _Optional[int] = ..., model: _Optional[str] = ..., serial: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    errors: int
+    last_error: str
+    def __init__(self, drive_id: _Optional[str] = ..., path: _Optional[str] = ..., capacity: _Optional[int] = ..., data_offset: _Optional[int] = ..., model: _Optional[str] = ..., serial: _Optional[str] = ..., state: _Optional[str] = ..., errors: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class ExtentRecord(_message.Message):
     __slots__ = ("extent_id", "drive_id", "drive_offset", "length", "volume_id", "min_generation")

@@ -172,7 +172,12 @@ def test_cancel_keeps_every_byte(tmp_path: Path) -> None:
         with client.connect(meta) as pool:
             info = pool.volume_info("vx")
             assert info.stripe_width == 1 and info.state == "ready"
-            assert nvpool(meta, "pool", "status")["used"] == size  # the target's extents were released
+        # the target's extents are released: reserved until their agent confirms, then free
+        deadline = time.monotonic() + 20
+        while nvpool(meta, "pool", "status")["used"] != size:
+            assert time.monotonic() < deadline, "the cancelled target's space was never freed"
+            time.sleep(0.2)
+        assert nvpool(meta, "pool", "status")["releasing_extents"] == 0
 
 
 def test_drain_and_remove_a_server(tmp_path: Path) -> None:
