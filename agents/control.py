@@ -64,6 +64,13 @@ class AgentServicer(pbg.AgentServicer):  # type: ignore[misc]
     async def ListExtents(self, request: Any, context: Any) -> pb.ListExtentsResponse:
         return pb.ListExtentsResponse(extents=[extent_record_to_pb(r) for r in self.core.extents.values()])
 
+    async def Flush(self, request: Any, context: Any) -> pb.FlushResponse:
+        try:
+            await self.core.flush_all_async()
+        except (NvpoolError, OSError) as exc:
+            await _abort(context, exc)
+        return pb.FlushResponse()
+
     async def CopyExtent(self, request: Any, context: Any) -> pb.CopyExtentResponse:
         if self.copy_handler is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this agent cannot copy extents")

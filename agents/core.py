@@ -171,6 +171,14 @@ class AgentCore:
         drive, _, _ = self.locate(cmd)
         self._io(drive, drive.flush)
 
+    async def flush_all_async(self) -> None:
+        """fdatasync every drive, each on its own worker thread (migration cut-over, shutdown)."""
+        live = [d for d in self.drives.values() if not d.failed]
+        results = await asyncio.gather(*(self._on_drive(d.drive_id, d.flush) for d in live), return_exceptions=True)
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res
+
     @staticmethod
     def _io(drive: Drive, fn: Callable[[], T]) -> T:
         try:

@@ -101,11 +101,13 @@ def cmd_drain(args: argparse.Namespace, remove: bool = False) -> int:
     quiet = args.json or not sys.stderr.isatty()
 
     async def go(meta: MetaClient) -> Any:
-        st = await meta.call("Drain", pb.DrainRequest(host=args.server, remove=remove))
+        # remove = drain, wait until the server is empty, then take it out (the service refuses to
+        # remove a live server that was not drained)
+        st = await meta.call("Drain", pb.DrainRequest(host=args.server))
         if (getattr(args, "wait", False) or remove) and st.state == "running":
             st = await _follow(meta, quiet)
-            if remove and st.state == "done":  # now empty: take it out of the pool
-                st = await meta.call("Drain", pb.DrainRequest(host=args.server, remove=True))
+        if remove and st.state in ("done", "idle"):  # now empty: take it out of the pool
+            st = await meta.call("Drain", pb.DrainRequest(host=args.server, remove=True))
         return st
 
     d = rebalance_dict(with_meta(args, go))
@@ -113,6 +115,15 @@ def cmd_drain(args: argparse.Namespace, remove: bool = False) -> int:
     emit(args, d, f"{args.server}: {verb if d['state'] in ('done', 'idle', 'running') else d['state']}; "
                   f"{human(d['bytes_done'])} of {human(d['bytes_total'])} moved" + (f"\nerror: {d['error']}" if d["error"] else ""))
     return 1 if d["state"] == "failed" else 0
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    async def go(meta: MetaClient) -> Any:
+        return await meta.call("Drain", pb.DrainRequest(host=args.server, undrain=True))
+
+    d = rebalance_dict(with_meta(args, go))
+    emit(args, d, f"{args.server}: back in service")
+    return 0
 
 
 def register(ps: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -143,3 +154,9 @@ def register(ps: Any, common: Callable[[argparse.ArgumentParser], None]) -> None
     rm.add_argument("server")
     common(rm)
     rm.set_defaults(func=lambda a: cmd_drain(a, remove=True))
+
+    u = ps.add_parser("undrain", help="put a draining server back in service",
+                      description="Stop draining a server: it takes new extents again (what already moved stays moved).")
+    u.add_argument("server", help="server (agent host) name")
+    common(u)
+    u.set_defaults(func=cmd_undrain)

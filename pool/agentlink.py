@@ -50,6 +50,9 @@ class GrpcAgentLink:
     async def release(self, address: str, extent_ids: list[int]) -> None:
         await self._call(address, "ReleaseExtents", pb.ReleaseExtentsRequest(extent_ids=extent_ids), timeout=5)
 
+    async def flush(self, address: str) -> None:
+        await self._call(address, "Flush", pb.FlushRequest(), timeout=60)
+
     async def fence(self, address: str, volume_id: int, min_generation: int) -> None:
         await self._call(address, "Fence", pb.FenceRequest(volume_id=volume_id, min_generation=min_generation), timeout=10)
 

@@ -208,7 +208,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
 
     async def Drain(self, request: Any, context: Any) -> pb.RebalanceStatus:
         reb = await self._reb(context)
-        return rebalance_pb(await _guard(context, reb.drain(request.host, request.remove)))
+        return rebalance_pb(await _guard(context, reb.drain(request.host, request.remove, request.undrain)))
 
 
 async def serve(

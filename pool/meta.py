@@ -102,6 +102,8 @@ class AgentLink(Protocol):
 
     async def fence(self, address: str, volume_id: int, min_generation: int) -> None: ...
 
+    async def flush(self, address: str) -> None: ...
+
     async def copy(
         self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,
         length: int, generation: int,
@@ -307,6 +309,24 @@ class MetaService:
                                             fences.get(e.extent_id, 1)))
         return out
 
+    def remove_agents(self, agents: list[AgentRec]) -> None:
+        """Take servers out of the pool for good (call under the lock; they hold nothing). A removed
+        agent that registers again is refused: its drives are recorded as removed."""
+        deletes: list[str] = []
+        puts: dict[str, bytes] = {}
+        for a in agents:
+            for d in a.drives:
+                self.drives.pop(d, None)
+                deletes.append(f"drive/{d}")
+                puts[f"removed/{d}"] = _j({"agent_id": a.agent_id, "removed": time.time()})
+                # the drive leaves the pool: nothing on it can be reused by this pool any more
+                for eid in [e for e, r in self.reserved.items() if r.drive_id == d]:
+                    del self.reserved[eid]
+                    deletes.append(self._rkey(eid))
+            self.agents.pop(a.agent_id, None)
+            deletes.append(f"agent/{a.agent_id}")
+        self.store.commit(puts, deletes)
+
     def keep_list_for_agent(self, agent_id: str) -> list[ExtentRecord]:
         """What an agent may hold: its extents in the layouts plus pending ones (being assigned)."""
         drives = {d for d, rec in self.drives.items() if rec.agent_id == agent_id}
@@ -338,6 +358,13 @@ class MetaService:
     ) -> list[ExtentRecord]:
         async with self.lock:
             self.check_pool(agent.agent_id, pool_id, held)
+            gone = [d.drive_id for d in drives if self.store.get(f"removed/{d.drive_id}") is not None]
+            if gone:
+                logger.warning("refused agent %s: drive %s was removed from the pool", agent.agent_id, gone[0])
+                raise UsageError(
+                    f"drive {gone[0]} of agent {agent.agent_id!r} was removed from this pool (nvpool pool remove); "
+                    "wipe its first 4 KiB to add it back as a new drive"
+                )
             old = self.agents.get(agent.agent_id)
             if old is not None:
                 agent.state = old.state

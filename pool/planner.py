@@ -1,16 +1,23 @@
 """Placement: which drives and byte ranges a volume's columns get. Pure and deterministic.
 
 Inputs are immutable snapshots of drive space (``DriveSpace``: capacity and the ranges already
-allocated, derived from every layout, current and migration target); outputs are new columns. Rules:
+allocated, derived from every layout, current and migration target, and reserved space); outputs are
+new columns. A volume is striped over more *columns* than the pool has drives (``default_columns``),
+the way Ceph maps many placement groups to few OSDs: a drive may hold several columns of a volume,
+and growing the pool moves whole columns, about 1/(N+1) of a volume's bytes for the (N+1)-th server,
+while the volume still spreads over every server. Rules:
 
 * only usable drives (alive agent, drive ok, server not draining) receive extents;
-* a volume's columns go to drives on distinct servers whenever there are enough servers; otherwise
-  servers are used evenly (none gets a second column before each has one), and one drive never
-  holds two columns of the same volume;
-* among candidates, the emptiest drive (by fill ratio) wins; ties are broken by a hash of the seed
-  and the drive id, never by dict order, so a plan is reproducible from its inputs;
+* a volume's columns are spread evenly over servers first (no server gets a second column before
+  each server with room has one, and so on), then evenly over the drives of each server;
+  consecutive columns land on different servers whenever there are several;
+* among equally loaded candidates, the emptiest drive (by fill ratio) wins; ties are broken by a hash
+  of the seed and the drive id, never by dict order, so a plan is reproducible from its inputs;
 * extents are ``ALLOC_ALIGN``-aligned, never overlap, never exceed a drive's capacity; a column is
-  one extent when any free range fits it, else several (largest ranges first).
+  one extent when any free range fits it, else several (largest ranges first);
+* ``plan_rebalance`` moves as few columns as possible: every usable drive ends with its even share
+  of the volume's columns (the drives holding most keep the remainder), columns on unusable or
+  draining drives always move, and the rest stay where they are.
 
 ``CapacityError`` says how much was asked and how much is free; nothing is changed by a failed plan.
 """
@@ -24,7 +31,13 @@ from typing import Iterable, Optional, Sequence
 from nvpool.proto.layout import ALLOC_ALIGN, Column, Extent, Layout, column_length_for
 from nvpool.proto.errors import CapacityError, UsageError
 
-MAX_WIDTH = 16
+#: most columns a volume may have, and the default for pools smaller than it
+MAX_COLUMNS = 256
+DEFAULT_COLUMNS = 32
+#: a default layout gives each column at least this much (fewer, longer columns for small volumes)
+MIN_COLUMN_BYTES = 4 * 1024 * 1024
+#: kept for callers that ask how wide a plain-striped volume may be
+MAX_WIDTH = MAX_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -114,35 +127,54 @@ def usable_drives(drives: Iterable[DriveSpace]) -> list[DriveSpace]:
 
 
 def default_width(drives: Iterable[DriveSpace]) -> int:
-    return max(1, min(MAX_WIDTH, len(usable_drives(drives))))
+    """How many drives a volume can spread over now (for status and planning reports)."""
+    return max(1, min(MAX_COLUMNS, len(usable_drives(drives))))
+
+
+def default_columns(size: int, stripe_unit: int, drives: Iterable[DriveSpace]) -> int:
+    """Columns for a new volume: many more than drives (so growth moves whole columns), but at least
+    ``MIN_COLUMN_BYTES`` each, and never fewer than the drives it can spread over (a small volume
+    still uses every drive, one ALLOC_ALIGN unit each)."""
+    n = len(usable_drives(drives))
+    want = min(MAX_COLUMNS, max(DEFAULT_COLUMNS, n))
+    want = min(want, max(1, size // MIN_COLUMN_BYTES))
+    spread = min(n, -(-size // ALLOC_ALIGN), -(-size // stripe_unit), MAX_COLUMNS)
+    return max(1, want, spread)
 
 
 def _choose(
-    work: _Work, candidates: Sequence[DriveSpace], width: int, col_len: int, seed: int, avoid: set[str]
-) -> list[str]:
-    """``width`` drive ids on distinct hosts where possible, emptiest first."""
-    chosen: list[str] = []
-    per_host: dict[str, int] = {}
-    taken = set(avoid)
+    work: _Work, candidates: Sequence[DriveSpace], width: int, col_len: int, seed: int, avoid: set[str],
+    per_host: Optional[dict[str, int]] = None, per_drive: Optional[dict[str, int]] = None,
+    last_host: str = "",
+) -> list[tuple[str, list[tuple[int, int]]]]:
+    """A drive and its allocated ranges for each of ``width`` columns: fewest columns of this volume on
+    the server, then on the drive, then emptiest; not the server of the previous column when another
+    one can take it."""
+    chosen: list[tuple[str, list[tuple[int, int]]]] = []
+    per_host = dict(per_host or {})
+    per_drive = dict(per_drive or {})
     for _ in range(width):
-        best: Optional[tuple[tuple[int, float, bytes], str]] = None
+        best: Optional[tuple[tuple[int, int, int, float, bytes], str]] = None
         for d in candidates:
-            if d.drive_id in taken:
+            if d.drive_id in avoid:
                 continue
             space = work.space(d.drive_id)
             if space.free_bytes() < _align_up(col_len):
                 continue
-            key = (per_host.get(d.host, 0), space.fill, _tiebreak(seed, d.drive_id))
+            key = (per_host.get(d.host, 0), int(d.host == last_host), per_drive.get(d.drive_id, 0), space.fill,
+                   _tiebreak(seed, d.drive_id))
             if best is None or key < best[0]:
                 best = (key, d.drive_id)
         if best is None:
             break
         did = best[1]
-        chosen.append(did)
-        taken.add(did)
+        ranges = work.allocate(did, col_len)
+        assert ranges is not None  # free_bytes was checked above
+        chosen.append((did, ranges))
         host = work.drives[did].host
         per_host[host] = per_host.get(host, 0) + 1
-        work.allocate(did, col_len)
+        per_drive[did] = per_drive.get(did, 0) + 1
+        last_host = host
     return chosen
 
 
@@ -155,27 +187,29 @@ def plan_columns(
     next_extent_id: int,
     avoid: Iterable[str] = (),
 ) -> tuple[tuple[Column, ...], int]:
-    """Columns for a new volume (or a migration target). Returns (columns, next free extent id)."""
+    """Columns for a new volume (``width`` 0: ``default_columns``). Returns (columns, next free id)."""
     if size <= 0:
         raise UsageError("volume size must be positive")
     cands = [d for d in usable_drives(drives) if d.drive_id not in set(avoid)]
+    if not cands:
+        raise CapacityError("the pool has no usable drives (no agent alive, or every server draining)")
     if width <= 0:
-        width = max(1, min(MAX_WIDTH, len(cands)))
-    if width > len(cands):
-        raise CapacityError(f"stripe width {width} needs {width} usable drives; the pool has {len(cands)}")
+        width = default_columns(size, stripe_unit, cands)
+    if width > MAX_COLUMNS:
+        raise UsageError(f"stripe width {width} is above the maximum of {MAX_COLUMNS} columns")
     col_len = column_length_for(size, stripe_unit, width)
     work = _Work({d.drive_id: d for d in drives})
     chosen = _choose(work, cands, width, col_len, seed, set(avoid))
     if len(chosen) < width:
         free = sum(d.free_bytes() for d in cands)
         raise CapacityError(
-            f"cannot place {size} bytes over {width} drives ({_align_up(col_len)} bytes each): "
-            f"only {len(chosen)} usable drives have room; {free} bytes free in all"
+            f"cannot place {size} bytes as {width} columns of {_align_up(col_len)} bytes: room for only "
+            f"{len(chosen)} on {len(cands)} usable drives; {free} bytes free in all"
         )
     columns, eid = [], next_extent_id
-    for did in chosen:
+    for did, ranges in chosen:
         exts = []
-        for off, n in work.extra[did]:
+        for off, n in ranges:
             exts.append(Extent(eid, did, off, n))
             eid += 1
         columns.append(Column(tuple(exts)))
@@ -198,8 +232,8 @@ def plan_grow(layout: Layout, drives: Sequence[DriveSpace], new_size: int, next_
             home = col.extents[-1].drive_id
             got = work.allocate(home, missing) if home in usable else None
             if got is None:
-                alt = [work.space(d) for d in usable if d not in used_by_volume]
-                alt.sort(key=lambda d: (d.fill, d.drive_id))
+                alt = [work.space(d) for d in usable if d != home]
+                alt.sort(key=lambda d: (d.drive_id in used_by_volume, d.fill, d.drive_id))
                 for d in alt:
                     got = work.allocate(d.drive_id, missing)
                     if got is not None:
@@ -212,6 +246,74 @@ def plan_grow(layout: Layout, drives: Sequence[DriveSpace], new_size: int, next_
                 eid += 1
         columns.append(Column(tuple(exts)))
     return Layout(layout.volume_id, layout.name, layout.generation + 1, new_size, layout.stripe_unit, tuple(columns)), eid
+
+
+def _home(col: Column) -> str:
+    """The drive a column counts against (its first extent's)."""
+    return col.extents[0].drive_id
+
+
+def plan_rebalance(
+    layout: Layout, drives: Sequence[DriveSpace], next_extent_id: int, seed: int = 0,
+) -> tuple[Optional[tuple[Column, ...]], int]:
+    """Columns after moving as few whole columns as possible so that every usable drive holds its even
+    share of the volume's columns (see the module rules). Returns (None, next id) when nothing moves.
+    ``drives`` must already count this layout's own extents as used."""
+    usable = usable_drives(drives)
+    if not usable:
+        raise CapacityError("no usable drive to move columns to (no agent alive, or every server draining)")
+    ok = {d.drive_id for d in usable}
+    width = layout.width
+    count: dict[str, int] = {d.drive_id: 0 for d in usable}
+    must_move: list[int] = []
+    for i, col in enumerate(layout.columns):
+        if any(e.drive_id not in ok for e in col.extents):
+            must_move.append(i)
+        else:
+            count[_home(col)] += 1
+    # even shares; the extra columns stay on the drives that hold most now (fewest moves)
+    q, r = divmod(width, len(usable))
+    order = sorted(usable, key=lambda d: (-count[d.drive_id], d.fill, _tiebreak(seed, d.drive_id)))
+    quota = {d.drive_id: q + (1 if i < r else 0) for i, d in enumerate(order)}
+    move = list(must_move)
+    for i in reversed(range(width)):  # take the last columns of over-full drives
+        col = layout.columns[i]
+        if i in must_move:
+            continue
+        home = _home(col)
+        if count[home] > quota[home]:
+            count[home] -= 1
+            move.append(i)
+    if not move:
+        return None, next_extent_id
+    work = _Work({d.drive_id: d for d in drives})
+    by_id = {d.drive_id: d for d in drives}
+    per_host: dict[str, int] = {}
+    for i, col in enumerate(layout.columns):
+        if i not in move:
+            h = by_id[_home(col)].host if _home(col) in by_id else ""
+            per_host[h] = per_host.get(h, 0) + 1
+    columns = list(layout.columns)
+    eid = next_extent_id
+    for i in sorted(move):
+        col_len = layout.columns[i].length
+        under = [d for d in usable if count[d.drive_id] < quota[d.drive_id]]
+        got = _choose(work, under, 1, col_len, seed + i, set(), per_host, count)
+        if not got:  # no drive below its share has room: any usable drive with room
+            got = _choose(work, usable, 1, col_len, seed + i, set(), per_host, count)
+        if not got:
+            raise CapacityError(
+                f"cannot move column {i} of volume {layout.name!r} ({_align_up(col_len)} bytes): no usable drive has room"
+            )
+        did, ranges = got[0]
+        count[did] += 1
+        per_host[by_id[did].host] = per_host.get(by_id[did].host, 0) + 1
+        exts = []
+        for off, n in ranges:
+            exts.append(Extent(eid, did, off, n))
+            eid += 1
+        columns[i] = Column(tuple(exts))
+    return tuple(columns), eid
 
 
 def imbalance(drives: Iterable[DriveSpace]) -> float:

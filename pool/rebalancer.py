@@ -1,14 +1,25 @@
 """The rebalancer: plans which volumes to re-spread and drives their migrations (``pool/migration.py``).
 
-* **Plan**: the target width of every volume is as wide as the pool allows (``planner.default_width``).
-  A volume narrower than that is re-striped over the emptiest drives (its data moves once); a volume
-  with extents on a draining server keeps its other columns and only the affected columns move.
-  Volumes are planned one after another against a simulated pool, where each finished migration has
-  freed its old extents, so the plan is feasible in the order it runs.
+* **Plan**: a volume keeps its columns (its stripe width never changes, explicit or not); whole
+  columns move so that every usable drive holds its even share of each volume's columns
+  (``planner.plan_rebalance``): growing a pool of N servers by one moves about 1/(N+1) of a volume's
+  bytes, and a draining server's columns move to the others. Volumes are planned one after another
+  against a simulated pool, where each finished migration has freed its old extents, so the plan is
+  feasible in the order it runs.
 * **Run**: one volume at a time; chunks copied by the destination agents, several in flight, throttled
   by a token bucket (``max_rate``); progress persisted so a restarted metadata service resumes; an
   unreachable agent is retried until it comes back or the rebalance is cancelled.
 * **Cancel**: the volume in flight keeps its old layout (its data never left it); nothing is lost.
+* **Failure**: a run that fails (an error it cannot retry, or a bug) is ``failed`` with its reason,
+  and never left ``running``. A failed run can be resumed (``nvpool pool rebalance`` starts by
+  finishing every migration in flight) or cancelled (every migration in flight is rolled back to its
+  old layout), without a restart.
+* **Durability**: before cut-over, every destination agent flushes its drives (``Flush``), so the
+  copied bytes are on stable storage before the old copy is released.
+* **Drain / undrain / remove**: draining a server moves its columns to the others; ``undrain`` puts it
+  back in service (its columns stay where the drain left them); ``remove`` takes a drained, empty
+  server out of the pool and refuses one that still holds data or still answers without being
+  drained. A removed agent that comes back is refused at registration (its drives keep their data).
 """
 
 from __future__ import annotations
@@ -20,10 +31,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, TypeVar
 
-from nvpool.proto.layout import Column, Extent, Layout
+from nvpool.proto.layout import Extent, Layout
 from nvpool.pool.meta import MetaService, VolumeRec
 from nvpool.pool.migration import CopyChunk, copy_plan
-from nvpool.pool.planner import DriveSpace, default_width, imbalance, plan_columns, with_allocations
+from nvpool.pool.planner import DriveSpace, imbalance, plan_rebalance, with_allocations
 from nvpool.proto.errors import NotFoundError, NvpoolError, UnavailableError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -106,8 +117,6 @@ class Rebalancer:
         svc = self.svc
         spaces = svc.drive_spaces(exclude_hosts=drain)
         before = imbalance(spaces)
-        width = default_width(spaces)
-        drained = {s.drive_id for s in spaces if s.host in set(drain)}
         vols = sorted(svc.volumes.values(), key=lambda v: v.name)
         if names:
             missing = set(names) - {v.name for v in vols}
@@ -121,31 +130,16 @@ class Rebalancer:
             lay = svc.layouts[vol.volume_id]
             if lay.target is not None:
                 continue
-            on_drained = any(e.drive_id in drained for e in lay.extents())
-            if lay.width >= width and not on_drained:
+            cols, next_id = plan_rebalance(lay, sim, next_id, seed=vol.volume_id)
+            if cols is None:
                 continue
-            if on_drained and lay.width >= width:
-                cols, next_id = self._replace_columns(lay, sim, drained, vol.volume_id, next_id)
-            else:
-                new_cols, next_id = plan_columns(sim, lay.size, lay.stripe_unit, width, vol.volume_id, next_id)
-                cols = new_cols
             target = Layout(vol.volume_id, vol.name, lay.generation + 1, lay.size, lay.stripe_unit, cols)
             target.validate()
             out.append((vol, lay, target))
             new_ext = [e for e in target.extents() if e.extent_id not in {x.extent_id for x in lay.extents()}]
-            sim = with_allocations(with_allocations(sim, new_ext, 1), lay.extents(), -1)
+            old_only = [e for e in lay.extents() if e.extent_id not in {x.extent_id for x in target.extents()}]
+            sim = with_allocations(with_allocations(sim, new_ext, 1), old_only, -1)
         return out, before, imbalance(sim)
-
-    def _replace_columns(
-        self, lay: Layout, sim: list[DriveSpace], drained: set[str], seed: int, next_id: int
-    ) -> tuple[tuple[Column, ...], int]:
-        keep = [c for c in lay.columns if not any(e.drive_id in drained for e in c.extents)]
-        avoid = {e.drive_id for c in keep for e in c.extents}
-        need = lay.width - len(keep)
-        fresh, next_id = plan_columns(sim, lay.size, lay.stripe_unit, need, seed, next_id, avoid=avoid)
-        it = iter(fresh)
-        cols = tuple(c if c in keep else next(it) for c in lay.columns)
-        return cols, next_id
 
     def _moves(self, targets: list[tuple[VolumeRec, Layout, Layout]]) -> list[dict[str, Any]]:
         moves = []
@@ -158,6 +152,9 @@ class Rebalancer:
         return moves
 
     # ------------------------------------------------------------------ control
+    def _in_flight(self) -> list[str]:
+        return sorted(v.name for v in self.svc.volumes.values() if self.svc.layouts[v.volume_id].target is not None)
+
     async def start(self, plan_only: bool = False, max_rate: int = 0, volumes: Optional[list[str]] = None,
                     drain: Optional[list[str]] = None) -> dict[str, Any]:
         if self.run.state == "running":
@@ -175,10 +172,17 @@ class Rebalancer:
         if plan_only:  # a dry run reports the plan and changes nothing
             st.state = "idle"
             return self.status(st)
+        stuck = [n for n in self._in_flight() if n not in st.queue]
+        if stuck:  # a failed or interrupted run: finish its migrations first
+            logger.info("rebalance: resuming the migrations of %s", ", ".join(stuck))
+            st.queue = stuck + st.queue
+            st.state = "running"
         self.run = st
         self._persist()
-        if targets:
+        if st.queue:
             self._spawn()
+        logger.info("rebalance started: %d volumes, %d bytes to move%s", len(st.queue), st.bytes_total,
+                    f", draining {', '.join(st.drain)}" if st.drain else "")
         return self.status()
 
     def resume(self) -> None:
@@ -199,10 +203,25 @@ class Rebalancer:
         self._task = asyncio.get_running_loop().create_task(self._run_queue())
 
     async def cancel(self) -> dict[str, Any]:
-        if self.run.state != "running" or self._task is None:
-            return self.status()
-        self._cancel = True
-        await asyncio.wait({self._task})
+        if self.run.state == "running" and self._task is not None and not self._task.done():
+            self._cancel = True
+            await asyncio.wait({self._task})
+        stuck = self._in_flight()
+        if stuck:  # a failed run left migrations in flight: roll each back to its old layout
+            for name in stuck:
+                vol = self.svc.volumes[name]
+                lay = self.svc.layouts[vol.volume_id]
+                assert lay.target is not None
+                old = Layout(vol.volume_id, vol.name, lay.generation, lay.size, lay.stripe_unit, lay.columns)
+                old_ids = {e.extent_id for e in old.extents()}
+                new_only = [e for e in lay.target.extents() if e.extent_id not in old_ids]
+                await self._finish(vol, old, keep=old, drop=new_only, g2=lay.generation + 1)
+                logger.info("rebalance: migration of %s rolled back", name)
+            self.run.state, self.run.queue, self.run.current_volume = "cancelled", [], ""
+            self._persist()
+        elif self.run.state in ("running", "failed"):
+            self.run.state = "cancelled"
+            self._persist()
         return self.status()
 
     async def stop(self) -> None:
@@ -214,34 +233,41 @@ class Rebalancer:
             except asyncio.CancelledError:
                 pass
 
-    async def drain(self, host: str, remove: bool) -> dict[str, Any]:
+    async def drain(self, host: str, remove: bool, undrain: bool = False) -> dict[str, Any]:
         svc = self.svc
         agents = [a for a in svc.agents.values() if a.host == host]
         if not agents:
             raise NotFoundError(f"no server named {host!r} in the pool")
-        holds = any(svc.drives[d].agent_id in {a.agent_id for a in agents}
-                    for lay in svc.layouts.values() for e in lay.extents() for d in [e.drive_id] if d in svc.drives)
-        if remove and not holds and all(a.state == "draining" for a in agents):
+        ids = {a.agent_id for a in agents}
+        if undrain:
             async with svc.lock:
-                deletes = []
                 for a in agents:
-                    for d in a.drives:
-                        svc.drives.pop(d, None)
-                        deletes.append(f"drive/{d}")
-                        # the drive leaves the pool: nothing on it can be reused by this pool any more
-                        for eid in [e for e, r in svc.reserved.items() if r.drive_id == d]:
-                            del svc.reserved[eid]
-                            deletes.append(svc._rkey(eid))
-                    svc.agents.pop(a.agent_id, None)
-                    deletes.append(f"agent/{a.agent_id}")
-                svc.store.commit({}, deletes)
-            logger.info("removed server %s from the pool", host)
-            self.run = RunState(state="done")
+                    a.state = "active"
+                    svc.store.commit(svc._agent_puts(a))
+            if host in self.run.drain:
+                self.run.drain = [h for h in self.run.drain if h != host]
+                self._persist()
+            logger.info("server %s is back in service (undrain)", host)
             return self.status()
+        holds = sum(1 for lay in svc.layouts.values() for e in lay.extents()
+                    if e.drive_id in svc.drives and svc.drives[e.drive_id].agent_id in ids)
+        if remove:
+            if holds:
+                if all(a.state == "draining" for a in agents):
+                    raise UsageError(f"server {host!r} still holds {holds} extents: wait for the drain to finish")
+            elif all(a.state == "draining" for a in agents) or not any(svc.alive(i) for i in ids):
+                async with svc.lock:
+                    svc.remove_agents(agents)
+                logger.info("removed server %s from the pool", host)
+                self.run = RunState(state="done")
+                return self.status()
+            else:
+                raise UsageError(f"server {host!r} is alive and not drained: `nvpool pool drain {host}` first")
         async with svc.lock:
             for a in agents:
                 a.state = "draining"
-                svc.store.commit({f"agent/{a.agent_id}": json.dumps({**a.__dict__, "last_seen": 0.0}).encode()})
+                svc.store.commit(svc._agent_puts(a))
+        logger.info("draining server %s (%d extents to move)", host, holds)
         return await self.start(drain=sorted(set(self.run.drain) | {host}))
 
     # ------------------------------------------------------------------ running
@@ -280,8 +306,12 @@ class Rebalancer:
         except asyncio.CancelledError:
             raise
         except (NvpoolError, OSError) as exc:
-            logger.error("rebalance failed: %s", exc)
+            logger.error("rebalance failed: %s (resume with `nvpool pool rebalance`, or --cancel)", exc)
             self.run.state, self.run.error = "failed", str(exc)
+            self._persist()
+        except Exception as exc:  # a bug must not leave the run "running" forever
+            logger.exception("rebalance failed unexpectedly")
+            self.run.state, self.run.error = "failed", f"internal error: {exc!r}"
             self._persist()
 
     async def _migrate(self, vol: VolumeRec) -> bool:
@@ -342,7 +372,10 @@ class Rebalancer:
         if not completed:
             await self._finish(vol, old, keep=old, drop=new_only, g2=g1 + 1)
             return False
-        # 4. cut over
+        # 4. cut over, once the copied bytes are durable on every destination
+        dst_agents = sorted({svc.agent_of_drive(e.drive_id).agent_id for e in new_only})
+        for a in dst_agents:
+            await self._retry(f"flushing agent {a}", lambda a=a: svc.link.flush(svc.agents[a].control_address))  # type: ignore[misc]
         await self._finish(vol, old, keep=target, drop=old_only, g2=g1 + 1)
         return True
 

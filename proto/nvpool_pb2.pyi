@@ -428,12 +428,14 @@ class CancelRebalanceRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DrainRequest(_message.Message):
-    __slots__ = ("host", "remove")
+    __slots__ = ("host", "remove", "undrain")
     HOST_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
+    UNDRAIN_FIELD_NUMBER: _ClassVar[int]
     host: str
     remove: bool
-    def __init__(self, host: _Optional[str] = ..., remove: _Optional[bool] = ...) -> None: ...
+    undrain: bool
+    def __init__(self, host: _Optional[str] = ..., remove: _Optional[bool] = ..., undrain: _Optional[bool] = ...) -> None: ...
 
 class AssignExtentsRequest(_message.Message):
     __slots__ = ("extents", "zero")
@@ -504,3 +506,11 @@ class CopyExtentResponse(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     def __init__(self, bytes: _Optional[int] = ...) -> None: ...
+
+class FlushRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FlushResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -777,6 +777,11 @@ class AgentStub:
                 request_serializer=nvpool_dot_proto_dot_nvpool__pb2.CopyExtentRequest.SerializeToString,
                 response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.CopyExtentResponse.FromString,
                 _registered_method=True)
+        self.Flush = channel.unary_unary(
+                '/nvpool.v1.Agent/Flush',
+                request_serializer=nvpool_dot_proto_dot_nvpool__pb2.FlushRequest.SerializeToString,
+                response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.FlushResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -812,6 +817,12 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Flush(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -839,6 +850,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.CopyExtent,
                     request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.CopyExtentRequest.FromString,
                     response_serializer=nvpool_dot_proto_dot_nvpool__pb2.CopyExtentResponse.SerializeToString,
+            ),
+            'Flush': grpc.unary_unary_rpc_method_handler(
+                    servicer.Flush,
+                    request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.FlushRequest.FromString,
+                    response_serializer=nvpool_dot_proto_dot_nvpool__pb2.FlushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -976,6 +992,33 @@ class Agent:
             '/nvpool.v1.Agent/CopyExtent',
             nvpool_dot_proto_dot_nvpool__pb2.CopyExtentRequest.SerializeToString,
             nvpool_dot_proto_dot_nvpool__pb2.CopyExtentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Flush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvpool.v1.Agent/Flush',
+            nvpool_dot_proto_dot_nvpool__pb2.FlushRequest.SerializeToString,
+            nvpool_dot_proto_dot_nvpool__pb2.FlushResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -93,7 +93,7 @@ def test_full_file_system_fails_the_request_not_the_drive(small_fs: Path) -> Non
 def test_enospc_on_a_write_fails_that_write_only(small_fs: Path) -> None:
     d = Drive.open(DriveSpec.parse(f"file:{small_fs / 'd.img'}:256M"))
     try:
-        chunk = np.ones(MiB, dtype=np.uint8)
+        chunk = bytes([1]) * MiB
         off = 4 * MiB
         with pytest.raises(DriveError) as ei:
             while True:  # a sparse file on a 64 MiB file system: fill it

@@ -33,6 +33,9 @@ class FakeLink:
     async def fence(self, address: str, volume_id: int, min_generation: int) -> None:
         pass
 
+    async def flush(self, address: str) -> None:
+        pass
+
     async def copy(self, *args: object) -> int:
         return 0
 

@@ -94,6 +94,23 @@ def wait_rebalance(meta: str, timeout: float = 120) -> dict[str, Any]:
     raise AssertionError("rebalance did not finish")
 
 
+def wait_free(meta: str, used: int, timeout: float = 20) -> None:
+    """Released extents are reserved until their agents confirm; then ``used`` is exact."""
+    deadline = time.monotonic() + timeout
+    while nvpool(meta, "pool", "status")["used"] != used:
+        assert time.monotonic() < deadline, "released space was never freed"
+        time.sleep(0.2)
+    assert nvpool(meta, "pool", "status")["releasing_extents"] == 0
+
+
+def columns_per_host(meta: str, name: str) -> dict[str, int]:
+    info = nvpool(meta, "volume", "show", name)
+    out: dict[str, int] = {}
+    for h in info["hosts"]:
+        out[h] = out.get(h, 0) + 1
+    return out
+
+
 def test_grow_pool_and_rebalance_under_load(tmp_path: Path) -> None:
     size = 24 * MiB
     with make_cluster(tmp_path, agents=2, drives_per_agent=1, drive_size="256M").up() as c:
@@ -101,30 +118,45 @@ def test_grow_pool_and_rebalance_under_load(tmp_path: Path) -> None:
         with client.connect(meta) as pool:
             for n in ("va", "vb"):
                 pool.create_volume(n, size, stripe_unit="256K")
+        width = nvpool(meta, "volume", "show", "va")["stripe_width"]
+        assert width == 6 and columns_per_host(meta, "va") == {"agent0": 3, "agent1": 3}
         with Workload(meta, ["va", "vb"], size) as w:
-            time.sleep(0.5)
             c.add_agent()
             c.add_agent()
             c.wait_registered()
             plan = nvpool(meta, "pool", "rebalance", "--plan")
-            assert [m["new_width"] for m in plan["moves"]] == [4, 4]
-            assert plan["bytes_total"] == 2 * size and plan["imbalance_after"] < plan["imbalance_before"]
-            st = nvpool(meta, "pool", "rebalance", "--wait")
-            assert st["state"] == "done" and st["bytes_done"] == 2 * size
-            ops_at_end = w.ops
-            time.sleep(0.5)
+            # whole columns move: two of six per volume (the new servers' even share), width unchanged
+            assert [(m["old_width"], m["new_width"]) for m in plan["moves"]] == [(6, 6), (6, 6)]
+            assert [m["bytes"] for m in plan["moves"]] == [size // 3, size // 3]
+            assert plan["bytes_total"] == 2 * size // 3 and plan["imbalance_after"] < plan["imbalance_before"]
+            ops_before = w.ops
+            st = nvpool(meta, "pool", "rebalance", "--wait", "--max-rate", "8M")  # ~2 s under load
+            ops_during = w.ops - ops_before
+            assert st["state"] == "done" and st["bytes_done"] == plan["bytes_total"]  # moved what it said
         w.check()
-        assert ops_at_end > 20, "the workload made no progress during the rebalance"
+        assert ops_during > 10, f"the workload made {ops_during} operations during the rebalance"
+        for n in ("va", "vb"):
+            assert columns_per_host(meta, n) == {"agent0": 2, "agent1": 2, "agent2": 1, "agent3": 1} or \
+                sorted(columns_per_host(meta, n).values()) == [1, 1, 2, 2]
+            assert nvpool(meta, "volume", "show", n)["state"] == "ready"
+        wait_free(meta, 2 * size)  # the old extents were released: space used is exactly the two volumes
         with client.connect(meta) as pool:
-            for n in ("va", "vb"):
-                info = pool.volume_info(n)
-                assert info.stripe_width == 4 and len(set(info.hosts)) == 4 and info.state == "ready"
-            # the old extents were released: space used is exactly the two volumes
-            st = nvpool(meta, "pool", "status")
-            assert st["used"] == 2 * size
-            # new volumes use the new servers at once
-            assert len(set(pool.create_volume("vc", 8 * MiB).hosts)) == 4
+            assert len(set(pool.create_volume("vc", 8 * MiB).hosts)) == 4  # new volumes use every server
         assert nvpool(meta, "pool", "rebalance", "--plan")["moves"] == []
+
+
+def progress(meta: str) -> dict[str, Any]:
+    return dict(nvpool(meta, "pool", "status")["rebalance"])
+
+
+def poll(what: str, fn: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_rebalance_survives_meta_and_source_agent_restart(tmp_path: Path) -> None:
@@ -137,21 +169,31 @@ def test_rebalance_survives_meta_and_source_agent_restart(tmp_path: Path) -> Non
             c.add_agent()
             c.add_agent()
             c.wait_registered()
-            st = nvpool(meta, "pool", "rebalance", "--max-rate", "4M")  # slow: ~8 s
+            st = nvpool(meta, "pool", "rebalance", "--max-rate", "3M")  # 16 MiB to move: ~5 s
             assert st["state"] == "running"
-            time.sleep(1.5)
+            total = st["bytes_total"]
+            assert total == size // 2
+            # kill the metadata service only once the copy has really started
+            before_kill = poll("copying to start", lambda: progress(meta)["bytes_done"] >= 4 * MiB and progress(meta))
             c.kill_meta()
             c.start_meta()  # same address; resumes from persisted progress
-            time.sleep(0.5)
+            after = progress(meta)
+            assert after["state"] == "running" and after["bytes_done"] > 0, "the run restarted instead of resuming"
+            assert after["bytes_done"] <= before_kill["bytes_done"] + 4 * MiB
+            resumed_at = after["bytes_done"]
+            poll("more copying after the restart", lambda: progress(meta)["bytes_done"] > resumed_at)
             c.kill_agent(0)  # a source of the copy
             time.sleep(0.5)
             c.start_agent(0)
             c.wait_registered()
             st = wait_rebalance(meta)
             assert st["state"] == "done", st
+            # resumed, not restarted: what was copied before the kill was not copied again in full
+            assert st["bytes_done"] <= total + 8 * MiB, st
         w.check()
-        with client.connect(meta) as pool:
-            assert pool.volume_info("vr").stripe_width == 4
+        assert sorted(columns_per_host(meta, "vr").values()) == [2, 2, 2, 2]
+        log = (c.dir / "logs" / "meta.log").read_text()
+        assert "resuming" in log or "finishing interrupted migrations" in log
 
 
 def test_cancel_keeps_every_byte(tmp_path: Path) -> None:
@@ -164,20 +206,70 @@ def test_cancel_keeps_every_byte(tmp_path: Path) -> None:
             c.add_agent()
             c.wait_registered()
             nvpool(meta, "pool", "rebalance", "--max-rate", "2M")
-            time.sleep(1.0)
+            poll("copying to start", lambda: progress(meta)["bytes_done"] > 0)
             st = nvpool(meta, "pool", "rebalance", "--cancel")
             assert st["state"] == "cancelled"
-            time.sleep(0.3)
         w.check()
+        info = nvpool(meta, "volume", "show", "vx")
+        assert info["stripe_width"] == 4 and info["state"] == "ready" and set(info["hosts"]) == {"agent0"}
+        wait_free(meta, size)  # the target's extents were released and confirmed
+
+
+def test_drain_after_growth_undrain_and_remove(tmp_path: Path) -> None:
+    """Issue 10.7: after a rebalance over new servers, draining and removing still work; undrain
+    exists; a live server that was not drained cannot be removed; a removed agent stays out."""
+    size = 16 * MiB
+    with make_cluster(tmp_path, agents=2, drives_per_agent=1, drive_size="256M").up() as c:
+        meta = c.meta.address
+        data = os.urandom(size)
         with client.connect(meta) as pool:
-            info = pool.volume_info("vx")
-            assert info.stripe_width == 1 and info.state == "ready"
-        # the target's extents are released: reserved until their agent confirms, then free
-        deadline = time.monotonic() + 20
-        while nvpool(meta, "pool", "status")["used"] != size:
-            assert time.monotonic() < deadline, "the cancelled target's space was never freed"
-            time.sleep(0.2)
-        assert nvpool(meta, "pool", "status")["releasing_extents"] == 0
+            pool.create_volume("vg", size, stripe_unit="256K")
+            with pool.open("vg") as vol:
+                vol.write(0, data)
+        c.add_agent()
+        c.wait_registered()
+        assert nvpool(meta, "pool", "rebalance", "--wait")["state"] == "done"
+        assert set(columns_per_host(meta, "vg")) == {"agent0", "agent1", "agent2"}
+        # `pool remove` drains the server first, then takes it out
+        p = subprocess.run([sys.executable, "-m", "nvpool", "pool", "remove", "agent2", "--meta", meta],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert "agent2" not in {a["agent_id"] for a in nvpool(meta, "pool", "status")["agents"]}
+        # the removed agent keeps running and heartbeating: it must not come back
+        time.sleep(2)
+        assert "agent2" not in {a["agent_id"] for a in nvpool(meta, "pool", "status")["agents"]}
+        assert "removed from this pool" in (c.dir / "logs" / "agent2.log").read_text()
+        # drain one of the original servers: only its columns move; then undrain it
+        st = nvpool(meta, "pool", "drain", "agent0", "--wait")
+        assert st["state"] == "done"
+        assert set(columns_per_host(meta, "vg")) == {"agent1"}
+        agents = {a["agent_id"]: a for a in nvpool(meta, "pool", "status")["agents"]}
+        assert agents["agent0"]["state"] == "draining"
+        nvpool(meta, "pool", "undrain", "agent0")
+        agents = {a["agent_id"]: a for a in nvpool(meta, "pool", "status")["agents"]}
+        assert agents["agent0"]["state"] == "active"
+        with client.connect(meta) as pool, pool.open("vg", read_only=True) as vol:
+            assert bytes(vol.read(0, size)) == data
+
+
+def test_remove_refuses_a_live_undrained_server(tmp_path: Path) -> None:
+    import asyncio
+
+    from nvpool.client.metaclient import MetaClient
+    from nvpool.proto import nvpool_pb2 as pb
+    from nvpool.proto.errors import UsageError
+
+    with make_cluster(tmp_path, agents=2, drives_per_agent=1, drive_size="256M").up() as c:
+        async def remove() -> None:
+            meta = MetaClient(c.meta.address)
+            try:
+                await meta.call("Drain", pb.DrainRequest(host="agent1", remove=True))
+            finally:
+                await meta.close()
+
+        with pytest.raises(UsageError, match="not drained"):
+            asyncio.run(remove())
+        assert "agent1" in {a["agent_id"] for a in nvpool(c.meta.address, "pool", "status")["agents"]}
 
 
 def test_drain_and_remove_a_server(tmp_path: Path) -> None:
@@ -196,5 +288,5 @@ def test_drain_and_remove_a_server(tmp_path: Path) -> None:
         assert victim not in {a["host"] for a in status["agents"]}
         with client.connect(meta) as pool:
             info = pool.volume_info("vd")
-            assert victim not in info.hosts and info.stripe_width == 2
+            assert victim not in info.hosts and info.stripe_width == 2  # an explicit width is kept
             assert bytes(pool.open("vd").read(0, size)) == data
