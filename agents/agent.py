@@ -77,7 +77,7 @@ def default_name() -> str:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """Every option of ``nvpool agent``; documented in deploy/agent.conf.sample."""
+    """Every option of ``nvpool agent``; documented in deploy/agent.toml.sample."""
 
     meta: str = "127.0.0.1:7400"
     listen: str = "127.0.0.1:7500"  # data plane (TCP); port 0 picks one

@@ -64,6 +64,13 @@ class AgentServicer(pbg.AgentServicer):  # type: ignore[misc]
     async def ListExtents(self, request: Any, context: Any) -> pb.ListExtentsResponse:
         return pb.ListExtentsResponse(extents=[extent_record_to_pb(r) for r in self.core.extents.values()])
 
+    async def MapExtent(self, request: Any, context: Any) -> pb.MapExtentResponse:
+        try:
+            ranges = await self.core.map_extent(request.extent_id)
+        except (NvpoolError, OSError) as exc:
+            await _abort(context, exc)
+        return pb.MapExtentResponse(data=[pb.Range(offset=o, length=n) for o, n in ranges])
+
     async def Flush(self, request: Any, context: Any) -> pb.FlushResponse:
         try:
             await self.core.flush_all_async()

@@ -31,6 +31,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, TypeVar
 
+from nvpool.agents import osio
 from nvpool.agents.drive import Drive
 from nvpool.proto.records import ExtentRecord
 from nvpool.proto.dataplane import Command
@@ -101,16 +102,16 @@ class AgentCore:
         self.stats.bytes_read += cmd.length
         return data
 
-    def readinto(self, cmd: Command, buf: memoryview, page_aligned: bool = False) -> None:
+    def readinto(self, cmd: Command, buf: memoryview) -> None:
         drive, off, _ = self.locate(cmd)
-        self._io(drive, lambda: drive.readinto(buf, off, page_aligned))
+        self._io(drive, lambda: drive.readinto(buf, off))
         self.stats.bytes_read += cmd.length
 
-    def write(self, cmd: Command, payload: memoryview, fua: bool = False, page_aligned: bool = False) -> None:
+    def write(self, cmd: Command, payload: memoryview, fua: bool = False) -> None:
         drive, off, _ = self.locate(cmd)
         if self._copies:
             self._note_write(cmd.extent_id, cmd.offset, cmd.length)
-        self._io(drive, lambda: drive.write(payload, off, page_aligned))
+        self._io(drive, lambda: drive.write(payload, off))
         if fua:
             self._io(drive, drive.flush)
         self.stats.bytes_written += cmd.length
@@ -170,6 +171,15 @@ class AgentCore:
             return
         drive, _, _ = self.locate(cmd)
         self._io(drive, drive.flush)
+
+    async def map_extent(self, extent_id: int) -> list[tuple[int, int]]:
+        """Ranges of an extent (extent offsets) that may hold written data (see ``osio.data_ranges``)."""
+        rec = self.extents.get(extent_id)
+        if rec is None:
+            raise NotFoundError(f"extent {extent_id} is not on this agent")
+        drive = self.drives[rec.drive_id]
+        ranges = await self._on_drive(rec.drive_id, lambda: osio.data_ranges(drive.fd, rec.drive_offset, rec.length))
+        return [(off - rec.drive_offset, n) for off, n in ranges]
 
     async def flush_all_async(self) -> None:
         """fdatasync every drive, each on its own worker thread (migration cut-over, shutdown)."""

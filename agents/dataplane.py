@@ -6,9 +6,30 @@ executed in order and answered with one completion. Reads without a data digest 
 ``os.sendfile`` from the drive's page cache whenever the transport has nothing queued (the header
 through the transport, the payload from the kernel); otherwise one ``pread`` and ``writelines``.
 
-A peer's bad bytes never take the agent down: framing errors drop that connection (one log line);
-a well-framed but invalid command gets an error completion and the connection carries on.
-Back-pressure: when the transport's write buffer is full, the agent stops reading commands.
+A peer's bad bytes never take the agent down: framing errors (bad magic, unknown flag bits, a
+length above ``MAX_IO``, a header digest mismatch) drop that connection with one log line; a
+well-framed but invalid command (unknown opcode, zero length, a range outside its extent or region,
+an unregistered region) gets an error completion and the connection carries on. Anything else that
+goes wrong while serving one connection drops that connection with one log line, never the agent.
+
+Memory per connection is bounded whatever the peer does (nbdkit bounds requests per connection the
+same way):
+
+* WRITE payloads: the decoder commits memory only for payload bytes that have arrived
+  (``proto/dataplane.py``, ``LAZY_ALLOC_MIN``), so headers announcing payloads that never come cost
+  nothing; and it receives only while this connection is allowed to read (below).
+* Replies: completions and read data of one receive are handed to the transport every
+  ``BATCH_BYTES``. When the transport's queue passes ``REPLY_HIGH_WATER`` (the peer is not reading
+  its replies), the connection stops *executing* commands and stops *reading* the socket; both
+  resume when the queue drains. So replies queued in the agent stay below ``REPLY_HIGH_WATER`` plus
+  one reply (``MAX_IO``).
+* In flight: commands decoded but not yet executed wait in order; reading also stops while more than
+  ``MAX_INFLIGHT_COMMANDS`` of them, or ``MAX_INFLIGHT_BYTES`` of their WRITE payloads, are held.
+
+So a connection holds at most about ``REPLY_HIGH_WATER + 2 * MAX_IO`` plus the decoder's scratch
+buffer, however many commands it announces; the agent's total grows only with the number of
+connections that really send or refuse to receive that much. The checks cost a few integer
+operations per command.
 
 One-sided ("RDMA-style") opcodes work on memory regions that the client registered for this
 connection (``regions``: region id -> writable memoryview); see ``agents/shm.py``.
@@ -20,6 +41,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections import deque
 from typing import Any, Callable, Optional
 
 from nvpool.agents.core import AgentCore
@@ -28,8 +50,17 @@ from nvpool.proto.errors import ProtocolError, RemoteError, Status
 
 logger = logging.getLogger(__name__)
 
+MiB = 1024 * 1024
 #: reads at least this large use sendfile (smaller ones: one pread + writelines is cheaper)
 SENDFILE_MIN = 64 * 1024
+#: replies queued in the transport above which a connection stops executing and reading commands
+REPLY_HIGH_WATER = 8 * MiB
+#: completions and read data produced by one receive go to the transport whenever they reach this size
+BATCH_BYTES = 1 * MiB
+#: per connection: commands decoded but not yet executed above which the agent stops reading
+MAX_INFLIGHT_COMMANDS = 256
+#: per connection: WRITE payload bytes received but not yet executed above which the agent stops reading
+MAX_INFLIGHT_BYTES = 64 * MiB
 
 
 class AgentConnection(asyncio.BufferedProtocol):
@@ -40,10 +71,21 @@ class AgentConnection(asyncio.BufferedProtocol):
         self.transport: Optional[asyncio.Transport] = None
         self._sock_fd = -1
         self._peer: Any = None
-        self._paused = False
         self._use_sendfile = True
+        #: the transport's queue is above REPLY_HIGH_WATER: execute nothing until it drains
+        self._write_paused = False
+        #: transport.pause_reading() is in effect
+        self._read_paused = False
+        #: decoded commands waiting (in order) for the peer to consume replies
+        self._pending: deque[dp.Command] = deque()
+        #: WRITE payload bytes held by ``_pending``
+        self._pending_bytes = 0
         #: completions produced while handling one receive, sent with one writelines
         self._out: list[bytes] = []
+        #: read data in ``_out``
+        self._out_bytes = 0
+        #: the peer shut down its sending side while commands were held: close once they are answered
+        self._eof = False
 
     # ------------------------------------------------------------------ asyncio protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -54,22 +96,27 @@ class AgentConnection(asyncio.BufferedProtocol):
             self._sock_fd = sock.fileno()
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=8 * 1024 * 1024)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=REPLY_HIGH_WATER)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.transport = None
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._out.clear()
+        self._out_bytes = 0
         if exc is not None:
             logger.info("client %s went away: %s", self._peer, exc)
 
     def pause_writing(self) -> None:
-        if self.transport is not None and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()
+        self._write_paused = True
+        self._gate_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and self._paused:
-            self._paused = False
-            self.transport.resume_reading()
+        self._write_paused = False
+        if self._pending:  # run them outside the transport's callback
+            asyncio.get_running_loop().call_soon(self._run_pending)
+        else:
+            self._gate_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.decoder.get_buffer()
@@ -78,30 +125,108 @@ class AgentConnection(asyncio.BufferedProtocol):
         try:
             commands = self.decoder.advance(nbytes)
         except ProtocolError as exc:
-            logger.warning("dropping client %s: %s", self._peer, exc)
-            if self.transport is not None:
-                self.transport.abort()
+            self._drop("%s", exc)
             return
-        for cmd in commands:
-            if self.transport is None or self.transport.is_closing():
+        if commands:
+            try:
+                if self._pending or self._write_paused:
+                    self._hold(commands, 0)
+                else:
+                    self._run(commands)
+            except Exception as exc:  # a bug must cost this connection, not the agent
+                self._drop("internal error %r", exc)
                 return
-            assert isinstance(cmd, dp.Command)
-            self._execute(cmd)
+        self._gate_reading()
+
+    def _run(self, commands: list[Any]) -> None:
+        """Execute commands in order until the peer stops consuming replies; hold the rest."""
+        core, regions, out, read = self.core, self.regions, self._out, self._read
+        i = 0
+        for cmd in commands:
+            if self._write_paused:
+                break
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            i += 1
+            execute(core, cmd, regions, out, read)
+            if self._out_bytes >= BATCH_BYTES:
+                self._send()
         self._send()
+        if i < len(commands):
+            self._hold(commands, i)
+
+    def _hold(self, commands: list[Any], start: int) -> None:
+        for cmd in commands[start:]:
+            self._pending.append(cmd)
+            if cmd.payload is not None:
+                self._pending_bytes += len(cmd.payload)
+
+    def _run_pending(self) -> None:
+        pending, core, regions, out, read = self._pending, self.core, self.regions, self._out, self._read
+        try:
+            while pending and not self._write_paused:
+                transport = self.transport
+                if transport is None or transport.is_closing():
+                    return
+                cmd = pending.popleft()
+                if cmd.payload is not None:
+                    self._pending_bytes -= len(cmd.payload)
+                execute(core, cmd, regions, out, read)
+                if self._out_bytes >= BATCH_BYTES:
+                    self._send()
+            self._send()
+        except Exception as exc:
+            self._drop("internal error %r", exc)
+            return
+        if self._eof and not pending and self.transport is not None:
+            self.transport.close()  # sends what is queued first
+            return
+        self._gate_reading()
+
+    def _gate_reading(self) -> None:
+        """Read only while replies are consumed and the in-flight budgets allow."""
+        transport = self.transport
+        if transport is None:
+            return
+        stop = (
+            self._write_paused
+            or len(self._pending) >= MAX_INFLIGHT_COMMANDS
+            or self._pending_bytes >= MAX_INFLIGHT_BYTES
+        )
+        if stop != self._read_paused:
+            self._read_paused = stop
+            if transport.is_closing():
+                return
+            if stop:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _drop(self, why: str, *args: Any) -> None:
+        """Close this connection with one log line (its bytes can no longer be trusted or served)."""
+        logger.warning("dropping client %s: " + why, self._peer, *args)
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._out.clear()
+        self._out_bytes = 0
+        if self.transport is not None:
+            self.transport.abort()
 
     def _send(self) -> None:
         """Send the batch and empty it in place (``execute`` callers hold a reference to it)."""
         if self._out and self.transport is not None:
             self.transport.writelines(self._out)  # copies what it cannot send now
         self._out.clear()
+        self._out_bytes = 0
 
     def eof_received(self) -> Optional[bool]:
+        if self._pending:  # the peer is done sending: answer what it sent, then close
+            self._eof = True
+            return True
         return False
 
     # ------------------------------------------------------------------ commands
-    def _execute(self, cmd: dp.Command) -> None:
-        execute(self.core, cmd, self.regions, self._out, self._read)
-
     def _read(self, cmd: dp.Command, out: list[bytes]) -> None:
         transport = self.transport
         assert transport is not None
@@ -118,8 +243,14 @@ class AgentConnection(asyncio.BufferedProtocol):
                 if sent < n:  # socket full: the rest through the transport, which keeps the order
                     cmd.offset += sent
                     cmd.length = n - sent
-                    transport.write(self.core.read(cmd))
+                    try:
+                        data = self.core.read(cmd)
+                    except RemoteError as exc:  # the OK header is out: only closing can tell the peer
+                        self._drop("read failed after its completion was sent: %s", exc)
+                        return
+                    transport.write(data)
                 return
+        self._out_bytes += n
         read_frames(self.core, cmd, out)
 
     def _sendfile(self, file_fd: int, offset: int, count: int) -> int:
@@ -162,6 +293,8 @@ def _region(regions: dict[int, memoryview], cmd: dp.Command) -> memoryview:
     region = regions.get(cmd.region)
     if region is None:
         raise RemoteError(Status.REGION, f"region {cmd.region} is not registered on this connection")
+    if not cmd.length:
+        raise RemoteError(Status.INVALID, f"opcode {cmd.opcode} of 0 bytes")
     if cmd.region_offset + cmd.length > len(region):
         raise RemoteError(
             Status.REGION,
@@ -173,7 +306,11 @@ def _region(regions: dict[int, memoryview], cmd: dp.Command) -> memoryview:
 
 def execute(core: AgentCore, cmd: dp.Command, regions: dict[int, memoryview], out: list[bytes],
             read: Optional[ReadFn] = None) -> None:
-    """Run one command and append its completion frames to ``out`` (refusals become error completions)."""
+    """Run one command and append its completion frames to ``out`` (refusals become error completions).
+
+    Checks the data-plane layer owns (the core checks extent, fence and range): a data digest, a
+    known opcode, and a length above 0 for every opcode that moves or zeroes bytes (a 0-byte command
+    is a peer's mistake, not an I/O: refusing it keeps the drive and the stream out of it)."""
     core.stats.commands += 1
     try:
         if not cmd.digest_ok:
@@ -181,19 +318,25 @@ def execute(core: AgentCore, cmd: dp.Command, regions: dict[int, memoryview], ou
         op = cmd.opcode
         ok_flags = cmd.flags & dp.HDGST
         if op == dp.READ:
+            if not cmd.length:
+                raise RemoteError(Status.INVALID, "READ of 0 bytes")
             if read is None:
                 read_frames(core, cmd, out)
             else:
                 read(cmd, out)
             return
         if op == dp.WRITE:
-            assert cmd.payload is not None
-            core.write(cmd, cmd.payload, fua=bool(cmd.flags & dp.FUA))
+            payload = cmd.payload
+            if payload is None:
+                raise RemoteError(Status.INVALID, "WRITE of 0 bytes")
+            core.write(cmd, payload, fua=bool(cmd.flags & dp.FUA))
         elif op == dp.Opcode.READ_REGION:
             core.readinto(cmd, _region(regions, cmd))
         elif op == dp.Opcode.WRITE_REGION:
             core.write(cmd, _region(regions, cmd), fua=bool(cmd.flags & dp.FUA))
         elif op in (dp.Opcode.WRITE_ZEROES, dp.Opcode.DISCARD):
+            if not cmd.length:
+                raise RemoteError(Status.INVALID, f"{dp.Opcode(op).name} of 0 bytes")
             core.zero(cmd)
         elif op == dp.FLUSH:
             core.flush(cmd)

@@ -3,9 +3,9 @@
 Contract of a ``Drive`` (the agent's only way to touch storage):
 
 * ``readinto(buf, offset)`` / ``write(data, offset)`` move bytes at absolute drive offsets with
-  ``preadv``/``pwritev``; an aligned request goes through an O_DIRECT descriptor when the device
-  supports it, everything else through the page cache; ``flush()`` makes writes durable (fdatasync).
-* ``sendfile_fd`` is the descriptor to ``os.sendfile`` reads from (always the buffered one).
+  ``preadv``/``pwritev`` through the page cache (no O_DIRECT: client buffers arrive at any alignment,
+  and reads are served with ``sendfile`` from the cache); ``flush()`` makes writes durable (fdatasync).
+* ``fd`` is also the descriptor ``os.sendfile`` reads from.
 * ``zero(offset, length)`` makes a range read as zeros (hole punch / BLKZEROOUT).
 * ``reserve(offset, length)`` zeroes a newly assigned extent and makes it own its space (a sparse
   file drive then cannot hit ENOSPC in the middle of a client's write); ``release(offset, length)``
@@ -60,7 +60,6 @@ LABEL_SIZE = 4 * KiB
 SLOT_OFFSETS = (64 * KiB, 576 * KiB)
 SLOT_SIZE = 512 * KiB
 LABEL_AREA = DATA_OFFSET = 2 * MiB  # keep extents 1 MiB aligned, with room to spare
-DIRECT_ALIGN = 4096
 MIN_DRIVE_SIZE = DATA_OFFSET + 8 * MiB
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -87,13 +86,12 @@ class DriveSpec:
 
 
 class Drive:
-    def __init__(self, path: str, fd: int, direct_fd: Optional[int], drive_id: str, size: int,
+    def __init__(self, path: str, fd: int, drive_id: str, size: int,
                  label: Optional[dict[str, object]] = None) -> None:
         self.label: dict[str, object] = dict(label or {"drive_id": drive_id, "size": size})
         self.pool_id = str(self.label.get("pool_id") or "")
         self.path = path
         self.fd = fd
-        self.direct_fd = direct_fd
         self.drive_id = drive_id
         self.size = size
         self.failed: Optional[str] = None
@@ -156,8 +154,7 @@ class Drive:
         except BaseException:
             os.close(fd)
             raise
-        direct_fd = osio.open_direct(path) if osio.is_block_device(fd) else None
-        return cls(path, fd, direct_fd, drive_id, size, meta)
+        return cls(path, fd, drive_id, size, meta)
 
     def set_pool(self, pool_id: str) -> None:
         """Write the pool id into the label (first registration); durable before it returns."""
@@ -174,13 +171,10 @@ class Drive:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
-        for fd in (self.fd, self.direct_fd):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self.direct_fd = None
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
     @property
     def capacity(self) -> int:
@@ -246,16 +240,10 @@ class Drive:
             logger.warning("drive %s (%s): request failed: %s (drive stays in service)", self.drive_id, self.path, msg)
         return DriveError(self.drive_id, code, msg)
 
-    def _fd_for(self, length: int, offset: int, page_aligned: bool) -> int:
-        """O_DIRECT only for page-aligned buffers (the agent's own mmap'd ones) at aligned offsets."""
-        if page_aligned and self.direct_fd is not None and not (offset | length) % DIRECT_ALIGN:
-            return self.direct_fd
-        return self.fd
-
-    def readinto(self, buf: memoryview, offset: int, page_aligned: bool = False) -> None:
+    def readinto(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from ``offset`` (short reads past EOF are errors)."""
         try:
-            n = os.preadv(self._fd_for(len(buf), offset, page_aligned), [buf], offset)
+            n = os.preadv(self.fd, [buf], offset)
             while n < len(buf):
                 got = os.preadv(self.fd, [buf[n:]], offset + n)
                 if got == 0:
@@ -274,10 +262,10 @@ class Drive:
         except OSError as exc:
             raise self._fail(exc) from None
 
-    def write(self, data: Buffer, offset: int, page_aligned: bool = False) -> None:
+    def write(self, data: Buffer, offset: int) -> None:
         try:
             view = memoryview(data)
-            n = os.pwritev(self._fd_for(len(view), offset, page_aligned), [view], offset)
+            n = os.pwritev(self.fd, [view], offset)
             while n < len(view):
                 n += os.pwritev(self.fd, [view[n:]], offset + n)
         except OSError as exc:

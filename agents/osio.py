@@ -102,12 +102,32 @@ def punch(fd: int, offset: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-def open_direct(path: str) -> int | None:
-    """An O_DIRECT descriptor for ``path``, or None if the file system refuses it."""
+def data_ranges(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
+    """Ranges of ``[offset, offset+length)`` that may hold written data: SEEK_DATA/SEEK_HOLE on files
+    (holes, punched and never-written ranges read as zeros); the whole range on block devices or
+    where the file system cannot tell."""
+    end = offset + length
+    if length <= 0:
+        return []
+    if is_block_device(fd):
+        return [(offset, length)]
+    out, pos = [], offset
     try:
-        return os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            if start >= end:
+                break
+            stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            out.append((start, stop - start))
+            pos = stop
     except OSError:
-        return None
+        return [(offset, length)]
+    return out
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,24 @@ asyncio::
     pool = await api.AsyncPool.connect("127.0.0.1:7400")
     vol = await pool.open("train")                 # client.volume.AsyncVolume (a BlockDevice)
     await vol.readinto(memoryview(buf), offset)
+
+Fork and spawn: a ``Pool`` (and each ``Volume`` of it) notices a ``fork()`` (``os.register_at_fork``) and,
+on its first use in the child, connects afresh: a new event-loop thread, a new metadata client, new
+agent connections. The parent's loop, channel and sockets are left alone in the child (never closed,
+never used: they are shared with the parent), so the parent keeps working. ``Pool`` and ``Volume``
+pickle as the metadata address, the options and the volume's name, and reopen on first use, so a
+``Dataset`` holding one can go to ``spawn`` workers too.
+
+Every I/O call waits at most ``ClientOptions.io_deadline`` (30 s unless set), retries included, then
+raises ``AgentTimeoutError`` naming the agent (see ``client/volume.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Coroutine, Optional, TypeVar, Union
 
@@ -29,15 +41,29 @@ import numpy as np
 
 from nvpool.client.metaclient import MetaClient, VolumeInfo, default_meta
 from nvpool.client.syncpath import MAX_FAST, FastPathMiss, SyncChannels
-from nvpool.client.volume import AsyncVolume, ClientOptions, Connections
+from nvpool.client.volume import AsyncVolume, ClientOptions, Connections, Lease
 from nvpool.proto import dataplane as dp
-from nvpool.proto.errors import UsageError
+from nvpool.proto.errors import AgentTimeoutError, UsageError
+
 from nvpool.proto.units import parse_size
 
 T = TypeVar("T")
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 
-__all__ = ["AsyncPool", "Pool", "Volume", "ClientOptions", "VolumeInfo", "connect", "default_meta"]
+__all__ = ["AgentTimeoutError", "AsyncPool", "Pool", "Volume", "ClientOptions", "VolumeInfo", "connect", "default_meta"]
+
+_forks = 0  # fork() calls that led to this process; objects made before the last one reconnect
+_reconnect_lock = threading.Lock()
+_left_behind: list[object] = []  # the parents' loops, channels and sockets: kept, never closed, in a child
+
+
+def _after_fork_in_child() -> None:
+    global _forks, _reconnect_lock
+    _forks += 1
+    _reconnect_lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class AsyncPool:
@@ -47,15 +73,69 @@ class AsyncPool:
         self.meta = meta
         self.options = options
         self.connections = Connections(options)
+        #: (volume name, read-only) -> the lease every handle of that volume shares
+        self._leases: dict[tuple[str, bool], Lease] = {}
 
     @classmethod
     async def connect(cls, meta_address: Optional[str] = None, options: Optional[ClientOptions] = None) -> "AsyncPool":
         return cls(MetaClient(meta_address or default_meta()), options or ClientOptions())
 
-    async def open(self, name: str, read_only: bool = False) -> AsyncVolume:
-        layout, endpoints = await self.meta.get_layout(name=name)
-        layout.validate()
-        return AsyncVolume(self.meta, self.connections, layout, endpoints, read_only, self.options)
+    async def open(self, name: str, read_only: bool = False, force: bool = False, holder: str = "",
+                   lease: Optional[tuple[str, float]] = None) -> AsyncVolume:
+        """Open a volume. For writing, this client takes the volume's exclusive writer lease (another
+        client is refused with the holder's name; ``force`` takes it over and fences the current
+        writer); read-only openers share reader leases. Every handle of one client shares its lease,
+        renewed in the background and returned when the last handle closes. ``lease`` (id, term)
+        joins a lease this program already holds (the export's worker processes)."""
+        key = (name, read_only)
+        held = self._leases.get(key)
+        if held is None or held.closed or held.fenced is not None:
+            if lease is not None:
+                lease_id, ttl = lease
+            else:
+                lease_id, ttl = await self.meta.open_volume(name, write=not read_only, force=force, holder=holder)
+            held = Lease(self.meta, name, lease_id, ttl, not read_only, self._forget)
+            self._leases[key] = held
+            held.start()
+        held.refs += 1  # while the layout is fetched
+        try:
+            layout, endpoints = await self.meta.get_layout(name=name, lease_id="" if read_only else held.lease_id)
+            layout.validate()
+            return AsyncVolume(self.meta, self.connections, layout, endpoints, read_only, self.options, held)
+        finally:
+            await held.release()
+
+    async def inherit(self, leases: list[Lease]) -> None:
+        """Share leases a forked parent holds (the child renews them too; it never returns them: the
+        parent does)."""
+        for old in leases:
+            lease = Lease(self.meta, old.name, old.lease_id, old.ttl, old.write, self._forget)
+            lease.fenced = old.fenced
+            lease.owner = False  # the parent returns it; the child only helps renew it
+            self._leases[(old.name, not old.write)] = lease
+            lease.start()
+
+    def _forget(self, lease: Lease) -> None:
+        for k, v in list(self._leases.items()):
+            if v is lease:
+                del self._leases[k]
+
+    async def adopt(self, other: AsyncVolume) -> AsyncVolume:
+        """A handle on this pool's connections for a volume opened elsewhere (in the parent of a fork),
+        from the layout it knows (no metadata call; a stale layout is re-fetched on first use). It
+        shares the parent's lease (the child renews it too)."""
+        lease = None
+        if other.lease is not None and not other.closed:
+            key = (other.name, other.read_only)
+            lease = self._leases.get(key)
+            if lease is None or lease.lease_id != other.lease.lease_id:
+                await self.inherit([other.lease])
+                lease = self._leases[key]
+        vol = AsyncVolume(self.meta, self.connections, other.layout, other.endpoints, other.read_only, self.options,
+                          lease)
+        if other.closed:
+            await vol.close()
+        return vol
 
     async def create_volume(
         self, name: str, size: Union[int, str], stripe_unit: Union[int, str] = 0, stripe_width: int = 0
@@ -70,10 +150,15 @@ class AsyncPool:
     async def list_volumes(self) -> list[VolumeInfo]:
         return await self.meta.list_volumes()
 
-    async def delete_volume(self, name: str) -> None:
-        await self.meta.delete_volume(name)
+    async def delete_volume(self, name: str, force: bool = False) -> None:
+        """Delete a volume; refused while another client has it open, unless ``force`` (which fences
+        them). This client's own open handles do not count (they fail from then on)."""
+        own = [lease.lease_id for (n, _), lease in self._leases.items() if n == name and not lease.closed]
+        await self.meta.delete_volume(name, force, own)
 
     async def close(self) -> None:
+        for lease in list(self._leases.values()):
+            await lease.close()
         self.connections.close()
         await self.meta.close()
 
@@ -118,28 +203,59 @@ def _as_view(buf: Buffer, writable: bool) -> memoryview:
 
 
 class Volume:
-    """Synchronous handle of a volume."""
+    """Synchronous handle of a volume. Pickles as its pool, name and read-only flag, and reopens on
+    first use after unpickling (or after a fork)."""
 
     def __init__(self, pool: "Pool", avol: AsyncVolume) -> None:
         self._pool = pool
-        self._avol = avol
+        self._avol: Optional[AsyncVolume] = avol
+        self._name = avol.name
+        self._read_only = avol.read_only
+        self._forks = _forks
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"pool": self._pool, "name": self._name, "read_only": self._read_only}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._pool = state["pool"]
+        self._name = state["name"]
+        self._read_only = state["read_only"]
+        self._avol = None
+        self._forks = -1
+
+    def _reopen(self) -> AsyncVolume:
+        """The volume's handle on the pool's current connections (after unpickling or a fork)."""
+        pool = self._pool
+        apool = pool._ap()
+        old = self._avol
+        if old is None:
+            self._avol = pool._run(apool.open(self._name, self._read_only))
+        elif old.connections is not apool.connections:
+            self._avol = pool._run(apool.adopt(old))
+        self._forks = _forks
+        assert self._avol is not None
+        return self._avol
+
+    def _av(self) -> AsyncVolume:
+        av = self._avol
+        return av if self._forks == _forks and av is not None else self._reopen()
 
     @property
     def name(self) -> str:
-        return self._avol.name
+        return self._name
 
     @property
     def size(self) -> int:
-        return self._avol.size
+        return self._av().size
 
     @property
     def generation(self) -> int:
-        return self._avol.layout.generation
+        return self._av().layout.generation
 
     @property
     def asyncio(self) -> AsyncVolume:
         """The underlying asyncio volume (use it from the pool's own loop only)."""
-        return self._avol
+        return self._av()
 
     def read(self, offset: int, length: int) -> np.ndarray:
         out = np.empty(length, dtype=np.uint8)
@@ -148,20 +264,28 @@ class Volume:
 
     def readinto(self, buf: Buffer, offset: int) -> int:
         view = _as_view(buf, writable=True)
-        if not self._fast(dp.READ, offset, view):
-            self._pool._run(self._avol.readinto(view, offset))
+        av = self._av()
+        t0 = time.monotonic()
+        if not self._fast(av, dp.READ, offset, view, t0):
+            self._pool._run(av.readinto(view, offset, timeout=self._left(av, t0)))
         return len(view)
 
     def write(self, offset: int, data: Buffer, fua: bool = False) -> int:
         view = _as_view(data, writable=False)
-        if fua or self._avol.read_only or not self._fast(dp.WRITE, offset, view):
-            self._pool._run(self._avol.write(offset, view, fua))
+        av = self._av()
+        t0 = time.monotonic()
+        if fua or not av.writable or not self._fast(av, dp.WRITE, offset, view, t0):
+            self._pool._run(av.write(offset, view, fua, timeout=self._left(av, t0)))
         return len(view)
 
-    def _fast(self, opcode: int, offset: int, view: memoryview) -> bool:
+    @staticmethod
+    def _left(av: AsyncVolume, t0: float) -> float:
+        """What is left of the I/O's time budget after the fast path's attempt."""
+        return av.options.io_deadline - (time.monotonic() - t0)
+
+    def _fast(self, av: AsyncVolume, opcode: int, offset: int, view: memoryview, t0: float) -> bool:
         """Small single-piece I/O on this thread's own blocking connection (client/syncpath.py);
         False sends the request the normal way (which also reports any error)."""
-        av = self._avol
         lay = av.layout
         n = len(view)
         if not 0 < n <= MAX_FAST or av.options.digests or offset < 0 or offset + n > lay.size:
@@ -178,21 +302,30 @@ class Volume:
             self._pool._sync.call(ep.address, unix, opcode, p.extent.extent_id, p.extent_offset, n, lay.generation,
                                   payload=view if opcode == dp.WRITE else None,
                                   dest=view if opcode == dp.READ else None)
-        except FastPathMiss:
+        except FastPathMiss as miss:
+            budget = av.options.io_deadline
+            if miss.timed_out and time.monotonic() - t0 >= budget:
+                raise AgentTimeoutError(
+                    f"volume {self._name!r}: I/O of {n} bytes at {offset} did not complete within {budget:g}s: "
+                    f"agent {ep.address} did not answer", ep.address) from None
             return False
         return True
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self._pool._run(self._avol.write_zeroes(offset, length))
+        av = self._av()
+        self._pool._run(av.write_zeroes(offset, length))
 
     def flush(self) -> None:
-        self._pool._run(self._avol.flush())
+        av = self._av()
+        self._pool._run(av.flush())
 
     def refresh(self) -> None:
-        self._pool._run(self._avol.refresh())
+        av = self._av()
+        self._pool._run(av.refresh())
 
     def close(self) -> None:
-        self._pool._run(self._avol.close())
+        av = self._av()
+        self._pool._run(av.close())
 
     def __enter__(self) -> "Volume":
         return self
@@ -202,53 +335,122 @@ class Volume:
 
 
 class Pool:
-    """Synchronous handle of a pool (thread-safe; all I/O runs on one background event loop)."""
+    """Synchronous handle of a pool (thread-safe; all I/O runs on one background event loop).
+
+    Survives ``fork()`` (the child reconnects on first use) and pickles as its metadata address and
+    options (it reconnects on first use after unpickling)."""
+
+    _apool: AsyncPool
+    _sync: SyncChannels
 
     def __init__(self, meta_address: Optional[str] = None, options: Optional[ClientOptions] = None) -> None:
-        self._lt = _LoopThread()
-        self._apool = self._lt.run(AsyncPool.connect(meta_address, options))
-        self._sync = SyncChannels(self._apool.options.connect_timeout)
+        self._address = meta_address or default_meta()
+        self._options = options or ClientOptions()
+        self._forks = -1
+        self._lt: Optional[_LoopThread] = None
+        self._connect()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"meta_address": self._address, "options": self._options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._address = state["meta_address"]
+        self._options = state["options"]
+        self._forks = -1
+        self._lt = None
+
+    def _connect(self) -> None:
+        """(Re)connect: a new loop thread, metadata client and agent connections. In a forked child
+        the parent's are put aside untouched: closing them would close what the parent still uses."""
+        with _reconnect_lock:
+            if self._forks == _forks:
+                return  # another thread did it
+            inherited: list[Lease] = []
+            if self._lt is not None:
+                _left_behind.extend((self._lt, self._apool, self._sync))
+                inherited = [lease for lease in self._apool._leases.values() if not lease.closed]
+            lt = _LoopThread()
+            apool = lt.run(AsyncPool.connect(self._address, self._options))
+            if inherited:  # a forked child is the same client: it shares (and renews) the parent's leases
+                lt.run(apool.inherit(inherited))
+            self._sync = SyncChannels(min(apool.options.connect_timeout, apool.options.io_deadline))
+            self._apool = apool
+            self._lt = lt
+            self._forks = _forks
+
+    def _ap(self) -> AsyncPool:
+        if self._forks != _forks:
+            self._connect()
+        return self._apool
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._forks != _forks:  # callers go through _ap() first; this is a safety net
+            coro.close()
+            raise RuntimeError("nvpool: pool used before reconnecting")
+        assert self._lt is not None
         return self._lt.run(coro)
 
     @property
     def meta(self) -> MetaClient:
-        return self._apool.meta
+        return self._ap().meta
 
-    def open(self, name: str, read_only: bool = False) -> Volume:
-        return Volume(self, self._run(self._apool.open(name, read_only)))
+    @property
+    def options(self) -> ClientOptions:
+        return self._options
+
+    @property
+    def address(self) -> str:
+        """The metadata service's address."""
+        return self._address
+
+    def open(self, name: str, read_only: bool = False, force: bool = False) -> Volume:
+        """Open a volume: for writing (the exclusive writer lease; ``force`` takes it over and fences
+        the current writer) or ``read_only`` (any number of readers)."""
+        ap = self._ap()
+        return Volume(self, self._run(ap.open(name, read_only, force)))
 
     def create_volume(
         self, name: str, size: Union[int, str], stripe_unit: Union[int, str] = 0, stripe_width: int = 0
     ) -> VolumeInfo:
-        return self._run(self._apool.create_volume(name, size, stripe_unit, stripe_width))
+        ap = self._ap()
+        return self._run(ap.create_volume(name, size, stripe_unit, stripe_width))
 
     def list_volumes(self) -> list[VolumeInfo]:
-        return self._run(self._apool.list_volumes())
+        ap = self._ap()
+        return self._run(ap.list_volumes())
 
     def alloc(self, nbytes: int) -> np.ndarray:
         """Registered (zero-copy) memory; see ``AsyncPool.alloc``."""
-        return self._run(self._alloc(nbytes))
+        ap = self._ap()
+        return self._run(self._alloc(ap, nbytes))
 
-    async def _alloc(self, nbytes: int) -> np.ndarray:
-        return self._apool.alloc(nbytes)
+    @staticmethod
+    async def _alloc(ap: AsyncPool, nbytes: int) -> np.ndarray:
+        return ap.alloc(nbytes)
 
     def volume_info(self, name: str) -> VolumeInfo:
-        return self._run(self._apool.meta.get_volume(name))
+        ap = self._ap()
+        return self._run(ap.meta.get_volume(name))
 
     def resize_volume(self, name: str, size: Union[int, str]) -> VolumeInfo:
-        return self._run(self._apool.meta.resize_volume(name, parse_size(size)))
+        ap = self._ap()
+        return self._run(ap.meta.resize_volume(name, parse_size(size)))
 
-    def delete_volume(self, name: str) -> None:
-        self._run(self._apool.delete_volume(name))
+    def delete_volume(self, name: str, force: bool = False) -> None:
+        """Delete a volume; refused while anyone has it open, unless ``force`` (which fences them)."""
+        ap = self._ap()
+        self._run(ap.delete_volume(name, force))
 
     def close(self) -> None:
+        if self._forks != _forks or self._lt is None:
+            return  # never connected in this process: nothing of ours to close
         try:
             self._sync.close()
             self._run(self._apool.close())
         finally:
             self._lt.stop()
+            self._lt = None
+            self._forks = -2  # a later use reconnects
 
     def __enter__(self) -> "Pool":
         return self

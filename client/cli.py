@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from typing import Optional, Sequence
 
 from nvpool import __version__
+from nvpool.client.cli_common import BadArgument, Parser, one_line
 from nvpool.proto.errors import NvpoolError
+from nvpool.proto.units import human
 
 #: modules that add subcommands (each has register(subparsers) -> None)
 COMMAND_MODULES = (
@@ -22,8 +25,30 @@ COMMAND_MODULES = (
 )
 
 
+EPILOG = """\
+Exit status:
+  0  success
+  1  the operation failed (the pool refused it, an agent or the metadata service could not be
+     reached or did not answer within --timeout, a check did not pass)
+  2  usage error: an invalid command line (unknown option, bad size, name, number); nothing was done
+
+Every error is one line on stderr: "nvpool: error: ...".
+
+Environment: NVPOOL_META is the default metadata service address (host:port)."""
+
+
+def humanize_sizes(message: str) -> str:
+    """'... 1073741824 bytes ...' -> '... 1.0 GiB ...' (messages from the pool count in bytes)."""
+
+    def repl(m: "re.Match[str]") -> str:
+        n = int(m.group(1))
+        return human(n) if n >= 1024 else m.group(0)
+
+    return re.sub(r"\b(\d+) bytes\b", repl, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="nvpool",
         description=(
             "nvpool: many NVMe servers as one shared, striped storage pool.\n"
@@ -31,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             "then create volumes and read them from GPU hosts (Python API, `nvpool export`, `nvpool mount`)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Environment: NVPOOL_META is the default metadata service address (host:port).",
+        epilog=EPILOG,
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     p.add_argument("--version", action="version", version=f"nvpool {__version__}")
@@ -44,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # daemons log at INFO by default: their INFO lines are the audit trail (create, delete, leases,
+    # agents up and down, rebalance steps); commands log warnings only unless -v
+    base = logging.INFO if getattr(args, "command", "") in ("meta", "agent") else logging.WARNING
     logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
+        level=max(logging.DEBUG, base - 10 * min(args.verbose, 2)),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
@@ -57,8 +85,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except BadArgument as exc:  # an argument checked by the command itself: a usage error
+        print(f"nvpool: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
     except NvpoolError as exc:
-        print(f"nvpool: error: {exc}", file=sys.stderr)
+        print(f"nvpool: error: {humanize_sizes(one_line(str(exc)))}", file=sys.stderr)
         return 1
     return int(rc or 0)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import sys
 import time
@@ -13,6 +12,17 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import numpy as np
+
+from nvpool.client.cli_common import BadArgument, add_timeout, int_arg, meta_address, resolve_meta, seconds_arg, size_arg, volume_name
+from nvpool.proto.errors import UsageError
+from nvpool.proto.units import GiB, human
+
+#: the most I/Os in flight `nvpool bench` runs (each holds an --io-size buffer)
+MAX_IO_DEPTH = 1024
+#: the largest --io-size
+MAX_IO_SIZE = 1 * GiB
+#: the most buffer memory (--io-size x --io-depth) `nvpool bench` allocates
+MAX_BUFFERS = 4 * GiB
 
 
 @dataclass
@@ -50,19 +60,26 @@ async def run_bench(
     digests: bool = False,
     seed: int = 1,
     progress: bool = False,
+    meta_timeout: float = 30.0,
 ) -> BenchResult:
-    """Run one benchmark on the calling event loop (ends at ``total`` bytes or ``seconds``)."""
+    """Run one benchmark on the calling event loop (ends at ``total`` bytes or ``seconds``).
+    ``meta_timeout``: seconds to wait for each answer of the metadata service."""
     from nvpool.client.api import AsyncPool
+    from nvpool.client.metaclient import MetaClient, default_meta
     from nvpool.client.volume import ClientOptions
 
+    if io_size <= 0 or io_depth <= 0 or total < 0 or seconds < 0:
+        raise UsageError(f"io_size, io_depth must be positive, total and seconds not negative "
+                         f"(got {io_size}, {io_depth}, {total}, {seconds})")
     if not total and not seconds:
         seconds = 10.0
-    pool = await AsyncPool.connect(meta, ClientOptions(transport=transport, digests=digests))
+    pool = AsyncPool(MetaClient(meta or default_meta(), timeout=meta_timeout),
+                     ClientOptions(transport=transport, digests=digests))
     try:
         vol = await pool.open(volume, read_only=(io_type == "read"))
         size = vol.size // io_size * io_size
         if size <= 0:
-            raise SystemExit(f"volume {volume} is smaller than one I/O of {io_size} bytes")
+            raise UsageError(f"volume {volume} ({human(vol.size)}) is smaller than one I/O of {human(io_size)}")
         rng = np.random.default_rng(seed)
         payload = memoryview(rng.integers(0, 256, io_size, dtype=np.uint8).tobytes())
         lat: list[int] = []
@@ -112,13 +129,15 @@ async def run_bench(
 def cmd_bench(args: argparse.Namespace) -> int:
     import uvloop
 
-    from nvpool.proto.units import parse_size
-
+    if args.io_size * args.io_depth > MAX_BUFFERS:
+        raise BadArgument(
+            f"--io-size {human(args.io_size)} x --io-depth {args.io_depth} needs {human(args.io_size * args.io_depth)} "
+            f"of buffers; at most {human(MAX_BUFFERS)}"
+        )
     res = uvloop.run(
         run_bench(
-            args.meta or os.environ.get("NVPOOL_META"), args.volume, args.io_type, parse_size(args.io_size),
-            args.io_depth, args.pattern, parse_size(args.total) if args.total else 0, args.seconds or 0.0,
-            args.transport, args.digests,
+            resolve_meta(args), args.volume, args.io_type, args.io_size, args.io_depth, args.pattern,
+            args.total or 0, args.seconds or 0.0, args.transport, args.digests, meta_timeout=args.timeout,
         )
     )
     if args.json:
@@ -126,10 +145,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print()
     else:
         print(
-            f"{res.io_type} {res.pattern} {res.io_size}B x QD{res.io_depth} over {res.transport}: "
+            f"{res.io_type} {res.pattern} {human(res.io_size)} x QD{res.io_depth} over {res.transport}: "
             f"{res.MBps} MB/s, {res.iops:.0f} IOPS\n"
             f"latency p50 {res.lat_p50_us} us  p99 {res.lat_p99_us} us  p99.9 {res.lat_p999_us} us\n"
-            f"client CPU {res.cpu_percent}% ({res.cpu_s_per_GB} CPU-s per GB)  {res.ops} ops in {res.seconds}s"
+            f"client CPU {res.cpu_percent}% ({res.cpu_s_per_GB} CPU-s per GB)  {res.ops} ops ({human(res.bytes)}) "
+            f"in {res.seconds}s"
         )
     return 0
 
@@ -139,15 +159,18 @@ def register(sub: Any) -> None:
         "bench", help="measure a volume's throughput, IOPS and latency through the client library",
         description="Benchmark a volume through the client library (not the NBD export). Writes destroy data.",
     )
-    p.add_argument("volume")
+    p.add_argument("volume", type=volume_name)
     p.add_argument("--io-type", choices=["read", "write", "rw"], default="read")
-    p.add_argument("--io-size", default="1M", help="bytes per I/O (default 1M)")
-    p.add_argument("--io-depth", type=int, default=4, help="I/Os in flight (default 4)")
+    p.add_argument("--io-size", default="1M", type=size_arg(1, MAX_IO_SIZE, "I/O size"),
+                   help=f"bytes per I/O, at most {human(MAX_IO_SIZE)} (default 1M)")
+    p.add_argument("--io-depth", type=int_arg(1, MAX_IO_DEPTH, "I/O depth"), default=4,
+                   help=f"I/Os in flight, 1 to {MAX_IO_DEPTH} (default 4)")
     p.add_argument("--pattern", choices=["seq", "rand"], default="seq")
-    p.add_argument("--total", help="stop after this many bytes (e.g. 4G)")
-    p.add_argument("--seconds", type=float, help="stop after this many seconds (default 10 if no --total)")
+    p.add_argument("--total", type=size_arg(1, None, "total"), help="stop after this many bytes (e.g. 4G)")
+    p.add_argument("--seconds", type=seconds_arg, help="stop after this many seconds (default 10 if no --total)")
     p.add_argument("--transport", choices=["auto", "tcp", "shm"], default="auto")
     p.add_argument("--digests", action="store_true", help="CRC32C header and data digests")
-    p.add_argument("--meta", help="metadata service (default $NVPOOL_META)")
+    p.add_argument("--meta", type=meta_address, help="metadata service HOST:PORT (default $NVPOOL_META or 127.0.0.1:7400)")
+    add_timeout(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

@@ -10,15 +10,30 @@ import sys
 import time
 from typing import Any
 
-from nvpool.proto.units import human
+from nvpool.client.cli_common import (
+    add_timeout,
+    check_meta_address,
+    int_arg,
+    listen_address,
+    meta_address,
+    seconds_arg,
+    size_arg,
+    volume_name,
+)
+from nvpool.proto.units import MiB, human
 from nvpool.client.cluster import LocalCluster, default_dir
+
+#: the smallest drive an agent accepts (agents/drive.py MIN_DRIVE_SIZE: a 2 MiB label area + 8 MiB)
+MIN_DRIVE_SIZE = 10 * MiB
+#: the most agents, and drives per agent, `cluster up` starts on one machine
+MAX_LOCAL_AGENTS, MAX_LOCAL_DRIVES = 256, 64
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    c = LocalCluster(args.dir, args.agents, args.drives_per_agent, args.drive_size, meta_listen=args.meta_listen)
+    c = LocalCluster(args.dir, args.agents, args.drives_per_agent, str(args.drive_size), meta_listen=args.meta_listen)
     if not args.json:
         print(f"starting a metadata service and {args.agents} agents x {args.drives_per_agent} drives "
-              f"of {args.drive_size} in {c.dir} ...", file=sys.stderr)
+              f"of {human(args.drive_size)} in {c.dir} ...", file=sys.stderr)
     c.up(timeout=args.timeout)
     st = c.status()
     if args.json:
@@ -70,12 +85,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not meta:
         print("nvpool: error: no pool found: start one with `nvpool cluster up` or pass --meta", file=sys.stderr)
         return 1
-    from nvpool.proto.units import parse_size
-
-    total = parse_size(args.size)
+    check_meta_address(meta, "metadata service address")
     chunk = 8 * 1024 * 1024
-    total = max(chunk, total // chunk * chunk)
+    total = max(chunk, args.size // chunk * chunk)
+    if total != args.size and not args.json:
+        print(f"using {human(total)}: --size {human(args.size)} rounded to a whole number of {human(chunk)} chunks",
+              file=sys.stderr)
     pool = connect(meta)
+    pool.meta.timeout = args.timeout
     result: dict[str, Any] = {}
     try:
         names = {v.name for v in pool.list_volumes()}
@@ -107,7 +124,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         t_read = time.perf_counter() - t0
         ok = h_w.digest() == h_r.digest()
         result = {
-            "volume": info.name, "bytes": total, "columns": info.stripe_width, "servers": len(set(info.hosts)),
+            "volume": info.name, "bytes": total, "requested_bytes": args.size, "columns": info.stripe_width, "servers": len(set(info.hosts)),
             "sha256_written": h_w.hexdigest(), "sha256_read": h_r.hexdigest(), "match": ok,
             "write_MBps": round(total / t_write / 1e6, 1), "read_MBps": round(total / t_read / 1e6, 1),
         }
@@ -121,7 +138,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"read it back at {result['read_MBps']} MB/s")
             print(f"sha256 written {h_w.hexdigest()[:16]}...  read {h_r.hexdigest()[:16]}...  "
                   f"{'MATCH' if ok else 'MISMATCH'}")
-        return 0 if ok else 2
+        return 0 if ok else 1
     finally:
         pool.close()
 
@@ -137,11 +154,15 @@ def register(sub: Any) -> None:
         q.add_argument("--json", action="store_true", help="machine-readable output")
 
     up = cs.add_parser("up", help="start a metadata service and N agents; wait until registered")
-    up.add_argument("--agents", type=int, default=4, help="number of agents (servers), default 4")
-    up.add_argument("--drives-per-agent", type=int, default=2, help="file-backed drives per agent, default 2")
-    up.add_argument("--drive-size", default="4G", help="size of each sparse drive file, default 4G")
-    up.add_argument("--meta-listen", default="127.0.0.1:0", help="metadata service address (default: a free port)")
-    up.add_argument("--timeout", type=float, default=60, help="seconds to wait for start-up")
+    up.add_argument("--agents", type=int_arg(1, MAX_LOCAL_AGENTS, "number of agents"), default=4,
+                    help="number of agents (servers), default 4")
+    up.add_argument("--drives-per-agent", type=int_arg(1, MAX_LOCAL_DRIVES, "drives per agent"), default=2,
+                    help="file-backed drives per agent, default 2")
+    up.add_argument("--drive-size", default="4G", type=size_arg(MIN_DRIVE_SIZE, None, "drive size"),
+                    help=f"size of each sparse drive file, at least {human(MIN_DRIVE_SIZE)}; default 4G")
+    up.add_argument("--meta-listen", default="127.0.0.1:0", type=listen_address,
+                    help="metadata service address (default: a free port)")
+    up.add_argument("--timeout", type=seconds_arg, default=60, help="seconds to wait for start-up")
     common(up)
     up.set_defaults(func=cmd_up)
 
@@ -158,9 +179,12 @@ def register(sub: Any) -> None:
     env.set_defaults(func=cmd_env)
 
     demo = cs.add_parser("demo", help="end-to-end check: write random data, read it back, compare, MB/s")
-    demo.add_argument("--meta", help="metadata service (default: $NVPOOL_META or the local pool in --dir)")
-    demo.add_argument("--volume", default="demo", help="volume name (re-created), default demo")
-    demo.add_argument("--size", default="1G", help="bytes to write and read back, default 1G")
-    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--meta", type=meta_address,
+                      help="metadata service (default: $NVPOOL_META or the local pool in --dir)")
+    add_timeout(demo)
+    demo.add_argument("--volume", default="demo", type=volume_name, help="volume name (re-created), default demo")
+    demo.add_argument("--size", default="1G", type=size_arg(1, None, "size"),
+                      help="bytes to write and read back (a multiple of 8 MiB, rounded down), default 1G")
+    demo.add_argument("--seed", type=int_arg(0, 2**63 - 1, "seed"), default=1)
     common(demo)
     demo.set_defaults(func=cmd_demo)

@@ -17,6 +17,7 @@ import sys
 import tomllib
 from typing import Any, Awaitable, Callable, Optional
 
+from nvpool.client.cli_common import listen_address, meta_address, seconds_arg
 from nvpool.proto.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def cmd_meta(args: argparse.Namespace) -> int:
     from nvpool.pool.grpc_meta import MetaConfig, serve
 
     values = _load_config(args.config)
-    for key in ("listen", "store"):
+    for key in ("listen", "store", "lease_ttl"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     config = MetaConfig.from_mapping(values)
@@ -121,8 +122,10 @@ def register(sub: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--listen", help="HOST:PORT to serve gRPC on (default 127.0.0.1:7400; port 0 picks one)")
+    p.add_argument("--listen", type=listen_address, help="HOST:PORT to serve gRPC on (default 127.0.0.1:7400; port 0 picks one)")
     p.add_argument("--store", help="where metadata lives: sqlite:PATH (default sqlite:./nvpool-meta.db)")
+    p.add_argument("--lease-ttl", type=seconds_arg,
+                   help="seconds a volume lease lives without renewal (default 15; see deploy/meta.toml.sample)")
     p.add_argument("--config", help="TOML config file (see deploy/meta.toml.sample)")
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
     p.set_defaults(func=cmd_meta)
@@ -137,17 +140,19 @@ def register(sub: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    a.add_argument("--meta", help="metadata service HOST:PORT (default $NVPOOL_META or 127.0.0.1:7400)")
-    a.add_argument("--listen", help="data-plane HOST:PORT (default 127.0.0.1:7500; port 0 picks one)")
-    a.add_argument("--control-listen", help="control gRPC HOST:PORT (default: data-plane host, any port)")
+    a.add_argument("--meta", type=meta_address, help="metadata service HOST:PORT (default $NVPOOL_META or 127.0.0.1:7400)")
+    a.add_argument("--listen", type=listen_address, help="data-plane HOST:PORT (default 127.0.0.1:7500; port 0 picks one)")
+    a.add_argument("--control-listen", type=listen_address, help="control gRPC HOST:PORT (default: data-plane host, any port)")
     a.add_argument("--unix", help="also serve the data plane on this Unix socket (same-host clients, shm transport)")
-    a.add_argument("--advertise", help="data-plane address to give clients, if not the bound one")
+    a.add_argument("--advertise", help="HOST (or HOST:PORT) that clients and the metadata service dial, for both the "
+                                       "data and control ports (default: the listen host; for 0.0.0.0, the address "
+                                       "that reaches the metadata service)")
     a.add_argument("--drive", action="append", default=[], help="a drive (repeatable): PATH or file:PATH:SIZE")
     a.add_argument("--discover-nvme", action="store_true", help="also use every NVMe namespace in /sys/block")
     a.add_argument("--name", help="agent id (default: the hostname)")
     a.add_argument("--host", help="failure domain: server name (default: the agent id)")
     a.add_argument("--rack", help="failure domain: rack label")
-    a.add_argument("--heartbeat", type=float, help="seconds between heartbeats (default 1)")
+    a.add_argument("--heartbeat", type=seconds_arg, help="seconds between heartbeats (default 1)")
     a.add_argument("--config", help="TOML config file (see deploy/agent.toml.sample)")
     a.add_argument("--ready-file", help="write {address, control_address, drives, pid} as JSON once serving")
     a.set_defaults(func=cmd_agent)

@@ -11,8 +11,13 @@ import socket
 import sys
 from typing import Any
 
+from nvpool.client.cli_common import add_timeout, int_arg, listen_address, meta_address, resolve_meta, volume_name
 from nvpool.client.cli_daemons import run_daemon, write_ready
+from nvpool.client.metaclient import holder_name
 from nvpool.proto.units import human
+
+#: the most worker processes `nvpool export --workers` forks
+MAX_WORKERS = 256
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -24,6 +29,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.file and not args.volume:
         print("nvpool: error: which volume? (nvpool export VOLUME, or --file PATH)", file=sys.stderr)
         return 2
+    meta = None if args.file else resolve_meta(args)  # an invalid address is a usage error, before any fork
 
     workers = max(1, args.workers)
     listener = None
@@ -32,6 +38,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             print("nvpool: error: --workers serves pool volumes only", file=sys.stderr)
             return 2
         listener = _listen(args)
+    shared_lease = None
+    if listener is not None and not args.file:
+        # the workers share one lease, taken before they fork (each renews it)
+        shared_lease = asyncio.run(_take_lease(meta, args))
     children = _fork_workers(workers - 1) if listener is not None else []
     is_parent = listener is None or children is not None
 
@@ -42,9 +52,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             name = args.name or os.path.basename(args.file)
         else:
             from nvpool.client.api import AsyncPool
+            from nvpool.client.metaclient import MetaClient
+            from nvpool.client.volume import ClientOptions
 
-            pool = await AsyncPool.connect(args.meta)
-            device = await pool.open(args.volume, read_only=args.read_only)
+            assert meta is not None
+            pool = AsyncPool(MetaClient(meta, timeout=args.timeout), ClientOptions())
+            device = await pool.open(args.volume, read_only=args.read_only, force=args.force,
+                                     holder=holder_name("nvpool export"), lease=shared_lease)
             name = args.name or args.volume
         server = NBDServer(device, name, args.read_only, description=f"nvpool volume {name}")
         try:
@@ -106,6 +120,17 @@ def _listen(args: argparse.Namespace) -> socket.socket:
     return s
 
 
+async def _take_lease(meta: Any, args: argparse.Namespace) -> tuple[str, float]:
+    from nvpool.client.metaclient import MetaClient
+
+    m = MetaClient(meta, timeout=args.timeout)
+    try:
+        return await m.open_volume(args.volume, write=not args.read_only, force=args.force,
+                                   holder=holder_name("nvpool export"))
+    finally:
+        await m.close()
+
+
 def _fork_workers(n: int) -> "list[int] | None":
     """Fork ``n`` workers before any event loop or connection exists; None in a worker."""
     pids = []
@@ -123,7 +148,7 @@ def _fork_workers(n: int) -> "list[int] | None":
 def cmd_mount(args: argparse.Namespace) -> int:
     from nvpool.client.mounting import mount
 
-    st = mount(args.volume, args.mountpoint, args.meta, args.mkfs, args.read_only, args.socket)
+    st = mount(args.volume, args.mountpoint, args.meta, args.mkfs, args.read_only, args.socket, args.force)
     if args.json:
         print(json.dumps(st, indent=2))
     else:
@@ -149,16 +174,19 @@ def register(sub: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    e.add_argument("volume", nargs="?", help="volume to export")
+    e.add_argument("volume", nargs="?", type=volume_name, help="volume to export")
     where = e.add_mutually_exclusive_group()
     where.add_argument("--socket", help="serve on this Unix socket")
-    where.add_argument("--listen", help="serve on HOST:PORT (default 127.0.0.1:10809)")
-    e.add_argument("--read-only", action="store_true", help="refuse writes")
-    e.add_argument("--workers", type=int, default=1,
+    where.add_argument("--listen", type=listen_address, help="serve on HOST:PORT (default 127.0.0.1:10809)")
+    e.add_argument("--read-only", action="store_true", help="refuse writes (a shared reader lease)")
+    e.add_argument("--force", action="store_true",
+                   help="take the volume over from its current writer (that writer is fenced: its writes fail)")
+    e.add_argument("--workers", type=int_arg(1, MAX_WORKERS, "number of workers"), default=1,
                    help="processes serving the export (they share the socket; multi-connection clients use more cores)")
     e.add_argument("--name", help="export name (default: the volume name)")
     e.add_argument("--file", help="export a plain file instead of a volume (testing, benchmarks)")
-    e.add_argument("--meta", help="metadata service (default $NVPOOL_META)")
+    e.add_argument("--meta", type=meta_address, help="metadata service HOST:PORT (default $NVPOOL_META)")
+    add_timeout(e)
     e.add_argument("--ready-file", help="write {export, size, uri, pid} as JSON once serving")
     e.add_argument("--json", action="store_true", help="print the ready info as JSON on stdout")
     e.set_defaults(func=cmd_export)
@@ -172,12 +200,13 @@ def register(sub: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m.add_argument("volume")
+    m.add_argument("volume", type=volume_name)
     m.add_argument("mountpoint")
     m.add_argument("--mkfs", choices=["ext4", "xfs"], help="make this file system first (erases the volume)")
-    m.add_argument("--read-only", action="store_true")
+    m.add_argument("--read-only", action="store_true", help="mount read-only (any number of read-only mounts)")
+    m.add_argument("--force", action="store_true", help="take the volume over from its current writer (fences it)")
     m.add_argument("--socket", help="use an export already serving on this Unix socket")
-    m.add_argument("--meta", help="metadata service (default $NVPOOL_META)")
+    m.add_argument("--meta", type=meta_address, help="metadata service HOST:PORT (default $NVPOOL_META)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_mount)
 

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from nvpool.client.cli_common import emit, human, parse_size_arg, table, with_meta
+from nvpool.client.cli_common import BadArgument, emit, human, server_name, size_arg, table, volume_name, with_meta
 from nvpool.client.metaclient import MetaClient
 from nvpool.proto import nvpool_pb2 as pb
 
@@ -67,7 +67,9 @@ async def _follow(meta: MetaClient, quiet: bool) -> Any:
 
 
 def cmd_rebalance(args: argparse.Namespace) -> int:
-    rate = parse_size_arg(args.max_rate) if args.max_rate else 0
+    rate = args.max_rate or 0
+    if args.cancel and (args.plan or args.wait or rate or args.volume):
+        raise BadArgument("--cancel takes none of --plan, --wait, --max-rate, --volume")
     quiet = args.json or not sys.stderr.isatty()
 
     async def go(meta: MetaClient) -> Any:
@@ -137,21 +139,22 @@ def register(ps: Any, common: Callable[[argparse.ArgumentParser], None]) -> None
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument("--plan", action="store_true", help="dry run: what moves where, bytes to move, balance before/after")
-    r.add_argument("--max-rate", help="copy bandwidth limit, e.g. 200M (per second)")
+    r.add_argument("--max-rate", type=size_arg(1, None, "rate"),
+                   help="copy bandwidth limit in bytes per second, e.g. 200M (default: no limit)")
     r.add_argument("--wait", action="store_true", help="follow progress until done")
     r.add_argument("--cancel", action="store_true", help="cancel a running rebalance (nothing is lost)")
-    r.add_argument("--volume", action="append", help="only these volumes (repeatable)")
+    r.add_argument("--volume", action="append", type=volume_name, help="only these volumes (repeatable)")
     common(r)
     r.set_defaults(func=cmd_rebalance)
 
     d = ps.add_parser("drain", help="move every extent off a server (before taking it out)")
-    d.add_argument("server", help="server (agent host) name")
+    d.add_argument("server", type=server_name, help="server (agent host) name")
     d.add_argument("--wait", action="store_true", help="follow progress until done")
     common(d)
     d.set_defaults(func=cmd_drain)
 
     rm = ps.add_parser("remove", help="drain a server, then remove it from the pool")
-    rm.add_argument("server")
+    rm.add_argument("server", type=server_name, help="server (agent host) name")
     common(rm)
     rm.set_defaults(func=lambda a: cmd_drain(a, remove=True))
 

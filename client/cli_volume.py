@@ -9,9 +9,26 @@ from typing import Any, TypeVar
 
 from nvpool.client.metaclient import VolumeInfo
 from nvpool.client import cli_rebalance
-from nvpool.client.cli_common import add_common, emit, human, parse_size_arg, table, with_meta
+from nvpool.client.cli_common import (
+    MAX_UINT32,
+    SIZE_ALIGN,
+    add_common,
+    emit,
+    human,
+    int_arg,
+    size_arg,
+    stripe_unit_arg,
+    table,
+    volume_name,
+    with_meta,
+)
+from nvpool.proto.errors import UsageError
+from nvpool.proto.units import MAX_SIZE
 
 T = TypeVar("T")
+
+#: the largest volume size that stays below 2^63 after the metadata service rounds it up
+MAX_VOLUME_SIZE = MAX_SIZE // SIZE_ALIGN * SIZE_ALIGN
 
 
 def describe(v: VolumeInfo) -> str:
@@ -25,16 +42,39 @@ def describe(v: VolumeInfo) -> str:
             f"servers     {', '.join(sorted(set(v.hosts)))}",
             f"drives      {len(v.drives)}",
             f"created     {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.created))}",
+            "open by     " + ("; ".join(f"{h['holder']} ({h['mode']})" for h in v.holders) or "nobody"),
         ]
     )
 
 
 # ---------------------------------------------------------------------------- volume
+def rounding(requested: int, size: int) -> str:
+    """The sentence that says the metadata service rounded a size (empty if it did not)."""
+    if size == requested:
+        return ""
+    asked = f"{human(requested)} ({requested} bytes)" if requested >= 1024 else f"{requested} bytes"
+    return f"rounded up from {asked} to a multiple of {human(SIZE_ALIGN)}"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def size_dict(v: VolumeInfo, requested: int) -> dict[str, Any]:
+    """``--json`` output of create/resize: the volume, the size asked for, and whether it was rounded."""
+    d = v.to_dict()
+    d["requested_size"] = requested
+    d["rounded_up"] = v.size != requested
+    return d
+
+
 def cmd_create(args: argparse.Namespace) -> int:
-    size = parse_size_arg(args.size)
-    su = parse_size_arg(args.stripe_unit) if args.stripe_unit else 0
-    v = with_meta(args, lambda m: m.create_volume(args.name, size, su, args.stripe_width or 0))
-    emit(args, v.to_dict(), f"created {v.name}: {human(v.size)}, {v.stripe_width} columns on {len(set(v.hosts))} servers")
+    size = args.size
+    v = with_meta(args, lambda m: m.create_volume(args.name, size, args.stripe_unit or 0, args.stripe_width or 0))
+    note = rounding(size, v.size)
+    emit(args, size_dict(v, size),
+         f"created {v.name}: {human(v.size)}{f' ({note})' if note else ''}, "
+         f"{plural(v.stripe_width, 'column')} x {human(v.stripe_unit)} on {plural(len(set(v.hosts)), 'server')}")
     return 0
 
 
@@ -54,10 +94,38 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_volume_status(args: argparse.Namespace) -> int:
+    v = with_meta(args, lambda m: m.get_volume(args.name))
+    rows = [[h["mode"], h["holder"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["granted"]))]
+            for h in v.holders]
+    text = table(rows, ["MODE", "HOLDER", "SINCE"]) if rows else f"{v.name}: not open"
+    emit(args, {"name": v.name, "holders": v.holders}, text)
+    return 0
+
+
 def cmd_resize(args: argparse.Namespace) -> int:
-    size = parse_size_arg(args.size)
-    v = with_meta(args, lambda m: m.resize_volume(args.name, size))
-    emit(args, v.to_dict(), f"resized {v.name} to {human(v.size)} (generation {v.generation})")
+    size = args.size
+
+    async def go(m: Any) -> tuple[VolumeInfo, VolumeInfo]:
+        old = await m.get_volume(args.name)
+        target = -(-size // SIZE_ALIGN) * SIZE_ALIGN
+        if target < old.size:
+            raise UsageError(
+                f"volume {old.name} is {human(old.size)}; shrinking it to {human(target)} would discard data "
+                "(only growing is supported)"
+            )
+        if target == old.size:
+            return old, old
+        return old, await m.resize_volume(args.name, size)
+
+    old, v = with_meta(args, go)
+    note = rounding(size, v.size)
+    if v.size == old.size:
+        text = f"{v.name} is already {human(v.size)}{f' ({note})' if note else ''}; nothing to do"
+    else:
+        text = (f"resized {v.name} from {human(old.size)} to {human(v.size)}{f' ({note})' if note else ''} "
+                f"(generation {v.generation})")
+    emit(args, size_dict(v, size), text)
     return 0
 
 
@@ -67,7 +135,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted")
             return 1
-    with_meta(args, lambda m: m.delete_volume(args.name))
+    with_meta(args, lambda m: m.delete_volume(args.name, args.force))
     emit(args, {"deleted": args.name}, f"deleted {args.name}")
     return 0
 
@@ -132,10 +200,14 @@ def register(sub: Any) -> None:
 
     c = vs.add_parser("create", help="create a volume (reads as zeros)",
                       description="Create a volume striped over the pool's drives, on distinct servers where possible.")
-    c.add_argument("name")
-    c.add_argument("--size", required=True, help="e.g. 20G, 512M, bytes")
-    c.add_argument("--stripe-unit", help="bytes per stripe unit on one drive (default 1M)")
-    c.add_argument("--stripe-width", type=int, help="number of columns (drives); default: as wide as the pool allows")
+    c.add_argument("name", type=volume_name,
+                   help="1-64 letters, digits, '.', '_', '-', starting with a letter or digit")
+    c.add_argument("--size", required=True, type=size_arg(1, MAX_VOLUME_SIZE),
+                   help=f"e.g. 20G, 512M, bytes; rounded up to a multiple of {human(SIZE_ALIGN)} (the output says so)")
+    c.add_argument("--stripe-unit", type=stripe_unit_arg,
+                   help="bytes per stripe unit on one drive: a power of two from 4K to 16M (default 1M)")
+    c.add_argument("--stripe-width", type=int_arg(1, MAX_UINT32, "stripe width"),
+                   help="number of columns (drives), at least 1; default: as wide as the pool allows")
     add_common(c)
     c.set_defaults(func=cmd_create)
 
@@ -144,19 +216,28 @@ def register(sub: Any) -> None:
     lst.set_defaults(func=cmd_list)
 
     s = vs.add_parser("show", help="show one volume")
-    s.add_argument("name")
+    s.add_argument("name", type=volume_name)
     add_common(s)
     s.set_defaults(func=cmd_show)
 
+    vst = vs.add_parser("status", help="who has a volume open (writer lease, readers)",
+                        description="The processes holding a volume open: the writer (exclusive) and the readers.")
+    vst.add_argument("name", type=volume_name)
+    add_common(vst)
+    vst.set_defaults(func=cmd_volume_status)
+
     r = vs.add_parser("resize", help="grow a volume online")
-    r.add_argument("name")
-    r.add_argument("--size", required=True, help="new size (larger than the current one)")
+    r.add_argument("name", type=volume_name)
+    r.add_argument("--size", required=True, type=size_arg(1, MAX_VOLUME_SIZE),
+                   help=f"new size (not smaller than the current one); rounded up to a multiple of {human(SIZE_ALIGN)}")
     add_common(r)
     r.set_defaults(func=cmd_resize)
 
     d = vs.add_parser("delete", help="delete a volume and free its space")
-    d.add_argument("name")
+    d.add_argument("name", type=volume_name)
     d.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    d.add_argument("--force", action="store_true",
+                   help="delete even while the volume is open (its holders are fenced: their I/O fails)")
     add_common(d)
     d.set_defaults(func=cmd_delete)
 

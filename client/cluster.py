@@ -66,6 +66,8 @@ class LocalCluster:
         self.unix_sockets = unix_sockets
         self.python = python
         self.meta = ProcInfo("meta")
+        #: extra arguments for `nvpool meta` (tests: e.g. a short --lease-ttl)
+        self.meta_extra: list[str] = []
         self.agents: list[ProcInfo] = []
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -129,7 +131,7 @@ class LocalCluster:
         listen = self.meta.address or self.meta_listen  # keep the port across restarts
         self.meta.args = [
             "meta", "--listen", listen, "--store", f"sqlite:{self.dir / 'meta.db'}",
-            "--ready-file", str(self.dir / "meta.ready"),
+            "--ready-file", str(self.dir / "meta.ready"), *self.meta_extra,
         ]
         self.meta.ready_file = str(self.dir / "meta.ready")
         self.meta.log = str(self.dir / "logs" / "meta.log")

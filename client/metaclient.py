@@ -6,9 +6,13 @@ else in ``client/`` imports generated code.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
+import socket
+import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import grpc
 
@@ -20,6 +24,7 @@ from nvpool.proto.records import Endpoint
 from nvpool.proto.errors import (
     AlreadyExistsError,
     CapacityError,
+    LeaseError,
     NotFoundError,
     NvpoolError,
     UnavailableError,
@@ -45,6 +50,8 @@ class VolumeInfo:
     created: float
     drives: list[str] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)
+    #: who has it open: [{"mode": "write"|"read", "holder": "...", "granted": wall clock}], writer first
+    holders: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,43 +61,139 @@ class VolumeInfo:
         return VolumeInfo(
             m.volume_id, m.name, m.size, m.stripe_unit, m.stripe_width, m.generation, m.state, m.created,
             list(m.drives), list(m.hosts),
+            [{"mode": h.mode, "holder": h.holder, "granted": h.granted} for h in m.holders],
         )
+
+
+def holder_name(what: str = "") -> str:
+    """Who opens a volume, as status and refusals show it: 'host pid N (program)'."""
+    prog = what or os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python") or "python"
+    return f"{socket.gethostname()} pid {os.getpid()} ({prog})"
 
 
 _CODES: dict[grpc.StatusCode, type[NvpoolError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.INVALID_ARGUMENT: UsageError,
-    grpc.StatusCode.FAILED_PRECONDITION: UsageError,
+    grpc.StatusCode.FAILED_PRECONDITION: LeaseError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
 }
 
 
-def translate(exc: grpc.aio.AioRpcError, address: str) -> NvpoolError:
-    cls = _CODES.get(exc.code(), NvpoolError)
-    details = exc.details() or exc.code().name
-    if cls is UnavailableError and exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details:
-        details = f"metadata service {address} is unreachable ({details})"
+#: text gRPC puts in UNAVAILABLE when the channel itself failed (not a status the metadata service sent)
+_TRANSPORT_MARKERS = (
+    "failed to connect to all addresses", "errors resolving", "dns resolution failed", "socket closed",
+    "connection reset", "broken pipe", "connection refused", "goaway", "keepalive watchdog", "stream removed",
+    "connection attempt timed out", "no route to host", "network is unreachable", "endpoint closing",
+)
+
+
+def _host_of(address: str) -> str:
+    host = address.rpartition(":")[0] if ":" in address else address
+    return host.removeprefix("[").removesuffix("]") or address
+
+
+def _transport_reason(details: str, address: str) -> str:
+    """A short reason for a failed connection, in words (the raw resolver/socket text stays out)."""
+    d = details.lower()
+    if "errors resolving" in d or "dns resolution failed" in d or "domain name not found" in d or "lookup" in d:
+        return f"unknown host {_host_of(address)!r} (the name does not resolve)"
+    if "connection refused" in d:
+        return "connection refused (is `nvpool meta` running there?)"
+    if "timed out" in d or "timeout" in d:
+        return "the connection attempt timed out"
+    if "no route to host" in d:
+        return "no route to host"
+    if "network is unreachable" in d:
+        return "network is unreachable"
+    if "socket closed" in d or "connection reset" in d or "broken pipe" in d or "goaway" in d or "stream removed" in d:
+        return "the connection was closed by the other side (is it an nvpool metadata service?)"
+    return "the connection failed"
+
+
+def translate(
+    exc: grpc.aio.AioRpcError, address: str, timeout: Optional[float] = None, connected: bool = True,
+    method: str = "",
+) -> NvpoolError:
+    """An nvpool exception for a failed call. Failures to reach the service name the address and say what
+    happened in words; statuses the service sent keep its message."""
+    code = exc.code()
+    details = exc.details() or code.name
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        within = f" within {timeout:g} s" if timeout else ""
+        if not connected:
+            return UnavailableError(
+                f"cannot reach the metadata service at {address}: no answer{within} "
+                "(it accepts connections but does not answer, or the network drops them)"
+            )
+        what = f" to {method}" if method else ""
+        return UnavailableError(
+            f"the metadata service at {address} sent no answer{what}{within}; the request may still complete"
+        )
+    if code == grpc.StatusCode.UNAVAILABLE and any(m in details.lower() for m in _TRANSPORT_MARKERS):
+        return UnavailableError(f"cannot reach the metadata service at {address}: {_transport_reason(details, address)}")
+    cls = _CODES.get(code, NvpoolError)
     return cls(details)
+
+
+_forked = False  # this process is a fork() child of one that may have used grpc.aio
+
+
+def _note_fork() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_note_fork)
 
 
 class MetaClient:
     def __init__(self, address: Optional[str] = None, timeout: float = 30.0) -> None:
         self.address = address or default_meta()
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(self.address)
+        # grpc.aio does not survive fork(): in a child it crashes (uvloop) or never answers (asyncio), even
+        # on a new channel. A client made in a forked child calls through gRPC's synchronous stack on a
+        # worker thread instead (tests/test_client_fork.py).
+        self._sync_stack = _forked
+        self._channel = grpc.insecure_channel(self.address) if _forked else grpc.aio.insecure_channel(self.address)
         self._stub = pbg.MetaStub(self._channel)
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._sync_stack:
+            self._channel.close()
+        else:
+            await self._channel.close()
+
+    async def _call_sync_stack(self, name: str, request: Any, timeout: float) -> Any:
+        off = os.environ.get("GRPC_ENABLE_FORK_SUPPORT", "").strip().lower()
+        if off in ("0", "false", "no"):  # then no gRPC call can complete in a forked child: say so at once
+            raise UnavailableError(
+                f"cannot reach the metadata service at {self.address} from a forked process: gRPC's fork support "
+                f"is off (GRPC_ENABLE_FORK_SUPPORT={off}); unset it, or start workers with 'spawn'"
+            )
+        call = functools.partial(getattr(self._stub, name), request, timeout=timeout)
+        try:  # gRPC enforces the deadline; the wall-clock bound is for a gRPC core that the fork left stuck
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, call), timeout + 5)
+        except grpc.RpcError as exc:
+            raise translate(exc, self.address, timeout, True, name) from None
+        except TimeoutError:
+            raise UnavailableError(
+                f"the metadata service at {self.address} sent no answer to {name} within {timeout:g} s "
+                "(from a forked process, where gRPC may not work: start workers with 'spawn')"
+            ) from None
 
     async def _call(self, name: str, request: Any, timeout: Optional[float] = None) -> Any:
+        """One call with a deadline of ``timeout`` (default ``self.timeout``) seconds."""
+        deadline = timeout or self.timeout
+        if self._sync_stack:
+            return await self._call_sync_stack(name, request, deadline)
         try:
-            return await getattr(self._stub, name)(request, timeout=timeout or self.timeout)
+            return await getattr(self._stub, name)(request, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
-            raise translate(exc, self.address) from None
+            connected = self._channel.get_state() == grpc.ChannelConnectivity.READY
+            raise translate(exc, self.address, deadline, connected, name) from None
 
     async def create_volume(self, name: str, size: int, stripe_unit: int = 0, stripe_width: int = 0) -> VolumeInfo:
         m = await self._call(
@@ -108,12 +211,25 @@ class MetaClient:
     async def resize_volume(self, name: str, size: int) -> VolumeInfo:
         return VolumeInfo.from_pb(await self._call("ResizeVolume", pb.ResizeVolumeRequest(name=name, size=size)))
 
-    async def delete_volume(self, name: str) -> None:
-        await self._call("DeleteVolume", pb.DeleteVolumeRequest(name=name))
+    async def delete_volume(self, name: str, force: bool = False, own_leases: Sequence[str] = ()) -> None:
+        await self._call("DeleteVolume", pb.DeleteVolumeRequest(name=name, force=force, lease_ids=list(own_leases)))
 
-    async def get_layout(self, name: str = "", volume_id: int = 0) -> tuple[Layout, dict[str, Endpoint]]:
-        m = await self._call("GetLayout", pb.GetLayoutRequest(name=name, volume_id=volume_id))
+    async def get_layout(self, name: str = "", volume_id: int = 0, lease_id: str = "") -> tuple[Layout, dict[str, Endpoint]]:
+        m = await self._call("GetLayout", pb.GetLayoutRequest(name=name, volume_id=volume_id, lease_id=lease_id))
         return layout_from_pb(m)
+
+    async def open_volume(self, name: str, write: bool, force: bool = False, holder: str = "") -> tuple[str, float]:
+        """Take a lease (writer: exclusive; reader: shared); returns (lease id, seconds it lives unrenewed)."""
+        m = await self._call("OpenVolume", pb.OpenVolumeRequest(name=name, write=write, force=force,
+                                                                holder=holder or holder_name()))
+        return m.lease_id, m.ttl_ms / 1000
+
+    async def renew_lease(self, lease_id: str) -> float:
+        m = await self._call("RenewLease", pb.RenewLeaseRequest(lease_id=lease_id), timeout=5)
+        return float(m.ttl_ms) / 1000
+
+    async def close_volume(self, lease_id: str) -> None:
+        await self._call("CloseVolume", pb.CloseVolumeRequest(lease_id=lease_id), timeout=5)
 
     async def pool_status(self) -> Any:
         """The PoolStatusResponse message (the CLI renders it)."""

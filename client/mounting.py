@@ -83,7 +83,7 @@ def kernel_nbd_available() -> bool:
     return bool(glob.glob("/dev/nbd[0-9]*")) and shutil.which("nbd-client") is not None
 
 
-def start_export(volume: str, meta: Optional[str], socket_path: str, read_only: bool) -> int:
+def start_export(volume: str, meta: Optional[str], socket_path: str, read_only: bool, force: bool = False) -> int:
     ready = socket_path + ".ready"
     if os.path.exists(ready):
         os.unlink(ready)
@@ -94,6 +94,8 @@ def start_export(volume: str, meta: Optional[str], socket_path: str, read_only: 
         argv += ["--meta", meta]
     if read_only:
         argv.append("--read-only")
+    if force:
+        argv.append("--force")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
     log.close()
@@ -102,7 +104,7 @@ def start_export(volume: str, meta: Optional[str], socket_path: str, read_only: 
 
 
 def mount(volume: str, mountpoint: str, meta: Optional[str] = None, mkfs: Optional[str] = None,
-          read_only: bool = False, socket_path: Optional[str] = None) -> dict[str, Any]:
+          read_only: bool = False, socket_path: Optional[str] = None, force: bool = False) -> dict[str, Any]:
     if mkfs and read_only:
         raise UsageError("--mkfs needs a writable mount")
     if mkfs and mkfs not in ("ext4", "xfs"):
@@ -117,7 +119,7 @@ def mount(volume: str, mountpoint: str, meta: Optional[str] = None, mkfs: Option
     try:
         if socket_path is None:
             socket_path = str(run_dir() / "exports" / f"{volume}-{os.getpid()}.sock")
-            pid = start_export(volume, meta, socket_path, read_only)
+            pid = start_export(volume, meta, socket_path, read_only, force)
             state["steps"].append({"kind": "export", "pid": pid, "socket": socket_path})
             _save(state)
         if kernel_nbd_available():

@@ -10,11 +10,34 @@ libnbd (nbdinfo, nbdcopy, nbdfuse), QEMU and fio use:
 * transmission: READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE, DISC with FUA; simple replies, and
   structured replies (OFFSET_DATA, NONE, ERROR) once negotiated.
 
-Usage: ``conn = ServerConnection(exports)``; send ``conn.greeting()``; feed received bytes to
-``conn.receive(data)`` which returns ``(to_send: bytes, events)``; events are ``Ready`` (the export
-chosen; transmission begins), ``Request`` (a command to serve) and ``Disconnect``. Answer requests
-with ``reply(...)`` / ``read_reply(...)``, which return the frames to send. A malformed request
-raises ``NBDProtocolError``: the connection must be dropped.
+Usage (pull style, like h11): ``conn = ServerConnection(lookup, names)``; send ``conn.greeting()``;
+hand received bytes to ``conn.receive_data(data)``, then call ``conn.next_event()`` until it returns
+None (more bytes needed), sending ``conn.data_to_send()`` (option replies) as it grows. Events are
+``Ready`` (the export chosen; transmission begins), ``Request`` (a command to serve, or to answer at
+once with its ``error``) and ``Disconnect``. ``receive(data)`` does all of that in one call (tests).
+Answer requests with ``reply(...)`` / ``read_reply(...)``, which return the frames to send.
+
+Back-pressure: before pulling, a server asks ``next_cost()``: the bytes the next request will pin
+(its payload, or its read buffer) if its header has arrived, else None. A server over its budget
+simply stops pulling (and stops reading its socket); unpulled bytes stay in the kernel. A WRITE
+payload is collected only as its bytes arrive (never allocated from the announced length), and only
+after the server admitted its header.
+
+Validation follows nbdkit (``server/protocol.c`` ``validate_request``), in its order, so a client sees
+the same error code from both: a write-type command on a read-only export -> EPERM; a range that is
+empty or runs past the end (or overflows) -> ENOSPC for WRITE/WRITE_ZEROES, EINVAL otherwise; FLUSH
+with an offset or length, an unknown command -> EINVAL; unknown flags, a flag on a command it does not
+apply to, DF without structured replies -> EINVAL; a READ/WRITE above ``HARD_MAX_REQUEST`` -> ENOMEM.
+A rejected WRITE's payload is read and discarded (up to ``2 * HARD_MAX_REQUEST``, beyond which the
+connection is dropped, as nbdkit does). Sizes: ``MAX_REQUEST`` (32 MiB) is what we advertise in
+NBD_INFO_BLOCK_SIZE; a client that asked for block sizes is held to it (EINVAL above it). A client
+that did not ask may send up to ``HARD_MAX_REQUEST`` (64 MiB, nbdkit's limit; the reference
+nbd-server and nbdkit both serve such requests, and proto.md asks servers not to refuse them just
+because they exceed the 32 MiB a cautious client limits itself to).
+
+Only ``NBDProtocolError`` escapes ``receive_data``/``next_event``, for input that leaves no way to
+answer (bad magic, a bad handshake, a WRITE whose payload is too big even to skip): drop the
+connection.
 """
 
 from __future__ import annotations
@@ -41,24 +64,41 @@ REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID, REP_ERR_UNKNOWN = (1 << 31) + 1,
 INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 0, 1, 2, 3
 
 TF_HAS_FLAGS, TF_READ_ONLY, TF_SEND_FLUSH, TF_SEND_FUA = 1, 2, 4, 8
-TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, TF_CAN_MULTI_CONN, TF_SEND_CACHE = 32, 64, 256, 1024
+TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, TF_SEND_DF, TF_CAN_MULTI_CONN, TF_SEND_CACHE = 32, 64, 128, 256, 1024
 
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 5, 6
-CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_DF = 1, 2, 4
+CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_DF, CMD_FLAG_REQ_ONE, CMD_FLAG_FAST_ZERO = 1, 2, 4, 8, 16
+#: flags this server understands (REQ_ONE and FAST_ZERO are known, and always refused: we offer
+#: neither block status nor fast zeroing)
+KNOWN_CMD_FLAGS = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO
 
 REPLY_FLAG_DONE = 1
 REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_ERROR = 0, 1, (1 << 15) + 1
 
 EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN = 1, 5, 12, 22, 28, 75, 95, 108
 
-#: largest request payload we accept (advertised as the maximum block size)
+#: largest request payload we advertise (NBD_INFO_BLOCK_SIZE maximum); a client that asked for block
+#: sizes gets EINVAL above it. 32 MiB is the size proto.md tells cautious clients to stay under.
 MAX_REQUEST = 32 * 1024 * 1024
+#: largest READ/WRITE served at all, for clients that did not ask for block sizes (nbdkit's
+#: MAX_REQUEST_SIZE); above it: ENOMEM, like nbdkit. Bounds the memory one request can pin.
+HARD_MAX_REQUEST = 64 * 1024 * 1024
+#: a rejected WRITE's payload up to this size is read and discarded (the connection goes on); a
+#: bigger one drops the connection (nbdkit's rule: twice its request limit)
+MAX_SKIP = 2 * HARD_MAX_REQUEST
 MAX_OPTION = 64 * 1024
 
 _OPT_HDR = struct.Struct(">QII")
 _REQ_HDR = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IIQ")
 _CHUNK = struct.Struct(">IHHQI")
+
+_NAMES = {CMD_READ: "READ", CMD_WRITE: "WRITE", CMD_DISC: "DISC", CMD_FLUSH: "FLUSH", CMD_TRIM: "TRIM",
+          CMD_CACHE: "CACHE", CMD_WRITE_ZEROES: "WRITE_ZEROES"}
+
+
+def command_name(cmd: int) -> str:
+    return _NAMES.get(cmd, f"command {cmd}")
 
 
 class NBDProtocolError(ProtocolError):
@@ -93,7 +133,14 @@ class Request:
     handle: int
     offset: int
     length: int
-    data: Optional[bytes] = None  # WRITE payload
+    data: Optional[Union[bytes, bytearray]] = None  # WRITE payload (None when the request is refused)
+    error: int = 0  # nonzero: the request is invalid; answer it with this NBD error and do nothing
+    message: str = ""  # why (for the log and a structured error reply)
+
+    @property
+    def cost(self) -> int:
+        """Bytes this request pins while in flight (its payload or its read buffer)."""
+        return request_cost(self.command, self.length, self.error)
 
 
 @dataclass(frozen=True)
@@ -104,6 +151,11 @@ class Disconnect:
 Event = Union[Ready, Request, Disconnect]
 Lookup = Callable[[str], Optional[ExportInfo]]
 
+
+def request_cost(command: int, length: int, error: int = 0) -> int:
+    return length if not error and command in (CMD_READ, CMD_WRITE) else 0
+
+
 _GREETING, _CLIENT_FLAGS, _OPTIONS, _TRANSMISSION, _CLOSED = range(5)
 
 
@@ -112,10 +164,18 @@ class ServerConnection:
         self._lookup = lookup
         self._names = export_names
         self._buf = bytearray()
+        self._out = bytearray()
         self._state = _CLIENT_FLAGS
         self.no_zeroes = False
         self.structured = False
+        self.block_size_negotiated = False  # NBD_OPT_GO asked for NBD_INFO_BLOCK_SIZE
         self.export: Optional[ExportInfo] = None
+        # the request whose WRITE payload is being received (or skipped), and how much is missing
+        self._pending: Optional[Request] = None
+        self._payload: Optional[bytearray] = None
+        self._missing = 0
+        # the header next_cost parsed and judged: (flags, cmd, handle, offset, length, error, message)
+        self._verdict: Optional[tuple[int, int, int, int, int, int, str]] = None
 
     def greeting(self) -> bytes:
         return struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
@@ -124,17 +184,57 @@ class ServerConnection:
     def transmitting(self) -> bool:
         return self._state == _TRANSMISSION
 
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet turned into events (besides a WRITE payload being collected)."""
+        return len(self._buf)
+
     # ------------------------------------------------------------------ receive
     def receive(self, data: bytes) -> tuple[bytes, list[Event]]:
-        if self._state == _CLOSED:
-            return b"", []
-        self._buf += data
-        out = bytearray()
+        """``receive_data`` + every event now complete + ``data_to_send`` (no back-pressure)."""
+        self.receive_data(data)
         events: list[Event] = []
+        while (ev := self.next_event()) is not None:
+            events.append(ev)
+        return self.data_to_send(), events
+
+    def receive_data(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        if self._state == _CLOSED:
+            return
+        if self._pending is not None and self._missing and not self._buf:
+            # the common case of a large WRITE: its bytes go straight into its payload (one copy)
+            with memoryview(data) as view:
+                n = min(self._missing, len(view))
+                if self._payload is not None:
+                    self._payload += view[:n]
+                self._missing -= n
+                self._buf += view[n:]
+            return
+        self._buf += data
+
+    def data_to_send(self) -> bytes:
+        if not self._out:
+            return b""
+        out, self._out = bytes(self._out), bytearray()
+        return out
+
+    def next_cost(self) -> Optional[int]:
+        """Bytes the next request will pin, if its header is here and not yet taken; else None."""
+        if self._state != _TRANSMISSION or self._pending is not None or len(self._buf) < _REQ_HDR.size:
+            return None
+        if self._verdict is None:  # parsed and judged once; next_event takes this header
+            magic, flags, cmd, handle, offset, length = _REQ_HDR.unpack_from(self._buf)
+            if magic != REQUEST_MAGIC:
+                return 0  # next_event raises
+            self._verdict = (flags, cmd, handle, offset, length, *self._validate(cmd, flags, offset, length))
+        v = self._verdict
+        return v[4] if v[1] <= CMD_WRITE and not v[5] else 0
+
+    def next_event(self) -> Optional[Event]:
         while True:
             if self._state == _CLIENT_FLAGS:
                 if len(self._buf) < 4:
-                    break
+                    return None
                 (cflags,) = struct.unpack_from(">I", self._buf)
                 del self._buf[:4]
                 if not cflags & C_FIXED_NEWSTYLE:
@@ -145,41 +245,113 @@ class ServerConnection:
                 self._state = _OPTIONS
             elif self._state == _OPTIONS:
                 if len(self._buf) < _OPT_HDR.size:
-                    break
+                    return None
                 magic, opt, length = _OPT_HDR.unpack_from(self._buf)
                 if magic != IHAVEOPT:
                     raise NBDProtocolError("bad option magic")
                 if length > MAX_OPTION:
                     raise NBDProtocolError(f"option {opt} of {length} bytes is too long")
                 if len(self._buf) < _OPT_HDR.size + length:
-                    break
+                    return None
                 body = bytes(self._buf[_OPT_HDR.size : _OPT_HDR.size + length])
                 del self._buf[: _OPT_HDR.size + length]
-                out += self._option(opt, body, events)
-                if self._state in (_TRANSMISSION, _CLOSED):
+                events: list[Event] = []
+                self._out += self._option(opt, body, events)
+                if events:
                     if self._state == _CLOSED:
-                        return bytes(out), events
+                        self._buf.clear()
+                    return events[0]
             elif self._state == _TRANSMISSION:
+                if self._pending is not None:
+                    return self._take_payload()
                 if len(self._buf) < _REQ_HDR.size:
-                    break
-                magic, flags, cmd, handle, offset, length = _REQ_HDR.unpack_from(self._buf)
-                if magic != REQUEST_MAGIC:
-                    raise NBDProtocolError(f"bad request magic 0x{magic:08x}")
-                need = _REQ_HDR.size + (length if cmd == CMD_WRITE else 0)
-                if cmd == CMD_WRITE and length > MAX_REQUEST:
-                    raise NBDProtocolError(f"write of {length} bytes exceeds the {MAX_REQUEST} byte maximum")
-                if len(self._buf) < need:
-                    break
-                payload = bytes(self._buf[_REQ_HDR.size : need]) if cmd == CMD_WRITE else None
-                del self._buf[:need]
+                    return None
+                verdict, self._verdict = self._verdict, None
+                if verdict is not None:
+                    flags, cmd, handle, offset, length, error, message = verdict
+                else:
+                    magic, flags, cmd, handle, offset, length = _REQ_HDR.unpack_from(self._buf)
+                    if magic != REQUEST_MAGIC:
+                        raise NBDProtocolError(f"bad request magic 0x{magic:08x}")
+                    error, message = self._validate(cmd, flags, offset, length)
                 if cmd == CMD_DISC:
                     self._state = _CLOSED
-                    events.append(Disconnect())
-                    return bytes(out), events
-                events.append(Request(cmd, flags, handle, offset, length, payload))
+                    self._buf.clear()
+                    return Disconnect()
+                if cmd == CMD_WRITE and error and length > MAX_SKIP:
+                    raise NBDProtocolError(f"WRITE of {length} bytes is too large even to skip ({message})")
+                del self._buf[: _REQ_HDR.size]
+                req = Request(cmd, flags, handle, offset, length, None, error, message)
+                if cmd != CMD_WRITE:
+                    return req
+                self._pending, self._missing = req, length
+                self._payload = None if error else bytearray()
+                # loop: take what is here (all of it, for a small write)
             else:
-                break
-        return bytes(out), events
+                return None
+
+    def _take_payload(self) -> Optional[Request]:
+        """Move arrived payload bytes of the pending WRITE (or discard them for a refused one)."""
+        req = self._pending
+        assert req is not None
+        n = min(self._missing, len(self._buf))
+        if self._payload is not None:
+            if n == req.length:  # all of it arrived at once: one copy, no growth
+                with memoryview(self._buf) as view:
+                    data: Union[bytes, bytearray] = bytes(view[:n])
+                del self._buf[:n]
+                self._pending, self._missing = None, 0
+                self._payload = None
+                return Request(req.command, req.flags, req.handle, req.offset, req.length, data)
+            with memoryview(self._buf) as view:
+                self._payload += view[:n]
+        del self._buf[:n]
+        self._missing -= n
+        if self._missing:
+            return None
+        payload, self._payload, self._pending = self._payload, None, None
+        if payload is None:  # a refused WRITE, its payload now discarded
+            return req
+        return Request(req.command, req.flags, req.handle, req.offset, req.length, payload)
+
+    def _validate(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str]:
+        """(NBD error, reason) for a request, (0, "") when it may be served; nbdkit's checks and order."""
+        exp = self.export
+        assert exp is not None
+        if (cmd <= CMD_WRITE and not flags & ~CMD_FLAG_FUA and 0 < length <= exp.max_block <= HARD_MAX_REQUEST
+                and offset + length <= exp.size and not (cmd == CMD_WRITE and exp.read_only)):
+            return 0, ""  # the common case, decided at once
+        name = command_name(cmd)
+        if exp.read_only and cmd in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
+            return EPERM, f"{name} on a read-only export"
+        if cmd in (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES):
+            if length == 0 or offset + length > exp.size:
+                return (ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) else EINVAL,
+                        f"{name} of {length} bytes at {offset} is outside the export ({exp.size} bytes)")
+        elif cmd == CMD_FLUSH:
+            if offset or length:
+                return EINVAL, "FLUSH takes no offset or length"
+        else:
+            return EINVAL, f"{name} is not supported"
+        if flags & ~KNOWN_CMD_FLAGS:
+            return EINVAL, f"unknown command flags 0x{flags & ~KNOWN_CMD_FLAGS:x}"
+        if flags & CMD_FLAG_NO_HOLE and cmd != CMD_WRITE_ZEROES:
+            return EINVAL, "NO_HOLE flag on a command other than WRITE_ZEROES"
+        if flags & CMD_FLAG_FAST_ZERO:
+            return EINVAL, "FAST_ZERO flag: fast zeroing is not offered"
+        if flags & CMD_FLAG_REQ_ONE:
+            return EINVAL, "REQ_ONE flag: block status is not offered"
+        if flags & CMD_FLAG_DF:
+            if cmd != CMD_READ:
+                return EINVAL, "DF flag on a command other than READ"
+            if not self.structured:
+                return EINVAL, "DF flag without structured replies"
+        if cmd in (CMD_READ, CMD_WRITE):
+            if self.block_size_negotiated and length > exp.max_block:
+                return EINVAL, f"{name} of {length} bytes exceeds the advertised maximum of {exp.max_block}"
+            if length > HARD_MAX_REQUEST:
+                return ENOMEM, f"{name} of {length} bytes exceeds the {HARD_MAX_REQUEST} byte limit"
+        return 0, ""
 
     # ------------------------------------------------------------------ options
     def _rep(self, opt: int, rtype: int, data: bytes = b"") -> bytes:
@@ -187,6 +359,10 @@ class ServerConnection:
 
     def _err(self, opt: int, rtype: int, msg: str) -> bytes:
         return self._rep(opt, rtype, msg.encode())
+
+    def _flags(self, exp: ExportInfo) -> int:
+        # DF is meaningful (and offered) only with structured replies; every READ reply is one chunk
+        return exp.transmission_flags | (TF_SEND_DF if self.structured else 0)
 
     def _option(self, opt: int, body: bytes, events: list[Event]) -> bytes:
         if opt == OPT_EXPORT_NAME:
@@ -196,7 +372,7 @@ class ServerConnection:
                 events.append(Disconnect())
                 return b""
             self._enter(exp, events)
-            return struct.pack(">QH", exp.size, exp.transmission_flags) + (b"" if self.no_zeroes else bytes(124))
+            return struct.pack(">QH", exp.size, self._flags(exp)) + (b"" if self.no_zeroes else bytes(124))
         if opt == OPT_ABORT:
             self._state = _CLOSED
             events.append(Disconnect())
@@ -228,7 +404,7 @@ class ServerConnection:
             exp = self._lookup(name)
             if exp is None:
                 return self._err(opt, REP_ERR_UNKNOWN, f"no export named {name!r}")
-            out = self._rep(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, exp.size, exp.transmission_flags))
+            out = self._rep(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, exp.size, self._flags(exp)))
             if INFO_NAME in wanted:
                 out += self._rep(opt, REP_INFO, struct.pack(">H", INFO_NAME) + exp.name.encode())
             if INFO_DESCRIPTION in wanted and exp.description:
@@ -236,6 +412,7 @@ class ServerConnection:
             out += self._rep(opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, exp.min_block, exp.preferred_block, exp.max_block))
             out += self._rep(opt, REP_ACK)
             if opt == OPT_GO:
+                self.block_size_negotiated = INFO_BLOCK_SIZE in wanted
                 self._enter(exp, events)
             return out
         if opt == OPT_STARTTLS:

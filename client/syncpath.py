@@ -9,6 +9,10 @@ Only the plain case is handled (one piece on one agent, at most ``MAX_FAST`` byt
 any error raises ``FastPathMiss`` and the caller takes the full asyncio path, which retries, re-fetches
 layouts and maps errors. Each connection carries one command at a time, so a stale or broken
 connection is simply closed.
+
+Every send has ``sendall`` semantics: a blocking ``sendmsg`` may send only part of the header and
+payload (a Unix socket takes about 208 KiB at once), so ``_sendmsg_all`` sends the rest from where it
+stopped, slicing memoryviews (no copy of the payload).
 """
 
 from __future__ import annotations
@@ -28,7 +32,29 @@ Buffer = Union[bytes, bytearray, memoryview]
 
 
 class FastPathMiss(Exception):
-    """The fast path cannot serve this request; use the normal path."""
+    """The fast path cannot serve this request; use the normal path. ``timed_out``: the agent did not
+    answer within the channel's timeout."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+def _sendmsg_all(sock: socket.socket, buffers: list[Buffer]) -> None:
+    """``sendall`` for a list of buffers: loop over partial ``sendmsg`` results without copying."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent:
+            n = len(views[0])
+            if sent >= n:
+                views.pop(0)
+                sent -= n
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+        while views and not len(views[0]):
+            views.pop(0)
 
 
 class _Channel:
@@ -72,7 +98,7 @@ class _Channel:
         self.tag = (self.tag + 1) & 0xFFFFFFFF or 1
         hdr = dp.encode_command(opcode, self.tag, extent_id, offset, length, generation)
         if payload is not None:
-            self.sock.sendmsg([hdr, payload])
+            _sendmsg_all(self.sock, [hdr, payload])
         else:
             self.sock.sendall(hdr)
         self._recv_into(memoryview(self.hdr))
@@ -97,6 +123,8 @@ class SyncChannels:
     def __init__(self, timeout: float = 5.0) -> None:
         self.timeout = timeout
         self._local = threading.local()
+        #: requests this object could not serve (each then took the full path)
+        self.misses = 0
 
     def _channels(self) -> dict[str, _Channel]:
         d: Optional[dict[str, _Channel]] = getattr(self._local, "channels", None)
@@ -114,12 +142,14 @@ class SyncChannels:
                 ch = chans[address] = _Channel(address, unix_path, self.timeout)
             ch.call(opcode, extent_id, offset, length, generation, payload, dest)
         except FastPathMiss:
+            self.misses += 1
             raise
         except (OSError, ValueError, struct.error) as exc:
+            self.misses += 1
             bad = chans.pop(address, None)
             if bad is not None:
                 bad.sock.close()
-            raise FastPathMiss(str(exc)) from exc
+            raise FastPathMiss(str(exc), timed_out=isinstance(exc, TimeoutError)) from exc
 
     def close(self) -> None:
         for ch in self._channels().values():

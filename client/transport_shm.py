@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import ctypes
+import math
 import mmap
 import os
 import socket
@@ -175,23 +176,29 @@ class ShmConnection(AgentConnection):
         flags: int = 0,
         region: int = 0,
         region_offset: int = 0,
+        *,
+        deadline: float = math.inf,
     ) -> None:
         if opcode not in (dp.READ, dp.WRITE) or length == 0:
-            await super().submit(opcode, extent_id, offset, length, generation, payload, dest, flags, region, region_offset)
+            await super().submit(opcode, extent_id, offset, length, generation, payload, dest, flags, region, region_offset,
+                                 deadline=deadline)
             return
         flags &= ~dp.DDGST  # no payload on the wire to digest
         is_read = opcode == dp.READ
         op = dp.Opcode.READ_REGION if is_read else dp.Opcode.WRITE_REGION
         direct = self._user_region(dest if is_read else payload)
         if direct is not None:  # zero-copy: the agent uses the caller's (registered) memory
-            await super().submit(op, extent_id, offset, length, generation, None, None, flags, *direct)
+            await super().submit(op, extent_id, offset, length, generation, None, None, flags, *direct, deadline=deadline)
             return
-        off = await self.slots.alloc(length)
+        off = self.slots.try_alloc(length)
+        if off is None:  # the bounce region is full (or too small: alloc says so)
+            off = await self._within(self.slots.alloc(length), deadline, "no room in the shared region")
         try:
             if not is_read:
                 assert payload is not None
                 self.bounce.view[off : off + length] = payload
-            await super().submit(op, extent_id, offset, length, generation, None, None, flags, BOUNCE_ID, off)
+            await super().submit(op, extent_id, offset, length, generation, None, None, flags, BOUNCE_ID, off,
+                                 deadline=deadline)
             if is_read:
                 assert dest is not None
                 dest[:] = self.bounce.view[off : off + length]
@@ -205,7 +212,8 @@ def _hello(path: str, regions: Sequence[Region], timeout: float) -> socket.socke
         sock.settimeout(timeout)
         sock.connect(path)
         msg = HELLO.pack(b"NVSH", 1, len(regions)) + b"".join(REGION.pack(r.region_id, r.size) for r in regions)
-        socket.send_fds(sock, [msg], [r.fd for r in regions])
+        sent = socket.send_fds(sock, [msg], [r.fd for r in regions])  # the fds travel with the first byte
+        sock.sendall(memoryview(msg)[sent:])  # a blocking send may be partial
         answer = b""
         while len(answer) < ANSWER.size:
             chunk = sock.recv(ANSWER.size - len(answer))
@@ -223,16 +231,19 @@ def _hello(path: str, regions: Sequence[Region], timeout: float) -> socket.socke
 
 
 async def connect_shm(
-    path: str, window: int = 8 * 1024 * 1024, user_regions: Sequence[Region] = (), timeout: float = 5.0
+    path: str, window: int = 8 * 1024 * 1024, user_regions: Sequence[Region] = (), timeout: float = 5.0,
+    io_timeout: float = 30.0, name: str = "",
 ) -> ShmConnection:
-    """Connect to an agent's Unix socket and register a bounce region plus ``user_regions``."""
+    """Connect to an agent's Unix socket and register a bounce region plus ``user_regions``.
+    ``name`` (the agent's TCP address) names the agent in errors, before the socket path."""
     loop = asyncio.get_running_loop()
+    label = f"{name} (unix:{path})" if name else f"unix:{path}"
     bounce = Region(BOUNCE_ID, max(window, 16 * 1024 * 1024))
     try:
         sock = await loop.run_in_executor(None, _hello, path, [bounce, *user_regions], timeout)
         _, proto = await loop.create_unix_connection(
-            lambda: ShmConnection("unix:" + path, window, bounce, user_regions), sock=sock
+            lambda: ShmConnection(label, window, bounce, user_regions, io_timeout), sock=sock
         )
     except (OSError, ConnectionError) as exc:
-        raise UnavailableError(f"cannot connect to agent at unix:{path}: {exc}") from exc
+        raise UnavailableError(f"cannot connect to agent {label}: {exc}") from exc
     return proto

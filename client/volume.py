@@ -9,6 +9,12 @@ the metadata service) and talks to agents directly. Failure handling, per piece 
 * a data digest mismatch: retried the same way (and counted);
 * anything else (out of range, I/O error on the drive): raised to the caller.
 
+Every I/O call (read, write, write_zeroes, flush) has a time budget, ``ClientOptions.io_deadline``
+(30 s unless set; ``timeout=`` per call): retries happen inside it, every wait (connecting, a full
+window, back-off, re-fetching the layout, the agent's answer) ends with it, and when it runs out the
+call fails with ``AgentTimeoutError`` (an ``UnavailableError`` and a ``TimeoutError``) naming the
+agent. A hung agent therefore costs a caller at most the budget, never minutes.
+
 Reads and writes are idempotent per piece, so a retry after a lost connection is safe: a write either
 landed before or lands again with the same bytes. While the volume is being re-spread
 (``layout.target``), each write lands on the current columns and then on the target columns (in that
@@ -19,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Union
 
@@ -30,7 +38,9 @@ from nvpool.proto.layout import Layout
 from nvpool.proto import dataplane as dp
 from nvpool.proto.records import Endpoint
 from nvpool.proto.errors import (
+    AgentTimeoutError,
     DigestError,
+    LeaseError,
     NotFoundError,
     NvpoolError,
     RemoteError,
@@ -56,6 +66,13 @@ class ClientOptions:
     connect_timeout: float = 5.0
     #: a command unanswered this long fails its connection over to a retry (cut link, hung agent)
     io_timeout: float = 30.0
+    #: the longest one I/O call (read, write, write_zeroes, flush) takes end to end, retries included;
+    #: then it fails with ``AgentTimeoutError`` (an ``UnavailableError``) naming the agent
+    io_deadline: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.io_deadline < math.inf:
+            raise UsageError(f"io_deadline must be a positive number of seconds, not {self.io_deadline!r}")
 
 
 class Connections:
@@ -79,7 +96,7 @@ class Connections:
         conn = self._conns.get(ep.address)
         return conn if conn is not None and not conn.closed else None
 
-    async def get(self, ep: Endpoint) -> AgentConnection:
+    async def get(self, ep: Endpoint, deadline: float = math.inf) -> AgentConnection:
         conn = self._conns.get(ep.address)
         if conn is not None and not conn.closed:
             return conn
@@ -88,7 +105,13 @@ class Connections:
             task = asyncio.ensure_future(self._open(ep))
             self._opening[ep.address] = task
             task.add_done_callback(lambda _t, a=ep.address: self._opening.pop(a, None))  # type: ignore[misc]
-        return await asyncio.shield(task)
+        if deadline == math.inf:
+            return await asyncio.shield(task)
+        try:  # the opening goes on for other callers; this one stops waiting at its deadline
+            return await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise AgentTimeoutError(f"agent {ep.address} did not accept a connection within the I/O's time budget",
+                                    ep.address) from None
 
     def _wants_shm(self, ep: Endpoint) -> bool:
         t = self.options.transport
@@ -102,7 +125,8 @@ class Connections:
         conn: AgentConnection
         if self._wants_shm(ep):
             try:
-                conn = await connect_shm(ep.unix_path, self.options.window, self.user_regions, self.options.connect_timeout)
+                conn = await connect_shm(ep.unix_path, self.options.window, self.user_regions, self.options.connect_timeout,
+                                         self.options.io_timeout, name=ep.address)
             except UnavailableError:
                 if self.options.transport == "shm":
                     raise
@@ -136,8 +160,76 @@ class _Range:
     buf_offset: int  # into the caller's buffer
 
 
-Sender = Callable[[AgentConnection, int, int, int, int, int], Awaitable[None]]
-"""(conn, extent_id, extent_offset, length, generation, buf_offset) -> None"""
+Sender = Callable[[AgentConnection, int, int, int, int, int, float], Awaitable[None]]
+"""(conn, extent_id, extent_offset, length, generation, buf_offset, deadline) -> None"""
+
+
+class Lease:
+    """A volume lease held by one pool (client), shared by all its handles of that volume in that mode:
+    the writer lease is exclusive per *client*, as RBD's exclusive lock is per librbd client, so one
+    program may open its volume many times. Renewed every third of its term by a timer on the loop
+    (no task lingers between renewals); returned when the last handle closes. ``fenced`` says why the
+    holder may no longer write (taken over, or expired), once the metadata service has said so."""
+
+    def __init__(self, meta: MetaClient, name: str, lease_id: str, ttl: float, write: bool,
+                 on_closed: Optional[Callable[["Lease"], None]] = None) -> None:
+        self.meta, self.name, self.lease_id, self.ttl, self.write = meta, name, lease_id, ttl, write
+        self.fenced: Optional[str] = None
+        self.refs = 0
+        self.closed = False
+        #: False for a lease inherited from a forked parent: the parent returns it, never the child
+        self.owner = True
+        self._on_closed = on_closed
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._task: "Optional[asyncio.Task[None]]" = None
+
+    def start(self) -> None:
+        if self.ttl > 0 and self._timer is None and not self.closed:
+            self._timer = asyncio.get_running_loop().call_later(self.ttl / 3, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if not self.closed and self.fenced is None:
+            self._task = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        try:
+            await self.meta.renew_lease(self.lease_id)
+        except LeaseError as exc:
+            self.fence(str(exc))
+        except NvpoolError as exc:  # metadata service unreachable: agents' fences keep us safe meanwhile
+            logger.warning("volume %s: cannot renew the lease: %s", self.name, exc)
+        finally:
+            self._task = None
+            self.start()
+
+    def fence(self, why: str) -> None:
+        if self.fenced is None and self.write:
+            logger.error("volume %s: this writer was fenced: %s", self.name, why)
+        self.fenced = why
+
+    async def release(self) -> None:
+        """One handle closed; the last one returns the lease."""
+        self.refs -= 1
+        if self.refs <= 0:
+            await self.close()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+        if self._on_closed is not None:
+            self._on_closed(self)
+        if not self.owner:
+            return
+        try:
+            await self.meta.close_volume(self.lease_id)
+        except NvpoolError as exc:  # it expires on its own
+            logger.info("volume %s: could not return the lease (%s); it expires by itself", self.name, exc)
 
 
 class AsyncVolume:
@@ -149,8 +241,13 @@ class AsyncVolume:
         endpoints: dict[str, Endpoint],
         read_only: bool = False,
         options: Optional[ClientOptions] = None,
+        lease: Optional[Lease] = None,
     ) -> None:
         self.meta = meta
+        #: the lease this handle holds a reference to (see pool/meta.py, "Writer leases")
+        self.lease = lease
+        if lease is not None:
+            lease.refs += 1
         self.connections = connections
         self.layout = layout
         self.endpoints = endpoints
@@ -174,16 +271,22 @@ class AsyncVolume:
     def read_only(self) -> bool:
         return self._read_only
 
-    async def readinto(self, buf: memoryview, offset: int) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def readinto(self, buf: memoryview, offset: int, *, timeout: Optional[float] = None) -> None:
+        """Read ``len(buf)`` bytes at ``offset`` into ``buf``; ``timeout``: this call's time budget
+        (default ``options.io_deadline``)."""
         buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
         if buf.readonly:
             raise UsageError("readinto needs a writable buffer")
         flags = dp.HDGST | dp.DDGST if self.options.digests else 0
 
-        async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int) -> None:
-            await conn.submit(dp.READ, ext, eoff, n, gen, dest=buf[boff : boff + n], flags=flags)
+        async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int, dl: float) -> None:
+            await conn.submit(dp.READ, ext, eoff, n, gen, dest=buf[boff : boff + n], flags=flags, deadline=dl)
 
-        await self._run(offset, len(buf), send, target=False)
+        await self._run(offset, len(buf), send, target=False, timeout=timeout)
 
     def start_read(self, buf: memoryview, offset: int) -> "Optional[asyncio.Future[Any]]":
         """Callback-style read for front ends (the NBD export): if ``buf`` maps to one piece on a
@@ -212,37 +315,40 @@ class AsyncVolume:
         conn, n, buf = self._started.pop(id(fut))
         conn.check(fut.result(), dp.READ, n, buf)
 
-    async def read(self, offset: int, length: int) -> bytearray:
+    async def read(self, offset: int, length: int, *, timeout: Optional[float] = None) -> bytearray:
         out = bytearray(length)
-        await self.readinto(memoryview(out), offset)
+        await self.readinto(memoryview(out), offset, timeout=timeout)
         return out
 
-    async def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+    async def write(self, offset: int, data: Buffer, fua: bool = False, *, timeout: Optional[float] = None) -> None:
         self._check_writable()
         view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
         flags = (dp.HDGST | dp.DDGST if self.options.digests else 0) | (dp.FUA if fua else 0)
 
-        async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int) -> None:
-            await conn.submit(dp.WRITE, ext, eoff, n, gen, payload=view[boff : boff + n], flags=flags)
+        async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int, dl: float) -> None:
+            await conn.submit(dp.WRITE, ext, eoff, n, gen, payload=view[boff : boff + n], flags=flags, deadline=dl)
 
-        await self._run(offset, len(view), send, target=True)
+        await self._run(offset, len(view), send, target=True, timeout=timeout)
 
-    async def write_zeroes(self, offset: int, length: int) -> None:
+    async def write_zeroes(self, offset: int, length: int, *, timeout: Optional[float] = None) -> None:
         self._check_writable()
 
-        async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int) -> None:
-            await conn.submit(dp.Opcode.WRITE_ZEROES, ext, eoff, n, gen)
+        async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int, dl: float) -> None:
+            await conn.submit(dp.Opcode.WRITE_ZEROES, ext, eoff, n, gen, deadline=dl)
 
-        await self._run(offset, length, send, target=True)
+        await self._run(offset, length, send, target=True, timeout=timeout)
 
     async def discard(self, offset: int, length: int) -> None:
         await self.write_zeroes(offset, length)
 
-    async def flush(self) -> None:
+    async def flush(self, *, timeout: Optional[float] = None) -> None:
         """Make every completed write durable: FLUSH on every extent of the layout (in parallel)."""
+        budget = self.options.io_deadline if timeout is None else timeout
+        deadline = time.monotonic() + budget
+
         async def one(ep: Endpoint, ext: int, gen: int) -> None:
-            conn = await self.connections.get(ep)
-            await conn.submit(dp.Opcode.FLUSH, ext, 0, 0, gen)
+            conn = await self.connections.get(ep, deadline)
+            await conn.submit(dp.Opcode.FLUSH, ext, 0, 0, gen, deadline=deadline)
 
         for attempt in range(self.options.retries + 1):
             lay = self.layout
@@ -250,17 +356,37 @@ class AsyncVolume:
                 await asyncio.gather(*(one(self._endpoint(e.drive_id), e.extent_id, lay.generation) for e in lay.extents()))
                 return
             except (StaleLayoutError, UnavailableError) as exc:
+                if time.monotonic() >= deadline:
+                    raise self._out_of_time("flush", budget, [exc]) from exc
                 if attempt == self.options.retries:
                     raise
-                await self._recover(exc, attempt)
+                await self._recover(exc, attempt, deadline)
 
     async def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
+        if self.lease is not None:
+            await self.lease.release()
 
-    # ------------------------------------------------------------------ machinery
+    # ------------------------------------------------------------------ lease
+    @property
+    def fenced(self) -> Optional[str]:
+        return self.lease.fenced if self.lease is not None else None
+
+    @property
+    def writable(self) -> bool:
+        return not self._read_only and self.fenced is None
+
+    def _fence(self, why: str) -> None:
+        if self.lease is not None:
+            self.lease.fence(why)
+
     def _check_writable(self) -> None:
         if self._read_only:
             raise UsageError(f"volume {self.name!r} is open read-only")
+        if self.fenced is not None:
+            raise LeaseError(f"volume {self.name!r} may no longer be written by this process: {self.fenced}")
 
     def _endpoint(self, drive_id: str) -> Endpoint:
         ep = self.endpoints.get(drive_id)
@@ -274,35 +400,62 @@ class AsyncVolume:
         async with self._refresh_lock:
             if self.layout.generation > seen and self.layout.generation >= min_generation:
                 return  # someone else refreshed while we waited
-            layout, endpoints = await self.meta.get_layout(volume_id=self.layout.volume_id)
+            try:
+                lease = self.lease.lease_id if self.lease is not None and self.writable else ""
+                layout, endpoints = await self.meta.get_layout(volume_id=self.layout.volume_id, lease_id=lease)
+            except LeaseError as exc:
+                # our writer lease is gone: never write again; reads may go on with the current layout
+                self._fence(str(exc))
+                layout, endpoints = await self.meta.get_layout(volume_id=self.layout.volume_id)
             if layout.generation < self.layout.generation:
                 logger.warning("metadata service returned an older layout (%d < %d)", layout.generation, self.layout.generation)
             layout.validate()
             self.layout, self.endpoints = layout, endpoints
 
-    async def _recover(self, exc: Exception, attempt: int) -> None:
+    async def _refresh_within(self, deadline: float, min_generation: int = 0) -> None:
+        try:
+            await asyncio.wait_for(self.refresh(min_generation), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise UnavailableError(f"volume {self.name!r}: the metadata service did not return the layout within "
+                                   "the I/O's time budget") from None
+
+    def _out_of_time(self, what: str, budget: float, errors: list[BaseException]) -> AgentTimeoutError:
+        """The error for an I/O whose budget ran out: it names the agent that did not answer."""
+        cause = next((e for e in errors if isinstance(e, AgentTimeoutError)), errors[0] if errors else None)
+        address = cause.address if isinstance(cause, AgentTimeoutError) else ""
+        return AgentTimeoutError(f"volume {self.name!r}: {what} did not complete within {budget:g}s: {cause}", address)
+
+    async def _recover(self, exc: Exception, attempt: int, deadline: float) -> None:
         if isinstance(exc, StaleLayoutError):
+            # agents fence a generation before the metadata service publishes it (a migration's
+            # cut-over, a writer takeover): wait for it within the I/O's time budget, not a count
             self.stats["stale_refetches"] += 1
-            await self.refresh(exc.info)
+            await self._refresh_within(deadline, exc.info)
+            if self.layout.generation < exc.info:
+                await asyncio.sleep(max(0.0, min(0.005 * (2 ** min(attempt, 5)), deadline - time.monotonic())))
             return
         if isinstance(exc, DigestError):
             self.stats["digest_errors"] += 1
         self.stats["retries"] += 1
         logger.info("retrying after: %s", exc)
-        await asyncio.sleep(min(0.05 * (2**attempt), 2.0))
+        await asyncio.sleep(max(0.0, min(0.05 * (2**attempt), 2.0, deadline - time.monotonic())))
         try:
-            await self.refresh()
+            await self._refresh_within(deadline)
         except NvpoolError as meta_exc:  # metadata service down: keep the layout we have
             logger.info("cannot refresh layout (%s); retrying with the one we have", meta_exc)
 
-    async def _run(self, offset: int, length: int, send: Sender, target: bool) -> None:
-        """Map [offset, offset+length) onto the layout, send every piece, retry failed pieces."""
+    async def _run(self, offset: int, length: int, send: Sender, target: bool, timeout: Optional[float] = None) -> None:
+        """Map [offset, offset+length) onto the layout, send every piece, retry failed pieces, all
+        within the time budget (``timeout`` or ``options.io_deadline``)."""
         if self._closed:
             raise UsageError("volume is closed")
         lay = self.layout
         lay.check_range(offset, length)
         if length == 0:
             return
+        budget = self.options.io_deadline if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        errors: list[BaseException] = []
         su = lay.stripe_unit
         if length <= su - offset % su and (not target or lay.target is None):
             # fast path: one piece on one agent, no gather; any trouble takes the general path below
@@ -312,29 +465,35 @@ class AsyncVolume:
             conn = self.connections.peek(ep) if ep is not None and len(pieces) == 1 else None
             if conn is not None:
                 try:
-                    await send(conn, p.extent.extent_id, p.extent_offset, length, lay.generation, 0)
+                    await send(conn, p.extent.extent_id, p.extent_offset, length, lay.generation, 0, deadline)
                     return
-                except DigestError:
+                except DigestError as exc:
                     self.stats["digest_errors"] += 1
-                except (StaleLayoutError, UnavailableError):
-                    pass
+                    errors.append(exc)
+                except (StaleLayoutError, UnavailableError) as exc:
+                    errors.append(exc)
                 except RemoteError as exc:
                     if exc.status != Status.NO_EXTENT:
                         raise
+                    errors.append(exc)
         todo = [_Range(offset, length, 0)]
         attempt = 0
+        history: list[BaseException] = []  # earlier rounds' errors: the agent that hung may be named there
         while todo:
+            if time.monotonic() >= deadline:
+                raise self._out_of_time(f"I/O of {length} bytes at {offset}", budget, errors + history)
+            history.extend(errors)
             lay = self.layout
             failed: list[_Range] = []
-            errors: list[BaseException] = []
+            errors = []
 
             async def piece(
                 r: _Range, lay: Layout = lay, failed: list[_Range] = failed, errors: list[BaseException] = errors
             ) -> None:
                 try:
-                    await self._send_range(lay, r, send)
+                    await self._send_range(lay, r, send, deadline)
                     if target and lay.target is not None:
-                        await self._send_range(lay.target, r, send, generation=lay.generation)
+                        await self._send_range(lay.target, r, send, deadline, generation=lay.generation)
                 except (StaleLayoutError, UnavailableError, DigestError) as exc:
                     failed.append(r)
                     errors.append(exc)
@@ -348,9 +507,11 @@ class AsyncVolume:
             await asyncio.gather(*(piece(r) for r in _split(lay, todo)))
             if not failed:
                 return
-            if attempt >= self.options.retries:
-                raise errors[0]
+            if time.monotonic() >= deadline:
+                raise self._out_of_time(f"I/O of {length} bytes at {offset}", budget, errors + history) from errors[0]
             stale = [e for e in errors if isinstance(e, StaleLayoutError)]
+            if attempt >= self.options.retries and len(stale) < len(errors):
+                raise errors[0]  # (stale layouts are waited out within the budget, however many)
             first = stale[0] if stale else errors[0]
             assert isinstance(first, Exception)
             if isinstance(first, RemoteError) and first.status == Status.NO_EXTENT:
@@ -358,21 +519,23 @@ class AsyncVolume:
                 # real error (the volume was deleted, or the agent lost it)
                 gen = self.layout.generation
                 try:
-                    await self.refresh()
+                    await self._refresh_within(deadline)
                 except NotFoundError:
                     raise first from None
                 if self.layout.generation == gen:
                     raise first
             else:
-                await self._recover(first, attempt)
+                await self._recover(first, attempt, deadline)
+            if target:
+                self._check_writable()  # a re-fetch may have told us our writer lease is gone
             attempt += 1
             todo = failed
 
-    async def _send_range(self, lay: Layout, r: _Range, send: Sender, generation: int = 0) -> None:
+    async def _send_range(self, lay: Layout, r: _Range, send: Sender, deadline: float, generation: int = 0) -> None:
         gen = generation or lay.generation
         work = []
         for p in lay.map(r.offset, r.length):
-            conn = await self.connections.get(self._endpoint(p.extent.drive_id))
+            conn = await self.connections.get(self._endpoint(p.extent.drive_id), deadline)
             off, boff, left = p.extent_offset, r.buf_offset + p.buf_offset, p.length
             while left > 0:
                 n = min(left, dp.MAX_IO)
@@ -380,9 +543,10 @@ class AsyncVolume:
                 off, boff, left = off + n, boff + n, left - n
         if len(work) == 1:  # the common small-I/O case: no gather
             conn, ext, off, n, boff = work[0]
-            await send(conn, ext, off, n, gen, boff)
+            await send(conn, ext, off, n, gen, boff, deadline)
             return
-        results = await asyncio.gather(*(send(c, e, o, n, gen, b) for c, e, o, n, b in work), return_exceptions=True)
+        results = await asyncio.gather(*(send(c, e, o, n, gen, b, deadline) for c, e, o, n, b in work),
+                                       return_exceptions=True)
         for res in results:
             if isinstance(res, BaseException):
                 raise res

@@ -14,7 +14,7 @@ import grpc
 
 from nvpool.pool.agentlink import GrpcAgentLink
 from nvpool.pool.kvstore import open_store
-from nvpool.pool.meta import LEASE_TTL, AgentLink, AgentRec, DriveRec, MetaService
+from nvpool.pool.meta import AgentLink, AgentRec, DriveRec, MetaService
 from nvpool.pool.rebalancer import Rebalancer
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
@@ -43,6 +43,7 @@ class MetaConfig:
     store: str = "sqlite:./nvpool-meta.db"
     heartbeat_interval: float = 1.0
     agent_timeout: float = 3.0
+    lease_ttl: float = 15.0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "MetaConfig":
@@ -129,13 +130,13 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
     async def OpenVolume(self, request: Any, context: Any) -> pb.OpenVolumeResponse:
         lease = await _guard(context, self.svc.open_volume(request.name, request.write,
                                                            request.holder or who(context), request.force))
-        return pb.OpenVolumeResponse(lease_id=lease.lease_id, ttl_ms=int(LEASE_TTL * 1000),
+        return pb.OpenVolumeResponse(lease_id=lease.lease_id, ttl_ms=int(self.svc.lease_ttl * 1000),
                                      volume=volume_pb(self.svc.volume_view(self.svc.volume_by_id(lease.volume_id))))
 
     async def RenewLease(self, request: Any, context: Any) -> pb.RenewLeaseResponse:
         async def renew() -> pb.RenewLeaseResponse:
             self.svc.renew_lease(request.lease_id)
-            return pb.RenewLeaseResponse(ttl_ms=int(LEASE_TTL * 1000))
+            return pb.RenewLeaseResponse(ttl_ms=int(self.svc.lease_ttl * 1000))
         return await _guard(context, renew())
 
     async def CloseVolume(self, request: Any, context: Any) -> pb.CloseVolumeResponse:
@@ -156,7 +157,8 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
         return volume_pb(self.svc.volume_view(vol))
 
     async def DeleteVolume(self, request: Any, context: Any) -> pb.DeleteVolumeResponse:
-        await _guard(context, self.svc.delete_volume(request.name, request.force, who=who(context)))
+        await _guard(context, self.svc.delete_volume(request.name, request.force, who=who(context),
+                                                          own=list(request.lease_ids)))
         return pb.DeleteVolumeResponse()
 
     async def GetLayout(self, request: Any, context: Any) -> pb.Layout:
@@ -218,7 +220,7 @@ async def serve(
     check_bindable(config.listen, "metadata service")
     store = open_store(config.store)
     agent_link = link or GrpcAgentLink()
-    service = MetaService(store, agent_link, config.heartbeat_interval, config.agent_timeout)
+    service = MetaService(store, agent_link, config.heartbeat_interval, config.agent_timeout, config.lease_ttl)
     rebalancer = Rebalancer(service)
     # no SO_REUSEPORT: a second service on a busy address must fail, not split the connections
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])

@@ -104,6 +104,8 @@ class AgentLink(Protocol):
 
     async def flush(self, address: str) -> None: ...
 
+    async def map_extent(self, address: str, extent_id: int) -> list[tuple[int, int]]: ...
+
     async def copy(
         self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,
         length: int, generation: int,
@@ -197,9 +199,11 @@ def _lease_dict(lease: Lease) -> dict[str, Any]:
 
 class MetaService:
     def __init__(
-        self, store: KVStore, agents: AgentLink, heartbeat_interval: float = 1.0, agent_timeout: float = 3.0
+        self, store: KVStore, agents: AgentLink, heartbeat_interval: float = 1.0, agent_timeout: float = 3.0,
+        lease_ttl: float = LEASE_TTL,
     ) -> None:
         self.store = store
+        self.lease_ttl = lease_ttl
         self.link = agents
         self.heartbeat_interval = heartbeat_interval
         self.agent_timeout = agent_timeout
@@ -251,7 +255,7 @@ class MetaService:
         now = time.monotonic()
         for _, v in self.store.scan("lease/"):
             lease = Lease(**json.loads(v))
-            lease.expires = now + LEASE_TTL  # one full term of grace after a restart
+            lease.expires = now + self.lease_ttl  # one full term of grace after a restart
             self.leases[lease.lease_id] = lease
         for _, v in self.store.scan("unclean/"):
             self.unclean.add(int(json.loads(v)))
@@ -661,13 +665,14 @@ class MetaService:
         logger.info("resized volume %s from %d to %d bytes%s", name, old_size, size, f" for {who}" if who else "")
         return vol
 
-    async def delete_volume(self, name: str, force: bool = False, who: str = "") -> None:
+    async def delete_volume(self, name: str, force: bool = False, who: str = "", own: Iterable[str] = ()) -> None:
         async with self.lock:
             vol = self.volume(name)
             lay = self.layouts[vol.volume_id]
             if lay.target is not None:
                 raise UsageError(f"volume {name!r} is being re-spread; cancel the rebalance or wait, then delete it")
-            held = [lease for lease in self._live_leases(vol.volume_id)]
+            mine = set(own)
+            held = [lease for lease in self._live_leases(vol.volume_id) if lease.lease_id not in mine]
             if held and not force:
                 raise LeaseError(
                     f"volume {name!r} is in use by {held[0].holder} ({held[0].mode})"
@@ -718,7 +723,7 @@ class MetaService:
             vol = self.volume(name)
             vid = vol.volume_id
             lease = Lease(uuid.uuid4().hex, vid, "write" if write else "read", holder or "unknown", time.time(),
-                          time.monotonic() + LEASE_TTL)
+                          time.monotonic() + self.lease_ttl)
             if write:
                 writers = [w for w in self._live_leases(vid) if w.mode == "write"]
                 if writers and not force:
@@ -767,7 +772,7 @@ class MetaService:
         lease = self.leases.get(lease_id)
         if lease is None or lease.expires <= time.monotonic():
             raise LeaseError("the lease is gone (it expired or was taken over)")
-        lease.expires = time.monotonic() + LEASE_TTL
+        lease.expires = time.monotonic() + self.lease_ttl
         return lease
 
     def check_lease(self, lease_id: str, volume_id: int) -> None:

@@ -141,12 +141,32 @@ class Rebalancer:
             sim = with_allocations(with_allocations(sim, new_ext, 1), old_only, -1)
         return out, before, imbalance(sim)
 
-    def _moves(self, targets: list[tuple[VolumeRec, Layout, Layout]]) -> list[dict[str, Any]]:
+    async def _written(self, chunks: list[CopyChunk]) -> list[bool]:
+        """For each chunk: may its source hold written data? Never-written (and punched) ranges read
+        as zeros, and the destination was zeroed when it was assigned, so those chunks need no copy.
+        An agent that cannot tell (or does not answer) gets every chunk copied."""
+        maps: dict[int, Optional[list[tuple[int, int]]]] = {}
+        for c in chunks:
+            if c.src.extent_id in maps:
+                continue
+            try:
+                agent = self.svc.agent_of_drive(c.src.drive_id)
+                maps[c.src.extent_id] = await self.svc.link.map_extent(agent.control_address, c.src.extent_id)
+            except NvpoolError:
+                maps[c.src.extent_id] = None
+        out = []
+        for c in chunks:
+            ranges = maps[c.src.extent_id]
+            out.append(ranges is None or any(o < c.src_offset + c.length and c.src_offset < o + n for o, n in ranges))
+        return out
+
+    async def _moves(self, targets: list[tuple[VolumeRec, Layout, Layout]]) -> list[dict[str, Any]]:
         moves = []
         for vol, lay, target in targets:
             chunks = list(copy_plan(lay, target, CHUNK))
+            written = await self._written(chunks)
             moves.append(Move(
-                vol.name, lay.width, target.width, sum(c.length for c in chunks),
+                vol.name, lay.width, target.width, sum(c.length for c, w in zip(chunks, written) if w),
                 sorted({c.src.drive_id for c in chunks}), sorted({c.dst.drive_id for c in chunks}),
             ).__dict__)
         return moves
@@ -163,7 +183,7 @@ class Rebalancer:
             raise UsageError("a rebalance is already running (nvpool pool rebalance --cancel stops it)")
         async with self.svc.lock:
             targets, before, after = self._targets(volumes, drain or [])
-        moves = self._moves(targets)
+        moves = await self._moves(targets)
         st = RunState(
             state="running" if targets else "done", queue=[v.name for v, _, _ in targets], drain=drain or [],
             max_rate=max_rate, bytes_total=sum(m["bytes"] for m in moves), imbalance_before=before,
@@ -192,8 +212,8 @@ class Rebalancer:
             if name not in self.run.queue:
                 self.run.queue.insert(0, name)
         if in_flight or (self.run.queue and self.run.state == "running"):
-            if self.run.state != "running":
-                logger.info("finishing interrupted migrations: %s", ", ".join(self.run.queue))
+            logger.info("resuming rebalance after a restart: %s (%d of %d bytes done)", ", ".join(self.run.queue),
+                        self.run.bytes_done, self.run.bytes_total)
             self.run.state = "running"
             self._persist()
             self._spawn()
@@ -364,11 +384,13 @@ class Rebalancer:
         new_only = [e for e in target.extents() if e.extent_id not in {x.extent_id for x in old.extents()}]
         # 2. fence the old generation: from now on every write reaches the target too
         await self._retry("fencing the old layout", lambda: svc.fence_on_agents(vid, old.extents(), g1))
-        # 3. copy
+        # 3. copy what was ever written. The map is taken after the fence above: a write that lands
+        #    in a hole from now on reaches the target too, and one that landed before is data now.
         chunks = list(copy_plan(old, target, CHUNK))
+        written = await self._written(chunks)
         raw = svc.store.get(f"migration/{vid:020d}")
         start = json.loads(raw)["done"] if raw else 0
-        completed = await self._copy(vid, chunks, start, g1)
+        completed = await self._copy(vid, chunks, start, g1, written)
         if not completed:
             await self._finish(vol, old, keep=old, drop=new_only, g2=g1 + 1)
             return False
@@ -379,7 +401,8 @@ class Rebalancer:
         await self._finish(vol, old, keep=target, drop=old_only, g2=g1 + 1)
         return True
 
-    async def _copy(self, vid: int, chunks: list[CopyChunk], start: int, generation: int) -> bool:
+    async def _copy(self, vid: int, chunks: list[CopyChunk], start: int, generation: int,
+                    written: Optional[list[bool]] = None) -> bool:
         svc = self.svc
         bucket = TokenBucket(self.run.max_rate)
         sem = asyncio.Semaphore(PARALLEL)
@@ -406,6 +429,9 @@ class Rebalancer:
         for i in range(start, len(chunks)):
             if self._cancel or errors:
                 break
+            if written is not None and not written[i]:
+                done.add(i)  # never written: the zeroed destination already holds it
+                continue
             await sem.acquire()
             await bucket.take(chunks[i].length)
             tasks.append(asyncio.create_task(one(i, chunks[i])))

@@ -40,11 +40,18 @@ Receiving is pull-style so payloads land straight in the caller's memory: the tr
 returns the events completed. ``feed(bytes)`` does the same for callers that already hold bytes (tests).
 A ``target`` callback chooses the destination of each payload (for a client: the slice of the
 caller's buffer that the command reads into).
+
+Memory: a header only *announces* a payload; a peer may never send it. Where the decoder allocates a
+payload buffer itself, one of ``LAZY_ALLOC_MIN`` bytes or more is anonymous memory mapped on demand,
+so memory is committed page by page as the payload's bytes arrive, never for bytes only announced
+(64 headers announcing 16 MiB each cost nothing until their bytes come). Smaller buffers are plain
+``bytearray``s. A receiver bounds what has *arrived* by pausing its reads (``agents/dataplane.py``).
 """
 
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Union
@@ -64,6 +71,8 @@ assert COMMAND.size == 48 and COMPLETION.size == 24
 MAX_IO = 16 * 1024 * 1024
 #: Largest error message a completion may carry.
 MAX_MESSAGE = 4096
+#: Payload buffers the decoder allocates itself at this size or above are committed only as bytes arrive.
+LAZY_ALLOC_MIN = 256 * 1024
 
 
 def crc32c(data: Union[bytes, bytearray, memoryview], value: int = 0) -> int:
@@ -351,7 +360,7 @@ class _Reader:
             return
         dst = self._payload_target(ev, n)
         if dst is None:
-            dst = memoryview(bytearray(n))
+            dst = allocate(n)
         elif len(dst) != n:
             raise ProtocolError(f"payload target has {len(dst)} bytes, frame carries {n}")
         self._dst = dst
@@ -373,6 +382,14 @@ class _Reader:
         self._events.append(ev)
         self._event = None
         self._state = _HEADER
+
+
+def allocate(n: int) -> memoryview:
+    """A writable buffer of ``n`` bytes whose memory is committed as it is written (see ``LAZY_ALLOC_MIN``)."""
+    if n < LAZY_ALLOC_MIN:
+        return memoryview(bytearray(n))
+    # private anonymous mapping: zero pages until touched; unmapped when the last view goes away
+    return memoryview(mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
 
 
 class CommandDecoder(_Reader):

@@ -61,6 +61,14 @@ class LeaseError(NvpoolError):
     lease on it is gone (it expired, or another writer took over and fenced this one)."""
 
 
+class AgentTimeoutError(UnavailableError, TimeoutError):
+    """An agent did not answer within an I/O's time budget. ``address`` names the agent."""
+
+    def __init__(self, message: str, address: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+
+
 class ProtocolError(NvpoolError):
     """A peer sent bytes that violate the protocol; the connection must be dropped."""
 

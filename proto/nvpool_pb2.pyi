@@ -250,12 +250,14 @@ class ResizeVolumeRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class DeleteVolumeRequest(_message.Message):
-    __slots__ = ("name", "force")
+    __slots__ = ("name", "force", "lease_ids")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     force: bool
-    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+    lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ..., lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteVolumeResponse(_message.Message):
     __slots__ = ()
@@ -506,6 +508,26 @@ class CopyExtentResponse(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     def __init__(self, bytes: _Optional[int] = ...) -> None: ...
+
+class MapExtentRequest(_message.Message):
+    __slots__ = ("extent_id",)
+    EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
+    extent_id: int
+    def __init__(self, extent_id: _Optional[int] = ...) -> None: ...
+
+class Range(_message.Message):
+    __slots__ = ("offset", "length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class MapExtentResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: _containers.RepeatedCompositeFieldContainer[Range]
+    def __init__(self, data: _Optional[_Iterable[_Union[Range, _Mapping]]] = ...) -> None: ...
 
 class FlushRequest(_message.Message):
     __slots__ = ()

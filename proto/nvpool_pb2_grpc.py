@@ -782,6 +782,11 @@ class AgentStub:
                 request_serializer=nvpool_dot_proto_dot_nvpool__pb2.FlushRequest.SerializeToString,
                 response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.FlushResponse.FromString,
                 _registered_method=True)
+        self.MapExtent = channel.unary_unary(
+                '/nvpool.v1.Agent/MapExtent',
+                request_serializer=nvpool_dot_proto_dot_nvpool__pb2.MapExtentRequest.SerializeToString,
+                response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.MapExtentResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -823,6 +828,12 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MapExtent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -855,6 +866,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Flush,
                     request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.FlushRequest.FromString,
                     response_serializer=nvpool_dot_proto_dot_nvpool__pb2.FlushResponse.SerializeToString,
+            ),
+            'MapExtent': grpc.unary_unary_rpc_method_handler(
+                    servicer.MapExtent,
+                    request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.MapExtentRequest.FromString,
+                    response_serializer=nvpool_dot_proto_dot_nvpool__pb2.MapExtentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1019,6 +1035,33 @@ class Agent:
             '/nvpool.v1.Agent/Flush',
             nvpool_dot_proto_dot_nvpool__pb2.FlushRequest.SerializeToString,
             nvpool_dot_proto_dot_nvpool__pb2.FlushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MapExtent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvpool.v1.Agent/MapExtent',
+            nvpool_dot_proto_dot_nvpool__pb2.MapExtentRequest.SerializeToString,
+            nvpool_dot_proto_dot_nvpool__pb2.MapExtentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,47 +7,36 @@ event-loop turn are corked into one ``writelines`` (many small commands, one sys
 bounds the data in flight per connection. When the connection drops, every pending command fails
 with ``UnavailableError`` (cause attached), and the volume layer retries them on a new connection.
 
-``Transport`` is the narrow interface the volume layer uses (submit a command, close); the TCP/Unix
-socket implementation is here, the one-sided shared-memory one in ``client/shm.py``.
+Bounded waits: a command may carry a *deadline* (``time.monotonic()`` seconds; the end of the whole
+I/O's time budget). A watchdog on each connection, which already drops a connection whose oldest
+command is unanswered for ``io_timeout``, wakes by the earliest deadline too (no timer per command):
+a command past its deadline fails with ``AgentTimeoutError`` naming the agent, and the connection is
+dropped (the agent is hung or cut off; a late READ payload must never land in a buffer whose caller
+has been told the read failed). Waits before a command is posted (window, socket back-pressure) end
+at the deadline as well.
+
+``AgentConnection`` (submit a command, close) is the TCP/Unix socket initiator, used by the client
+library and by agents' migration copies; the one-sided shared-memory variant is
+``client/transport_shm.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from dataclasses import dataclass
-from typing import Optional, Protocol, Union
+from typing import Awaitable, Optional, TypeVar, Union
 
 from nvpool.proto import dataplane as dp
-from nvpool.proto.errors import DigestError, ProtocolError, UnavailableError, remote_error
+from nvpool.proto.errors import AgentTimeoutError, DigestError, ProtocolError, UnavailableError, remote_error
 
 logger = logging.getLogger(__name__)
 
 Buffer = Union[bytes, bytearray, memoryview]
-
-
-class Transport(Protocol):
-    """What the volume layer needs from a connection to one agent."""
-
-    @property
-    def closed(self) -> bool: ...
-
-    async def submit(
-        self,
-        opcode: int,
-        extent_id: int,
-        offset: int,
-        length: int,
-        generation: int,
-        payload: Optional[Buffer] = None,
-        dest: Optional[memoryview] = None,
-        flags: int = 0,
-    ) -> None:
-        """Run one command; READ data lands in ``dest``. Raises RemoteError/UnavailableError."""
-
-    def close(self) -> None: ...
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -56,6 +45,7 @@ class _Pending:
     dest: Optional[memoryview]
     nbytes: int
     posted: float
+    deadline: float
 
 
 class AgentConnection(asyncio.BufferedProtocol):
@@ -77,24 +67,68 @@ class AgentConnection(asyncio.BufferedProtocol):
         self._lost: Optional[BaseException] = None
         self._loop = asyncio.get_event_loop()
         self.digest_errors = 0
+        self._tick = min(1.0, io_timeout / 4)
+        self._next_check = math.inf  # when the watchdog runs next
+        self._watch_handle: Optional[asyncio.TimerHandle] = None
 
     # ------------------------------------------------------------------ asyncio protocol
     def _watch(self) -> None:
         """A silent peer (cut link, hung agent) never closes the socket: give up on it after
-        ``io_timeout`` so every pending command fails over to a retry instead of waiting forever."""
+        ``io_timeout`` so every pending command fails over to a retry instead of waiting forever,
+        and at once when a command's deadline passes (its I/O is out of time)."""
+        self._watch_handle = None
+        self._next_check = math.inf
         if self.transport is None:
             return
+        now = time.monotonic()
+        first = math.inf
         if self.pending:
             oldest = next(iter(self.pending.values()))
-            if time.monotonic() - oldest.posted > self.io_timeout:
+            if now - oldest.posted > self.io_timeout:
                 logger.warning("agent %s did not answer for %.0fs; dropping the connection", self.address, self.io_timeout)
                 self._lost = TimeoutError(f"no answer for {self.io_timeout:.0f}s")
                 self.transport.abort()
                 return
-        self._loop.call_later(min(1.0, self.io_timeout / 4), self._watch)
+            first = min(p.deadline for p in self.pending.values())
+            if first <= now:
+                self._expire(now)
+                return
+        self._arm(min(now + self._tick, first), now)
+
+    def _arm(self, when: float, now: float) -> None:
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+        self._next_check = when
+        self._watch_handle = self._loop.call_later(max(0.0, when - now), self._watch)
+
+    def _expire(self, now: float) -> None:
+        """Fail every command past its deadline with ``AgentTimeoutError``, then drop the connection
+        (the others fail with ``UnavailableError`` and are retried, within their own budgets)."""
+        n = 0
+        for p in self.pending.values():
+            if p.deadline <= now and not p.future.done():
+                n += 1
+                p.future.set_exception(AgentTimeoutError(
+                    f"agent {self.address} did not answer within {now - p.posted:.1f}s (the I/O's time budget)",
+                    self.address,
+                ))
+        logger.warning("agent %s did not answer %d command(s) within their time budget; dropping the connection",
+                       self.address, n)
+        self._lost = TimeoutError("commands ran out of their time budget")
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def _within(self, aw: Awaitable[T], deadline: float, what: str) -> T:
+        """Await ``aw`` until ``deadline`` (only off the hot path: this costs a task)."""
+        if deadline == math.inf:
+            return await aw
+        try:
+            return await asyncio.wait_for(aw, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise AgentTimeoutError(f"agent {self.address}: {what} within the I/O's time budget", self.address) from None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._loop.call_later(min(1.0, self.io_timeout / 4), self._watch)
+        self._arm(time.monotonic() + self._tick, time.monotonic())
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -191,18 +225,20 @@ class AgentConnection(asyncio.BufferedProtocol):
         flags: int = 0,
         region: int = 0,
         region_offset: int = 0,
+        *,
+        deadline: float = math.inf,
     ) -> None:
         moving = length if opcode == dp.READ or opcode == dp.WRITE else 0
         while self._inflight > 0 and self._inflight + moving > self._window and not self.closed:
             w: asyncio.Future[None] = self._loop.create_future()
             self._window_waiters.append(w)
-            await w
+            await self._within(w, deadline, "no room in the connection's window")
         if self._drain is not None and not self._drain.done():
-            await self._drain
+            await self._within(asyncio.shield(self._drain), deadline, "the connection stayed congested")
         if self.closed:
             raise UnavailableError(f"connection to agent {self.address} is closed: {self._lost}")
         comp = await self._post(opcode, extent_id, offset, length, generation, payload, dest, flags, region,
-                                region_offset, moving)
+                                region_offset, moving, deadline)
         self.check(comp, opcode, length, dest)
 
     def start(
@@ -220,10 +256,14 @@ class AgentConnection(asyncio.BufferedProtocol):
     def _post(
         self, opcode: int, extent_id: int, offset: int, length: int, generation: int, payload: Optional[Buffer],
         dest: Optional[memoryview], flags: int, region: int, region_offset: int, moving: int,
+        deadline: float = math.inf,
     ) -> "asyncio.Future[dp.Completion]":
         tag = self._alloc_tag()
         fut: asyncio.Future[dp.Completion] = self._loop.create_future()
-        self.pending[tag] = _Pending(fut, dest, moving, time.monotonic())
+        now = time.monotonic()
+        self.pending[tag] = _Pending(fut, dest, moving, now, deadline)
+        if deadline < self._next_check and self.transport is not None:
+            self._arm(deadline, now)  # only when the budget is shorter than the watchdog's tick
         self._inflight += moving
         hdr = dp.encode_command(opcode, tag, extent_id, offset, length, generation, flags, region, region_offset)
         self._out.extend(dp.command_frames(hdr, payload, flags))

@@ -41,16 +41,47 @@ def no_unhandled_loop_errors() -> Iterator[None]:
         pytest.fail(f"unhandled exception(s) reached the event loop:\n{msgs}")
 
 
+#: clusters made by the running test (their daemons' logs are checked when it ends)
+_clusters: list[LocalCluster] = []
+
+
 def make_cluster(tmp: Path, agents: int = 4, drives_per_agent: int = 2, drive_size: str = "256M") -> LocalCluster:
-    return LocalCluster(tmp, agents=agents, drives_per_agent=drives_per_agent, drive_size=drive_size)
+    c = LocalCluster(tmp, agents=agents, drives_per_agent=drives_per_agent, drive_size=drive_size)
+    _clusters.append(c)
+    return c
+
+
+def daemon_tracebacks(c: LocalCluster) -> list[str]:
+    """Tracebacks in a pool's daemon logs: a daemon must never print one, whatever a peer does."""
+    out = []
+    for log in sorted((c.dir / "logs").glob("*.log")) if (c.dir / "logs").is_dir() else []:
+        text = log.read_text(errors="replace")
+        if "Traceback (most recent call last)" in text:
+            i = text.index("Traceback (most recent call last)")
+            out.append(f"{log.name}:\n{text[max(0, i - 300): i + 1500]}")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_daemon_tracebacks() -> Iterator[None]:
+    """Every multi-process test: the daemons it started logged no traceback."""
+    start = len(_clusters)
+    yield
+    made = _clusters[start:]
+    del _clusters[start:]
+    found = [t for c in made for t in daemon_tracebacks(c)]
+    if found:
+        pytest.fail("a daemon logged a traceback:\n" + "\n".join(found[:3]))
 
 
 @pytest.fixture(scope="module")
 def local_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A real pool: metadata service + 4 agents x 2 drives of 256 MiB, shared by a test module."""
-    c = make_cluster(tmp_path_factory.mktemp("pool"))
+    c = LocalCluster(tmp_path_factory.mktemp("pool"), agents=4, drives_per_agent=2, drive_size="256M")
     c.up(timeout=60)
     try:
         yield c
     finally:
         c.down()
+    found = daemon_tracebacks(c)
+    assert not found, "a daemon logged a traceback:\n" + "\n".join(found[:3])

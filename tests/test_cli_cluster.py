@@ -27,7 +27,7 @@ def test_cluster_lifecycle_demo_and_bench(tmp_path: Path) -> None:
     try:
         demo = json.loads(nv("cluster", "demo", "--dir", d, "--size", "64M", "--json"))
         assert demo["match"] and demo["sha256_written"] == demo["sha256_read"]
-        assert demo["columns"] == 3 and demo["servers"] == 3 and demo["read_MBps"] > 0
+        assert demo["columns"] == 16 and demo["servers"] == 3 and demo["read_MBps"] > 0
         env = dict(os.environ, NVPOOL_META=up["meta"]["address"])
         for io_type in ("write", "read"):
             b = json.loads(nv("bench", "demo", "--io-type", io_type, "--io-size", "64K", "--io-depth", "4",

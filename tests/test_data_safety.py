@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 
 from nvpool import client
-from nvpool.client.cluster import LocalCluster
 from nvpool.proto.errors import NvpoolError
 from tests.conftest import make_cluster
 
@@ -126,7 +125,8 @@ def test_agent_refuses_another_pools_or_an_older_metadata_service(tmp_path: Path
             before = log.stat().st_size
             c._spawn(info)
             poll(f"agent0 to refuse {store.name}",
-                 lambda: why in log.read_text(errors="replace")[before:], timeout=30)
+                 lambda why=why, log=log, before=before: why in log.read_text(errors="replace")[before:],  # type: ignore[misc]
+                 timeout=30)
             # the impostor never got the agent as a usable member
             assert not any(a["alive"] for a in status(addr)["agents"])
             c.kill_agent(0)
@@ -157,7 +157,7 @@ def test_deleted_volume_space_is_not_reused_while_a_stopped_agent_still_serves_i
             done = threading.Event()
 
             def delete() -> None:
-                p = nv("volume", "delete", "old", "--yes", "--meta", c.meta.address)
+                p = nv("volume", "delete", "old", "--yes", "--force", "--meta", c.meta.address)
                 assert p.returncode == 0, p.stderr
                 done.set()
 

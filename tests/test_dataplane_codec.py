@@ -162,3 +162,57 @@ def test_data_digest_arriving_in_a_later_receive() -> None:
     assert dec.next_commands(frame[:-2]) == []
     (ev,) = dec.next_commands(frame[-2:])
     assert ev.digest_ok and ev.payload is not None and bytes(ev.payload) == data
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_announced_payloads_commit_no_memory() -> None:
+    """64 WRITE headers announcing 16 MiB each (3 KiB of input) must not cost 1 GiB: the decoder
+    commits payload memory only as the bytes arrive."""
+    before = _rss()
+    decoders = []
+    for i in range(64):
+        dec = dp.CommandDecoder()
+        assert dec.next_commands(cmd_frames(dp.Opcode.WRITE, i, dp.MAX_IO)) == []
+        decoders.append(dec)
+    assert _rss() - before < 64 * 1024 * 1024
+    # a page of payload commits about a page, and the payload still arrives intact
+    data = os.urandom(dp.MAX_IO)
+    dec = decoders[0]
+    assert dec.next_commands(data[:4096]) == []
+    assert _rss() - before < 64 * 1024 * 1024
+    (ev,) = dec.next_commands(data[4096:])
+    assert ev.payload is not None and not ev.payload.readonly and bytes(ev.payload) == data
+
+
+def test_large_payload_in_random_chunks_with_digest() -> None:
+    data = os.urandom(dp.LAZY_ALLOC_MIN * 3 + 5)
+    stream = cmd_frames(dp.Opcode.WRITE, 1, len(data), data, dp.Flag.HDGST | dp.Flag.DDGST)
+    stream += cmd_frames(dp.Opcode.READ, 2, 4096)
+    rng = __import__("random").Random(9)
+    dec, events, pos = dp.CommandDecoder(), [], 0
+    while pos < len(stream):
+        n = rng.choice([1, 7, 4096, 100_000])
+        events += dec.next_commands(stream[pos : pos + n])
+        pos += n
+    check_commands(events, [(dp.Opcode.WRITE, 1, data), (dp.Opcode.READ, 2, None)])
+    assert dec.idle
+
+
+def test_zero_length_commands_decode_whole_and_byte_by_byte() -> None:
+    """Framing accepts 0-byte commands (no payload follows); refusing them is the agent's job."""
+    stream = b"".join(cmd_frames(op, tag, 0) for tag, op in enumerate([dp.Opcode.WRITE, dp.Opcode.READ, 0x7E], 1))
+    expect: list[tuple[int, int, bytes | None]] = [(dp.Opcode.WRITE, 1, None), (dp.Opcode.READ, 2, None), (0x7E, 3, None)]
+    check_commands(dp.CommandDecoder().next_commands(stream + b"NV"), expect)
+    dec = dp.CommandDecoder()
+    events: list[dp.Command] = []
+    for i in range(len(stream)):
+        events += dec.next_commands(stream[i : i + 1])
+    check_commands(events, expect)
+    assert dec.idle

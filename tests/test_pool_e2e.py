@@ -38,7 +38,8 @@ def test_random_io_matches_model(local_pool: LocalCluster) -> None:
     size = 48 * MiB
     with client.connect(local_pool.meta.address) as pool:
         info = pool.create_volume("model", size, stripe_unit="64K")
-        assert info.stripe_width == 8 and len(set(info.hosts)) == 4  # all drives, all servers
+        # more columns than drives (growth then moves whole columns), on all drives and all servers
+        assert info.stripe_width == 12 and len(set(info.hosts)) == 4 and len(set(info.drives)) == 8
         vol = pool.open("model")
         model = np.zeros(size, dtype=np.uint8)
         assert not vol.read(0, size).any()  # a new volume reads as zeros
