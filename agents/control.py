@@ -14,7 +14,7 @@ import grpc
 from nvpool.agents.core import AgentCore
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
-from nvpool.proto.convert import extent_record_from_pb, extent_record_to_pb
+from nvpool.proto.convert import extent_record_from_pb
 from nvpool.proto.errors import NotFoundError, NvpoolError, UnavailableError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,6 @@ class AgentServicer(pbg.AgentServicer):  # type: ignore[misc]
         except (NvpoolError, OSError) as exc:
             await _abort(context, exc)
         return pb.FenceResponse(extents=n)
-
-    async def ListExtents(self, request: Any, context: Any) -> pb.ListExtentsResponse:
-        return pb.ListExtentsResponse(extents=[extent_record_to_pb(r) for r in self.core.extents.values()])
 
     async def MapExtent(self, request: Any, context: Any) -> pb.MapExtentResponse:
         try:

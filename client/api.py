@@ -288,15 +288,12 @@ class Volume:
         False sends the request the normal way (which also reports any error)."""
         lay = av.layout
         n = len(view)
-        if not 0 < n <= MAX_FAST or av.options.digests or offset < 0 or offset + n > lay.size:
+        if n > MAX_FAST or av.options.digests:
             return False
-        if offset % lay.stripe_unit + n > lay.stripe_unit or (opcode == dp.WRITE and lay.target is not None):
+        p = lay.single_piece(offset, n, opcode == dp.WRITE)
+        ep = av.endpoints.get(p.extent.drive_id) if p is not None else None
+        if p is None or ep is None:
             return False
-        pieces = list(lay.map(offset, n))
-        ep = av.endpoints.get(pieces[0].extent.drive_id)
-        if len(pieces) != 1 or ep is None:
-            return False
-        p = pieces[0]
         unix = ep.unix_path if av.options.transport != "tcp" else ""
         try:
             self._pool._sync.call(ep.address, unix, opcode, p.extent.extent_id, p.extent_offset, n, lay.generation,

@@ -294,12 +294,9 @@ class AsyncVolume:
         ``finish_read``); otherwise None, and the caller uses ``readinto``, which handles everything."""
         lay = self.layout
         n = len(buf)
-        if n == 0 or offset < 0 or offset + n > lay.size or offset % lay.stripe_unit + n > lay.stripe_unit:
+        p = lay.single_piece(offset, n, write=False)
+        if p is None:
             return None
-        pieces = list(lay.map(offset, n))
-        if len(pieces) != 1:
-            return None
-        p = pieces[0]
         ep = self.endpoints.get(p.extent.drive_id)
         conn = self.connections.peek(ep) if ep is not None else None
         if conn is None or self.options.digests:
@@ -456,13 +453,11 @@ class AsyncVolume:
         budget = self.options.io_deadline if timeout is None else timeout
         deadline = time.monotonic() + budget
         errors: list[BaseException] = []
-        su = lay.stripe_unit
-        if length <= su - offset % su and (not target or lay.target is None):
+        p = lay.single_piece(offset, length, target)
+        if p is not None:
             # fast path: one piece on one agent, no gather; any trouble takes the general path below
-            pieces = list(lay.map(offset, length))
-            p = pieces[0]
             ep = self.endpoints.get(p.extent.drive_id)
-            conn = self.connections.peek(ep) if ep is not None and len(pieces) == 1 else None
+            conn = self.connections.peek(ep) if ep is not None else None
             if conn is not None:
                 try:
                     await send(conn, p.extent.extent_id, p.extent_offset, length, lay.generation, 0, deadline)

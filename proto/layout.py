@@ -162,6 +162,17 @@ class Layout:
             pos += n
             buf += n
 
+    def single_piece(self, offset: int, length: int, write: bool) -> Optional[Piece]:
+        """The one piece ``[offset, offset+length)`` maps to, when it does (non-empty, inside the volume,
+        one stripe unit, one extent; for a write, no migration target to write as well), else None.
+        The eligibility check of every small-I/O fast path (sync API, asyncio, the NBD export)."""
+        if length <= 0 or offset < 0 or offset + length > self.size:
+            return None
+        if offset % self.stripe_unit + length > self.stripe_unit or (write and self.target is not None):
+            return None
+        p = next(self.map(offset, length))
+        return p if p.length == length else None
+
     def with_target(self, target: Optional["Layout"], generation: int) -> "Layout":
         return Layout(self.volume_id, self.name, generation, self.size, self.stripe_unit, self.columns, target)
 

@@ -475,16 +475,6 @@ class FenceResponse(_message.Message):
     extents: int
     def __init__(self, extents: _Optional[int] = ...) -> None: ...
 
-class ListExtentsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class ListExtentsResponse(_message.Message):
-    __slots__ = ("extents",)
-    EXTENTS_FIELD_NUMBER: _ClassVar[int]
-    extents: _containers.RepeatedCompositeFieldContainer[ExtentRecord]
-    def __init__(self, extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ...) -> None: ...
-
 class CopyExtentRequest(_message.Message):
     __slots__ = ("dst_extent_id", "dst_offset", "src_address", "src_extent_id", "src_offset", "length", "generation")
     DST_EXTENT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -767,11 +767,6 @@ class AgentStub:
                 request_serializer=nvpool_dot_proto_dot_nvpool__pb2.FenceRequest.SerializeToString,
                 response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.FenceResponse.FromString,
                 _registered_method=True)
-        self.ListExtents = channel.unary_unary(
-                '/nvpool.v1.Agent/ListExtents',
-                request_serializer=nvpool_dot_proto_dot_nvpool__pb2.ListExtentsRequest.SerializeToString,
-                response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.ListExtentsResponse.FromString,
-                _registered_method=True)
         self.CopyExtent = channel.unary_unary(
                 '/nvpool.v1.Agent/CopyExtent',
                 request_serializer=nvpool_dot_proto_dot_nvpool__pb2.CopyExtentRequest.SerializeToString,
@@ -805,12 +800,6 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Fence(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ListExtents(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -851,11 +840,6 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Fence,
                     request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.FenceRequest.FromString,
                     response_serializer=nvpool_dot_proto_dot_nvpool__pb2.FenceResponse.SerializeToString,
-            ),
-            'ListExtents': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListExtents,
-                    request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.ListExtentsRequest.FromString,
-                    response_serializer=nvpool_dot_proto_dot_nvpool__pb2.ListExtentsResponse.SerializeToString,
             ),
             'CopyExtent': grpc.unary_unary_rpc_method_handler(
                     servicer.CopyExtent,
@@ -954,33 +938,6 @@ class Agent:
             '/nvpool.v1.Agent/Fence',
             nvpool_dot_proto_dot_nvpool__pb2.FenceRequest.SerializeToString,
             nvpool_dot_proto_dot_nvpool__pb2.FenceResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ListExtents(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/nvpool.v1.Agent/ListExtents',
-            nvpool_dot_proto_dot_nvpool__pb2.ListExtentsRequest.SerializeToString,
-            nvpool_dot_proto_dot_nvpool__pb2.ListExtentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

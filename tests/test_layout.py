@@ -76,3 +76,17 @@ def test_validate_rejects_short_columns_and_duplicates() -> None:
         Layout(1, "v", 1, 8192, 4096, (Column((e,)),)).validate()
     with pytest.raises(UsageError):
         Layout(1, "v", 1, 8192, 4096, (Column((e,)), Column((e,)))).validate()
+
+
+def test_single_piece_is_the_fast_path_rule() -> None:
+    def col(i: int, n: int) -> Column:
+        return Column((Extent(i, f"d{i}", 0, n),))
+
+    lay = Layout(1, "v", 1, 8 * 4096, 4096, (col(1, 4 * 4096), col(2, 4 * 4096)))
+    p = lay.single_piece(4096 + 10, 100, write=False)
+    assert p is not None and p.extent.extent_id == 2 and p.extent_offset == 10 and p.length == 100
+    assert lay.single_piece(4000, 200, write=False) is None  # crosses a stripe unit
+    assert lay.single_piece(0, 0, write=False) is None and lay.single_piece(-1, 1, write=False) is None
+    assert lay.single_piece(8 * 4096 - 1, 2, write=False) is None  # past the end
+    moving = lay.with_target(lay, 2)
+    assert moving.single_piece(0, 10, write=False) is not None and moving.single_piece(0, 10, write=True) is None
