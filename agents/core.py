@@ -162,6 +162,13 @@ class AgentCore:
             pos = max(pos, end)
         return applied
 
+    def flush_drives(self, cmd: Command) -> list[Drive]:
+        """The drives a FLUSH covers (extent_id 0: every working drive), or a RemoteError refusal."""
+        if cmd.extent_id == 0:
+            return [d for d in self.drives.values() if not d.failed]
+        drive, _, _ = self.locate(cmd)
+        return [drive]
+
     def flush(self, cmd: Command) -> None:
         """FLUSH with extent_id 0 flushes every drive; otherwise the extent's drive."""
         if cmd.extent_id == 0:

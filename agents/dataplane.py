@@ -46,7 +46,7 @@ from typing import Any, Callable, Optional
 
 from nvpool.agents.core import AgentCore
 from nvpool.proto import dataplane as dp
-from nvpool.proto.errors import ProtocolError, RemoteError, Status
+from nvpool.proto.errors import DriveError, ProtocolError, RemoteError, Status
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class AgentConnection(asyncio.BufferedProtocol):
         self._pending_bytes = 0
         #: completions produced while handling one receive, sent with one writelines
         self._out: list[bytes] = []
+        #: FLUSHes waiting on drive worker threads (their completions are sent when they finish)
+        self._flushes: set["asyncio.Task[None]"] = set()
         #: read data in ``_out``
         self._out_bytes = 0
         #: the peer shut down its sending side while commands were held: close once they are answered
@@ -138,6 +140,31 @@ class AgentConnection(asyncio.BufferedProtocol):
                 return
         self._gate_reading()
 
+    def _defer_flush(self, cmd: dp.Command, drives: list[Any]) -> bool:
+        """A FLUSH waits for fdatasync on each drive's worker thread, never on the event loop (one slow
+        drive must not stall every connection and the heartbeat)."""
+        if len(self._flushes) >= MAX_DEFERRED_FLUSHES or self.transport is None:
+            return False
+        loop = asyncio.get_running_loop()
+        futs = [loop.run_in_executor(d.worker, d.flush) for d in drives]
+        tag, flags = cmd.tag, cmd.flags & (dp.HDGST | dp.DDGST)
+
+        async def finish() -> None:
+            try:
+                await asyncio.gather(*futs)
+                frames = [dp.encode_completion(tag, 0, 0, 0, flags & dp.HDGST)]
+            except DriveError as exc:
+                self.core.stats.error(Status.IO_ERROR)
+                frames = [dp.error_completion(tag, Status.IO_ERROR, str(exc), 0, flags)]
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.writelines(frames)
+
+        task = loop.create_task(finish())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+        return True
+
     def _run(self, commands: list[Any]) -> None:
         """Execute commands in order until the peer stops consuming replies; hold the rest."""
         core, regions, out, read = self.core, self.regions, self._out, self._read
@@ -149,7 +176,7 @@ class AgentConnection(asyncio.BufferedProtocol):
             if transport is None or transport.is_closing():
                 return
             i += 1
-            execute(core, cmd, regions, out, read)
+            execute(core, cmd, regions, out, read, self._defer_flush)
             if self._out_bytes >= BATCH_BYTES:
                 self._send()
         self._send()
@@ -172,7 +199,7 @@ class AgentConnection(asyncio.BufferedProtocol):
                 cmd = pending.popleft()
                 if cmd.payload is not None:
                     self._pending_bytes -= len(cmd.payload)
-                execute(core, cmd, regions, out, read)
+                execute(core, cmd, regions, out, read, self._defer_flush)
                 if self._out_bytes >= BATCH_BYTES:
                     self._send()
             self._send()
@@ -304,8 +331,17 @@ def _region(regions: dict[int, memoryview], cmd: dp.Command) -> memoryview:
     return region[cmd.region_offset : cmd.region_offset + cmd.length]
 
 
+#: FLUSHes one connection may have waiting on drive worker threads; past it, flushes run inline
+#: (which stops the connection: natural back-pressure for a peer that floods FLUSH)
+MAX_DEFERRED_FLUSHES = 16
+
+#: run these drives' fdatasync off the event loop and send the command's completion when done;
+#: False: not now (the caller flushes inline)
+DeferFn = Callable[[dp.Command, list[Any]], bool]
+
+
 def execute(core: AgentCore, cmd: dp.Command, regions: dict[int, memoryview], out: list[bytes],
-            read: Optional[ReadFn] = None) -> None:
+            read: Optional[ReadFn] = None, defer: Optional[DeferFn] = None) -> None:
     """Run one command and append its completion frames to ``out`` (refusals become error completions).
 
     Checks the data-plane layer owns (the core checks extent, fence and range): a data digest, a
@@ -339,6 +375,9 @@ def execute(core: AgentCore, cmd: dp.Command, regions: dict[int, memoryview], ou
                 raise RemoteError(Status.INVALID, f"{dp.Opcode(op).name} of 0 bytes")
             core.zero(cmd)
         elif op == dp.FLUSH:
+            drives = core.flush_drives(cmd)  # refusals (unknown extent, stale generation) answer now
+            if defer is not None and defer(cmd, drives):
+                return  # fdatasync on the drives' worker threads; the connection completes it
             core.flush(cmd)
         elif op != dp.NOP:
             raise RemoteError(Status.INVALID, f"unknown opcode {op}")

@@ -182,6 +182,22 @@ class Drive:
         return (self.size - DATA_OFFSET) // MiB * MiB
 
     # ------------------------------------------------------------------ extent table
+    @staticmethod
+    def inspect(path: str) -> tuple[dict[str, object], list[ExtentRecord]]:
+        """(label, extent table) of a drive, read without opening it for service (no lock; for
+        operators and tests while its agent runs)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            label = os.pread(fd, LABEL_SIZE, 0)
+            if not label.startswith(LABEL_MAGIC):
+                raise UsageError(f"{path} carries no nvpool label")
+            meta = json.loads(label[len(LABEL_MAGIC):].rstrip(b"\0"))
+            probe = Drive.__new__(Drive)
+            probe.fd, probe.path = fd, path
+            return meta, probe.load_extents()
+        finally:
+            os.close(fd)
+
     def load_extents(self) -> list[ExtentRecord]:
         best: tuple[int, list[ExtentRecord]] = (0, [])
         for off in SLOT_OFFSETS:

@@ -164,16 +164,12 @@ class AsyncPool:
 
 
 class _LoopThread:
-    """A private event loop (uvloop when available) on a daemon thread."""
+    """A private uvloop event loop on a daemon thread."""
 
     def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop
-        try:
-            import uvloop
+        import uvloop  # a dependency; imported here so that `import nvpool.client` chooses no loop
 
-            self.loop = uvloop.new_event_loop()
-        except ImportError:  # pragma: no cover
-            self.loop = asyncio.new_event_loop()
+        self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="nvpool-io", daemon=True)
         self.thread.start()
 

@@ -3,13 +3,20 @@
 
 Hosts in network namespaces joined by veth links to one bridge: a metadata service in the root
 namespace, one client host, and storage hosts whose egress links are limited by a token-bucket
-shaper (what a storage server's NIC is to its readers). A volume is created on 1 storage host and
-read from the client host; then the pool grows to 2, 4 and 8 hosts, each time rebalancing the same
-volume online, and the read throughput is measured again. Prints throughput(N), the scaling
-efficiency throughput(N) / (N x throughput(1)), and the foreground throughput while a rebalance
-runs as a fraction of before.
+shaper (what a storage server's NIC is to its readers). A volume is created on 1 storage host,
+filled, and read from the client host; then the pool grows to 2, 4, 5 and 8 hosts, each time
+rebalancing the same volume online, and the read throughput is measured again. Prints, per step:
 
-    sudo .venv/bin/python tests/bench_scaleout.py [--rate 400mbit] [--hosts 1,2,4,8] [--size 512M]
+* the bytes the rebalance moves (planned by ``pool rebalance --plan``, then moved by the run) as a
+  fraction of the volume's size; the 4 -> 5 step is the acceptance figure "growing 4 -> 5 servers
+  with one full volume moves at most 30% of its bytes";
+* how many servers the volume spans (its column count stays fixed: rebalance moves whole columns);
+* throughput(N) and the scaling efficiency throughput(N) / (N x throughput(1));
+
+and the foreground throughput while the last rebalance runs as a fraction of before. Figures only:
+nothing is asserted. Namespaces, daemons and files are removed on exit, failure and SIGTERM alike.
+
+    sudo .venv/bin/python tests/bench_scaleout.py [--rate 400mbit] [--hosts 1,2,4,5,8] [--size 512M]
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 from tests.netns import BRIDGE_ADDR, Fabric, Host, available  # noqa: E402
 
 PY = sys.executable
+#: acceptance: growing 4 -> 5 servers with one full volume moves at most this fraction of its bytes
+MOVE_GOAL = (4, 5, 0.30)
 
 
 def cli(*args: str, host: Host | None = None, meta: str = "", timeout: float = 600) -> str:
@@ -40,7 +51,7 @@ def cli(*args: str, host: Host | None = None, meta: str = "", timeout: float = 6
     env = dict(os.environ, NVPOOL_META=meta, PYTHONPATH=str(ROOT))
     p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     if p.returncode != 0:
-        raise SystemExit(f"nvpool {' '.join(args)} failed: {p.stderr[-2000:]}")
+        raise SystemExit(f"nvpool {' '.join(args)} failed (exit {p.returncode}): {p.stderr[-2000:]}{p.stdout[-2000:]}")
     return p.stdout
 
 
@@ -56,10 +67,29 @@ def wait_file(path: Path, timeout: float = 30) -> dict[str, object]:
     raise SystemExit(f"{path} did not appear")
 
 
+def sweep_namespaces() -> None:
+    """Remove whatever namespaces and links of ours are left (a fabric that failed half-built)."""
+    try:
+        from pyroute2 import IPRoute
+
+        leftover = Fabric.__new__(Fabric)
+        leftover.ipr, leftover.hosts = IPRoute(), {}
+        try:
+            leftover.cleanup_stale()
+        finally:
+            leftover.ipr.close()
+    except Exception as exc:  # noqa: BLE001 - best effort on the way out; say so, do not mask the real error
+        print(f"warning: namespace cleanup: {exc}", file=sys.stderr)
+
+
+def on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # runs the finally clause: daemons, namespaces and files go
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", default="400mbit", help="egress limit of each storage host (tc tbf rate)")
-    ap.add_argument("--hosts", default="1,2,4,8", help="pool sizes to measure")
+    ap.add_argument("--hosts", default="1,2,4,5,8", help="pool sizes to measure, ascending")
     ap.add_argument("--size", default="512M", help="volume size")
     ap.add_argument("--seconds", type=float, default=6.0, help="seconds per read measurement")
     ap.add_argument("--io-depth", type=int, default=16)
@@ -71,12 +101,18 @@ def main() -> int:
         print(f"skipped: {why}")
         return 0
     steps = [int(x) for x in args.hosts.split(",")]
+    if not steps or steps != sorted(set(steps)) or steps[0] < 1:
+        ap.error("--hosts: distinct pool sizes, ascending, from 1")
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGHUP, on_sigterm)
     work = Path(tempfile.mkdtemp(prefix="nvpool-scaleout-"))
     procs: list[subprocess.Popen[bytes]] = []
-    results: list[dict[str, float]] = []
-    during: dict[str, float] = {}
-    fabric = Fabric()
+    results: list[dict[str, Any]] = []
+    during: dict[str, Any] = {}
+    done = threading.Event()
+    fabric: Optional[Fabric] = None
     try:
+        fabric = Fabric()
         meta_ready = work / "meta.ready"
         procs.append(subprocess.Popen(
             [PY, "-m", "nvpool", "meta", "--listen", f"{BRIDGE_ADDR}:0", "--store", f"sqlite:{work / 'meta.db'}",
@@ -88,6 +124,7 @@ def main() -> int:
         storage: list[Host] = []
 
         def add_storage() -> None:
+            assert fabric is not None
             i = len(storage)
             h = fabric.add_host(f"s{i}", rate=args.rate)
             ready = work / f"s{i}.ready"
@@ -104,54 +141,98 @@ def main() -> int:
                       "--seconds", str(args.seconds), "--transport", "tcp", "--json", host=client_host, meta=meta)
             return float(json.loads(out)["MBps"])
 
+        def rebalance(*extra: str) -> dict[str, Any]:
+            return dict(json.loads(cli("pool", "rebalance", "--json", *extra, meta=meta)))
+
         for _ in range(steps[0]):
             add_storage()
         cli("volume", "create", "vol", "--size", args.size, meta=meta)
         cli("bench", "vol", "--io-type", "write", "--io-size", "1M", "--io-depth", "8", "--total", args.size,
             "--pattern", "seq", "--json", host=client_host, meta=meta)
+        prev = 0
         for n in steps:
             while len(storage) < n:
                 add_storage()
+            row: dict[str, Any] = {"hosts": n, "from_hosts": prev}
             if n != steps[0]:
+                plan = rebalance("--plan")
+                t0 = time.monotonic()
                 if n == steps[-1]:  # measure foreground reads while this rebalance runs
                     before = read_mbps()
-                    done = threading.Event()
                     samples: list[float] = []
 
-                    def fg(done: threading.Event = done, samples: list[float] = samples) -> None:
+                    def fg(samples: list[float] = samples) -> None:
                         while not done.is_set():
                             samples.append(read_mbps())
 
-                    t = threading.Thread(target=fg)
+                    t = threading.Thread(target=fg, daemon=True)
                     t.start()
-                    cli("pool", "rebalance", "--wait", "--json", "--max-rate", args.rebalance_rate, meta=meta)
+                    t0 = time.monotonic()
+                    ran = rebalance("--wait", "--max-rate", args.rebalance_rate)
                     done.set()
                     t.join()
                     mean = sum(samples) / len(samples) if samples else 0.0
-                    during = {"before_MBps": before, "during_MBps": round(mean, 1), "fraction": round(mean / before, 2),
-                              "max_rate": args.rebalance_rate}
+                    during = {"before_MBps": before, "during_MBps": round(mean, 1),
+                              "fraction": round(mean / before, 2) if before else 0.0,
+                              "max_rate": args.rebalance_rate, "samples": len(samples)}
                 else:
-                    cli("pool", "rebalance", "--wait", "--json", meta=meta)
+                    ran = rebalance("--wait")
+                row.update(planned_bytes=int(plan["bytes_total"]), moved_bytes=int(ran["bytes_done"]),
+                           rebalance_s=round(time.monotonic() - t0, 1), state=ran["state"],
+                           imbalance_after=ran["imbalance_after"])
             info = json.loads(cli("volume", "show", "vol", "--json", meta=meta))
-            mbps = read_mbps()
-            results.append({"hosts": n, "width": info["stripe_width"], "MBps": mbps})
-            print(f"{n} storage hosts (volume width {info['stripe_width']}): {mbps:.1f} MB/s", file=sys.stderr)
+            size = int(info["size"])
+            row.update(size=size, columns=int(info["stripe_width"]), spans=len(set(info["hosts"])))
+            if "planned_bytes" in row:
+                row.update(planned_fraction=round(row["planned_bytes"] / size, 4),
+                           moved_fraction=round(row["moved_bytes"] / size, 4))
+            row["MBps"] = read_mbps()
+            results.append(row)
+            moved = (f"; rebalance {prev} -> {n} moved {row['moved_bytes']} of {size} bytes "
+                     f"({row['moved_fraction']:.1%}, planned {row['planned_fraction']:.1%})" if prev else "")
+            print(f"{n} storage hosts (volume spans {row['spans']} servers, {row['columns']} columns): "
+                  f"{row['MBps']:.1f} MB/s{moved}", file=sys.stderr)
+            prev = n
         base = results[0]["MBps"] / results[0]["hosts"]
         for r in results:
-            r["efficiency"] = round(r["MBps"] / (r["hosts"] * base), 3)
-        report = {"rate_per_host": args.rate, "results": results, "during_rebalance": during}
+            r["efficiency"] = round(r["MBps"] / (r["hosts"] * base), 3) if base else 0.0
+        goal_from, goal_to, goal_max = MOVE_GOAL
+        goal_row = next((r for r in results if r["from_hosts"] == goal_from and r["hosts"] == goal_to), None)
+        acceptance: dict[str, Any] = {"step": f"{goal_from} -> {goal_to}", "max_fraction": goal_max}
+        if goal_row is not None:
+            acceptance.update(moved_fraction=goal_row["moved_fraction"], planned_fraction=goal_row["planned_fraction"],
+                              met=max(goal_row["moved_fraction"], goal_row["planned_fraction"]) <= goal_max)
+        report = {"rate_per_host": args.rate, "volume_size": results[0]["size"], "results": results,
+                  "during_rebalance": during, "acceptance": acceptance}
         if args.json:
             print(json.dumps(report, indent=2))
         else:
-            print(f"\nscale-out, each storage host limited to {args.rate} egress, volume {args.size}")
-            print(f"{'hosts':>5} {'width':>5} {'MB/s':>8} {'efficiency':>10}")
+            print(f"\nscale-out, each storage host limited to {args.rate} egress, volume {args.size} "
+                  f"({results[0]['size']} bytes, {results[0]['columns']} columns)")
+            print(f"{'hosts':>5} {'spans':>5} {'cols':>4} {'planned':>8} {'moved':>8} {'reb s':>6} {'MB/s':>8} "
+                  f"{'efficiency':>10}")
             for r in results:
-                print(f"{r['hosts']:>5} {r['width']:>5} {r['MBps']:>8.1f} {r['efficiency']:>10.3f}   (goal >= 0.9 at 8)")
+                planned = f"{r['planned_fraction']:.1%}" if "planned_fraction" in r else "-"
+                moved = f"{r['moved_fraction']:.1%}" if "moved_fraction" in r else "-"
+                reb = f"{r['rebalance_s']:.1f}" if "rebalance_s" in r else "-"
+                print(f"{r['hosts']:>5} {r['spans']:>5} {r['columns']:>4} {planned:>8} {moved:>8} {reb:>6} "
+                      f"{r['MBps']:>8.1f} {r['efficiency']:>10.3f}")
+            print("planned/moved: bytes the rebalance to this pool size planned/moved, as a fraction of the volume; "
+                  "spans: servers the volume's columns are on; efficiency goal >= 0.9 at 8")
+            if "met" in acceptance:
+                print(f"acceptance, growing {goal_from} -> {goal_to} servers with one full volume moves at most "
+                      f"{goal_max:.0%} of its bytes: moved {acceptance['moved_fraction']:.1%} "
+                      f"(planned {acceptance['planned_fraction']:.1%}): {'met' if acceptance['met'] else 'NOT met'}")
+            else:
+                print(f"acceptance ({goal_from} -> {goal_to} servers): not measured (--hosts lacks that step)")
             if during:
                 print(f"foreground reads during the last rebalance (--max-rate {during['max_rate']}): "
                       f"{during['during_MBps']:.1f} MB/s = {during['fraction']:.2f} of {during['before_MBps']:.1f} MB/s before")
         return 0
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the cleanup finish
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        done.set()
         for p in procs:
             p.terminate()
         for p in procs:
@@ -159,7 +240,13 @@ def main() -> int:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        fabric.close()
+                p.wait()
+        if fabric is not None:
+            try:
+                fabric.close()
+            except Exception as exc:  # noqa: BLE001 - fall through to the sweep below
+                print(f"warning: fabric close: {exc}", file=sys.stderr)
+        sweep_namespaces()
         shutil.rmtree(work, ignore_errors=True)
 
 

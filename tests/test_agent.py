@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -288,3 +290,35 @@ def test_pool_id_is_written_to_the_label(tmp_path: Path) -> None:
     d.close()
     again = Drive.open(DriveSpec(str(tmp_path / "d0")))
     assert again.pool_id == "p1" and again.drive_id == d.drive_id
+
+
+def test_a_slow_flush_does_not_stall_other_commands(tmp_path: Path) -> None:
+    """fdatasync runs on the drive's worker thread: while one FLUSH waits on a slow drive, reads on
+    the same connection are answered (issue 11.8: one slow drive stalled the whole agent)."""
+    async def body(addr: str, core: AgentCore) -> None:
+        drive = next(iter(core.drives.values()))
+        real = drive.flush
+        started = threading.Event()
+
+        def slow_flush() -> None:
+            started.set()
+            time.sleep(1.0)
+            real()
+
+        drive.flush = slow_flush  # type: ignore[method-assign]
+        c = await connect(addr)
+        flush = asyncio.ensure_future(c.submit(dp.Opcode.FLUSH, 0, 0, 0, 2))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+        t0 = time.monotonic()
+        out = memoryview(bytearray(4096))
+        await c.submit(dp.Opcode.READ, 7, 0, 4096, 2, dest=out)
+        assert time.monotonic() - t0 < 0.5, "a read waited for another command's fdatasync"
+        assert not flush.done()
+        await asyncio.wait_for(flush, 5)  # and the FLUSH completes once the drive is done
+        # a FLUSH of an unknown extent is refused at once
+        with pytest.raises(RemoteError) as ei:
+            await c.submit(dp.Opcode.FLUSH, 99, 0, 0, 2)
+        assert ei.value.status == Status.NO_EXTENT
+        c.close()
+
+    uvloop.run(_with_agent(tmp_path, body))

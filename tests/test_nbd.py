@@ -330,6 +330,10 @@ def test_export_workers_share_one_socket(local_pool: LocalCluster, tmp_path: Pat
     finally:
         proc.terminate()
         proc.wait(timeout=15)
-    time.sleep(0.3)
-    left = subprocess.run(["pgrep", "-f", f"export wvol --workers 2 --socket {sock}"], capture_output=True, text=True)
-    assert left.stdout.strip() == "", "a worker outlived the export"
+    deadline = time.monotonic() + 10
+    while True:  # every worker goes with the export (bounded poll)
+        left = subprocess.run(["pgrep", "-f", f"export wvol --workers 2 --socket {sock}"], capture_output=True, text=True)
+        if left.stdout.strip() == "":
+            break
+        assert time.monotonic() < deadline, "a worker outlived the export"
+        time.sleep(0.05)
