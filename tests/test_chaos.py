@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,9 +29,9 @@ import pytest
 from nvpool import client
 from nvpool.agents.drive import Drive
 from nvpool.client.cluster import LocalCluster
-from nvpool.proto.errors import NvpoolError
 from nvpool.proto.layout import Layout
 from tests.conftest import make_cluster
+from tests.waiting import poll
 
 MiB = 1 << 20
 STEPS = int(os.environ.get("NVPOOL_CHAOS_STEPS", "10"))
@@ -41,18 +41,6 @@ pytestmark = pytest.mark.slow
 def nv(meta: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "nvpool", *args, "--meta", meta], capture_output=True, text=True,
                           timeout=timeout)
-
-
-def poll(what: str, fn: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if fn():
-                return
-        except (NvpoolError, ValueError, KeyError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def store_view(c: LocalCluster) -> tuple[list[Layout], list[dict[str, Any]]]:
@@ -184,7 +172,8 @@ def test_faults_during_metadata_changes_leak_nothing_and_lose_nothing(tmp_path: 
             if st["rebalance"]["state"] in ("failed", "running"):
                 nv(meta, "pool", "rebalance", "--wait")
             poll(f"step {step} ({op} + {fault}): released space confirmed",
-                 lambda: json.loads(nv(meta, "pool", "status", "--json").stdout)["releasing_extents"] == 0)
+                 lambda: json.loads(nv(meta, "pool", "status", "--json").stdout)["releasing_extents"] == 0,
+                 60, 0.2, (ValueError, KeyError))
             check_extents(c)
             golden.sync_names()
             golden.verify()

@@ -18,9 +18,8 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +27,7 @@ import pytest
 from nvpool import client
 from nvpool.proto.errors import NvpoolError
 from tests.conftest import make_cluster
+from tests.waiting import poll, wait_json
 
 MiB = 1 << 20
 pytestmark = pytest.mark.slow
@@ -43,32 +43,10 @@ def status(meta: str) -> dict[str, Any]:
     return dict(json.loads(p.stdout))
 
 
-def poll(what: str, fn: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if fn():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as f:
         return subprocess.Popen([sys.executable, "-m", "nvpool", *args], stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def wait_ready(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            try:
-                return dict(json.loads(path.read_text()))
-            except ValueError:
-                pass
-        assert proc.poll() is None, f"{proc.args!r} exited"
-        time.sleep(0.05)
-    raise AssertionError(f"{path} not written")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -117,7 +95,7 @@ def test_agent_refuses_another_pools_or_an_older_metadata_service(tmp_path: Path
             meta = spawn(["meta", "--listen", "127.0.0.1:0", "--store", f"sqlite:{store}", "--ready-file", str(ready)],
                          tmp_path / f"{store.stem}.log")
             procs.append(meta)
-            addr = wait_ready(ready, meta)["address"]
+            addr = wait_json(ready, meta)["address"]
             c.kill_agent(0)
             info = c.agents[0]
             info.args[info.args.index("--meta") + 1] = addr
@@ -230,7 +208,7 @@ def test_wildcard_listen_registers_a_dialable_address(tmp_path: Path) -> None:
             procs.append(spawn(["agent", "--meta", c.meta.address, "--listen", "0.0.0.0:0", "--name", name,
                                 "--drive", f"file:{tmp_path / (name + '.img')}:64M", "--heartbeat", "0.5",
                                 "--ready-file", str(ready), *extra], tmp_path / f"{name}.log"))
-            wait_ready(ready, procs[-1])
+            wait_json(ready, procs[-1])
             agents = {a["agent_id"]: a for a in status(c.meta.address)["agents"]}
             assert agents[name]["address"].startswith(want), agents[name]
         # and the pool uses them: a volume over all three agents reads back

@@ -7,8 +7,6 @@ again once the link is back.
 
 from __future__ import annotations
 
-import json
-from typing import Any
 import os
 import subprocess
 import sys
@@ -22,22 +20,10 @@ from nvpool import client
 from nvpool.client.api import ClientOptions
 from nvpool.proto.errors import UnavailableError
 from tests.netns import BRIDGE_ADDR, Fabric, available
+from tests.waiting import wait_json
 
 MiB = 1 << 20
 pytestmark = pytest.mark.netns
-
-
-def wait_json(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            try:
-                return dict(json.loads(path.read_text()))
-            except ValueError:
-                pass
-        assert proc.poll() is None, f"process exited: {proc.args!r}"
-        time.sleep(0.05)
-    raise AssertionError(f"{path} did not appear")
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import pytest
 
 from nvpool import client
 from tests.conftest import make_cluster
+from tests.waiting import poll
 
 MiB = 1 << 20
 pytestmark = pytest.mark.slow
@@ -147,16 +148,6 @@ def test_grow_pool_and_rebalance_under_load(tmp_path: Path) -> None:
 
 def progress(meta: str) -> dict[str, Any]:
     return dict(nvpool(meta, "pool", "status")["rebalance"])
-
-
-def poll(what: str, fn: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_rebalance_survives_meta_and_source_agent_restart(tmp_path: Path) -> None:
