@@ -221,6 +221,8 @@ class MetaService:
         self.next_extent_id = 1
         self.pool_id = ""
         self._creating: set[str] = set()
+        #: volume ids a resize or a rebalance is changing outside the lock (see ``_claim``)
+        self._busy: set[int] = set()
         self._load()
 
     # ------------------------------------------------------------------ persistence
@@ -635,7 +637,16 @@ class MetaService:
                     f" for {who}" if who else "")
         return vol
 
+    def _claim(self, vol: VolumeRec) -> None:
+        """Mark a volume as being changed by a call that talks to agents outside the lock (resize, a
+        rebalance preparing its target): other changes of that volume are refused meanwhile, so the
+        change commits onto the columns it planned from. Call under the lock."""
+        if vol.volume_id in self._busy:
+            raise UsageError(f"volume {vol.name!r} is being changed (resize or rebalance); try again in a moment")
+        self._busy.add(vol.volume_id)
+
     async def resize_volume(self, name: str, size: int, who: str = "") -> VolumeRec:
+        """Plan and reserve under the lock, assign (zeroing) on the agents outside it, commit under it."""
         async with self.lock:
             vol = self.volume(name)
             size, _ = self._validate(name, size, vol.stripe_unit)
@@ -646,22 +657,34 @@ class MetaService:
                 raise UsageError(f"shrinking {name!r} from {vol.size} to {size} bytes would discard data; only growing is supported")
             if size == vol.size:
                 return vol
-            new, next_eid = plan_grow(lay, self.drive_spaces(), size, self.next_extent_id)
+            self._claim(vol)
+            try:
+                new, next_eid = plan_grow(lay, self.drive_spaces(), size, self.next_extent_id)
+            except BaseException:
+                self._busy.discard(vol.volume_id)
+                raise
             self.next_extent_id = next_eid
             old_ids = {e.extent_id for e in lay.extents()}
             added = [e for e in new.extents() if e.extent_id not in old_ids]
             self.store.commit({**self._counters(), **self.reserve_pending(vol.volume_id, added, new.generation)})
-            # resize stays under the lock: the rebalancer plans from the current layout
+        try:
             try:
                 await self.assign_on_agents(vol.volume_id, added, new.generation)
             except BaseException:
                 self.rollback_pending(added)
                 raise
-            old_size = vol.size
-            vol.size = size
-            self.layouts[vol.volume_id] = new
-            self.fences[vol.volume_id].update({e.extent_id: new.generation for e in added})
-            self.store.commit({**self._volume_puts(vol), **self._counters()}, self.unreserve(added))
+            async with self.lock:
+                # only the generation may have moved meanwhile (a writer takeover): keep it rising
+                cur = self.layouts[vol.volume_id]
+                gen = max(new.generation, cur.generation + 1)
+                final = Layout(new.volume_id, new.name, gen, new.size, new.stripe_unit, new.columns)
+                old_size = vol.size
+                vol.size = size
+                self.layouts[vol.volume_id] = final
+                self.fences[vol.volume_id].update({e.extent_id: new.generation for e in added})
+                self.store.commit({**self._volume_puts(vol), **self._counters()}, self.unreserve(added))
+        finally:
+            self._busy.discard(vol.volume_id)
         logger.info("resized volume %s from %d to %d bytes%s", name, old_size, size, f" for {who}" if who else "")
         return vol
 
@@ -669,8 +692,9 @@ class MetaService:
         async with self.lock:
             vol = self.volume(name)
             lay = self.layouts[vol.volume_id]
-            if lay.target is not None:
-                raise UsageError(f"volume {name!r} is being re-spread; cancel the rebalance or wait, then delete it")
+            if lay.target is not None or vol.volume_id in self._busy:
+                raise UsageError(f"volume {name!r} is being re-spread or resized; cancel the rebalance or wait, "
+                                 "then delete it")
             mine = set(own)
             held = [lease for lease in self._live_leases(vol.volume_id) if lease.lease_id not in mine]
             if held and not force:
@@ -749,10 +773,10 @@ class MetaService:
     async def _fence_writers(self, vol: VolumeRec, holders: list[str]) -> None:
         """Raise the volume's generation and fence every extent at it (all agents must acknowledge)."""
         lay = self.layouts[vol.volume_id]
-        if lay.target is not None:
+        if lay.target is not None or vol.volume_id in self._busy:
             raise LeaseError(
-                f"volume {vol.name!r} is being re-spread: a writer cannot be fenced now; wait for the "
-                "rebalance or cancel it"
+                f"volume {vol.name!r} is being re-spread or resized: a writer cannot be fenced now; wait for "
+                "the rebalance or cancel it"
             )
         g = lay.generation + 1
         try:

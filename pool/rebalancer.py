@@ -340,35 +340,53 @@ class Rebalancer:
         vid = vol.volume_id
         lay = svc.layouts[vid]
         while lay.target is None:
-            # one attempt per lock hold: an unreachable agent must not stall other metadata changes
+            # plan and reserve under the lock, assign on the agents outside it (zeroing can be slow:
+            # no other metadata change waits for it), commit under the lock
             async with svc.lock:
                 targets, _, _ = self._targets([vol.name], self.run.drain)
                 if not targets:
                     return True
                 _, _, planned = targets[0]
-                old_ids = {e.extent_id for e in lay.extents()}
-                new_ext = [e for e in planned.extents() if e.extent_id not in old_ids]
-                svc.next_extent_id = max([svc.next_extent_id] + [e.extent_id + 1 for e in new_ext])
-                g1 = lay.generation + 1
-                # ids are burned and the space reserved even if the agents refuse (see pool/meta.py)
-                svc.store.commit({**svc._counters(), **svc.reserve_pending(vid, new_ext, g1)})
+                busy = vid in svc._busy
+                if not busy:
+                    svc._claim(vol)
+                    old_ids = {e.extent_id for e in lay.extents()}
+                    new_ext = [e for e in planned.extents() if e.extent_id not in old_ids]
+                    svc.next_extent_id = max([svc.next_extent_id] + [e.extent_id + 1 for e in new_ext])
+                    g1 = lay.generation + 1
+                    # ids are burned and the space reserved even if the agents refuse (see pool/meta.py)
+                    svc.store.commit({**svc._counters(), **svc.reserve_pending(vid, new_ext, g1)})
+            if busy:  # a resize is in flight: plan again after it
+                await asyncio.sleep(self.retry_interval)
+                lay = svc.layouts.get(vid, lay)
+                if vid not in svc.layouts:
+                    return True
+                continue
+            try:
                 try:
                     await svc.assign_on_agents(vid, new_ext, g1)
+                    assigned = True
                 except UnavailableError as exc:
                     logger.warning("assigning target extents of %s: %s; retrying", vol.name, exc)
+                    assigned = False
                 except BaseException:
                     svc.rollback_pending(new_ext)
                     raise
-                else:
-                    target = Layout(vid, vol.name, g1, lay.size, lay.stripe_unit, planned.columns)
-                    lay = lay.with_target(target, g1)
-                    svc.layouts[vid] = lay
-                    svc.fences[vid].update({e.extent_id: g1 for e in new_ext})
-                    svc.store.commit({**svc._volume_puts(vol), f"migration/{vid:020d}": b'{"done":0}'},
-                                     svc.unreserve(new_ext))
-                    logger.info("rebalance: volume %s prepared at generation %d (%d new extents)", vol.name, g1,
-                                len(new_ext))
+                if assigned:
+                    async with svc.lock:
+                        cur = svc.layouts[vid]  # only a takeover could have raised the generation
+                        g1 = max(g1, cur.generation + 1)
+                        target = Layout(vid, vol.name, g1, lay.size, lay.stripe_unit, planned.columns)
+                        lay = cur.with_target(target, g1)
+                        svc.layouts[vid] = lay
+                        svc.fences[vid].update({e.extent_id: g1 for e in new_ext})
+                        svc.store.commit({**svc._volume_puts(vol), f"migration/{vid:020d}": b'{"done":0}'},
+                                         svc.unreserve(new_ext))
+                        logger.info("rebalance: volume %s prepared at generation %d (%d new extents)", vol.name,
+                                    g1, len(new_ext))
                     break
+            finally:
+                svc._busy.discard(vid)
             if self._cancel:
                 return False
             await asyncio.sleep(self.retry_interval)

@@ -220,3 +220,39 @@ def test_pool_identity_and_agent_identity() -> None:
         assert svc.agents["a0"].address == "127.0.0.1:7001"
 
     asyncio.run(body())
+
+
+def test_slow_agents_do_not_hold_the_metadata_lock_during_resize() -> None:
+    """Zeroing a grown volume's new extents can take long: other changes (a registration, another
+    volume's create) go on meanwhile, and the volume itself refuses a second change until done."""
+    async def body() -> None:
+        link = BlockingLink()
+        gate = asyncio.Event()
+
+        async def assign(address: str, records: list[ExtentRecord], zero: bool) -> None:
+            link.assigned.setdefault(address, []).extend(records)
+            link.entered.set()
+            await gate.wait()
+
+        svc = MetaService(MemoryStore(), link)
+        await register(svc, 2)
+        gate.set()
+        link.assign = assign  # type: ignore[method-assign]
+        await svc.create_volume("g", 8 * MiB)
+        gate.clear()
+        link.entered.clear()
+        task = asyncio.create_task(svc.resize_volume("g", 16 * MiB))
+        await link.entered.wait()
+        await asyncio.wait_for(svc.register_agent(AgentRec("a7", "h7", "", "127.0.0.1:7007", "ctl7", "", []),
+                                                  [DriveRec("d7", "a7", "/d7", 256 * MiB, 2 * MiB)]), 2)
+        with pytest.raises(UsageError, match="being changed|being re-spread or resized"):
+            await svc.resize_volume("g", 24 * MiB)
+        with pytest.raises(UsageError, match="resized"):
+            await svc.delete_volume("g")
+        gate.set()
+        vol = await asyncio.wait_for(task, 5)
+        assert vol.size == 16 * MiB and svc.layouts[vol.volume_id].size == 16 * MiB
+        assert not [r for r in svc.reserved.values() if r.kind == "pending"]
+        await svc.resize_volume("g", 24 * MiB)  # free again
+
+    asyncio.run(body())
