@@ -57,7 +57,7 @@ def main() -> int:
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="nvpool-nbdbench-"))
     procs: list[subprocess.Popen[bytes]] = []
-    c = LocalCluster(work / "pool", agents=4, drives_per_agent=1, drive_size=str(size // 4 + 256 * (1 << 20)))
+    c = LocalCluster(work / "pool", agents=4, drives_per_agent=1, drive_size=str(size // 2 + 256 * (1 << 20)))
     try:
         c.up()
         data = work / "data.img"
@@ -67,10 +67,12 @@ def main() -> int:
         from nvpool import client
 
         with client.connect(c.meta.address) as pool:
+            # one volume per export: each export holds its volume's writer lease
             pool.create_volume("nbdbench", size)
+            pool.create_volume("nbdbench2", size)
         servers = {
             "nvpool export (pool volume, 4 agents)": ["nbdbench", "--meta", c.meta.address],
-            "nvpool export --workers 2 (pool volume)": ["nbdbench", "--meta", c.meta.address, "--workers", "2"],
+            "nvpool export --workers 2 (pool volume)": ["nbdbench2", "--meta", c.meta.address, "--workers", "2"],
             "nvpool export --file (front end alone)": ["--file", str(data)],
         }
         uris: dict[str, str] = {}
@@ -88,6 +90,7 @@ def main() -> int:
         uris["nbdkit file (C peer)"] = f"nbd+unix:///?socket={sock}"
         # same bytes everywhere, caches warm
         subprocess.run(["nbdcopy", str(data), uris["nvpool export (pool volume, 4 agents)"]], check=True)
+        subprocess.run(["nbdcopy", str(data), uris["nvpool export --workers 2 (pool volume)"]], check=True)
         results = {label: measure(uri, args.seconds, size) for label, uri in uris.items()}
         ref = results["nbdkit file (C peer)"]
         print(f"\n{'server':<42} {'4K QD32 IOPS':>13} {'QD1 p50 us':>11} {'QD1 p99 us':>11} {'1M seq MB/s':>12} "
