@@ -22,6 +22,7 @@ nothing is asserted. Namespaces, daemons and files are removed on exit, failure 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -86,6 +87,10 @@ def on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # runs the finally clause: daemons, namespaces and files go
 
 
+def on_alarm(signum: int, frame: Any) -> None:
+    raise TimeoutError("netlink did not answer")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", default="400mbit", help="egress limit of each storage host (tc tbf rate)")
@@ -113,6 +118,15 @@ def main() -> int:
     fabric: Optional[Fabric] = None
     try:
         fabric = Fabric()
+        # every namespace first, before any daemon runs; collecting garbage after each made the fabric
+        # come up where it otherwise failed (pyroute2 0.9.7: "no link" in a fresh namespace, then the
+        # IPRoute socket hangs); it is still intermittent: see the cleanup below
+        client_host = fabric.add_host("cli")
+        gc.collect()
+        hosts: list[Host] = []
+        for i in range(steps[-1]):
+            hosts.append(fabric.add_host(f"s{i}", rate=args.rate))
+            gc.collect()
         meta_ready = work / "meta.ready"
         procs.append(subprocess.Popen(
             [PY, "-m", "nvpool", "meta", "--listen", f"{BRIDGE_ADDR}:0", "--store", f"sqlite:{work / 'meta.db'}",
@@ -120,13 +134,11 @@ def main() -> int:
             cwd=ROOT, stdout=open(work / "meta.log", "wb"), stderr=subprocess.STDOUT,
         ))
         meta = str(wait_file(meta_ready)["address"])
-        client_host = fabric.add_host("cli")
         storage: list[Host] = []
 
         def add_storage() -> None:
-            assert fabric is not None
             i = len(storage)
-            h = fabric.add_host(f"s{i}", rate=args.rate)
+            h = hosts[i]
             ready = work / f"s{i}.ready"
             procs.append(h.popen(
                 [PY, "-m", "nvpool", "agent", "--meta", meta, "--listen", f"{h.address}:0", "--name", f"s{i}",
@@ -230,8 +242,8 @@ def main() -> int:
                       f"{during['during_MBps']:.1f} MB/s = {during['fraction']:.2f} of {during['before_MBps']:.1f} MB/s before")
         return 0
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the cleanup finish
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM still ends a cleanup that hangs
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         done.set()
         for p in procs:
             p.terminate()
@@ -242,10 +254,15 @@ def main() -> int:
                 p.kill()
                 p.wait()
         if fabric is not None:
+            # a fabric that failed half-built can leave its netlink socket waiting forever: bound it
+            signal.signal(signal.SIGALRM, on_alarm)
+            signal.alarm(20)
             try:
                 fabric.close()
             except Exception as exc:  # noqa: BLE001 - fall through to the sweep below
-                print(f"warning: fabric close: {exc}", file=sys.stderr)
+                print(f"warning: fabric close: {exc!r}", file=sys.stderr)
+            finally:
+                signal.alarm(0)
         sweep_namespaces()
         shutil.rmtree(work, ignore_errors=True)
 
