@@ -85,6 +85,22 @@ class DriveSpec:
         return DriveSpec(text)
 
 
+def _read_table(fd: int, path: str) -> tuple[int, list[ExtentRecord]]:
+    """(sequence, records) of the newest valid extent-table slot (a torn slot is skipped)."""
+    best: tuple[int, list[ExtentRecord]] = (0, [])
+    for off in SLOT_OFFSETS:
+        magic, seq, length, crc = TABLE_HDR.unpack(os.pread(fd, TABLE_HDR.size, off))
+        if magic != TABLE_MAGIC or length > SLOT_SIZE - TABLE_HDR.size:
+            continue
+        body = os.pread(fd, length, off + TABLE_HDR.size)
+        if crc32c(body) != crc:
+            logger.warning("drive %s: extent table slot at %d is torn; using the other", path, off)
+            continue
+        if seq > best[0]:
+            best = (seq, [ExtentRecord(**r) for r in json.loads(body)])
+    return best
+
+
 class Drive:
     def __init__(self, path: str, fd: int, drive_id: str, size: int,
                  label: Optional[dict[str, object]] = None) -> None:
@@ -192,28 +208,13 @@ class Drive:
             if not label.startswith(LABEL_MAGIC):
                 raise UsageError(f"{path} carries no nvpool label")
             meta = json.loads(label[len(LABEL_MAGIC):].rstrip(b"\0"))
-            probe = Drive.__new__(Drive)
-            probe.fd, probe.path = fd, path
-            return meta, probe.load_extents()
+            return meta, _read_table(fd, path)[1]
         finally:
             os.close(fd)
 
     def load_extents(self) -> list[ExtentRecord]:
-        best: tuple[int, list[ExtentRecord]] = (0, [])
-        for off in SLOT_OFFSETS:
-            hdr = os.pread(self.fd, TABLE_HDR.size, off)
-            magic, seq, length, crc = TABLE_HDR.unpack(hdr)
-            if magic != TABLE_MAGIC or length > SLOT_SIZE - TABLE_HDR.size:
-                continue
-            body = os.pread(self.fd, length, off + TABLE_HDR.size)
-            if crc32c(body) != crc:
-                logger.warning("drive %s: extent table slot at %d is torn; using the other", self.path, off)
-                continue
-            if seq > best[0]:
-                recs = [ExtentRecord(**r) for r in json.loads(body)]
-                best = (seq, recs)
-        self._table_seq = best[0]
-        return best[1]
+        self._table_seq, records = _read_table(self.fd, self.path)
+        return records
 
     def save_extents(self, records: Iterable[ExtentRecord]) -> None:
         """Atomically replace the on-disk extent table (alternating slots, fsync)."""

@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -222,4 +223,42 @@ def test_wildcard_listen_registers_a_dialable_address(tmp_path: Path) -> None:
     finally:
         for p in procs:
             stop(p)
+        c.down()
+
+
+def test_a_client_waits_out_a_fenced_generation_within_its_budget(tmp_path: Path) -> None:
+    """Issue 10.6: at a cut-over, agents are fenced at a generation before the metadata service
+    publishes it; a client used to give up with StaleLayoutError after 8 re-fetches in ~11 ms."""
+    import asyncio
+
+    from nvpool.pool.agentlink import GrpcAgentLink
+
+    c = make_cluster(tmp_path / "pool", agents=1, drives_per_agent=1).up()
+    try:
+        with client.connect(c.meta.address) as pool:
+            pool.create_volume("fenced", 8 * MiB, stripe_unit="1M")
+            vol = pool.open("fenced")
+            vol.write(0, np.ones(MiB, dtype=np.uint8))
+            gen = vol.generation
+            control = json.loads(Path(c.agents[0].ready_file).read_text())["control_address"]
+            vid = vol.asyncio.layout.volume_id
+
+            async def fence() -> None:
+                link = GrpcAgentLink()
+                try:
+                    await link.fence(control, vid, gen + 1)
+                finally:
+                    await link.close()
+
+            asyncio.run(fence())  # the agent refuses generation `gen`; the service still publishes it
+            publish = threading.Timer(1.0, lambda: nv("volume", "resize", "fenced", "--size", "16M",
+                                                      "--meta", c.meta.address))
+            publish.start()  # a resize publishes generation gen + 1 a second later
+            t0 = time.monotonic()
+            vol.write(0, np.full(MiB, 2, dtype=np.uint8))  # waits for it, no error
+            assert time.monotonic() - t0 >= 0.5
+            publish.join()
+            assert vol.read(0, 4).tolist() == [2, 2, 2, 2] and vol.generation > gen
+            vol.close()
+    finally:
         c.down()
