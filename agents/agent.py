@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
@@ -89,7 +91,22 @@ class AgentConfig:
     name: str = field(default_factory=default_name)  # agent id, unique in the pool
     host: str = ""  # failure domain: the server (default: name)
     rack: str = ""
+    #: failure-domain labels ("rack=r1"); a volume's --failure-domain names one of the keys
+    labels: tuple[str, ...] = ()
     heartbeat_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        for lab in self.labels:
+            key, sep, value = lab.partition("=")
+            if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,31}", key) or not value or key == "host":
+                raise UsageError(f"invalid label {lab!r}: KEY=VALUE with a key of letters, digits, '_', '.', '-' "
+                                 "(not 'host', which is the server itself)")
+
+    def label_map(self) -> dict[str, str]:
+        """Labels as a mapping; ``rack`` given on its own is the label ``rack``."""
+        out = {"rack": self.rack} if self.rack else {}
+        out.update(lab.split("=", 1) for lab in self.labels)  # type: ignore[misc]
+        return out
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "AgentConfig":
@@ -97,6 +114,10 @@ class AgentConfig:
         vals = dict(values)
         if "drives" in vals:
             vals["drives"] = tuple(vals["drives"])
+        if isinstance(vals.get("labels"), Mapping):
+            vals["labels"] = tuple(f"{k}={v}" for k, v in vals["labels"].items())
+        elif "labels" in vals:
+            vals["labels"] = tuple(vals["labels"])
         return cls(**vals)
 
 
@@ -183,6 +204,7 @@ class StorageAgent:
             version=__version__,
             pool_id=self.pool_id,
             instance=self.instance,
+            labels=self.config.label_map(),
         )
 
     def _adopt_pool(self, pool_id: str) -> bool:
@@ -201,12 +223,11 @@ class StorageAgent:
 
     def _heartbeat_request(self) -> pb.HeartbeatRequest:
         st = self.core.stats
-        held = self.core.held_ids()
         released = sorted(e for e in self._released if e not in self.core.extents)
         return pb.HeartbeatRequest(
             agent_id=self.agent_id, drives=self._drive_infos(), bytes_read=st.bytes_read,
             bytes_written=st.bytes_written, commands=st.commands, instance=self.instance,
-            extents_digest=extent_digest(held), released=released,
+            extents_digest=extent_digest(self.core.extents.values()), released=released,
         )
 
     async def _apply_heartbeat(self, hb: pb.HeartbeatResponse, sent: pb.HeartbeatRequest) -> None:
@@ -236,8 +257,10 @@ class StorageAgent:
             stub = pbg.MetaStub(channel)
             need_register = True
             warned = False
+            serve_lease = 0.0
             while True:
                 try:
+                    sent_at = time.monotonic()
                     if need_register:
                         resp = await stub.RegisterAgent(self._register_request(), timeout=10)
                         if not self._adopt_pool(resp.pool_id):
@@ -247,6 +270,8 @@ class StorageAgent:
                         self.core.keep_only(extent_record_from_pb(r) for r in resp.extents)
                         if resp.heartbeat_interval_ms:
                             interval = resp.heartbeat_interval_ms / 1000
+                        serve_lease = resp.serve_lease_ms / 1000
+                        self.core.serve_until = sent_at + serve_lease  # fences applied: serve again
                         need_register = False
                         warned = False
                         logger.info("registered with %s (%d drives)", self.config.meta, len(self.core.drives))
@@ -257,6 +282,7 @@ class StorageAgent:
                         need_register = hb.reregister
                         if not need_register:
                             await self._apply_heartbeat(hb, req)
+                            self.core.serve_until = sent_at + serve_lease  # after the fences it carried
                             self.registered.set()  # registered, extents adopted, placeable
                     backoff = 0.2
                     await asyncio.sleep(interval)

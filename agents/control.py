@@ -68,6 +68,26 @@ class AgentServicer(pbg.AgentServicer):  # type: ignore[misc]
             await _abort(context, exc)
         return pb.MapExtentResponse(data=[pb.Range(offset=o, length=n) for o, n in ranges])
 
+    async def Dirty(self, request: Any, context: Any) -> pb.DirtyResponse:
+        out = pb.DirtyResponse()
+        try:
+            ids = list(request.extent_ids)
+            if request.op == "start":
+                self.core.track_dirty(ids)
+            elif request.op == "stop":
+                self.core.untrack_dirty(ids)
+            elif request.op == "get":
+                for eid in ids:
+                    ranges = self.core.dirty_ranges(eid)
+                    out.extents.append(pb.DirtyExtent(
+                        extent_id=eid, tracking=ranges is not None,
+                        ranges=[pb.Range(offset=o, length=n) for o, n in ranges or ()]))
+            else:
+                raise UsageError(f"unknown dirty-tracking operation {request.op!r} (start, get, stop)")
+        except (NvpoolError, OSError) as exc:
+            await _abort(context, exc)
+        return out
+
     async def Flush(self, request: Any, context: Any) -> pb.FlushResponse:
         try:
             await self.core.flush_all_async()

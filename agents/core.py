@@ -22,12 +22,27 @@ client wrote to the destination *after* the copy started reading its source. Eve
 zero to an extent with copies in flight is therefore recorded against those copies, and
 ``finish_copy`` applies the chunk everywhere except those byte ranges. This runs on the agent's one
 event loop, so applying a chunk is atomic with respect to client writes.
+
+Replicated extents (``ExtentRecord.replicas`` > 1; see ``pool/replication.py``):
+
+* **Serve lease.** The agent serves them only until ``serve_until``, which each successful
+  registration or heartbeat moves to (its send time + the service's ``serve_lease``), *after* the
+  answer's fences are applied. The service counts an agent as gone only after ``agent_timeout`` >
+  ``serve_lease`` without a heartbeat, and takes a silent agent's replicas out of service only then:
+  so an agent cut off from the service has stopped serving them (``BUSY``) before anyone writes
+  without it, and when it comes back it learns the new fences before it serves again. A replica
+  that missed writes can therefore never answer a reader with old bytes.
+* **Dirty tracking.** While a replica of a column is out of service, the agents of the other
+  replicas record which grains (``DIRTY_GRAIN`` bytes) of their extents every write or zero touches
+  (``track_dirty``); resync copies only those. The record lives in memory: an agent that restarted
+  answers ``tracking=False`` and the replica is copied whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, TypeVar
 
@@ -39,6 +54,9 @@ from nvpool.proto.errors import DriveError, NotFoundError, RemoteError, StaleLay
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: granularity of dirty tracking for replica resync
+DIRTY_GRAIN = 64 * 1024
 
 
 @dataclass
@@ -69,6 +87,10 @@ class AgentCore:
         self._copies: dict[int, list[CopyInFlight]] = {}
         #: extents being zeroed and reserved by ``assign_async`` (not yet served)
         self._assigning: dict[int, ExtentRecord] = {}
+        #: replicated extents are served until this monotonic time (see "Serve lease")
+        self.serve_until = 0.0
+        #: extent id -> bitmap of DIRTY_GRAIN grains written since tracking started
+        self._dirty: dict[int, bytearray] = {}
         for d in self.drives.values():
             for rec in d.load_extents():
                 self.extents[rec.extent_id] = rec
@@ -85,6 +107,10 @@ class AgentCore:
                 f"command has {cmd.generation}",
                 rec.min_generation,
             )
+        if rec.replicas > 1 and time.monotonic() > self.serve_until:
+            raise RemoteError(
+                Status.BUSY, f"extent {cmd.extent_id} is replicated and this agent has lost contact with the "
+                "metadata service: another replica serves it")
         if cmd.offset + cmd.length > rec.length:
             raise RemoteError(
                 Status.OUT_OF_RANGE,
@@ -111,6 +137,8 @@ class AgentCore:
         drive, off, _ = self.locate(cmd)
         if self._copies:
             self._note_write(cmd.extent_id, cmd.offset, cmd.length)
+        if self._dirty:
+            self._mark_dirty(cmd.extent_id, cmd.offset, cmd.length)
         self._io(drive, lambda: drive.write(payload, off))
         if fua:
             self._io(drive, drive.flush)
@@ -120,7 +148,52 @@ class AgentCore:
         drive, off, _ = self.locate(cmd)
         if self._copies:
             self._note_write(cmd.extent_id, cmd.offset, cmd.length)
+        if self._dirty:
+            self._mark_dirty(cmd.extent_id, cmd.offset, cmd.length)
         self._io(drive, lambda: drive.zero(off, cmd.length))
+
+    # ------------------------------------------------------------------ dirty tracking (resync)
+    def _mark_dirty(self, extent_id: int, offset: int, length: int) -> None:
+        bm = self._dirty.get(extent_id)
+        if bm is None or length <= 0:
+            return
+        for g in range(offset // DIRTY_GRAIN, (offset + length - 1) // DIRTY_GRAIN + 1):
+            bm[g >> 3] |= 1 << (g & 7)
+
+    def track_dirty(self, extent_ids: Iterable[int]) -> None:
+        """Start recording writes to these extents (idempotent: a running record is kept)."""
+        for eid in extent_ids:
+            rec = self.extents.get(eid)
+            if rec is None:
+                raise NotFoundError(f"extent {eid} is not on this agent")
+            if eid not in self._dirty:
+                self._dirty[eid] = bytearray(-(-rec.length // DIRTY_GRAIN) // 8 + 1)
+
+    def untrack_dirty(self, extent_ids: Iterable[int]) -> None:
+        for eid in extent_ids:
+            self._dirty.pop(eid, None)
+
+    def dirty_ranges(self, extent_id: int) -> Optional[list[tuple[int, int]]]:
+        """Extent byte ranges written since tracking started, merged; None when not tracked."""
+        bm = self._dirty.get(extent_id)
+        rec = self.extents.get(extent_id)
+        if bm is None or rec is None:
+            return None
+        out: list[tuple[int, int]] = []
+        grains = -(-rec.length // DIRTY_GRAIN)
+        for i, byte in enumerate(bm):
+            if not byte:
+                continue
+            for b in range(8):
+                g = i * 8 + b
+                if byte >> b & 1 and g < grains:
+                    start = g * DIRTY_GRAIN
+                    n = min(DIRTY_GRAIN, rec.length - start)
+                    if out and out[-1][0] + out[-1][1] == start:
+                        out[-1] = (out[-1][0], out[-1][1] + n)
+                    else:
+                        out.append((start, n))
+        return out
 
     # ------------------------------------------------------------------ migration copies
     def _note_write(self, extent_id: int, offset: int, length: int) -> None:
@@ -298,6 +371,7 @@ class AgentCore:
     async def release_async(self, extent_ids: Iterable[int]) -> list[ExtentRecord]:
         """Drop extents (persisted before this returns), then give their space back to the file system."""
         gone = [rec for eid in extent_ids if (rec := self.extents.pop(eid, None)) is not None]
+        self.untrack_dirty(r.extent_id for r in gone)
         if gone:
             await self.persist_async({r.drive_id for r in gone})
             await self.punch_async(gone)
@@ -343,8 +417,9 @@ class AgentCore:
                 logger.error("extent %d: the metadata service places it elsewhere; dropping it", eid)
                 changed.add(self.extents.pop(eid).drive_id)
                 dropped.append(eid)
-            elif want.min_generation > rec.min_generation:
-                self.extents[eid] = replace(rec, min_generation=want.min_generation)
+            elif want.min_generation > rec.min_generation or want.replicas != rec.replicas:
+                self.extents[eid] = replace(rec, min_generation=max(rec.min_generation, want.min_generation),
+                                            replicas=want.replicas)
                 changed.add(rec.drive_id)
         if dropped:
             logger.info("dropped %d extents the metadata service no longer assigns here: %s", len(dropped),

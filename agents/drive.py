@@ -223,6 +223,7 @@ class Drive:
                 {
                     "extent_id": r.extent_id, "drive_id": r.drive_id, "drive_offset": r.drive_offset,
                     "length": r.length, "volume_id": r.volume_id, "min_generation": r.min_generation,
+                    **({"replicas": r.replicas} if r.replicas != 1 else {}),
                 }
                 for r in records
                 if r.drive_id == self.drive_id

@@ -138,9 +138,13 @@ class AsyncPool:
         return vol
 
     async def create_volume(
-        self, name: str, size: Union[int, str], stripe_unit: Union[int, str] = 0, stripe_width: int = 0
+        self, name: str, size: Union[int, str], stripe_unit: Union[int, str] = 0, stripe_width: int = 0,
+        replicas: int = 1, failure_domain: str = "host",
     ) -> VolumeInfo:
-        return await self.meta.create_volume(name, parse_size(size), parse_size(stripe_unit), stripe_width)
+        """Create a volume; ``replicas`` copies of every column, in different ``failure_domain``s
+        ("host", or an agent label key such as "rack")."""
+        return await self.meta.create_volume(name, parse_size(size), parse_size(stripe_unit), stripe_width,
+                                             replicas, failure_domain)
 
     def alloc(self, nbytes: int) -> np.ndarray:
         """A numpy uint8 buffer in memory registered with same-host agents: reads into it are
@@ -403,10 +407,11 @@ class Pool:
         return Volume(self, self._run(ap.open(name, read_only, force)))
 
     def create_volume(
-        self, name: str, size: Union[int, str], stripe_unit: Union[int, str] = 0, stripe_width: int = 0
+        self, name: str, size: Union[int, str], stripe_unit: Union[int, str] = 0, stripe_width: int = 0,
+        replicas: int = 1, failure_domain: str = "host",
     ) -> VolumeInfo:
         ap = self._ap()
-        return self._run(ap.create_volume(name, size, stripe_unit, stripe_width))
+        return self._run(ap.create_volume(name, size, stripe_unit, stripe_width, replicas, failure_domain))
 
     def list_volumes(self) -> list[VolumeInfo]:
         ap = self._ap()

@@ -17,7 +17,7 @@ import sys
 import tomllib
 from typing import Any, Awaitable, Callable, Optional
 
-from nvpool.client.cli_common import listen_address, meta_address, seconds_arg
+from nvpool.client.cli_common import listen_address, meta_address, seconds_arg, size_arg
 from nvpool.proto.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def cmd_meta(args: argparse.Namespace) -> int:
     from nvpool.pool.grpc_meta import MetaConfig, serve
 
     values = _load_config(args.config)
-    for key in ("listen", "store", "lease_ttl"):
+    for key in ("listen", "store", "lease_ttl", "agent_timeout", "heartbeat_interval", "rebuild_after", "repair_rate"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     config = MetaConfig.from_mapping(values)
@@ -91,6 +91,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     values.update({k: v for k, v in mapping.items() if v is not None})
     if args.drive:
         values["drives"] = list(values.get("drives", [])) + args.drive
+    if args.label:
+        values["labels"] = list(values.get("labels", [])) + args.label
     if args.discover_nvme:
         values["discover_nvme"] = True
     if "meta" not in values:
@@ -126,6 +128,15 @@ def register(sub: Any) -> None:
     p.add_argument("--store", help="where metadata lives: sqlite:PATH (default sqlite:./nvpool-meta.db)")
     p.add_argument("--lease-ttl", type=seconds_arg,
                    help="seconds a volume lease lives without renewal (default 15; see deploy/meta.toml.sample)")
+    p.add_argument("--agent-timeout", type=seconds_arg,
+                   help="seconds without a heartbeat before an agent counts as down and its replicas are taken out "
+                        "of service (default 3)")
+    p.add_argument("--heartbeat-interval", type=seconds_arg, help="seconds between agent heartbeats (default 1)")
+    p.add_argument("--rebuild-after", type=seconds_arg,
+                   help="seconds a replica may stay out of service before it is rebuilt on another drive instead of "
+                        "resynced in place (default 300)")
+    p.add_argument("--repair-rate", type=size_arg(0, 1 << 50),
+                   help="bytes/s for resync and rebuild copies, e.g. 200M (default: unlimited)")
     p.add_argument("--config", help="TOML config file (see deploy/meta.toml.sample)")
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
     p.set_defaults(func=cmd_meta)
@@ -151,7 +162,10 @@ def register(sub: Any) -> None:
     a.add_argument("--discover-nvme", action="store_true", help="also use every NVMe namespace in /sys/block")
     a.add_argument("--name", help="agent id (default: the hostname)")
     a.add_argument("--host", help="failure domain: server name (default: the agent id)")
-    a.add_argument("--rack", help="failure domain: rack label")
+    a.add_argument("--rack", help="failure domain: rack label (the same as --label rack=NAME)")
+    a.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a failure-domain label (repeatable), e.g. rack=r1 or room=a; a replicated volume created "
+                        "with --failure-domain KEY keeps its copies on agents with different values")
     a.add_argument("--heartbeat", type=seconds_arg, help="seconds between heartbeats (default 1)")
     a.add_argument("--config", help="TOML config file (see deploy/agent.toml.sample)")
     a.add_argument("--ready-file", help="write {address, control_address, drives, pid} as JSON once serving")

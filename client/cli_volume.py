@@ -32,19 +32,24 @@ MAX_VOLUME_SIZE = MAX_SIZE // SIZE_ALIGN * SIZE_ALIGN
 
 
 def describe(v: VolumeInfo) -> str:
-    return "\n".join(
-        [
+    lines = [
             f"volume      {v.name} (id {v.volume_id})",
             f"size        {human(v.size)} ({v.size} bytes)",
             f"striping    {v.stripe_width} columns x {human(v.stripe_unit)} stripe unit",
+            f"replicas    {v.replicas}" + (f" (failure domain: {v.failure_domain}; health {v.health})"
+                                           if v.replicas > 1 else ""),
             f"generation  {v.generation}",
             f"state       {v.state}",
             f"servers     {', '.join(sorted(set(v.hosts)))}",
             f"drives      {len(v.drives)}",
             f"created     {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.created))}",
             "open by     " + ("; ".join(f"{h['holder']} ({h['mode']})" for h in v.holders) or "nobody"),
-        ]
-    )
+    ]
+    if v.replica_info:
+        rows = [[str(r["column"]), str(r["replica"]), r["state"], r["host"], r["domain"], ",".join(d[:8] for d in r["drives"])]
+                for r in v.replica_info]
+        lines += ["", table(rows, ["COLUMN", "REPLICA", "STATE", "SERVER", "DOMAIN", "DRIVES"])]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- volume
@@ -70,11 +75,15 @@ def size_dict(v: VolumeInfo, requested: int) -> dict[str, Any]:
 
 def cmd_create(args: argparse.Namespace) -> int:
     size = args.size
-    v = with_meta(args, lambda m: m.create_volume(args.name, size, args.stripe_unit or 0, args.stripe_width or 0))
+    v = with_meta(args, lambda m: m.create_volume(args.name, size, args.stripe_unit or 0, args.stripe_width or 0,
+                                                  args.replicas, args.failure_domain))
     note = rounding(size, v.size)
+    servers = len({r["host"] for r in v.replica_info}) if v.replica_info else len(set(v.hosts))
     emit(args, size_dict(v, size),
          f"created {v.name}: {human(v.size)}{f' ({note})' if note else ''}, "
-         f"{plural(v.stripe_width, 'column')} x {human(v.stripe_unit)} on {plural(len(set(v.hosts)), 'server')}")
+         f"{plural(v.stripe_width, 'column')} x {human(v.stripe_unit)}"
+         + (f" x {v.replicas} replicas (failure domain {v.failure_domain})" if v.replicas > 1 else "")
+         + f" on {plural(servers, 'server')}")
     return 0
 
 
@@ -150,6 +159,12 @@ def status_dict(st: Any) -> dict[str, Any]:
         "pool_id": st.pool_id,
         "releasing_extents": st.releasing_extents,
         "releasing_bytes": st.releasing_bytes,
+        "degraded_volumes": st.degraded_volumes,
+        "repairs": [
+            {"volume": r.volume, "column": r.column, "replica": r.replica, "state": r.state, "reason": r.reason,
+             "since": r.since, "bytes_total": r.bytes_total, "bytes_done": r.bytes_done, "eta_s": r.eta_s}
+            for r in st.repairs
+        ],
         "capacity": st.capacity,
         "used": st.used,
         "volumes": st.volumes,
@@ -189,6 +204,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         head += f"\nrebalance running: {human(reb['bytes_done'])} of {human(reb['bytes_total'])} moved ({reb['current_volume']})"
     elif reb["state"] == "failed":
         head += f"\nlast rebalance failed: {reb['error']}"
+    if d["repairs"]:
+        head += f"\n{plural(d['degraded_volumes'], 'volume')} not fully redundant:"
+        for r in d["repairs"]:
+            prog = ""
+            if r["state"] != "out" and r["bytes_total"]:
+                prog = f" {human(r['bytes_done'])} of {human(r['bytes_total'])}" + (
+                    f", ETA {r['eta_s']:.0f}s" if r["eta_s"] else "")
+            since = time.strftime("%H:%M:%S", time.localtime(r["since"])) if r["since"] else "?"
+            head += f"\n  {r['volume']} column {r['column']} replica {r['replica']}: {r['state']}{prog} (since {since}: {r['reason']})"
     emit(args, d, head + ("\n\n" + table(rows, ["AGENT", "SERVER", "ADDRESS", "STATE", "MODE", "DRIVES", "CAPACITY", "USED"]) if rows else ""))
     return 0
 
@@ -208,6 +232,12 @@ def register(sub: Any) -> None:
                    help="bytes per stripe unit on one drive: a power of two from 4K to 16M (default 1M)")
     c.add_argument("--stripe-width", type=int_arg(1, MAX_UINT32, "stripe width"),
                    help="number of columns (drives), at least 1; default: as wide as the pool allows")
+    c.add_argument("--replicas", type=int_arg(1, 3, "replicas"), default=1,
+                   help="copies of every column, each in another failure domain (default 1: plain striping, the "
+                        "fastest; 2 or 3 survive the loss of a server)")
+    c.add_argument("--failure-domain", default="host", metavar="host|LABEL",
+                   help="what the copies must not share: 'host' (the server, default) or an agent label key such "
+                        "as 'rack' (agents started with --label rack=NAME)")
     add_common(c)
     c.set_defaults(func=cmd_create)
 

@@ -52,6 +52,12 @@ class VolumeInfo:
     hosts: list[str] = field(default_factory=list)
     #: who has it open: [{"mode": "write"|"read", "holder": "...", "granted": wall clock}], writer first
     holders: list[dict[str, Any]] = field(default_factory=list)
+    replicas: int = 1
+    failure_domain: str = "host"
+    #: "ok" or "degraded" (some replica out of service or being repaired)
+    health: str = "ok"
+    #: replicated volumes: [{"column", "replica", "state", "drives", "host", "domain"}]
+    replica_info: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +68,9 @@ class VolumeInfo:
             m.volume_id, m.name, m.size, m.stripe_unit, m.stripe_width, m.generation, m.state, m.created,
             list(m.drives), list(m.hosts),
             [{"mode": h.mode, "holder": h.holder, "granted": h.granted} for h in m.holders],
+            m.replicas or 1, m.failure_domain or "host", m.health or "ok",
+            [{"column": r.column, "replica": r.replica, "state": r.state, "drives": list(r.drives), "host": r.host,
+              "domain": r.domain} for r in m.replica_info],
         )
 
 
@@ -195,11 +204,21 @@ class MetaClient:
             connected = self._channel.get_state() == grpc.ChannelConnectivity.READY
             raise translate(exc, self.address, deadline, connected, name) from None
 
-    async def create_volume(self, name: str, size: int, stripe_unit: int = 0, stripe_width: int = 0) -> VolumeInfo:
+    async def create_volume(self, name: str, size: int, stripe_unit: int = 0, stripe_width: int = 0,
+                            replicas: int = 1, failure_domain: str = "host") -> VolumeInfo:
         m = await self._call(
-            "CreateVolume", pb.CreateVolumeRequest(name=name, size=size, stripe_unit=stripe_unit, stripe_width=stripe_width)
+            "CreateVolume", pb.CreateVolumeRequest(name=name, size=size, stripe_unit=stripe_unit, stripe_width=stripe_width,
+                                                   replicas=replicas, failure_domain=failure_domain)
         )
         return VolumeInfo.from_pb(m)
+
+    async def report_replica_failure(self, volume_id: int, generation: int, extent_id: int, reason: str,
+                                     timeout: float) -> tuple[Layout, dict[str, Endpoint]]:
+        """Tell the service a replica did not answer; returns the layout to retry with (see
+        ``pool/replication.py``, step 1)."""
+        m = await self._call("ReportReplicaFailure", pb.ReplicaFailureRequest(
+            volume_id=volume_id, generation=generation, extent_id=extent_id, reason=reason), timeout=timeout)
+        return layout_from_pb(m)
 
     async def get_volume(self, name: str) -> VolumeInfo:
         return VolumeInfo.from_pb(await self._call("GetVolume", pb.GetVolumeRequest(name=name)))

@@ -19,6 +19,23 @@ Reads and writes are idempotent per piece, so a retry after a lost connection is
 landed before or lands again with the same bytes. While the volume is being re-spread
 (``layout.target``), each write lands on the current columns and then on the target columns (in that
 order; see ``pool/migration.py`` for why the order matters).
+
+Replicated volumes (the client's half of ``pool/replication.py``):
+
+* A write holds a range lock (shared by every handle of the volume in this client) over its bytes, so
+  no two overlapping writes are ever in flight and every replica applies them in the same order. It
+  goes to every ``ok`` replica of each piece's column, then to every ``syncing`` one, and returns
+  when all answered. A replica that fails (connection lost, no answer within
+  ``replica_timeout``, ``BUSY``, ``IO_ERROR``) is reported to the metadata service, which takes it
+  out of service (or says it is the column's last copy); the piece is then resent to the new
+  layout's write set. The application sees a pause (about ``replica_timeout`` plus the service's
+  ``agent_timeout`` for a hung server; a refused connection is reported at once), never an error.
+* A read goes to one ``ok`` replica (spread by stripe row over all of them). If that replica has not
+  answered within the hedge delay (a few times the recent read latency), the same read goes to
+  another replica into a scratch buffer and the first answer wins; the loser is abandoned before
+  its bytes can reach the caller's buffer. A replica that fails is skipped at once.
+* A process forked from the writer may read but not write a replicated volume (the range lock does
+  not span processes).
 """
 
 from __future__ import annotations
@@ -69,6 +86,10 @@ class ClientOptions:
     #: the longest one I/O call (read, write, write_zeroes, flush) takes end to end, retries included;
     #: then it fails with ``AgentTimeoutError`` (an ``UnavailableError``) naming the agent
     io_deadline: float = 30.0
+    #: replicated volumes: a replica that has not answered a command this long is reported as failed
+    replica_timeout: float = 3.0
+    #: replicated volumes: hedge a read after max(this, 4 x the recent read latency) seconds (0: never)
+    hedge_min: float = 0.005
 
     def __post_init__(self) -> None:
         if not 0 < self.io_deadline < math.inf:
@@ -164,6 +185,33 @@ Sender = Callable[[AgentConnection, int, int, int, int, int, float], Awaitable[N
 """(conn, extent_id, extent_offset, length, generation, buf_offset, deadline) -> None"""
 
 
+class RangeLock:
+    """Byte ranges with a write in flight: a write waits until no in-flight write overlaps its range.
+    Keeps overlapping writes to a replicated volume in one order on every replica."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[int, int, "asyncio.Future[None]"]] = []
+
+    async def acquire(self, start: int, end: int, deadline: float) -> "asyncio.Future[None]":
+        while True:
+            busy = [f for s, e, f in self._held if s < end and start < e]
+            if not busy:
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(busy[0]), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise AgentTimeoutError("a write to an overlapping range did not finish within the I/O's time "
+                                        "budget") from None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._held.append((start, end, fut))
+        return fut
+
+    def release(self, fut: "asyncio.Future[None]") -> None:
+        self._held = [h for h in self._held if h[2] is not fut]
+        if not fut.done():
+            fut.set_result(None)
+
+
 class Lease:
     """A volume lease held by one pool (client), shared by all its handles of that volume in that mode:
     the writer lease is exclusive per *client*, as RBD's exclusive lock is per librbd client, so one
@@ -175,6 +223,8 @@ class Lease:
                  on_closed: Optional[Callable[["Lease"], None]] = None) -> None:
         self.meta, self.name, self.lease_id, self.ttl, self.write = meta, name, lease_id, ttl, write
         self.fenced: Optional[str] = None
+        #: write ranges in flight, for every handle of the volume in this client (replicated volumes)
+        self.ranges = RangeLock()
         self.refs = 0
         self.closed = False
         #: False for a lease inherited from a forked parent: the parent returns it, never the child
@@ -256,7 +306,12 @@ class AsyncVolume:
         self._refresh_lock = asyncio.Lock()
         self._closed = False
         self._started: dict[int, tuple[AgentConnection, int, memoryview]] = {}
-        self.stats = {"stale_refetches": 0, "retries": 0, "digest_errors": 0}
+        self.stats = {"stale_refetches": 0, "retries": 0, "digest_errors": 0, "hedged_reads": 0,
+                      "hedge_wins": 0, "replica_failures": 0}
+        self._ranges = lease.ranges if lease is not None else RangeLock()
+        #: recent read latency (seconds, moving average): sets the hedge delay
+        self._read_latency = 0.002
+        self._hedges = 0
 
     # ------------------------------------------------------------------ BlockDevice
     @property
@@ -286,6 +341,9 @@ class AsyncVolume:
         async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int, dl: float) -> None:
             await conn.submit(dp.READ, ext, eoff, n, gen, dest=buf[boff : boff + n], flags=flags, deadline=dl)
 
+        if self.layout.replicas > 1:
+            await self._run_replicated(offset, len(buf), None, buf, flags, timeout)
+            return
         await self._run(offset, len(buf), send, target=False, timeout=timeout)
 
     def start_read(self, buf: memoryview, offset: int) -> "Optional[asyncio.Future[Any]]":
@@ -325,6 +383,9 @@ class AsyncVolume:
         async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int, dl: float) -> None:
             await conn.submit(dp.WRITE, ext, eoff, n, gen, payload=view[boff : boff + n], flags=flags, deadline=dl)
 
+        if self.layout.replicas > 1:
+            await self._run_replicated(offset, len(view), send, None, 0, timeout)
+            return
         await self._run(offset, len(view), send, target=True, timeout=timeout)
 
     async def write_zeroes(self, offset: int, length: int, *, timeout: Optional[float] = None) -> None:
@@ -333,6 +394,9 @@ class AsyncVolume:
         async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int, dl: float) -> None:
             await conn.submit(dp.Opcode.WRITE_ZEROES, ext, eoff, n, gen, deadline=dl)
 
+        if self.layout.replicas > 1:
+            await self._run_replicated(offset, length, send, None, 0, timeout)
+            return
         await self._run(offset, length, send, target=True, timeout=timeout)
 
     async def discard(self, offset: int, length: int) -> None:
@@ -349,9 +413,24 @@ class AsyncVolume:
 
         for attempt in range(self.options.retries + 1):
             lay = self.layout
+            live = _live_extents(lay)
             try:
-                await asyncio.gather(*(one(self._endpoint(e.drive_id), e.extent_id, lay.generation) for e in lay.extents()))
-                return
+                if lay.replicas == 1:
+                    await asyncio.gather(*(one(self._endpoint(e.drive_id), e.extent_id, lay.generation) for e in live))
+                    return
+                results = await asyncio.gather(
+                    *(one(self._endpoint(e.drive_id), e.extent_id, lay.generation) for e in live), return_exceptions=True)
+                bad = [(e, r) for e, r in zip(live, results) if isinstance(r, BaseException)]
+                if not bad:
+                    return
+                stale = [r for _, r in bad if isinstance(r, StaleLayoutError)]
+                if stale:
+                    raise stale[0]
+                for e, r in bad:
+                    if not isinstance(r, (UnavailableError, RemoteError)):
+                        raise r
+                    await self._report(lay, e.extent_id, r, deadline)
+                continue
             except (StaleLayoutError, UnavailableError) as exc:
                 if time.monotonic() >= deadline:
                     raise self._out_of_time("flush", budget, [exc]) from exc
@@ -526,6 +605,212 @@ class AsyncVolume:
             attempt += 1
             todo = failed
 
+    # ------------------------------------------------------------------ replicated volumes
+    async def _report(self, lay: Layout, extent_id: int, exc: BaseException, deadline: float) -> None:
+        """Report a failed replica (``pool/replication.py`` step 1) and adopt the layout the service
+        returns; without the service, re-fetch what we can and retry."""
+        self.stats["replica_failures"] += 1
+        if isinstance(exc, RemoteError):
+            reason = {Status.IO_ERROR: "io", Status.BUSY: "busy"}.get(exc.status, "unavailable")
+        else:
+            reason = "timeout" if isinstance(exc, TimeoutError) else "unavailable"
+        logger.warning("volume %s: replica extent %d failed (%s): %s", self.name, extent_id, reason, exc)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            layout, endpoints = await self.meta.report_replica_failure(
+                lay.volume_id, lay.generation, extent_id, reason, timeout=max(0.1, left))
+        except NvpoolError as meta_exc:
+            logger.info("cannot report the failed replica (%s); retrying", meta_exc)
+            await asyncio.sleep(max(0.0, min(0.2, deadline - time.monotonic())))
+            return
+        layout.validate()
+        if layout.generation >= self.layout.generation:
+            self.layout, self.endpoints = layout, endpoints
+
+    async def _write_copies(self, lay: Layout, r: _Range, send: Sender, deadline: float,
+                            failed: list[tuple[int, BaseException]]) -> bool:
+        """Write range ``r`` to every replica of the write set: ``ok`` ones, then ``syncing`` ones.
+        Returns False (with ``failed`` filled) unless every replica answered OK."""
+        gen = lay.generation
+        for p in lay.map(r.offset, r.length):
+            ok, syncing = lay.write_set(p.column)
+            if not ok:
+                raise UnavailableError(f"volume {self.name!r}: column {p.column} has no replica in service")
+            for phase in (ok, syncing):
+                jobs = []
+                for k in phase:
+                    ext, eoff = p.copies[k]
+                    jobs.append((ext, self._copy_write(ext, eoff, p.length, r.buf_offset + p.buf_offset, gen, send,
+                                                       deadline)))
+                results = await asyncio.gather(*(j for _, j in jobs), return_exceptions=True)
+                for (ext, _), res in zip(jobs, results):
+                    if isinstance(res, BaseException):
+                        if isinstance(res, (UnavailableError, RemoteError)) or isinstance(res, TimeoutError):
+                            failed.append((ext.extent_id, res))
+                        else:
+                            raise res
+                if failed:
+                    return False
+        return True
+
+    async def _copy_write(self, ext: Any, eoff: int, n: int, boff: int, gen: int, send: Sender, deadline: float) -> None:
+        dl = min(deadline, time.monotonic() + self.options.replica_timeout)
+        conn = await self.connections.get(self._endpoint(ext.drive_id), dl)
+        off = 0
+        while off < n:
+            k = min(n - off, dp.MAX_IO)
+            await send(conn, ext.extent_id, eoff + off, k, gen, boff + off, dl)
+            off += k
+
+    async def _read_copies(self, lay: Layout, r: _Range, buf: memoryview, flags: int, deadline: float,
+                           failed: list[tuple[int, BaseException]]) -> bool:
+        """Read range ``r`` from the preferred ``ok`` replica of each piece, hedged, failing over."""
+        for p in lay.map(r.offset, r.length):
+            readable = lay.readable(p.column)
+            if not readable:
+                raise UnavailableError(f"volume {self.name!r}: column {p.column} has no replica in service")
+            first = next((k for k in readable if p.copies[k][0] == p.extent), readable[0])
+            order = [first] + [k for k in readable if k != first]
+            dest = buf[r.buf_offset + p.buf_offset : r.buf_offset + p.buf_offset + p.length]
+            if not await self._read_piece(lay, p.copies, order, dest, flags, deadline, failed):
+                return False
+        return True
+
+    async def _read_one(self, ext: Any, eoff: int, dest: memoryview, gen: int, flags: int, deadline: float) -> None:
+        dl = min(deadline, time.monotonic() + self.options.replica_timeout)
+        conn = await self.connections.get(self._endpoint(ext.drive_id), dl)
+        off, n = 0, len(dest)
+        while off < n:
+            k = min(n - off, dp.MAX_IO)
+            await conn.submit(dp.READ, ext.extent_id, eoff + off, k, gen, dest=dest[off : off + k], flags=flags,
+                              deadline=dl)
+            off += k
+
+    async def _read_piece(self, lay: Layout, copies: tuple[tuple[Any, int], ...], order: list[int], dest: memoryview,
+                          flags: int, deadline: float, failed: list[tuple[int, BaseException]]) -> bool:
+        gen = lay.generation
+        t0 = time.monotonic()
+        for n_try, k in enumerate(order):
+            ext, eoff = copies[k]
+            primary = asyncio.ensure_future(self._read_one(ext, eoff, dest, gen, flags, deadline))
+            others = order[n_try + 1 :]
+            hedge_after = max(self.options.hedge_min, 4 * self._read_latency)
+            ep = self.endpoints.get(ext.drive_id)
+            conn = self.connections.peek(ep) if ep is not None else None
+            can_hedge = (self.options.hedge_min > 0 and others and self._hedges < 8
+                         and (conn is None or not isinstance(conn, ShmConnection)))
+            if can_hedge:
+                done, _ = await asyncio.wait({primary}, timeout=hedge_after)
+                if not done:
+                    # the primary is slow: the same read from another replica, into scratch space
+                    self.stats["hedged_reads"] += 1
+                    self._hedges += 1
+                    h_ext, h_off = copies[others[0]]
+                    scratch = memoryview(bytearray(len(dest)))
+                    hedge = asyncio.ensure_future(self._read_one(h_ext, h_off, scratch, gen, flags, deadline))
+                    try:
+                        await asyncio.wait({primary, hedge}, return_when=asyncio.FIRST_COMPLETED)
+                        if hedge.done() and not hedge.exception() and not (primary.done() and not primary.exception()):
+                            primary.cancel()  # abandoned: its bytes never reach dest (AgentConnection.abandon)
+                            try:
+                                await primary
+                            except BaseException:  # noqa: BLE001 - cancelled or failed: either way not used
+                                pass
+                            dest[:] = scratch
+                            self.stats["hedge_wins"] += 1
+                            self._read_latency = 0.9 * self._read_latency + 0.1 * (time.monotonic() - t0)
+                            return True
+                        if not primary.done():
+                            hedge.cancel()
+                            await asyncio.wait({primary})
+                        else:
+                            hedge.cancel()
+                    finally:
+                        self._hedges -= 1
+            try:
+                await primary
+            except (UnavailableError, RemoteError, TimeoutError) as exc:
+                if isinstance(exc, StaleLayoutError):
+                    failed.append((ext.extent_id, exc))
+                    return False
+                failed.append((ext.extent_id, exc))
+                continue  # the next replica
+            self._read_latency = 0.9 * self._read_latency + 0.1 * (time.monotonic() - t0)
+            return True
+        return False
+
+    async def _run_replicated(self, offset: int, length: int, send: Optional[Sender], buf: Optional[memoryview],
+                              flags: int, timeout: Optional[float]) -> None:
+        """Reads (``buf``) or writes (``send``) of a replicated volume; see the module docstring."""
+        if self._closed:
+            raise UsageError("volume is closed")
+        self.layout.check_range(offset, length)
+        if length == 0:
+            return
+        budget = self.options.io_deadline if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        hold = None
+        if send is not None:
+            if self.lease is not None and not self.lease.owner:
+                raise UsageError(f"volume {self.name!r} is replicated: a forked process cannot write it through its "
+                                 "parent's handle (open it in this process)")
+            hold = await self._ranges.acquire(offset, offset + length, deadline)
+        try:
+            todo = [_Range(offset, length, 0)]
+            history: list[BaseException] = []
+            reported: set[tuple[int, int]] = set()
+            while todo:
+                lay = self.layout
+                failed_ranges: list[_Range] = []
+                failures: list[tuple[int, BaseException]] = []
+
+                async def piece(r: _Range, lay: Layout = lay, fr: list[_Range] = failed_ranges,
+                                fl: list[tuple[int, BaseException]] = failures) -> None:
+                    mine: list[tuple[int, BaseException]] = []
+                    if send is not None:
+                        ok = await self._write_copies(lay, r, send, deadline, mine)
+                    else:
+                        assert buf is not None
+                        ok = await self._read_copies(lay, r, buf, flags, deadline, mine)
+                    if not ok:
+                        fr.append(r)
+                        fl.extend(mine)
+
+                await asyncio.gather(*(piece(r) for r in _split(lay, todo)))
+                if not failed_ranges:
+                    return
+                history.extend(e for _, e in failures)
+                if time.monotonic() >= deadline:
+                    raise self._out_of_time(f"I/O of {length} bytes at {offset}", budget, history)
+                stale = [e for _, e in failures if isinstance(e, StaleLayoutError)]
+                if stale:
+                    self.stats["stale_refetches"] += 1
+                    await self._refresh_within(deadline, stale[0].info)
+                else:
+                    hard = [e for _, e in failures if isinstance(e, RemoteError)
+                            and e.status not in (Status.BUSY, Status.IO_ERROR, Status.DIGEST, Status.NO_EXTENT)]
+                    if hard:
+                        raise hard[0]
+                    for eid, exc in failures:
+                        if (eid, lay.generation) in reported:
+                            continue
+                        reported.add((eid, lay.generation))
+                        await self._report(lay, eid, exc, deadline)
+                    if self.layout.generation == lay.generation:
+                        await asyncio.sleep(max(0.0, min(0.05, deadline - time.monotonic())))
+                        try:
+                            await self._refresh_within(deadline)
+                        except NvpoolError as meta_exc:
+                            logger.info("cannot refresh layout (%s); retrying with the one we have", meta_exc)
+                if send is not None:
+                    self._check_writable()
+                todo = failed_ranges
+        finally:
+            if hold is not None:
+                self._ranges.release(hold)
+
     async def _send_range(self, lay: Layout, r: _Range, send: Sender, deadline: float, generation: int = 0) -> None:
         gen = generation or lay.generation
         work = []
@@ -545,6 +830,15 @@ class AsyncVolume:
         for res in results:
             if isinstance(res, BaseException):
                 raise res
+
+
+def _live_extents(lay: Layout) -> list[Any]:
+    """Extents of replicas that are read or written (not ``out``), and of a migration target."""
+    out = [e for i in range(lay.width) for k in range(lay.replicas) if lay.replica_state(i, k) != "out"
+           for e in lay.replica_column(i, k).extents]
+    if lay.target is not None:
+        out += list(lay.target.extents())
+    return out
 
 
 def _split(lay: Layout, ranges: list[_Range]) -> list[_Range]:

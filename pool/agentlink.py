@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import grpc
 
@@ -59,6 +59,11 @@ class GrpcAgentLink:
 
     async def fence(self, address: str, volume_id: int, min_generation: int) -> None:
         await self._call(address, "Fence", pb.FenceRequest(volume_id=volume_id, min_generation=min_generation), timeout=10)
+
+    async def dirty(self, address: str, extent_ids: list[int], op: str) -> dict[int, Optional[list[tuple[int, int]]]]:
+        """Write tracking for resync: "start", "stop", or "get" (ranges per extent; None: not tracked)."""
+        resp = await self._call(address, "Dirty", pb.DirtyRequest(extent_ids=extent_ids, op=op), timeout=10)
+        return {d.extent_id: [(r.offset, r.length) for r in d.ranges] if d.tracking else None for d in resp.extents}
 
     async def copy(
         self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,

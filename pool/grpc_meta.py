@@ -16,6 +16,7 @@ from nvpool.pool.agentlink import GrpcAgentLink
 from nvpool.pool.kvstore import open_store
 from nvpool.pool.meta import AgentLink, AgentRec, DriveRec, MetaService
 from nvpool.pool.rebalancer import Rebalancer
+from nvpool.pool.replication import Replication
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
 from nvpool.proto.addresses import check_bindable
@@ -44,6 +45,10 @@ class MetaConfig:
     heartbeat_interval: float = 1.0
     agent_timeout: float = 3.0
     lease_ttl: float = 15.0
+    #: a replica out of service this long is rebuilt on another drive instead of resynced in place
+    rebuild_after: float = 300.0
+    #: bytes/s for resync and rebuild copies (0 = unlimited)
+    repair_rate: int = 0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "MetaConfig":
@@ -76,7 +81,8 @@ async def _guard(context: Any, coro: Awaitable[T]) -> T:
 
 
 def volume_pb(v: dict[str, Any]) -> pb.Volume:
-    return pb.Volume(**{**v, "holders": [pb.Holder(**h) for h in v.get("holders", [])]})
+    return pb.Volume(**{**v, "holders": [pb.Holder(**h) for h in v.get("holders", [])],
+                        "replica_info": [pb.ReplicaInfo(**r) for r in v.get("replica_info", [])]})
 
 
 def who(context: Any) -> str:
@@ -93,13 +99,15 @@ def rebalance_pb(d: dict[str, Any]) -> pb.RebalanceStatus:
 
 
 class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
-    def __init__(self, service: MetaService, rebalancer: Any = None) -> None:
+    def __init__(self, service: MetaService, rebalancer: Any = None, replication: Optional[Replication] = None) -> None:
         self.svc = service
         self.reb = rebalancer
+        self.repl = replication
 
     async def RegisterAgent(self, request: Any, context: Any) -> pb.RegisterAgentResponse:
         agent = AgentRec(request.agent_id, request.host or request.agent_id, request.rack, request.address,
-                         request.control_address, request.unix_path, [], instance=request.instance)
+                         request.control_address, request.unix_path, [], instance=request.instance,
+                         labels=dict(request.labels))
         drives = [DriveRec(d.drive_id, request.agent_id, d.path, d.capacity, d.data_offset, d.state or "ok")
                   for d in request.drives]
         if not request.agent_id or not request.address:
@@ -110,6 +118,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             heartbeat_interval_ms=int(self.svc.heartbeat_interval * 1000),
             extents=[extent_record_to_pb(r) for r in extents],
             pool_id=self.svc.pool_id,
+            serve_lease_ms=int(self.svc.serve_lease * 1000),
         )
 
     async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatResponse:
@@ -124,7 +133,9 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
 
     async def CreateVolume(self, request: Any, context: Any) -> pb.Volume:
         vol = await _guard(context, self.svc.create_volume(request.name, request.size, request.stripe_unit,
-                                                           request.stripe_width, who=who(context)))
+                                                           request.stripe_width, who=who(context),
+                                                           replicas=request.replicas or 1,
+                                                           failure_domain=request.failure_domain or "host"))
         return volume_pb(self.svc.volume_view(vol))
 
     async def OpenVolume(self, request: Any, context: Any) -> pb.OpenVolumeResponse:
@@ -176,6 +187,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             rec = a["agent"]
             agents.append(pb.AgentStatus(
                 agent_id=rec.agent_id, host=rec.host, rack=rec.rack, address=rec.address, alive=a["alive"],
+                labels=rec.labels,
                 state=rec.state, last_seen=a["last_seen"],
                 drives=[pb.DriveStatus(
                     info=pb.DriveInfo(drive_id=d["drive"].drive_id, path=d["drive"].path, capacity=d["drive"].capacity,
@@ -187,7 +199,22 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
                                      releasing_extents=st["releasing_extents"], releasing_bytes=st["releasing_bytes"])
         if self.reb is not None:
             resp.rebalance.CopyFrom(rebalance_pb(self.reb.status()))
+        if self.repl is not None:
+            repairs = self.repl.status()
+            resp.repairs.extend(pb.RepairStatus(**r) for r in repairs)
+            resp.degraded_volumes = len({r["volume"] for r in repairs})
         return resp
+
+    async def ReportReplicaFailure(self, request: Any, context: Any) -> pb.Layout:
+        if self.repl is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "replication is not available")
+        assert self.repl is not None
+        await _guard(context, self.repl.report_failure(request.volume_id, request.generation, request.extent_id,
+                                                       request.reason or "unavailable"))
+        async def get() -> pb.Layout:
+            lay, eps = self.svc.layout(volume_id=request.volume_id)
+            return layout_to_pb(lay, eps)
+        return await _guard(context, get())
 
     async def _reb(self, context: Any) -> Any:
         if self.reb is None:
@@ -222,9 +249,10 @@ async def serve(
     agent_link = link or GrpcAgentLink()
     service = MetaService(store, agent_link, config.heartbeat_interval, config.agent_timeout, config.lease_ttl)
     rebalancer = Rebalancer(service)
+    replication = Replication(service, rebuild_after=config.rebuild_after, rate=config.repair_rate)
     # no SO_REUSEPORT: a second service on a busy address must fail, not split the connections
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pbg.add_MetaServicer_to_server(MetaServicer(service, rebalancer), server)
+    pbg.add_MetaServicer_to_server(MetaServicer(service, rebalancer, replication), server)
     host, _, port = config.listen.rpartition(":")
     try:
         bound = server.add_insecure_port(config.listen)
@@ -238,6 +266,7 @@ async def serve(
     address = f"{host or '127.0.0.1'}:{bound}"
     logger.info("metadata service of pool %s on %s (store %s)", service.pool_id, address, config.store)
     rebalancer.resume()
+    replication.start()
     watch = asyncio.create_task(_watch(service))
     if on_ready is not None:
         on_ready(address)
@@ -245,6 +274,7 @@ async def serve(
         await server.wait_for_termination()
     finally:
         watch.cancel()
+        await replication.stop()
         await rebalancer.stop()
         await server.stop(grace=1.0)
         await agent_link.close()

@@ -73,8 +73,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional, Protocol
 
 from nvpool.pool.kvstore import KVStore
-from nvpool.proto.layout import DEFAULT_STRIPE_UNIT, Extent, Layout
-from nvpool.pool.planner import DriveSpace, plan_columns, plan_grow
+from nvpool.proto.layout import DEFAULT_STRIPE_UNIT, MAX_REPLICAS, Extent, Layout
+from nvpool.pool.planner import DriveSpace, plan_grow, plan_replicated
 from nvpool.proto.records import Endpoint, ExtentRecord, extent_digest
 from nvpool.proto.errors import (
     AlreadyExistsError,
@@ -106,6 +106,8 @@ class AgentLink(Protocol):
 
     async def map_extent(self, address: str, extent_id: int) -> list[tuple[int, int]]: ...
 
+    async def dirty(self, address: str, extent_ids: list[int], op: str) -> dict[int, Optional[list[tuple[int, int]]]]: ...
+
     async def copy(
         self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,
         length: int, generation: int,
@@ -133,6 +135,8 @@ class AgentRec:
     instance: str = field(default="", compare=False)
     #: wall-clock time of the last heartbeat (for operators; liveness uses the monotonic last_seen)
     last_seen_wall: float = field(default=0.0, compare=False)
+    #: failure-domain labels (``rack`` is one when given)
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,6 +157,22 @@ class VolumeRec:
     stripe_unit: int
     created: float
     state: str = "ready"  # "ready" | "migrating"
+    replicas: int = 1
+    failure_domain: str = "host"
+
+
+@dataclass
+class ReplicaRepair:
+    """A replica out of service (``pool/replication.py``): why, since when, and the repair's progress."""
+
+    reason: str
+    since: float  # wall clock
+    since_mono: float = field(default=0.0, compare=False)  # monotonic; not persisted
+    state: str = "out"  # "out" | "resync" | "rebuild"
+    rebuild: bool = False  # rebuild elsewhere rather than resync in place
+    bytes_total: int = 0
+    bytes_done: int = 0
+    started: float = field(default=0.0, compare=False)  # monotonic start of the running copy
 
 
 @dataclass(frozen=True)
@@ -205,6 +225,10 @@ class MetaService:
         self.store = store
         self.lease_ttl = lease_ttl
         self.link = agents
+        #: when this process started: an agent is "surely silent" only after agent_timeout from here too
+        self.started = time.monotonic()
+        #: volume id -> (column, replica) -> repair record of every replica not ``ok``
+        self.repairs: dict[int, dict[tuple[int, int], ReplicaRepair]] = {}
         self.heartbeat_interval = heartbeat_interval
         self.agent_timeout = agent_timeout
         self.lock = asyncio.Lock()
@@ -261,6 +285,12 @@ class MetaService:
             self.leases[lease.lease_id] = lease
         for _, v in self.store.scan("unclean/"):
             self.unclean.add(int(json.loads(v)))
+        for k, v in self.store.scan("repl/"):
+            recs = {}
+            for key, r in json.loads(v).items():
+                i, kk = map(int, key.split(":"))
+                recs[(i, kk)] = ReplicaRepair(**{**r, "since_mono": now, "started": 0.0})
+            self.repairs[int(k.split("/")[1])] = recs
         raw = self.store.get("pool")
         if raw:
             self.pool_id = json.loads(raw)["pool_id"]
@@ -284,16 +314,35 @@ class MetaService:
 
     def _volume_puts(self, vol: VolumeRec) -> dict[str, bytes]:
         lay = self.layouts[vol.volume_id]
+        reps = self.repairs.get(vol.volume_id, {})
         return {
             f"volume/{vol.name}": _j(asdict(vol)),
             f"layout/{vol.volume_id:020d}": _j(lay.to_dict()),
             f"fences/{vol.volume_id:020d}": _j({str(k): g for k, g in self.fences[vol.volume_id].items()}),
+            f"repl/{vol.volume_id:020d}": _j({
+                f"{i}:{k}": {key: val for key, val in asdict(r).items() if key not in ("since_mono", "started")}
+                for (i, k), r in reps.items()}),
         }
 
     def persist_volume(self, vol: VolumeRec) -> None:
         self.store.commit({**self._volume_puts(vol), **self._counters()})
 
     # ------------------------------------------------------------------ registry
+    @property
+    def serve_lease(self) -> float:
+        """How long an agent serves replicated extents after a successful heartbeat (sent time):
+        shorter than ``agent_timeout``, so a silent agent has stopped serving them before the
+        service counts it as gone (see ``pool/replication.py``)."""
+        return self.agent_timeout * 0.75
+
+    def surely_silent(self, agent_id: str) -> bool:
+        """The agent has not heartbeated for ``agent_timeout`` (nor since this process started): its
+        serve lease has run out, so it serves no replicated extent."""
+        a = self.agents.get(agent_id)
+        if a is None:
+            return True
+        return time.monotonic() - max(a.last_seen, self.started) > self.agent_timeout
+
     def alive(self, agent_id: str, now: Optional[float] = None) -> bool:
         a = self.agents.get(agent_id)
         return a is not None and (now or time.monotonic()) - a.last_seen <= self.agent_timeout and a.last_seen > 0
@@ -312,7 +361,7 @@ class MetaService:
             for e in lay.extents():
                 if e.drive_id in drives:
                     out.append(ExtentRecord(e.extent_id, e.drive_id, e.drive_offset, e.length, vid,
-                                            fences.get(e.extent_id, 1)))
+                                            fences.get(e.extent_id, 1), lay.replicas))
         return out
 
     def remove_agents(self, agents: list[AgentRec]) -> None:
@@ -337,9 +386,16 @@ class MetaService:
         """What an agent may hold: its extents in the layouts plus pending ones (being assigned)."""
         drives = {d for d, rec in self.drives.items() if rec.agent_id == agent_id}
         out = self.extents_for_agent(agent_id)
-        out += [ExtentRecord(r.extent_id, r.drive_id, r.drive_offset, r.length, r.volume_id, r.generation)
+        out += [ExtentRecord(r.extent_id, r.drive_id, r.drive_offset, r.length, r.volume_id, r.generation,
+                             self._replicas_of(r.volume_id))
                 for r in self.reserved.values() if r.kind == "pending" and r.drive_id in drives]
         return out
+
+    def _replicas_of(self, volume_id: int) -> int:
+        lay = self.layouts.get(volume_id)
+        if lay is not None:
+            return lay.replicas
+        return next((v.replicas for v in self.volumes.values() if v.volume_id == volume_id), 1)
 
     def check_pool(self, agent_id: str, pool_id: str, held: Iterable[int]) -> None:
         """Refuse an agent of another pool, or one holding extents this store never allocated."""
@@ -440,7 +496,7 @@ class MetaService:
         result.release = sorted(e for e, r in self.reserved.items() if r.kind == "releasing" and r.drive_id in mine)
         if digest is not None:
             keep = self.keep_list_for_agent(agent_id)
-            if digest != extent_digest(r.extent_id for r in keep):
+            if digest != extent_digest(keep):
                 result.keep = keep
         return result
 
@@ -473,7 +529,8 @@ class MetaService:
                 and a.state == "active" and a.host not in excl
             )
             out.append(DriveSpace(d.drive_id, a.host if a else "", d.capacity, d.data_offset,
-                                  tuple(used.get(d.drive_id, ())), usable, a.rack if a else ""))
+                                  tuple(used.get(d.drive_id, ())), usable, a.rack if a else "",
+                                  tuple(sorted(a.labels.items())) if a else ()))
         return out
 
     # ------------------------------------------------------------------ volumes
@@ -489,13 +546,15 @@ class MetaService:
                 return v
         raise NotFoundError(f"no volume with id {volume_id}")
 
-    async def assign_on_agents(self, volume_id: int, extents: list[Extent], generation: int) -> None:
+    async def assign_on_agents(self, volume_id: int, extents: list[Extent], generation: int,
+                               replicas: int = 0) -> None:
         """Assign (zeroed) extents on their agents, all or nothing."""
+        replicas = replicas or self._replicas_of(volume_id)
         by_agent: dict[str, list[ExtentRecord]] = {}
         for e in extents:
             a = self.agent_of_drive(e.drive_id)
             by_agent.setdefault(a.agent_id, []).append(
-                ExtentRecord(e.extent_id, e.drive_id, e.drive_offset, e.length, volume_id, generation)
+                ExtentRecord(e.extent_id, e.drive_id, e.drive_offset, e.length, volume_id, generation, replicas)
             )
         names = list(by_agent)
         results = await asyncio.gather(
@@ -567,6 +626,17 @@ class MetaService:
             if isinstance(r, BaseException):
                 logger.info("agent %s will drop released extents at its next heartbeat (%s)", a, r)
 
+    @staticmethod
+    def live_extents(lay: Layout) -> list[Extent]:
+        """Extents of every replica that is read or written (not ``out``; an out replica refuses every
+        generation older than the one that took it out, or has stopped serving: see
+        ``pool/replication.py``), and of the migration target."""
+        out = [e for i in range(lay.width) for k in range(lay.replicas) if lay.replica_state(i, k) != "out"
+               for e in lay.replica_column(i, k).extents]
+        if lay.target is not None:
+            out += list(lay.target.extents())
+        return out
+
     async def fence_on_agents(self, volume_id: int, extents: Iterable[Extent], generation: int) -> None:
         """Fence extents at ``generation`` on every agent holding them; all must acknowledge."""
         agents = {self.agent_of_drive(e.drive_id).agent_id for e in extents}
@@ -602,17 +672,24 @@ class MetaService:
         return size, su
 
     async def create_volume(self, name: str, size: int, stripe_unit: int = 0, width: int = 0,
-                            who: str = "") -> VolumeRec:
+                            who: str = "", replicas: int = 1, failure_domain: str = "host") -> VolumeRec:
         """Plan and reserve under the lock, assign on the agents outside it, commit under it."""
         size, su = self._validate(name, size, stripe_unit)
         if width < 0:
             raise UsageError("stripe width must not be negative")
+        replicas = replicas or 1
+        failure_domain = failure_domain or "host"
+        if not 1 <= replicas <= MAX_REPLICAS:
+            raise UsageError(f"replicas must be between 1 and {MAX_REPLICAS} (got {replicas})")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,31}", failure_domain):
+            raise UsageError(f"invalid failure domain {failure_domain!r}: 'host' or an agent label key such as 'rack'")
         async with self.lock:
             if name in self.volumes or name in self._creating:
                 raise AlreadyExistsError(f"a volume named {name!r} already exists")
             vid = self.next_volume_id
-            columns, next_eid = plan_columns(self.drive_spaces(), size, su, width, vid, self.next_extent_id)
-            lay = Layout(vid, name, 1, size, su, columns)
+            columns, mirrors, next_eid = plan_replicated(self.drive_spaces(), size, su, width, vid,
+                                                         self.next_extent_id, replicas, failure_domain)
+            lay = Layout(vid, name, 1, size, su, columns, mirrors=mirrors)
             lay.validate()
             # burn the ids and reserve the space first: ids are never reused, even if the agents refuse
             self.next_volume_id, self.next_extent_id = vid + 1, next_eid
@@ -620,19 +697,20 @@ class MetaService:
             self._creating.add(name)
         try:
             try:
-                await self.assign_on_agents(vid, list(lay.extents()), 1)
+                await self.assign_on_agents(vid, list(lay.extents()), 1, replicas)
             except BaseException:  # refused, or cancelled (the caller went away): never leave them pending
                 self.rollback_pending(lay.extents())
                 raise
             async with self.lock:
-                vol = VolumeRec(vid, name, size, su, time.time())
+                vol = VolumeRec(vid, name, size, su, time.time(), replicas=replicas, failure_domain=failure_domain)
                 self.volumes[name] = vol
                 self.layouts[vid] = lay
                 self.fences[vid] = {e.extent_id: 1 for e in lay.extents()}
                 self.store.commit({**self._volume_puts(vol), **self._counters()}, self.unreserve(lay.extents()))
         finally:
             self._creating.discard(name)
-        logger.info("created volume %s (%s bytes, %d columns, %d servers)%s", name, size, lay.width,
+        logger.info("created volume %s (%s bytes, %d columns x %d replicas, %d servers)%s", name, size, lay.width,
+                    lay.replicas,
                     len({self.drives[e.drive_id].agent_id for e in lay.extents() if e.drive_id in self.drives}),
                     f" for {who}" if who else "")
         return vol
@@ -659,7 +737,10 @@ class MetaService:
                 return vol
             self._claim(vol)
             try:
-                new, next_eid = plan_grow(lay, self.drive_spaces(), size, self.next_extent_id)
+                if lay.degraded:
+                    raise UsageError(f"volume {name!r} has replicas out of service; resize it once it is "
+                                     "fully redundant again (nvpool volume show)")
+                new, next_eid = plan_grow(lay, self.drive_spaces(), size, self.next_extent_id, vol.failure_domain)
             except BaseException:
                 self._busy.discard(vol.volume_id)
                 raise
@@ -677,7 +758,7 @@ class MetaService:
                 # only the generation may have moved meanwhile (a writer takeover): keep it rising
                 cur = self.layouts[vol.volume_id]
                 gen = max(new.generation, cur.generation + 1)
-                final = Layout(new.volume_id, new.name, gen, new.size, new.stripe_unit, new.columns)
+                final = new.evolve(generation=gen, states=cur.states)
                 old_size = vol.size
                 vol.size = size
                 self.layouts[vol.volume_id] = final
@@ -707,6 +788,7 @@ class MetaService:
             del self.layouts[vol.volume_id]
             del self.volumes[name]
             self.fences.pop(vol.volume_id, None)
+            self.repairs.pop(vol.volume_id, None)
             dropped = [k for k, lease in self.leases.items() if lease.volume_id == vol.volume_id]
             for k in dropped:
                 del self.leases[k]
@@ -715,7 +797,7 @@ class MetaService:
             self.store.commit(
                 self.mark_releasing(extents, vol.volume_id, lay.generation, commit=False),
                 [f"volume/{name}", f"layout/{vol.volume_id:020d}", f"fences/{vol.volume_id:020d}",
-                 f"migration/{vol.volume_id:020d}", f"unclean/{vol.volume_id:020d}"]
+                 f"migration/{vol.volume_id:020d}", f"unclean/{vol.volume_id:020d}", f"repl/{vol.volume_id:020d}"]
                 + [f"lease/{k}" for k in dropped],
             )
         await self.release_on_agents(extents, mark=False)
@@ -780,10 +862,10 @@ class MetaService:
             )
         g = lay.generation + 1
         try:
-            await self.fence_on_agents(vol.volume_id, lay.extents(), g)
+            await self.fence_on_agents(vol.volume_id, self.live_extents(lay), g)
         except UnavailableError as exc:
             raise UnavailableError(f"cannot fence the previous writer of {vol.name!r}: {exc}") from None
-        new = Layout(lay.volume_id, lay.name, g, lay.size, lay.stripe_unit, lay.columns)
+        new = lay.evolve(generation=g)
         self.layouts[vol.volume_id] = new
         fences = self.fences.setdefault(vol.volume_id, {})
         for e in new.extents():
@@ -836,11 +918,23 @@ class MetaService:
         lay = self.layouts[vol.volume_id]
         drives = [c.extents[0].drive_id for c in lay.columns]
         hosts = [self.agents[self.drives[d].agent_id].host if d in self.drives and self.drives[d].agent_id in self.agents else "" for d in drives]
+        replica_info = []
+        if lay.replicas > 1:
+            for i in range(lay.width):
+                for k in range(lay.replicas):
+                    col = lay.replica_column(i, k)
+                    d0 = self.drives.get(col.extents[0].drive_id)
+                    a0 = self.agents.get(d0.agent_id) if d0 is not None else None
+                    dom = (a0.host if vol.failure_domain == "host" else a0.labels.get(vol.failure_domain, "")) if a0 else ""
+                    replica_info.append({"column": i, "replica": k, "state": lay.replica_state(i, k),
+                                         "drives": [e.drive_id for e in col.extents], "host": a0.host if a0 else "",
+                                         "domain": dom})
         return {
             "volume_id": vol.volume_id, "name": vol.name, "size": vol.size, "stripe_unit": vol.stripe_unit,
             "stripe_width": lay.width, "generation": lay.generation,
             "state": "migrating" if lay.target is not None else vol.state, "created": vol.created,
-            "drives": drives, "hosts": hosts,
+            "drives": drives, "hosts": hosts, "replicas": lay.replicas, "failure_domain": vol.failure_domain,
+            "replica_info": replica_info, "health": "degraded" if lay.degraded else "ok",
             "holders": [{"lease_id": "", "mode": h.mode, "holder": h.holder, "granted": h.granted}
                         for h in self.holders(vol.volume_id)],
         }
@@ -867,6 +961,7 @@ class MetaService:
                     degraded = True
             agents.append({"agent": a, "alive": alive and a.ready, "drives": drives,
                            "last_seen": a.last_seen_wall if a.last_seen else 0.0})
+        degraded = degraded or any(lay.degraded for lay in self.layouts.values())
         cap = sum(d.capacity for d in self.drives.values())
         used = sum(s.used_bytes for s in spaces.values())
         health = "empty" if not self.drives else ("degraded" if degraded else "ok")

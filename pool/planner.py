@@ -19,6 +19,14 @@ while the volume still spreads over every server. Rules:
   of the volume's columns (the drives holding most keep the remainder), columns on unusable or
   draining drives always move, and the rest stay where they are.
 
+Replicated volumes (``replicas`` > 1): replica 0 of every column is placed by the rules above;
+every further replica of a column goes to a drive whose *failure domain* (the server by default, or
+the value of an agent label such as ``rack``) holds no other replica of that column, again spread
+evenly. Drives without the label are not candidates. A volume that cannot be placed that way is
+refused with the number of domains it needs and has (``CapacityError``): copies in one domain would
+not survive that domain's loss, so they are never placed silently. ``plan_replica`` places one
+replacement replica (a rebuild) under the same rule.
+
 ``CapacityError`` says how much was asked and how much is free; nothing is changed by a failed plan.
 """
 
@@ -49,6 +57,17 @@ class DriveSpace:
     used: tuple[tuple[int, int], ...] = ()  # allocated (offset, length), any order
     usable: bool = True
     rack: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def domain(self, key: str = "host") -> str:
+        """This drive's failure domain for ``key``: the server for "host", else the label's value
+        ("" when the agent has no such label)."""
+        if key == "host":
+            return self.host
+        for k, v in self.labels:
+            if k == key:
+                return v
+        return self.rack if key == "rack" else ""
 
     @property
     def used_bytes(self) -> int:
@@ -98,7 +117,8 @@ class _Work:
         more = self.extra.get(drive_id)
         if not more:
             return d
-        return DriveSpace(d.drive_id, d.host, d.capacity, d.data_offset, d.used + tuple(more), d.usable, d.rack)
+        return DriveSpace(d.drive_id, d.host, d.capacity, d.data_offset, d.used + tuple(more), d.usable, d.rack,
+                          d.labels)
 
     def allocate(self, drive_id: str, length: int) -> Optional[list[tuple[int, int]]]:
         """Ranges for ``length`` bytes (aligned) on one drive, or None if it does not fit."""
@@ -145,18 +165,20 @@ def default_columns(size: int, stripe_unit: int, drives: Iterable[DriveSpace]) -
 def _choose(
     work: _Work, candidates: Sequence[DriveSpace], width: int, col_len: int, seed: int, avoid: set[str],
     per_host: Optional[dict[str, int]] = None, per_drive: Optional[dict[str, int]] = None,
-    last_host: str = "",
+    last_host: str = "", domain_key: str = "host", forbidden: Optional[Sequence[set[str]]] = None,
 ) -> list[tuple[str, list[tuple[int, int]]]]:
     """A drive and its allocated ranges for each of ``width`` columns: fewest columns of this volume on
     the server, then on the drive, then emptiest; not the server of the previous column when another
-    one can take it."""
+    one can take it. ``forbidden[i]``: failure domains (by ``domain_key``) the i-th choice must avoid."""
     chosen: list[tuple[str, list[tuple[int, int]]]] = []
     per_host = dict(per_host or {})
     per_drive = dict(per_drive or {})
-    for _ in range(width):
+    for n in range(width):
         best: Optional[tuple[tuple[int, int, int, float, bytes], str]] = None
         for d in candidates:
             if d.drive_id in avoid:
+                continue
+            if forbidden is not None and (not d.domain(domain_key) or d.domain(domain_key) in forbidden[n]):
                 continue
             space = work.space(d.drive_id)
             if space.free_bytes() < _align_up(col_len):
@@ -188,64 +210,173 @@ def plan_columns(
     avoid: Iterable[str] = (),
 ) -> tuple[tuple[Column, ...], int]:
     """Columns for a new volume (``width`` 0: ``default_columns``). Returns (columns, next free id)."""
+    cols, mirrors, eid = plan_replicated(drives, size, stripe_unit, width, seed, next_extent_id, 1, "host", avoid)
+    return cols, eid
+
+
+def _domains(cands: Sequence[DriveSpace], key: str) -> set[str]:
+    return {d.domain(key) for d in cands if d.domain(key)}
+
+
+def plan_replicated(
+    drives: Sequence[DriveSpace],
+    size: int,
+    stripe_unit: int,
+    width: int,
+    seed: int,
+    next_extent_id: int,
+    replicas: int = 1,
+    domain_key: str = "host",
+    avoid: Iterable[str] = (),
+) -> tuple[tuple[Column, ...], tuple[tuple[Column, ...], ...], int]:
+    """Columns and their further replicas for a new volume. Returns (columns, mirrors, next free id)."""
     if size <= 0:
         raise UsageError("volume size must be positive")
+    if replicas < 1:
+        raise UsageError("a volume needs at least one replica")
     cands = [d for d in usable_drives(drives) if d.drive_id not in set(avoid)]
     if not cands:
         raise CapacityError("the pool has no usable drives (no agent alive, or every server draining)")
+    if replicas > 1:
+        cands = [d for d in cands if d.domain(domain_key)]
+        doms = _domains(cands, domain_key)
+        if len(doms) < replicas:
+            what = "servers" if domain_key == "host" else f"distinct '{domain_key}' labels among usable agents"
+            raise CapacityError(
+                f"{replicas} replicas need {replicas} failure domains ({what}); the pool has {len(doms)}"
+                + (f" ({', '.join(sorted(doms))})" if doms else "")
+            )
     if width <= 0:
         width = default_columns(size, stripe_unit, cands)
     if width > MAX_COLUMNS:
         raise UsageError(f"stripe width {width} is above the maximum of {MAX_COLUMNS} columns")
     col_len = column_length_for(size, stripe_unit, width)
     work = _Work({d.drive_id: d for d in drives})
-    chosen = _choose(work, cands, width, col_len, seed, set(avoid))
+    chosen = _choose(work, cands, width, col_len, seed, set(avoid), domain_key=domain_key,
+                     forbidden=[set() for _ in range(width)] if replicas > 1 else None)
     if len(chosen) < width:
         free = sum(d.free_bytes() for d in cands)
         raise CapacityError(
             f"cannot place {size} bytes as {width} columns of {_align_up(col_len)} bytes: room for only "
             f"{len(chosen)} on {len(cands)} usable drives; {free} bytes free in all"
         )
-    columns, eid = [], next_extent_id
-    for did, ranges in chosen:
-        exts = []
-        for off, n in ranges:
-            exts.append(Extent(eid, did, off, n))
-            eid += 1
-        columns.append(Column(tuple(exts)))
-    return tuple(columns), eid
+    by_id = {d.drive_id: d for d in drives}
+    per_host: dict[str, int] = {}
+    for did, _ in chosen:
+        per_host[by_id[did].host] = per_host.get(by_id[did].host, 0) + 1
+    used_domains = [{by_id[did].domain(domain_key)} for did, _ in chosen]
+    copies = [chosen]
+    for k in range(1, replicas):
+        more = _choose(work, cands, width, col_len, seed + 7919 * k, set(avoid), per_host, None,
+                       domain_key=domain_key, forbidden=used_domains)
+        if len(more) < width:
+            raise CapacityError(
+                f"cannot place replica {k + 1} of {width} columns ({_align_up(col_len)} bytes each) in failure "
+                f"domains apart from the other replicas: room for only {len(more)}"
+            )
+        for i, (did, _) in enumerate(more):
+            used_domains[i].add(by_id[did].domain(domain_key))
+            per_host[by_id[did].host] = per_host.get(by_id[did].host, 0) + 1
+        copies.append(more)
+    eid = next_extent_id
+    out: list[tuple[Column, ...]] = []
+    for picked in copies:
+        columns = []
+        for did, ranges in picked:
+            exts = []
+            for off, n in ranges:
+                exts.append(Extent(eid, did, off, n))
+                eid += 1
+            columns.append(Column(tuple(exts)))
+        out.append(tuple(columns))
+    return out[0], tuple(out[1:]), eid
 
 
-def plan_grow(layout: Layout, drives: Sequence[DriveSpace], new_size: int, next_extent_id: int) -> tuple[Layout, int]:
-    """Extend every column so the layout holds ``new_size`` bytes (same drive when it has room)."""
+def plan_replica(
+    layout: Layout, column: int, replica: int, drives: Sequence[DriveSpace], next_extent_id: int,
+    domain_key: str = "host", seed: int = 0,
+) -> tuple[Column, int]:
+    """A new home for replica ``replica`` of ``column`` (a rebuild): a usable drive in a failure
+    domain that holds none of the column's other replicas. Returns (column, next free id)."""
+    by_id = {d.drive_id: d for d in drives}
+    taken: set[str] = set()
+    for k in range(layout.replicas):
+        if k != replica:
+            for e in layout.replica_column(column, k).extents:
+                d = by_id.get(e.drive_id)
+                if d is not None and d.domain(domain_key):
+                    taken.add(d.domain(domain_key))
+    col_len = layout.replica_column(column, replica).length
+    cands = [d for d in usable_drives(drives) if d.domain(domain_key)]
+    per_drive: dict[str, int] = {}
+    for e in layout.extents():
+        per_drive[e.drive_id] = per_drive.get(e.drive_id, 0) + 1
+    work = _Work({d.drive_id: d for d in drives})
+    got = _choose(work, cands, 1, col_len, seed + column * 31 + replica, set(), None, per_drive,
+                  domain_key=domain_key, forbidden=[taken])
+    if not got:
+        raise CapacityError(
+            f"no usable drive with {_align_up(col_len)} bytes free outside the failure domains of the other "
+            f"replicas of column {column} of {layout.name!r} ({', '.join(sorted(taken)) or 'none'})"
+        )
+    did, ranges = got[0]
+    exts, eid = [], next_extent_id
+    for off, n in ranges:
+        exts.append(Extent(eid, did, off, n))
+        eid += 1
+    return Column(tuple(exts)), eid
+
+
+def plan_grow(layout: Layout, drives: Sequence[DriveSpace], new_size: int, next_extent_id: int,
+              domain_key: str = "host") -> tuple[Layout, int]:
+    """Extend every column (every replica of it) so the layout holds ``new_size`` bytes: on the same
+    drive when it has room, else on another drive (for a replica: one whose failure domain holds no
+    other replica of the column)."""
     if new_size < layout.size:
         raise UsageError("shrinking a volume would discard data; only growing is supported")
     need = column_length_for(new_size, layout.stripe_unit, layout.width)
     work = _Work({d.drive_id: d for d in drives})
     usable = {d.drive_id for d in usable_drives(drives)}
-    columns, eid = [], next_extent_id
+    by_id = {d.drive_id: d for d in drives}
+    eid = next_extent_id
     used_by_volume = {e.drive_id for e in layout.extents()}
-    for col in layout.columns:
-        missing = need - col.length
-        exts = list(col.extents)
-        if missing > 0:
-            home = col.extents[-1].drive_id
-            got = work.allocate(home, missing) if home in usable else None
-            if got is None:
-                alt = [work.space(d) for d in usable if d != home]
-                alt.sort(key=lambda d: (d.drive_id in used_by_volume, d.fill, d.drive_id))
-                for d in alt:
-                    got = work.allocate(d.drive_id, missing)
-                    if got is not None:
-                        home = d.drive_id
-                        break
-            if got is None:
-                raise CapacityError(f"cannot grow volume {layout.name!r} to {new_size} bytes: no drive has room")
-            for off, n in got:
-                exts.append(Extent(eid, home, off, n))
-                eid += 1
-        columns.append(Column(tuple(exts)))
-    return Layout(layout.volume_id, layout.name, layout.generation + 1, new_size, layout.stripe_unit, tuple(columns)), eid
+    replicas: list[list[Column]] = [[] for _ in range(layout.replicas)]
+    for i in range(layout.width):
+        for k in range(layout.replicas):
+            col = layout.replica_column(i, k)
+            others: set[str] = set()
+            for j in range(layout.replicas):
+                if j != k:
+                    sibling = replicas[j][i] if j < k else layout.replica_column(i, j)
+                    others |= {by_id[e.drive_id].domain(domain_key) for e in sibling.extents if e.drive_id in by_id}
+            new_col, eid = _grow_column(col, need, work, usable, used_by_volume, eid, by_id, others, domain_key)
+            replicas[k].append(new_col)
+    return layout.evolve(generation=layout.generation + 1, size=new_size, columns=tuple(replicas[0]),
+                         mirrors=tuple(tuple(r) for r in replicas[1:])), eid
+
+
+def _grow_column(col: Column, need: int, work: _Work, usable: set[str], used_by_volume: set[str], eid: int,
+                 by_id: dict[str, DriveSpace], forbidden: set[str], domain_key: str) -> tuple[Column, int]:
+    missing = need - col.length
+    exts = list(col.extents)
+    if missing > 0:
+        home = col.extents[-1].drive_id
+        got = work.allocate(home, missing) if home in usable else None
+        if got is None:
+            alt = [work.space(d) for d in usable if d != home
+                   and not (forbidden and by_id[d].domain(domain_key) in forbidden)]
+            alt.sort(key=lambda d: (d.drive_id in used_by_volume, d.fill, d.drive_id))
+            for d in alt:
+                got = work.allocate(d.drive_id, missing)
+                if got is not None:
+                    home = d.drive_id
+                    break
+        if got is None:
+            raise CapacityError(f"cannot grow a column by {missing} bytes: no drive has room")
+        for off, n in got:
+            exts.append(Extent(eid, home, off, n))
+            eid += 1
+    return Column(tuple(exts)), eid
 
 
 def _home(col: Column) -> str:
@@ -332,4 +463,5 @@ def with_allocations(drives: Sequence[DriveSpace], extents: Iterable[Extent], si
                 by[e.drive_id].append(r)
             elif r in by[e.drive_id]:
                 by[e.drive_id].remove(r)
-    return [DriveSpace(d.drive_id, d.host, d.capacity, d.data_offset, tuple(by[d.drive_id]), d.usable, d.rack) for d in drives]
+    return [DriveSpace(d.drive_id, d.host, d.capacity, d.data_offset, tuple(by[d.drive_id]), d.usable, d.rack,
+                       d.labels) for d in drives]

@@ -130,6 +130,9 @@ class Rebalancer:
             lay = svc.layouts[vol.volume_id]
             if lay.target is not None:
                 continue
+            if lay.replicas > 1:  # not re-spread yet: its replicas are repaired in place (pool/replication.py)
+                logger.info("rebalance: skipping replicated volume %s", vol.name)
+                continue
             cols, next_id = plan_rebalance(lay, sim, next_id, seed=vol.volume_id)
             if cols is None:
                 continue

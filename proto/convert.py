@@ -9,6 +9,17 @@ from nvpool.proto.layout import Column, Extent, Layout
 from nvpool.proto.records import Endpoint, ExtentRecord
 
 
+def _column_to_pb(c: Column) -> pb.Column:
+    return pb.Column(extents=[
+        pb.Extent(extent_id=e.extent_id, drive_id=e.drive_id, drive_offset=e.drive_offset, length=e.length)
+        for e in c.extents
+    ])
+
+
+def _column_from_pb(c: pb.Column) -> Column:
+    return Column(tuple(Extent(e.extent_id, e.drive_id, e.drive_offset, e.length) for e in c.extents))
+
+
 def layout_body_to_pb(lay: Layout) -> pb.LayoutBody:
     return pb.LayoutBody(
         volume_id=lay.volume_id,
@@ -16,17 +27,9 @@ def layout_body_to_pb(lay: Layout) -> pb.LayoutBody:
         generation=lay.generation,
         size=lay.size,
         stripe_unit=lay.stripe_unit,
-        columns=[
-            pb.Column(
-                extents=[
-                    pb.Extent(
-                        extent_id=e.extent_id, drive_id=e.drive_id, drive_offset=e.drive_offset, length=e.length
-                    )
-                    for e in c.extents
-                ]
-            )
-            for c in lay.columns
-        ],
+        columns=[_column_to_pb(c) for c in lay.columns],
+        mirrors=[pb.Mirror(columns=[_column_to_pb(c) for c in m]) for m in lay.mirrors],
+        states=[pb.ReplicaState(column=i, replica=k, state=st) for i, k, st in lay.states],
     )
 
 
@@ -37,11 +40,10 @@ def layout_body_from_pb(m: pb.LayoutBody, target: Optional[Layout] = None) -> La
         generation=m.generation,
         size=m.size,
         stripe_unit=m.stripe_unit,
-        columns=tuple(
-            Column(tuple(Extent(e.extent_id, e.drive_id, e.drive_offset, e.length) for e in c.extents))
-            for c in m.columns
-        ),
+        columns=tuple(_column_from_pb(c) for c in m.columns),
         target=target,
+        mirrors=tuple(tuple(_column_from_pb(c) for c in mm.columns) for mm in m.mirrors),
+        states=tuple((s.column, s.replica, s.state) for s in m.states),
     )
 
 
@@ -73,9 +75,10 @@ def endpoint_from_pb(m: pb.Endpoint) -> Endpoint:
 def extent_record_to_pb(r: ExtentRecord) -> pb.ExtentRecord:
     return pb.ExtentRecord(
         extent_id=r.extent_id, drive_id=r.drive_id, drive_offset=r.drive_offset, length=r.length,
-        volume_id=r.volume_id, min_generation=r.min_generation,
+        volume_id=r.volume_id, min_generation=r.min_generation, replicas=r.replicas,
     )
 
 
 def extent_record_from_pb(m: pb.ExtentRecord) -> ExtentRecord:
-    return ExtentRecord(m.extent_id, m.drive_id, m.drive_offset, m.length, m.volume_id, m.min_generation)
+    return ExtentRecord(m.extent_id, m.drive_id, m.drive_offset, m.length, m.volume_id, m.min_generation,
+                        max(1, m.replicas))

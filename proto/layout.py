@@ -14,13 +14,22 @@ client holding an old layout re-fetches instead of reading or writing the wrong 
 While a volume is being re-spread (``target`` is set) every write goes to the current columns and
 then to the target columns, and reads are served from the current columns; see ``pool/migration.py``.
 
+A replicated volume (``replicas`` > 1) keeps every column ``replicas`` times: replica 0 is
+``columns[i]``, replica ``k`` is ``mirrors[k-1][i]``, each on another drive (and, by the planner's rule,
+another failure domain). Each replica of a column is in one of three states (``states`` lists the ones
+that are not ``ok``): ``ok`` (read and written), ``syncing`` (written after the ``ok`` ones, never read:
+being resynced or rebuilt), ``out`` (neither: it missed writes). ``map`` names, for every piece, the
+extent of each replica (``Piece.copies``) and a preferred ``ok`` replica to read (``Piece.extent``),
+chosen by stripe row so that readers of one dataset spread over every copy. See
+``pool/replication.py`` for the protocol that keeps replicas identical.
+
 Nothing here does I/O; everything is deterministic and property-tested.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional
 
 from nvpool.proto.errors import UsageError
@@ -29,6 +38,10 @@ MiB = 1024 * 1024
 #: Extents start and end on this boundary on every drive (O_DIRECT friendly, limits fragmentation).
 ALLOC_ALIGN = MiB
 DEFAULT_STRIPE_UNIT = MiB
+#: replica states (see the module docstring)
+OK, SYNCING, OUT = "ok", "syncing", "out"
+REPLICA_STATES = (OK, SYNCING, OUT)
+MAX_REPLICAS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +94,8 @@ class Piece:
     extent_offset: int
     length: int
     buf_offset: int
+    #: replicated layouts: (extent, extent offset) of every replica, by replica index
+    copies: tuple[tuple[Extent, int], ...] = ()
 
 
 def column_length_for(size: int, stripe_unit: int, width: int) -> int:
@@ -99,14 +114,66 @@ class Layout:
     columns: tuple[Column, ...]
     #: while re-spreading: the layout being filled (writes go to both; reads from ``columns``)
     target: Optional["Layout"] = None
+    #: replicas 1.. of every column: ``mirrors[k-1][i]`` is replica ``k`` of column ``i``
+    mirrors: tuple[tuple[Column, ...], ...] = ()
+    #: (column, replica, state) for every replica whose state is not ``ok``
+    states: tuple[tuple[int, int, str], ...] = ()
+    _state: dict[tuple[int, int], str] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_state", {(i, k): st for i, k, st in self.states})
 
     @property
     def width(self) -> int:
         return len(self.columns)
 
+    @property
+    def replicas(self) -> int:
+        return 1 + len(self.mirrors)
+
+    def replica_column(self, column: int, replica: int) -> Column:
+        return self.columns[column] if replica == 0 else self.mirrors[replica - 1][column]
+
+    def replica_state(self, column: int, replica: int) -> str:
+        return self._state.get((column, replica), OK)
+
+    def readable(self, column: int) -> list[int]:
+        """Replicas of ``column`` that may serve reads (state ``ok``)."""
+        return [k for k in range(self.replicas) if self._state.get((column, k), OK) == OK]
+
+    def write_set(self, column: int) -> tuple[list[int], list[int]]:
+        """(``ok`` replicas, ``syncing`` replicas) of ``column``: a write goes to the first, then the second."""
+        ok = [k for k in range(self.replicas) if self._state.get((column, k), OK) == OK]
+        return ok, [k for k in range(self.replicas) if self._state.get((column, k), OK) == SYNCING]
+
+    @property
+    def degraded(self) -> bool:
+        """Some replica is not ``ok``."""
+        return bool(self.states)
+
+    def replica_of(self, extent_id: int) -> Optional[tuple[int, int]]:
+        """(column, replica) holding ``extent_id`` in the current columns, or None."""
+        for k in range(self.replicas):
+            for i in range(self.width):
+                if any(e.extent_id == extent_id for e in self.replica_column(i, k).extents):
+                    return i, k
+        return None
+
+    def replica_view(self, replica: int) -> "Layout":
+        """Replica ``replica`` of every column as a plain striped layout (for copy plans)."""
+        cols = self.columns if replica == 0 else self.mirrors[replica - 1]
+        return Layout(self.volume_id, self.name, self.generation, self.size, self.stripe_unit, cols)
+
+    def evolve(self, **changes: Any) -> "Layout":
+        """A copy with ``changes`` (dataclass fields), e.g. a new generation or states."""
+        return replace(self, **changes)
+
     def extents(self) -> Iterator[Extent]:
         for c in self.columns:
             yield from c.extents
+        for m in self.mirrors:
+            for c in m:
+                yield from c.extents
         if self.target is not None:
             yield from self.target.extents()
 
@@ -120,13 +187,31 @@ class Layout:
         if not self.columns:
             raise UsageError("layout has no columns")
         need = column_length_for(self.size, self.stripe_unit, self.width)
-        for i, c in enumerate(self.columns):
-            if c.length < need:
-                raise UsageError(f"column {i} holds {c.length} bytes, needs {need}")
-            for e in c.extents:
-                if e.length <= 0 or e.drive_offset < 0:
-                    raise UsageError(f"extent {e.extent_id} has an invalid range")
+        if self.replicas > MAX_REPLICAS:
+            raise UsageError(f"layout has {self.replicas} replicas; at most {MAX_REPLICAS}")
+        for m in self.mirrors:
+            if len(m) != self.width:
+                raise UsageError("every replica must have as many columns as the layout")
+        for i in range(self.width):
+            drives: set[str] = set()
+            for k in range(self.replicas):
+                c = self.replica_column(i, k)
+                if c.length < need:
+                    raise UsageError(f"column {i} replica {k} holds {c.length} bytes, needs {need}")
+                mine = {e.drive_id for e in c.extents}
+                if mine & drives:
+                    raise UsageError(f"two replicas of column {i} share drive {sorted(mine & drives)[0]}")
+                drives |= mine
+                for e in c.extents:
+                    if e.length <= 0 or e.drive_offset < 0:
+                        raise UsageError(f"extent {e.extent_id} has an invalid range")
+        for i, k, st in self.states:
+            if not (0 <= i < self.width and 0 <= k < self.replicas) or st not in REPLICA_STATES or st == OK:
+                raise UsageError(f"invalid replica state ({i}, {k}, {st!r})")
+        if len(self._state) != len(self.states):
+            raise UsageError("a replica's state is given twice")
         ids = [e.extent_id for c in self.columns for e in c.extents]
+        ids += [e.extent_id for m in self.mirrors for c in m for e in c.extents]
         if len(ids) != len(set(ids)):
             raise UsageError("an extent appears twice in the layout")
         if self.target is not None:
@@ -144,7 +229,8 @@ class Layout:
             )
 
     def map(self, offset: int, length: int) -> Iterator[Piece]:
-        """Split ``[offset, offset+length)`` into pieces, each inside one stripe unit of one extent."""
+        """Split ``[offset, offset+length)`` into pieces, each inside one stripe unit of one extent
+        (of every replica, for a replicated layout)."""
         self.check_range(offset, length)
         su, width = self.stripe_unit, self.width
         pos, end, buf = offset, offset + length, 0
@@ -158,23 +244,40 @@ class Layout:
             ext = column.extents[i]
             if ext_off + n > ext.length:  # a stripe unit straddles two extents of the column
                 n = ext.length - ext_off
-            yield Piece(col, ext, ext_off, n, buf)
+            if not self.mirrors:
+                yield Piece(col, ext, ext_off, n, buf)
+            else:
+                copies = [(ext, ext_off)]
+                for m in self.mirrors:
+                    mc = m[col]
+                    j, moff = mc.locate(col_off)
+                    mext = mc.extents[j]
+                    n = min(n, mext.length - moff)
+                    copies.append((mext, moff))
+                ok = self.readable(col)
+                pick = ok[(s // width) % len(ok)] if ok else 0
+                yield Piece(col, copies[pick][0], copies[pick][1], n, buf, tuple(copies))
             pos += n
             buf += n
 
     def single_piece(self, offset: int, length: int, write: bool) -> Optional[Piece]:
         """The one piece ``[offset, offset+length)`` maps to, when it does (non-empty, inside the volume,
-        one stripe unit, one extent; for a write, no migration target to write as well), else None.
-        The eligibility check of every small-I/O fast path (sync API, asyncio, the NBD export)."""
+        one stripe unit, one extent; for a write, no migration target and no replicas to write as
+        well), else None. The eligibility check of every small-I/O fast path (sync API, asyncio, the
+        NBD export); for a replicated layout it names the preferred ``ok`` replica to read."""
         if length <= 0 or offset < 0 or offset + length > self.size:
             return None
-        if offset % self.stripe_unit + length > self.stripe_unit or (write and self.target is not None):
+        if offset % self.stripe_unit + length > self.stripe_unit:
+            return None
+        if write and (self.target is not None or self.mirrors):
             return None
         p = next(self.map(offset, length))
-        return p if p.length == length else None
+        if p.length != length or (self.mirrors and not self.readable(p.column)):
+            return None
+        return p
 
     def with_target(self, target: Optional["Layout"], generation: int) -> "Layout":
-        return Layout(self.volume_id, self.name, generation, self.size, self.stripe_unit, self.columns, target)
+        return replace(self, generation=generation, target=target)
 
     # --- persistence (JSON-able dicts; the gRPC edge converts to protobuf separately)
     def to_dict(self) -> dict[str, Any]:
@@ -188,6 +291,10 @@ class Layout:
         }
         if self.target is not None:
             d["target"] = self.target.to_dict()
+        if self.mirrors:
+            d["mirrors"] = [[[e.to_dict() for e in c.extents] for c in m] for m in self.mirrors]
+        if self.states:
+            d["states"] = [list(t) for t in self.states]
         return d
 
     @staticmethod
@@ -201,4 +308,6 @@ class Layout:
             int(d["stripe_unit"]),
             tuple(Column(tuple(Extent.from_dict(e) for e in c)) for c in d["columns"]),
             target,
+            tuple(tuple(Column(tuple(Extent.from_dict(e) for e in c)) for c in m) for m in d.get("mirrors", ())),
+            tuple((int(i), int(k), str(st)) for i, k, st in d.get("states", ())),
         )

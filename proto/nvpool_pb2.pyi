@@ -30,20 +30,22 @@ class DriveInfo(_message.Message):
     def __init__(self, drive_id: _Optional[str] = ..., path: _Optional[str] = ..., capacity: _Optional[int] = ..., data_offset: _Optional[int] = ..., model: _Optional[str] = ..., serial: _Optional[str] = ..., state: _Optional[str] = ..., errors: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class ExtentRecord(_message.Message):
-    __slots__ = ("extent_id", "drive_id", "drive_offset", "length", "volume_id", "min_generation")
+    __slots__ = ("extent_id", "drive_id", "drive_offset", "length", "volume_id", "min_generation", "replicas")
     EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
     DRIVE_ID_FIELD_NUMBER: _ClassVar[int]
     DRIVE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     MIN_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     extent_id: int
     drive_id: str
     drive_offset: int
     length: int
     volume_id: int
     min_generation: int
-    def __init__(self, extent_id: _Optional[int] = ..., drive_id: _Optional[str] = ..., drive_offset: _Optional[int] = ..., length: _Optional[int] = ..., volume_id: _Optional[int] = ..., min_generation: _Optional[int] = ...) -> None: ...
+    replicas: int
+    def __init__(self, extent_id: _Optional[int] = ..., drive_id: _Optional[str] = ..., drive_offset: _Optional[int] = ..., length: _Optional[int] = ..., volume_id: _Optional[int] = ..., min_generation: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class Extent(_message.Message):
     __slots__ = ("extent_id", "drive_id", "drive_offset", "length")
@@ -64,20 +66,40 @@ class Column(_message.Message):
     def __init__(self, extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ...) -> None: ...
 
 class LayoutBody(_message.Message):
-    __slots__ = ("volume_id", "name", "generation", "size", "stripe_unit", "columns")
+    __slots__ = ("volume_id", "name", "generation", "size", "stripe_unit", "columns", "mirrors", "states")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     STRIPE_UNIT_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    MIRRORS_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
     volume_id: int
     name: str
     generation: int
     size: int
     stripe_unit: int
     columns: _containers.RepeatedCompositeFieldContainer[Column]
-    def __init__(self, volume_id: _Optional[int] = ..., name: _Optional[str] = ..., generation: _Optional[int] = ..., size: _Optional[int] = ..., stripe_unit: _Optional[int] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ...) -> None: ...
+    mirrors: _containers.RepeatedCompositeFieldContainer[Mirror]
+    states: _containers.RepeatedCompositeFieldContainer[ReplicaState]
+    def __init__(self, volume_id: _Optional[int] = ..., name: _Optional[str] = ..., generation: _Optional[int] = ..., size: _Optional[int] = ..., stripe_unit: _Optional[int] = ..., columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ..., mirrors: _Optional[_Iterable[_Union[Mirror, _Mapping]]] = ..., states: _Optional[_Iterable[_Union[ReplicaState, _Mapping]]] = ...) -> None: ...
+
+class Mirror(_message.Message):
+    __slots__ = ("columns",)
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    columns: _containers.RepeatedCompositeFieldContainer[Column]
+    def __init__(self, columns: _Optional[_Iterable[_Union[Column, _Mapping]]] = ...) -> None: ...
+
+class ReplicaState(_message.Message):
+    __slots__ = ("column", "replica", "state")
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    column: int
+    replica: int
+    state: str
+    def __init__(self, column: _Optional[int] = ..., replica: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("drive_id", "agent_id", "address", "unix_path", "host", "alive")
@@ -108,7 +130,7 @@ class Layout(_message.Message):
     def __init__(self, current: _Optional[_Union[LayoutBody, _Mapping]] = ..., target: _Optional[_Union[LayoutBody, _Mapping]] = ..., has_target: _Optional[bool] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
 
 class Volume(_message.Message):
-    __slots__ = ("volume_id", "name", "size", "stripe_unit", "stripe_width", "generation", "state", "created", "drives", "hosts", "holders")
+    __slots__ = ("volume_id", "name", "size", "stripe_unit", "stripe_width", "generation", "state", "created", "drives", "hosts", "holders", "replicas", "failure_domain", "replica_info", "health")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +142,10 @@ class Volume(_message.Message):
     DRIVES_FIELD_NUMBER: _ClassVar[int]
     HOSTS_FIELD_NUMBER: _ClassVar[int]
     HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_INFO_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     volume_id: int
     name: str
     size: int
@@ -131,7 +157,27 @@ class Volume(_message.Message):
     drives: _containers.RepeatedScalarFieldContainer[str]
     hosts: _containers.RepeatedScalarFieldContainer[str]
     holders: _containers.RepeatedCompositeFieldContainer[Holder]
-    def __init__(self, volume_id: _Optional[int] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., stripe_unit: _Optional[int] = ..., stripe_width: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[str] = ..., created: _Optional[float] = ..., drives: _Optional[_Iterable[str]] = ..., hosts: _Optional[_Iterable[str]] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ...) -> None: ...
+    replicas: int
+    failure_domain: str
+    replica_info: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
+    health: str
+    def __init__(self, volume_id: _Optional[int] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., stripe_unit: _Optional[int] = ..., stripe_width: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[str] = ..., created: _Optional[float] = ..., drives: _Optional[_Iterable[str]] = ..., hosts: _Optional[_Iterable[str]] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., replicas: _Optional[int] = ..., failure_domain: _Optional[str] = ..., replica_info: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., health: _Optional[str] = ...) -> None: ...
+
+class ReplicaInfo(_message.Message):
+    __slots__ = ("column", "replica", "state", "drives", "host", "domain")
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DRIVES_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    column: int
+    replica: int
+    state: str
+    drives: _containers.RepeatedScalarFieldContainer[str]
+    host: str
+    domain: str
+    def __init__(self, column: _Optional[int] = ..., replica: _Optional[int] = ..., state: _Optional[str] = ..., drives: _Optional[_Iterable[str]] = ..., host: _Optional[str] = ..., domain: _Optional[str] = ...) -> None: ...
 
 class Holder(_message.Message):
     __slots__ = ("lease_id", "mode", "holder", "granted")
@@ -146,7 +192,14 @@ class Holder(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., mode: _Optional[str] = ..., holder: _Optional[str] = ..., granted: _Optional[float] = ...) -> None: ...
 
 class RegisterAgentRequest(_message.Message):
-    __slots__ = ("agent_id", "host", "rack", "address", "control_address", "unix_path", "drives", "extents", "version", "pool_id", "instance")
+    __slots__ = ("agent_id", "host", "rack", "address", "control_address", "unix_path", "drives", "extents", "version", "pool_id", "instance", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     RACK_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +211,7 @@ class RegisterAgentRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     host: str
     rack: str
@@ -169,17 +223,20 @@ class RegisterAgentRequest(_message.Message):
     version: str
     pool_id: str
     instance: str
-    def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., control_address: _Optional[str] = ..., unix_path: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., version: _Optional[str] = ..., pool_id: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., control_address: _Optional[str] = ..., unix_path: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., version: _Optional[str] = ..., pool_id: _Optional[str] = ..., instance: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RegisterAgentResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_ms", "extents", "pool_id")
+    __slots__ = ("heartbeat_interval_ms", "extents", "pool_id", "serve_lease_ms")
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     EXTENTS_FIELD_NUMBER: _ClassVar[int]
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVE_LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_ms: int
     extents: _containers.RepeatedCompositeFieldContainer[ExtentRecord]
     pool_id: str
-    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., pool_id: _Optional[str] = ...) -> None: ...
+    serve_lease_ms: int
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., pool_id: _Optional[str] = ..., serve_lease_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("agent_id", "drives", "bytes_read", "bytes_written", "commands", "instance", "extents_digest", "released")
@@ -214,16 +271,20 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, reregister: _Optional[bool] = ..., reconcile: _Optional[bool] = ..., keep: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CreateVolumeRequest(_message.Message):
-    __slots__ = ("name", "size", "stripe_unit", "stripe_width")
+    __slots__ = ("name", "size", "stripe_unit", "stripe_width", "replicas", "failure_domain")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     STRIPE_UNIT_FIELD_NUMBER: _ClassVar[int]
     STRIPE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
     stripe_unit: int
     stripe_width: int
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., stripe_unit: _Optional[int] = ..., stripe_width: _Optional[int] = ...) -> None: ...
+    replicas: int
+    failure_domain: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., stripe_unit: _Optional[int] = ..., stripe_width: _Optional[int] = ..., replicas: _Optional[int] = ..., failure_domain: _Optional[str] = ...) -> None: ...
 
 class GetVolumeRequest(_message.Message):
     __slots__ = ("name",)
@@ -318,7 +379,14 @@ class CloseVolumeResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("agent_id", "host", "rack", "address", "alive", "last_seen", "drives", "state")
+    __slots__ = ("agent_id", "host", "rack", "address", "alive", "last_seen", "drives", "state", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     RACK_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +395,7 @@ class AgentStatus(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     DRIVES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     host: str
     rack: str
@@ -335,7 +404,8 @@ class AgentStatus(_message.Message):
     last_seen: float
     drives: _containers.RepeatedCompositeFieldContainer[DriveStatus]
     state: str
-    def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., last_seen: _Optional[float] = ..., drives: _Optional[_Iterable[_Union[DriveStatus, _Mapping]]] = ..., state: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., last_seen: _Optional[float] = ..., drives: _Optional[_Iterable[_Union[DriveStatus, _Mapping]]] = ..., state: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DriveStatus(_message.Message):
     __slots__ = ("info", "used", "extents")
@@ -352,7 +422,7 @@ class PoolStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PoolStatusResponse(_message.Message):
-    __slots__ = ("agents", "capacity", "used", "volumes", "health", "rebalance", "pool_id", "releasing_extents", "releasing_bytes")
+    __slots__ = ("agents", "capacity", "used", "volumes", "health", "rebalance", "pool_id", "releasing_extents", "releasing_bytes", "repairs", "degraded_volumes")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +432,8 @@ class PoolStatusResponse(_message.Message):
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     RELEASING_EXTENTS_FIELD_NUMBER: _ClassVar[int]
     RELEASING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPAIRS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_VOLUMES_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[AgentStatus]
     capacity: int
     used: int
@@ -371,7 +443,43 @@ class PoolStatusResponse(_message.Message):
     pool_id: str
     releasing_extents: int
     releasing_bytes: int
-    def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., volumes: _Optional[int] = ..., health: _Optional[str] = ..., rebalance: _Optional[_Union[RebalanceStatus, _Mapping]] = ..., pool_id: _Optional[str] = ..., releasing_extents: _Optional[int] = ..., releasing_bytes: _Optional[int] = ...) -> None: ...
+    repairs: _containers.RepeatedCompositeFieldContainer[RepairStatus]
+    degraded_volumes: int
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., volumes: _Optional[int] = ..., health: _Optional[str] = ..., rebalance: _Optional[_Union[RebalanceStatus, _Mapping]] = ..., pool_id: _Optional[str] = ..., releasing_extents: _Optional[int] = ..., releasing_bytes: _Optional[int] = ..., repairs: _Optional[_Iterable[_Union[RepairStatus, _Mapping]]] = ..., degraded_volumes: _Optional[int] = ...) -> None: ...
+
+class RepairStatus(_message.Message):
+    __slots__ = ("volume", "column", "replica", "state", "reason", "since", "bytes_total", "bytes_done", "eta_s")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    ETA_S_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    column: int
+    replica: int
+    state: str
+    reason: str
+    since: float
+    bytes_total: int
+    bytes_done: int
+    eta_s: float
+    def __init__(self, volume: _Optional[str] = ..., column: _Optional[int] = ..., replica: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., since: _Optional[float] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., eta_s: _Optional[float] = ...) -> None: ...
+
+class ReplicaFailureRequest(_message.Message):
+    __slots__ = ("volume_id", "generation", "extent_id", "reason")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    volume_id: int
+    generation: int
+    extent_id: int
+    reason: str
+    def __init__(self, volume_id: _Optional[int] = ..., generation: _Optional[int] = ..., extent_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
     __slots__ = ("plan_only", "max_rate", "volumes")
@@ -518,6 +626,30 @@ class MapExtentResponse(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     data: _containers.RepeatedCompositeFieldContainer[Range]
     def __init__(self, data: _Optional[_Iterable[_Union[Range, _Mapping]]] = ...) -> None: ...
+
+class DirtyRequest(_message.Message):
+    __slots__ = ("extent_ids", "op")
+    EXTENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    extent_ids: _containers.RepeatedScalarFieldContainer[int]
+    op: str
+    def __init__(self, extent_ids: _Optional[_Iterable[int]] = ..., op: _Optional[str] = ...) -> None: ...
+
+class DirtyExtent(_message.Message):
+    __slots__ = ("extent_id", "tracking", "ranges")
+    EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACKING_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    extent_id: int
+    tracking: bool
+    ranges: _containers.RepeatedCompositeFieldContainer[Range]
+    def __init__(self, extent_id: _Optional[int] = ..., tracking: _Optional[bool] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ...) -> None: ...
+
+class DirtyResponse(_message.Message):
+    __slots__ = ("extents",)
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    extents: _containers.RepeatedCompositeFieldContainer[DirtyExtent]
+    def __init__(self, extents: _Optional[_Iterable[_Union[DirtyExtent, _Mapping]]] = ...) -> None: ...
 
 class FlushRequest(_message.Message):
     __slots__ = ()

@@ -115,6 +115,11 @@ class MetaStub:
                 request_serializer=nvpool_dot_proto_dot_nvpool__pb2.DrainRequest.SerializeToString,
                 response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.RebalanceStatus.FromString,
                 _registered_method=True)
+        self.ReportReplicaFailure = channel.unary_unary(
+                '/nvpool.v1.Meta/ReportReplicaFailure',
+                request_serializer=nvpool_dot_proto_dot_nvpool__pb2.ReplicaFailureRequest.SerializeToString,
+                response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.Layout.FromString,
+                _registered_method=True)
 
 
 class MetaServicer:
@@ -216,6 +221,12 @@ class MetaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportReplicaFailure(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +309,11 @@ def add_MetaServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.DrainRequest.FromString,
                     response_serializer=nvpool_dot_proto_dot_nvpool__pb2.RebalanceStatus.SerializeToString,
+            ),
+            'ReportReplicaFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportReplicaFailure,
+                    request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.ReplicaFailureRequest.FromString,
+                    response_serializer=nvpool_dot_proto_dot_nvpool__pb2.Layout.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -742,6 +758,33 @@ class Meta:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ReportReplicaFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvpool.v1.Meta/ReportReplicaFailure',
+            nvpool_dot_proto_dot_nvpool__pb2.ReplicaFailureRequest.SerializeToString,
+            nvpool_dot_proto_dot_nvpool__pb2.Layout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AgentStub:
     """Missing associated documentation comment in .proto file."""
@@ -781,6 +824,11 @@ class AgentStub:
                 '/nvpool.v1.Agent/MapExtent',
                 request_serializer=nvpool_dot_proto_dot_nvpool__pb2.MapExtentRequest.SerializeToString,
                 response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.MapExtentResponse.FromString,
+                _registered_method=True)
+        self.Dirty = channel.unary_unary(
+                '/nvpool.v1.Agent/Dirty',
+                request_serializer=nvpool_dot_proto_dot_nvpool__pb2.DirtyRequest.SerializeToString,
+                response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.DirtyResponse.FromString,
                 _registered_method=True)
 
 
@@ -823,6 +871,12 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Dirty(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -855,6 +909,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.MapExtent,
                     request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.MapExtentRequest.FromString,
                     response_serializer=nvpool_dot_proto_dot_nvpool__pb2.MapExtentResponse.SerializeToString,
+            ),
+            'Dirty': grpc.unary_unary_rpc_method_handler(
+                    servicer.Dirty,
+                    request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.DirtyRequest.FromString,
+                    response_serializer=nvpool_dot_proto_dot_nvpool__pb2.DirtyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1019,6 +1078,33 @@ class Agent:
             '/nvpool.v1.Agent/MapExtent',
             nvpool_dot_proto_dot_nvpool__pb2.MapExtentRequest.SerializeToString,
             nvpool_dot_proto_dot_nvpool__pb2.MapExtentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Dirty(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvpool.v1.Agent/Dirty',
+            nvpool_dot_proto_dot_nvpool__pb2.DirtyRequest.SerializeToString,
+            nvpool_dot_proto_dot_nvpool__pb2.DirtyResponse.FromString,
             options,
             channel_credentials,
             insecure,

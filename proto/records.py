@@ -31,12 +31,15 @@ class ExtentRecord:
     length: int
     volume_id: int
     min_generation: int
+    #: copies of the volume's data (>1: the agent serves it only while its metadata lease holds)
+    replicas: int = 1
 
 
-def extent_digest(extent_ids: Iterable[int]) -> bytes:
-    """A short digest of a set of extent ids: an agent and the metadata service compare their views
-    of what the agent holds on every heartbeat without sending the whole list."""
+def extent_digest(records: Iterable[ExtentRecord]) -> bytes:
+    """A short digest of what an agent holds (extent ids with their fences and replica counts): an
+    agent and the metadata service compare their views on every heartbeat without sending the whole
+    list, so a fence raised while the agent was unreachable reaches it at its next heartbeat."""
     h = hashlib.sha256()
-    for eid in sorted(set(extent_ids)):
-        h.update(struct.pack("<Q", eid))
+    for eid, gen, rep in sorted({(r.extent_id, r.min_generation, r.replicas) for r in records}):
+        h.update(struct.pack("<QQI", eid, gen, rep))
     return h.digest()[:16]

@@ -46,6 +46,8 @@ class _Pending:
     nbytes: int
     posted: float
     deadline: float
+    #: the decoder has been handed ``dest`` for this command's payload
+    claimed: bool = False
 
 
 class AgentConnection(asyncio.BufferedProtocol):
@@ -186,6 +188,7 @@ class AgentConnection(asyncio.BufferedProtocol):
         p = self.pending.get(tag)
         if p is None or p.dest is None or len(p.dest) != n:
             return None
+        p.claimed = True
         return p.dest
 
     # ------------------------------------------------------------------ submitting
@@ -237,9 +240,28 @@ class AgentConnection(asyncio.BufferedProtocol):
             await self._within(asyncio.shield(self._drain), deadline, "the connection stayed congested")
         if self.closed:
             raise UnavailableError(f"connection to agent {self.address} is closed: {self._lost}")
-        comp = await self._post(opcode, extent_id, offset, length, generation, payload, dest, flags, region,
-                                region_offset, moving, deadline)
+        fut = self._post(opcode, extent_id, offset, length, generation, payload, dest, flags, region,
+                         region_offset, moving, deadline)
+        try:
+            comp = await fut
+        except asyncio.CancelledError:
+            self.abandon(fut)
+            raise
         self.check(comp, opcode, length, dest)
+
+    def abandon(self, fut: "asyncio.Future[dp.Completion]") -> None:
+        """The caller stopped waiting for this command (cancelled; a hedged read that lost): its READ
+        payload must never land in the caller's buffer. Before the payload arrives that is a matter
+        of forgetting the buffer; once the decoder is filling it, only dropping the connection is
+        safe (other commands on it fail over to a retry)."""
+        for p in self.pending.values():
+            if p.future is fut:
+                if p.claimed:
+                    if self.transport is not None:
+                        self.transport.abort()
+                else:
+                    p.dest = None
+                return
 
     def start(
         self, opcode: int, extent_id: int, offset: int, length: int, generation: int,

@@ -6,7 +6,7 @@ fails if a module that layer must not use shows up in ``sys.modules``.
   ``client``; its codec and records load no generated gRPC code either.
 * ``nvpool.agents`` never loads the client library.
 * ``nvpool.pool`` never loads the agent or the client.
-* The domain cores (metadata core, placement, migration, rebalancer; agent core, drives) load no
+* The domain cores (metadata core, placement, migration, rebalancer, replication; agent core, drives) load no
   generated ``_pb2`` module and no gRPC: only the gRPC edges convert protobuf.
 """
 
@@ -39,6 +39,7 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
     (["nvpool.pool.grpc_meta"], ("nvpool.client", "nvpool.agents")),
     # the metadata core
     (["nvpool.pool.meta", "nvpool.pool.planner", "nvpool.pool.migration", "nvpool.pool.rebalancer",
+      "nvpool.pool.replication",
       "nvpool.pool.kvstore"],
      ("nvpool.client", "nvpool.agents", *GENERATED)),
     # `import nvpool` is cheap: it loads none of the layers

@@ -4,6 +4,7 @@ when an agent refuses extents, ids never reused, restart from the store."""
 from __future__ import annotations
 
 import asyncio
+from typing import Optional
 
 import pytest
 
@@ -21,6 +22,7 @@ class FakeLink:
         self.assigned: dict[str, list[ExtentRecord]] = {}
         self.released: list[int] = []
         self.fail: set[str] = set()
+        self.dirty_calls: list[tuple[str, list[int], str]] = []
 
     async def assign(self, address: str, records: list[ExtentRecord], zero: bool) -> None:
         if address in self.fail:
@@ -38,6 +40,10 @@ class FakeLink:
 
     async def map_extent(self, address: str, extent_id: int) -> list[tuple[int, int]]:
         return [(0, 1 << 40)]  # everything may hold data
+
+    async def dirty(self, address: str, extent_ids: list[int], op: str) -> dict[int, Optional[list[tuple[int, int]]]]:
+        self.dirty_calls.append((address, list(extent_ids), op))
+        return {e: [] for e in extent_ids} if op == "get" else {}
 
     async def copy(self, *args: object) -> int:
         return 0
@@ -185,8 +191,9 @@ def test_space_of_a_create_that_died_half_way_stays_reserved_until_released() ->
         assert set(res.release) == {e for e in assigned if again.reserved[e].drive_id == "d0"}
         # the agent holds them (its digest differs from the authoritative empty list): told to drop them
         from nvpool.proto.records import extent_digest
-        mine = [r.extent_id for r in link.assigned.get("ctl0", [])]
-        assert again.heartbeat("a0", {}, digest=extent_digest(mine)).keep == []
+        held = list(link.assigned.get("ctl0", []))
+        mine = [r.extent_id for r in held]
+        assert again.heartbeat("a0", {}, digest=extent_digest(held)).keep == []
         assert again.heartbeat("a0", {}, digest=extent_digest([]), released=mine).keep is None
         assert not any(r.drive_id == "d0" for r in again.reserved.values())
 

@@ -1,0 +1,540 @@
+"""Replicated volumes: how replicas stay identical, how a dead server is survived, resync and rebuild.
+
+A replicated volume keeps every column ``R`` times (``Layout.mirrors``), each replica on a drive in
+another failure domain (``planner.plan_replicated``). Each replica of a column is ``ok`` (read and
+written), ``syncing`` (written, not read) or ``out`` (neither). This module holds the metadata
+service's half of the protocol; the client's half is in ``client/volume.py`` and the agent's in
+``agents/core.py`` ("Serve lease", "Dirty tracking").
+
+Ordering design: **the client fans out under the exclusive writer lease** (as NVMesh's client-side
+RAID-1 and Mayastor's nexus do), not a primary per column. A volume has at most one writer (a
+client holding the writer lease; a takeover fences the previous one, see ``pool/meta.py``). The
+writer sends each write to every ``ok`` replica of the piece's column, then to every ``syncing``
+one, and acknowledges only when all of them have answered OK. It never has two overlapping writes
+in flight (a per-volume range lock in the writer's client), so every replica applies overlapping
+writes in the same order, and a read returns the same bytes whichever replica serves it. The price,
+an extra round trip per write compared with a primary that forwards, is paid on the writer's own
+network links, and no storage server forwards data.
+
+Why replicas never diverge and a reader never sees old bytes, step by step:
+
+1. **A write is acknowledged only when every replica in the writer's write set holds it.** If one
+   replica does not answer (connection lost, ``replica_timeout`` passed, ``BUSY``, ``IO_ERROR``),
+   the writer reports it (``report_failure``) and retries the whole piece with the layout it gets
+   back: to every replica of the new write set. Writes are idempotent per piece, so resending to
+   replicas that already hold it is harmless.
+2. **A replica is taken out only when it cannot serve anyone an old byte.** ``mark_out`` takes a
+   replica out (a new layout generation ``g``) only after its agent acknowledged a fence at ``g``
+   (every command of an older generation is refused: a reader with an older layout cannot read it)
+   or after the agent has been silent for ``agent_timeout``, longer than its *serve lease*: an agent
+   serves replicated extents only for ``serve_lease`` < ``agent_timeout`` after its last successful
+   heartbeat, and applies the fences a heartbeat answer carries before it serves again (the
+   heartbeat digest covers fences). So from the moment the service publishes ``g``, the out replica
+   answers nobody at an older generation, and clients at ``g`` neither read nor write it.
+3. **Never the last copy.** A replica is not taken out when no other replica of its column is ``ok``:
+   I/O to that column waits (within each call's time budget) for it to come back instead.
+4. **Missed writes are tracked before anyone can miss them.** Before ``g`` is published, every agent
+   holding an ``ok`` replica of an affected column starts recording the grains written to it
+   (``Dirty start``; all must acknowledge). A write the out replica missed is either acknowledged
+   only after being resent at ``g`` (step 1: tracked), or was sent before the out replica failed and
+   reached it. So the tracked grains cover every byte the out replica may lack.
+5. **Resync** (the agent is back, its drive is fine): publish ``g+1`` with the replica ``syncing``
+   after fencing every agent of the write set at ``g+1`` (a writer still at ``g``, which does not
+   write the returning replica, is refused and re-fetches). From then on every write reaches the
+   syncing replica after the ``ok`` ones. Then read the dirty grains from an ``ok`` replica's agent
+   and copy them with ``CopyExtent``, which never overwrites bytes a client wrote to the destination
+   while the chunk was in flight (the argument of ``pool/migration.py`` step 3, with the ``ok``
+   replica as the old layout and the syncing one as the target). Flush the destination, then
+   publish ``g+2`` with the replica ``ok`` (the write set does not change, so no fence is needed).
+   An agent that restarted lost its record (``tracking=False``): the replica is copied whole, which
+   skips only never-written ranges (``MapExtent``).
+6. **Rebuild** (the replica has been out longer than ``rebuild_after``, its drive failed or returned
+   ``IO_ERROR``, or its server was removed): place a new replica in a failure domain none of the
+   column's other replicas use, assign it zeroed, then as in step 5 publish it ``syncing`` (fenced),
+   copy the column whole, flush, and publish it ``ok``. The old replica's extents become
+   ``releasing`` in the same commit that drops them from the layout (``pool/meta.py``, "Extent
+   release"), so their space is reused only after their agent confirms.
+7. **Partitions.** Only the metadata service changes replica states, one change at a time under its
+   lock, and every change is a new generation that agents enforce. A writer cut off from a replica
+   cannot make it ``out`` unless the service can fence that replica's agent or the agent has stopped
+   serving; an agent cut off from the service stops serving replicated extents within its serve
+   lease. Two sides of a partition therefore never both accept writes for one column at the same
+   generation: the side without the service loses its serve lease, and the writer without the
+   service cannot complete a write that lacks a replica.
+
+What the repair costs the foreground: copies run ``parallel`` chunks at a time through a token bucket
+of ``rate`` bytes/s (``repair_rate`` in the service's config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Optional
+
+from nvpool.pool.meta import MetaService, ReplicaRepair, VolumeRec
+from nvpool.pool.migration import CopyChunk
+from nvpool.pool.planner import plan_replica
+from nvpool.proto.errors import CapacityError, NvpoolError, UnavailableError
+from nvpool.proto.layout import OK, OUT, SYNCING, Extent, Layout
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 4 * 1024 * 1024
+#: longest a fence for taking a replica out may take before its agent must be silent instead
+FENCE_TIMEOUT = 2.0
+
+
+def column_ranges(layout: Layout, column: int, replica: int, extent_ranges: dict[int, list[tuple[int, int]]]
+                  ) -> list[tuple[int, int]]:
+    """Convert ranges given per extent of replica ``replica`` of ``column`` into column offsets."""
+    out = []
+    col = layout.replica_column(column, replica)
+    for start, e in zip(col.starts, col.extents):
+        for off, n in extent_ranges.get(e.extent_id, ()):
+            out.append((start + off, min(n, e.length - off)))
+    out.sort()
+    merged: list[tuple[int, int]] = []
+    for off, n in out:
+        if merged and merged[-1][0] + merged[-1][1] >= off:
+            end = max(merged[-1][0] + merged[-1][1], off + n)
+            merged[-1] = (merged[-1][0], end - merged[-1][0])
+        elif n > 0:
+            merged.append((off, n))
+    return merged
+
+
+def resync_chunks(layout: Layout, column: int, src: int, dst: int, ranges: list[tuple[int, int]],
+                  chunk: int = CHUNK) -> list[CopyChunk]:
+    """Copy chunks for column byte ranges ``ranges``, from replica ``src`` to replica ``dst`` of
+    ``column``: each at most ``chunk`` bytes and inside one extent on both sides (their extent
+    boundaries may differ). ``volume_offset`` is the column offset (for progress reports)."""
+    s_col, d_col = layout.replica_column(column, src), layout.replica_column(column, dst)
+    need = min(s_col.length, d_col.length)
+    out = []
+    for off, n in ranges:
+        pos, end = off, min(off + n, need)
+        while pos < end:
+            si, soff = s_col.locate(pos)
+            di, doff = d_col.locate(pos)
+            k = min(end - pos, chunk, s_col.extents[si].length - soff, d_col.extents[di].length - doff)
+            out.append(CopyChunk(pos, k, s_col.extents[si], soff, d_col.extents[di], doff))
+            pos += k
+    return out
+
+
+class Replication:
+    """Marks replicas out, and repairs them in the background (one volume at a time)."""
+
+    def __init__(self, svc: MetaService, rebuild_after: float = 300.0, rate: int = 0, parallel: int = 4,
+                 interval: float = 0.25) -> None:
+        self.svc = svc
+        self.rebuild_after = rebuild_after
+        self.rate = rate
+        self.parallel = parallel
+        self.interval = interval
+        self._task: Optional[asyncio.Task[None]] = None
+        self.errors = 0
+
+    # ------------------------------------------------------------------ taking replicas out
+    def _agent_of(self, e: Extent) -> Optional[str]:
+        d = self.svc.drives.get(e.drive_id)
+        return d.agent_id if d is not None else None
+
+    async def mark_out(self, vol: VolumeRec, targets: set[tuple[int, int]], reason: str, rebuild: bool = False,
+                       fenced: bool = False) -> bool:
+        """Take replicas out of service (call under the lock; see steps 2-4). Every target's agent
+        must be surely silent, or have acknowledged a fence at the new generation (``fenced``: the
+        caller did it). Returns whether anything changed."""
+        svc = self.svc
+        vid = vol.volume_id
+        lay = svc.layouts[vid]
+        todo = set()
+        for i, k in sorted(targets):
+            if lay.replica_state(i, k) == OUT:
+                continue
+            others = [j for j in lay.readable(i) if j != k and (i, j) not in targets]
+            if not others:
+                logger.warning("volume %s column %d: replica %d is failing (%s) but no other replica is up to "
+                               "date; I/O to the column waits for it", vol.name, i, k, reason)
+                continue
+            todo.add((i, k))
+        if not todo:
+            return False
+        g = lay.generation + 1
+        # step 4: the remaining ok replicas of the affected columns track writes from now on
+        trackers: dict[str, list[int]] = {}
+        for i in {i for i, _ in todo}:
+            for j in lay.readable(i):
+                if (i, j) in todo:
+                    continue
+                for e in lay.replica_column(i, j).extents:
+                    a = self._agent_of(e)
+                    if a is not None:
+                        trackers.setdefault(a, []).append(e.extent_id)
+        results = await asyncio.gather(
+            *(svc.link.dirty(svc.agents[a].control_address, ids, "start") for a, ids in trackers.items()),
+            return_exceptions=True)
+        for a, r in zip(trackers, results):
+            if isinstance(r, BaseException):
+                raise UnavailableError(f"agent {a} could not start tracking writes for a resync: {r}")
+        states = {(i, k): st for i, k, st in lay.states}
+        now_mono, now_wall = time.monotonic(), time.time()
+        reps = svc.repairs.setdefault(vid, {})
+        fences = svc.fences.setdefault(vid, {})
+        for i, k in todo:
+            states[(i, k)] = OUT
+            prev = reps.get((i, k))
+            reps[(i, k)] = ReplicaRepair(reason, prev.since if prev else now_wall, now_mono if not prev else
+                                         prev.since_mono, "out", rebuild or (prev.rebuild if prev else False))
+            for e in lay.replica_column(i, k).extents:  # learnt by the agent before it serves again
+                fences[e.extent_id] = max(fences.get(e.extent_id, 1), g)
+        new = lay.evolve(generation=g, states=tuple(sorted((i, k, st) for (i, k), st in states.items())))
+        new.validate()
+        svc.layouts[vid] = new
+        svc.persist_volume(vol)
+        logger.warning("volume %s: replicas %s out of service at generation %d (%s)%s", vol.name,
+                       ", ".join(f"{i}/{k}" for i, k in sorted(todo)), g, reason, "; will rebuild" if rebuild else "")
+        return True
+
+    async def report_failure(self, volume_id: int, generation: int, extent_id: int, reason: str) -> None:
+        """A client could not write or read the replica holding ``extent_id`` (step 1). Returns once
+        the replica is out (or another layout is current, or it is the column's last copy); bounded
+        by ``agent_timeout`` + ``FENCE_TIMEOUT``."""
+        svc = self.svc
+        deadline = time.monotonic() + svc.agent_timeout + FENCE_TIMEOUT + 1.0
+        while True:
+            async with svc.lock:
+                vol = svc.volume_by_id(volume_id)
+                lay = svc.layouts[volume_id]
+                loc = lay.replica_of(extent_id)
+                if loc is None or lay.replica_state(*loc) == OUT or lay.replicas == 1:
+                    return
+                i, k = loc
+                e = next(x for x in lay.replica_column(i, k).extents if x.extent_id == extent_id)
+                agent = self._agent_of(e)
+                rebuild = reason == "io"
+                if agent is None or agent not in svc.agents or svc.surely_silent(agent):
+                    await self.mark_out(vol, {loc}, f"{reason} (reported by a client)", rebuild)
+                    return
+                if not [j for j in lay.readable(i) if j != k]:
+                    return  # the column's last copy: the client waits for it
+                g = lay.generation + 1
+                try:
+                    await asyncio.wait_for(svc.link.fence(svc.agents[agent].control_address, volume_id, g),
+                                           FENCE_TIMEOUT)
+                    fenced = True
+                except (NvpoolError, TimeoutError) as exc:
+                    logger.info("volume %s: agent %s did not take fence %d (%s); waiting for it to go silent",
+                                vol.name, agent, g, exc)
+                    fenced = False
+                if fenced:
+                    # the agent fences every extent of the volume it holds: mirror that
+                    for j in range(lay.replicas):
+                        for c in range(lay.width):
+                            for x in lay.replica_column(c, j).extents:
+                                if self._agent_of(x) == agent:
+                                    svc.fences[volume_id][x.extent_id] = max(
+                                        svc.fences[volume_id].get(x.extent_id, 1), g)
+                    await self.mark_out(vol, {loc}, f"{reason} on agent {agent} (reported by a client)", rebuild,
+                                        fenced=True)
+                    return
+            if time.monotonic() > deadline:
+                raise UnavailableError(f"agent {agent} neither took a fence nor went silent; the replica stays in")
+            await asyncio.sleep(0.2)
+
+    # ------------------------------------------------------------------ background repair
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the loop must survive; reported
+                self.errors += 1
+                logger.warning("replica repair: %s; retrying", exc, exc_info=not isinstance(exc, NvpoolError))
+                await asyncio.sleep(1.0)
+            await asyncio.sleep(self.interval)
+
+    def _replica_agents(self, lay: Layout, i: int, k: int) -> set[Optional[str]]:
+        return {self._agent_of(e) for e in lay.replica_column(i, k).extents}
+
+    def _gone(self, agent: Optional[str]) -> bool:
+        return agent is None or agent not in self.svc.agents or self.svc.surely_silent(agent)
+
+    def _healthy(self, agent: Optional[str], lay: Layout, i: int, k: int) -> bool:
+        svc = self.svc
+        if agent is None or agent not in svc.agents:
+            return False
+        a = svc.agents[agent]
+        return a.ready and svc.alive(agent) and all(
+            svc.drives[e.drive_id].state == "ok" for e in lay.replica_column(i, k).extents if e.drive_id in svc.drives)
+
+    async def tick(self) -> None:
+        """Take silent agents' replicas out, then repair one volume's out replicas."""
+        svc = self.svc
+        async with svc.lock:
+            for vol in list(svc.volumes.values()):
+                lay = svc.layouts.get(vol.volume_id)
+                if lay is None or lay.replicas == 1:
+                    continue
+                down: set[tuple[int, int]] = set()
+                failed: set[tuple[int, int]] = set()
+                for i in range(lay.width):
+                    for k in range(lay.replicas):
+                        if lay.replica_state(i, k) == OUT:
+                            continue
+                        agents = self._replica_agents(lay, i, k)
+                        if any(self._gone(a) for a in agents):
+                            down.add((i, k))
+                        elif any(svc.drives[e.drive_id].state != "ok" for e in lay.replica_column(i, k).extents
+                                 if e.drive_id in svc.drives):
+                            failed.add((i, k))
+                if down:
+                    await self.mark_out(vol, down, "agent stopped answering heartbeats")
+                if failed:
+                    await self.mark_out(vol, failed, "drive failed", rebuild=True)
+        for vol in sorted(svc.volumes.values(), key=lambda v: v.name):
+            lay = svc.layouts.get(vol.volume_id)
+            if lay is None or not lay.degraded:
+                continue
+            await self.repair(vol)
+
+    async def repair(self, vol: VolumeRec) -> None:
+        """Resync or rebuild every out (or interrupted syncing) replica of ``vol`` that can be now."""
+        svc = self.svc
+        vid = vol.volume_id
+        now = time.monotonic()
+        resync: set[tuple[int, int]] = set()
+        rebuild: set[tuple[int, int]] = set()
+        full: set[tuple[int, int]] = set()
+        async with svc.lock:
+            lay = svc.layouts.get(vid)
+            if lay is None:
+                return
+            reps = svc.repairs.setdefault(vid, {})
+            for i, k, st in lay.states:
+                rec = reps.setdefault((i, k), ReplicaRepair("unknown", time.time(), now))
+                if not lay.readable(i):
+                    continue  # nothing to copy from
+                agents = self._replica_agents(lay, i, k)
+                if st == SYNCING:  # interrupted (service restart): copy again
+                    if all(self._healthy(a, lay, i, k) for a in agents):
+                        resync.add((i, k))
+                    continue
+                too_long = now - rec.since_mono > self.rebuild_after
+                lost = any(a is None or a not in svc.agents for a in agents)
+                if rec.rebuild or too_long or lost:
+                    rebuild.add((i, k))
+                elif all(self._healthy(a, lay, i, k) for a in agents):
+                    resync.add((i, k))
+            if not resync and not rebuild:
+                return
+            # rebuilds: new replicas, assigned below, then synced whole
+            new_cols: dict[tuple[int, int], Any] = {}
+            for i, k in sorted(rebuild):
+                try:
+                    col, svc.next_extent_id = plan_replica(lay, i, k, svc.drive_spaces(), svc.next_extent_id,
+                                                           vol.failure_domain, seed=vid)
+                except CapacityError as exc:
+                    logger.warning("volume %s: cannot rebuild replica %d of column %d yet: %s", vol.name, k, i, exc)
+                    continue
+                new_cols[(i, k)] = col
+            new_ext = [e for c in new_cols.values() for e in c.extents]
+            if new_ext:
+                svc.store.commit({**svc._counters(), **svc.reserve_pending(vid, new_ext, lay.generation + 1)})
+        if new_ext:
+            try:
+                await svc.assign_on_agents(vid, new_ext, lay.generation + 1, lay.replicas)
+            except BaseException:
+                svc.rollback_pending(new_ext)
+                raise
+        async with svc.lock:
+            lay = svc.layouts.get(vid)
+            if lay is None:
+                svc.rollback_pending(new_ext)
+                return
+            targets = {t for t in resync if lay.replica_state(*t) != OK} | set(new_cols)
+            g = lay.generation + 1
+            mirrors = [list(m) for m in lay.mirrors]
+            cols = list(lay.columns)
+            dropped: list[Extent] = []
+            for (i, k), col in new_cols.items():
+                old = lay.replica_column(i, k)
+                dropped += old.extents
+                if k == 0:
+                    cols[i] = col
+                else:
+                    mirrors[k - 1][i] = col
+                full.add((i, k))
+            states = {(i, k): st for i, k, st in lay.states}
+            for t in targets:
+                states[t] = SYNCING
+            new = lay.evolve(generation=g, columns=tuple(cols), mirrors=tuple(tuple(m) for m in mirrors),
+                             states=tuple(sorted((i, k, st) for (i, k), st in states.items())))
+            new.validate()
+            # step 5: every agent of the new write set refuses the old generation before it is published
+            write_set = [e for i in range(new.width) for k in range(new.replicas)
+                         if new.replica_state(i, k) != OUT for e in new.replica_column(i, k).extents]
+            try:
+                await svc.fence_on_agents(vid, write_set, g)
+            except UnavailableError:
+                if new_ext:
+                    svc.rollback_pending(new_ext)
+                    await svc.release_on_agents(new_ext, mark=False)
+                raise
+            fences = svc.fences.setdefault(vid, {})
+            for e in dropped:
+                fences.pop(e.extent_id, None)
+            for e in new_ext:
+                fences[e.extent_id] = g
+            svc.layouts[vid] = new
+            reps = svc.repairs.setdefault(vid, {})
+            for t in targets:
+                rec = reps.setdefault(t, ReplicaRepair("unknown", time.time(), now))
+                rec.state = "rebuild" if t in new_cols else "resync"
+                rec.bytes_done = 0
+                rec.started = time.monotonic()
+            svc.store.commit({**svc._volume_puts(vol), **svc.mark_releasing(dropped, vid, g, commit=False)},
+                             svc.unreserve(new_ext))
+            logger.info("volume %s: %s replicas %s at generation %d", vol.name,
+                        "rebuilding" if new_cols else "resyncing", ", ".join(f"{i}/{k}" for i, k in sorted(targets)), g)
+        if dropped:
+            await svc.release_on_agents(dropped, mark=False)
+        await self._sync(vol, new, targets, full)
+
+    async def _sync(self, vol: VolumeRec, lay: Layout, targets: set[tuple[int, int]], full: set[tuple[int, int]]) -> None:
+        """Copy what each syncing replica lacks, flush, and publish it ``ok`` (step 5)."""
+        svc = self.svc
+        vid = vol.volume_id
+        reps = svc.repairs.get(vid, {})
+        plan: list[tuple[tuple[int, int], CopyChunk]] = []
+        for i, k in sorted(targets):
+            src = lay.readable(i)[0]
+            src_exts = lay.replica_column(i, src).extents
+            per_ext: Optional[dict[int, list[tuple[int, int]]]] = None
+            if (i, k) not in full:
+                per_ext = {}
+                by_agent: dict[str, list[int]] = {}
+                for e in src_exts:
+                    a = self._agent_of(e)
+                    if a is not None:
+                        by_agent.setdefault(a, []).append(e.extent_id)
+                for a, ids in by_agent.items():
+                    got = await svc.link.dirty(svc.agents[a].control_address, ids, "get")
+                    for eid in ids:
+                        ranges = got.get(eid)
+                        if ranges is None:
+                            per_ext = None
+                            break
+                        per_ext[eid] = ranges
+                    if per_ext is None:
+                        break
+            if per_ext is None:  # a whole copy: only what was ever written (MapExtent)
+                per_ext = {}
+                for e in src_exts:
+                    a = self._agent_of(e)
+                    assert a is not None
+                    per_ext[e.extent_id] = await svc.link.map_extent(svc.agents[a].control_address, e.extent_id)
+            chunks = resync_chunks(lay, i, src, k, column_ranges(lay, i, src, per_ext))
+            rec = reps.get((i, k))
+            if rec is not None:
+                rec.bytes_total = sum(c.length for c in chunks)
+            plan += [((i, k), c) for c in chunks]
+        sem = asyncio.Semaphore(self.parallel)
+        bucket_t, bucket = time.monotonic(), 0.0
+
+        async def one(t: tuple[int, int], c: CopyChunk) -> None:
+            async with sem:
+                dst = svc.agent_of_drive(c.dst.drive_id)
+                src = svc.agent_of_drive(c.src.drive_id)
+                await svc.link.copy(dst.control_address, c.dst, c.dst_offset, src.address, c.src, c.src_offset,
+                                    c.length, svc.layouts[vid].generation if vid in svc.layouts else lay.generation)
+                rec = reps.get(t)
+                if rec is not None:
+                    rec.bytes_done += c.length
+
+        tasks = []
+        try:
+            for t, c in plan:
+                if self.rate:  # token bucket: at most `rate` bytes/s on average
+                    bucket += c.length
+                    ahead = bucket / self.rate - (time.monotonic() - bucket_t)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                await sem.acquire()
+                sem.release()
+                tasks.append(asyncio.create_task(one(t, c)))
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        dst_agents = {self._agent_of(e) for i, k in targets for e in lay.replica_column(i, k).extents}
+        for a in sorted(x for x in dst_agents if x is not None):
+            await svc.link.flush(svc.agents[a].control_address)
+        async with svc.lock:
+            cur = svc.layouts.get(vid)
+            if cur is None:
+                return
+            done = {t for t in targets if cur.replica_state(*t) == SYNCING
+                    and cur.replica_column(*t) == lay.replica_column(*t)}
+            if not done:
+                return
+            states = {(i, k): st for i, k, st in cur.states if (i, k) not in done}
+            new = cur.evolve(generation=cur.generation + 1,
+                             states=tuple(sorted((i, k, st) for (i, k), st in states.items())))
+            svc.layouts[vid] = new
+            for t in done:
+                svc.repairs.get(vid, {}).pop(t, None)
+            svc.persist_volume(vol)
+            untrack: dict[str, list[int]] = {}
+            for i in {i for i, _ in done}:
+                if any(new.replica_state(i, k) != OK for k in range(new.replicas)):
+                    continue
+                for k in range(new.replicas):
+                    for e in new.replica_column(i, k).extents:
+                        a = self._agent_of(e)
+                        if a is not None:
+                            untrack.setdefault(a, []).append(e.extent_id)
+            logger.info("volume %s: replicas %s in sync at generation %d (%d bytes copied)", vol.name,
+                        ", ".join(f"{i}/{k}" for i, k in sorted(done)), new.generation,
+                        sum(c.length for t, c in plan if t in done))
+        for a, ids in untrack.items():
+            try:
+                await svc.link.dirty(svc.agents[a].control_address, ids, "stop")
+            except NvpoolError as exc:
+                logger.info("agent %s: could not stop write tracking (%s)", a, exc)
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every replica out of service or being repaired, for ``pool status``."""
+        out = []
+        now = time.monotonic()
+        for vol in sorted(self.svc.volumes.values(), key=lambda v: v.name):
+            lay = self.svc.layouts.get(vol.volume_id)
+            if lay is None:
+                continue
+            reps = self.svc.repairs.get(vol.volume_id, {})
+            for i, k, st in lay.states:
+                rec = reps.get((i, k))
+                state = rec.state if rec is not None and st == SYNCING else "out"
+                eta = 0.0
+                if rec is not None and st == SYNCING and rec.bytes_done and rec.started:
+                    rate = rec.bytes_done / max(1e-3, now - rec.started)
+                    eta = max(0.0, (rec.bytes_total - rec.bytes_done) / rate)
+                out.append({"volume": vol.name, "column": i, "replica": k, "state": state,
+                            "reason": rec.reason if rec else "", "since": rec.since if rec else 0.0,
+                            "bytes_total": rec.bytes_total if rec else 0, "bytes_done": rec.bytes_done if rec else 0,
+                            "eta_s": eta})
+        return out
