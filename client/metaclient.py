@@ -213,11 +213,12 @@ class MetaClient:
         return VolumeInfo.from_pb(m)
 
     async def report_replica_failure(self, volume_id: int, generation: int, extent_id: int, reason: str,
-                                     timeout: float) -> tuple[Layout, dict[str, Endpoint]]:
+                                     timeout: float, address: str = "") -> tuple[Layout, dict[str, Endpoint]]:
         """Tell the service a replica did not answer; returns the layout to retry with (see
         ``pool/replication.py``, step 1)."""
         m = await self._call("ReportReplicaFailure", pb.ReplicaFailureRequest(
-            volume_id=volume_id, generation=generation, extent_id=extent_id, reason=reason), timeout=timeout)
+            volume_id=volume_id, generation=generation, extent_id=extent_id, reason=reason, address=address),
+            timeout=timeout)
         return layout_from_pb(m)
 
     async def get_volume(self, name: str) -> VolumeInfo:

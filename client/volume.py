@@ -618,9 +618,12 @@ class AsyncVolume:
         left = deadline - time.monotonic()
         if left <= 0:
             return
+        drive = next((e.drive_id for e in lay.extents() if e.extent_id == extent_id), "")
+        ep = self.endpoints.get(drive)
         try:
             layout, endpoints = await self.meta.report_replica_failure(
-                lay.volume_id, lay.generation, extent_id, reason, timeout=max(0.1, left))
+                lay.volume_id, lay.generation, extent_id, reason, timeout=max(0.1, left),
+                address=ep.address if ep is not None else "")
         except NvpoolError as meta_exc:
             logger.info("cannot report the failed replica (%s); retrying", meta_exc)
             await asyncio.sleep(max(0.0, min(0.2, deadline - time.monotonic())))

@@ -50,6 +50,15 @@ class MetaConfig:
     #: bytes/s for resync and rebuild copies (0 = unlimited)
     repair_rate: int = 0
 
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval <= 0 or self.agent_timeout < 2.5 * self.heartbeat_interval:
+            raise UsageError(
+                f"agent_timeout ({self.agent_timeout:g}s) must be at least 2.5 x heartbeat_interval "
+                f"({self.heartbeat_interval:g}s): agents serve replicated data for 0.75 x agent_timeout after a "
+                "heartbeat, which must span more than one heartbeat")
+        if self.rebuild_after < 0 or self.repair_rate < 0:
+            raise UsageError("rebuild_after and repair_rate must not be negative")
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "MetaConfig":
         check_keys(cls, values, "meta")
@@ -210,7 +219,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "replication is not available")
         assert self.repl is not None
         await _guard(context, self.repl.report_failure(request.volume_id, request.generation, request.extent_id,
-                                                       request.reason or "unavailable"))
+                                                       request.reason or "unavailable", request.address))
         async def get() -> pb.Layout:
             lay, eps = self.svc.layout(volume_id=request.volume_id)
             return layout_to_pb(lay, eps)

@@ -75,9 +75,9 @@ from typing import Any, Optional
 
 from nvpool.pool.meta import MetaService, ReplicaRepair, VolumeRec
 from nvpool.pool.migration import CopyChunk
-from nvpool.pool.planner import plan_replica
+from nvpool.pool.planner import plan_replica, with_allocations
 from nvpool.proto.errors import CapacityError, NvpoolError, UnavailableError
-from nvpool.proto.layout import OK, OUT, SYNCING, Extent, Layout
+from nvpool.proto.layout import OK, OUT, SYNCING, Column, Extent, Layout
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,17 @@ def resync_chunks(layout: Layout, column: int, src: int, dst: int, ranges: list[
     return out
 
 
+def _with_column(lay: Layout, column: int, replica: int, col: Column) -> Layout:
+    """``lay`` with replica ``replica`` of ``column`` replaced by ``col``."""
+    if replica == 0:
+        cols = list(lay.columns)
+        cols[column] = col
+        return lay.evolve(columns=tuple(cols))
+    mirrors = [list(m) for m in lay.mirrors]
+    mirrors[replica - 1][column] = col
+    return lay.evolve(mirrors=tuple(tuple(m) for m in mirrors))
+
+
 class Replication:
     """Marks replicas out, and repairs them in the background (one volume at a time)."""
 
@@ -136,17 +147,18 @@ class Replication:
         self.interval = interval
         self._task: Optional[asyncio.Task[None]] = None
         self.errors = 0
+        #: agent -> when a fence to it last failed (the next reports wait for silence instead)
+        self._unfenceable: dict[str, float] = {}
 
     # ------------------------------------------------------------------ taking replicas out
     def _agent_of(self, e: Extent) -> Optional[str]:
         d = self.svc.drives.get(e.drive_id)
         return d.agent_id if d is not None else None
 
-    async def mark_out(self, vol: VolumeRec, targets: set[tuple[int, int]], reason: str, rebuild: bool = False,
-                       fenced: bool = False) -> bool:
+    async def mark_out(self, vol: VolumeRec, targets: set[tuple[int, int]], reason: str, rebuild: bool = False) -> bool:
         """Take replicas out of service (call under the lock; see steps 2-4). Every target's agent
-        must be surely silent, or have acknowledged a fence at the new generation (``fenced``: the
-        caller did it). Returns whether anything changed."""
+        must be surely silent, or have acknowledged a fence at the new generation (the caller saw
+        to it). Returns whether anything changed."""
         svc = self.svc
         vid = vol.volume_id
         lay = svc.layouts[vid]
@@ -165,6 +177,7 @@ class Replication:
         g = lay.generation + 1
         # step 4: the remaining ok replicas of the affected columns track writes from now on
         trackers: dict[str, list[int]] = {}
+        trackers_down: set[str] = set()
         for i in {i for i, _ in todo}:
             for j in lay.readable(i):
                 if (i, j) in todo:
@@ -173,9 +186,19 @@ class Replication:
                     a = self._agent_of(e)
                     if a is not None:
                         trackers.setdefault(a, []).append(e.extent_id)
+                        if not svc.alive(a):
+                            trackers_down.add(a)
+        if trackers_down:  # a silent tracker cannot record writes: the replicas stay in (I/O waits)
+            raise UnavailableError(f"cannot take replicas {sorted(todo)} of {vol.name!r} out: agents "
+                                   f"{', '.join(sorted(trackers_down))} holding their other copies are silent too")
+        t0 = time.monotonic()
         results = await asyncio.gather(
-            *(svc.link.dirty(svc.agents[a].control_address, ids, "start") for a, ids in trackers.items()),
+            *(asyncio.wait_for(svc.link.dirty(svc.agents[a].control_address, ids, "start"), FENCE_TIMEOUT)
+              for a, ids in trackers.items()),
             return_exceptions=True)
+        if time.monotonic() - t0 > 0.5:
+            logger.info("volume %s: write tracking took %.1fs to start on %s (for %s)", vol.name, time.monotonic() - t0,
+                        trackers, sorted(todo))
         for a, r in zip(trackers, results):
             if isinstance(r, BaseException):
                 raise UnavailableError(f"agent {a} could not start tracking writes for a resync: {r}")
@@ -198,12 +221,15 @@ class Replication:
                        ", ".join(f"{i}/{k}" for i, k in sorted(todo)), g, reason, "; will rebuild" if rebuild else "")
         return True
 
-    async def report_failure(self, volume_id: int, generation: int, extent_id: int, reason: str) -> None:
+    async def report_failure(self, volume_id: int, generation: int, extent_id: int, reason: str,
+                             address: str = "") -> None:
         """A client could not write or read the replica holding ``extent_id`` (step 1). Returns once
         the replica is out (or another layout is current, or it is the column's last copy); bounded
-        by ``agent_timeout`` + ``FENCE_TIMEOUT``."""
+        by about ``agent_timeout`` + ``FENCE_TIMEOUT``. The fence is sent outside the lock (a hung
+        agent must not stall the service) and the layout re-checked before anything is published."""
         svc = self.svc
         deadline = time.monotonic() + svc.agent_timeout + FENCE_TIMEOUT + 1.0
+        rebuild = reason == "io"
         while True:
             async with svc.lock:
                 vol = svc.volume_by_id(volume_id)
@@ -214,21 +240,27 @@ class Replication:
                 i, k = loc
                 e = next(x for x in lay.replica_column(i, k).extents if x.extent_id == extent_id)
                 agent = self._agent_of(e)
-                rebuild = reason == "io"
                 if agent is None or agent not in svc.agents or svc.surely_silent(agent):
                     await self.mark_out(vol, {loc}, f"{reason} (reported by a client)", rebuild)
                     return
+                if address and address != svc.agents[agent].address and svc.alive(agent):
+                    return  # the agent restarted since: the client retries at its new address
                 if not [j for j in lay.readable(i) if j != k]:
                     return  # the column's last copy: the client waits for it
                 g = lay.generation + 1
+                address = svc.agents[agent].control_address
+            fenced = False
+            if time.monotonic() - self._unfenceable.get(agent, -1e9) > svc.agent_timeout:
                 try:
-                    await asyncio.wait_for(svc.link.fence(svc.agents[agent].control_address, volume_id, g),
-                                           FENCE_TIMEOUT)
+                    await asyncio.wait_for(svc.link.fence(address, volume_id, g), FENCE_TIMEOUT)
                     fenced = True
                 except (NvpoolError, TimeoutError) as exc:
+                    self._unfenceable[agent] = time.monotonic()
                     logger.info("volume %s: agent %s did not take fence %d (%s); waiting for it to go silent",
                                 vol.name, agent, g, exc)
-                    fenced = False
+            async with svc.lock:
+                if svc.layouts.get(volume_id) is not lay:
+                    continue  # changed meanwhile: decide again on the current layout
                 if fenced:
                     # the agent fences every extent of the volume it holds: mirror that
                     for j in range(lay.replicas):
@@ -237,12 +269,14 @@ class Replication:
                                 if self._agent_of(x) == agent:
                                     svc.fences[volume_id][x.extent_id] = max(
                                         svc.fences[volume_id].get(x.extent_id, 1), g)
-                    await self.mark_out(vol, {loc}, f"{reason} on agent {agent} (reported by a client)", rebuild,
-                                        fenced=True)
+                    await self.mark_out(vol, {loc}, f"{reason} on agent {agent} (reported by a client)", rebuild)
+                    return
+                if svc.surely_silent(agent):
+                    await self.mark_out(vol, {loc}, f"{reason}; agent {agent} silent (reported by a client)", rebuild)
                     return
             if time.monotonic() > deadline:
                 raise UnavailableError(f"agent {agent} neither took a fence nor went silent; the replica stays in")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ background repair
     def start(self) -> None:
@@ -303,7 +337,8 @@ class Replication:
                                  if e.drive_id in svc.drives):
                             failed.add((i, k))
                 if down:
-                    await self.mark_out(vol, down, "agent stopped answering heartbeats")
+                    gone = sorted({a or "?" for t in down for a in self._replica_agents(lay, *t) if self._gone(a)})
+                    await self.mark_out(vol, down, f"agent {', '.join(gone)} stopped answering heartbeats")
                 if failed:
                     await self.mark_out(vol, failed, "drive failed", rebuild=True)
         for vol in sorted(svc.volumes.values(), key=lambda v: v.name):
@@ -344,14 +379,18 @@ class Replication:
                 return
             # rebuilds: new replicas, assigned below, then synced whole
             new_cols: dict[tuple[int, int], Any] = {}
+            spaces = svc.drive_spaces()
+            work = lay  # each plan sees the ones before it: their space, and their failure domains
             for i, k in sorted(rebuild):
                 try:
-                    col, svc.next_extent_id = plan_replica(lay, i, k, svc.drive_spaces(), svc.next_extent_id,
+                    col, svc.next_extent_id = plan_replica(work, i, k, spaces, svc.next_extent_id,
                                                            vol.failure_domain, seed=vid)
                 except CapacityError as exc:
                     logger.warning("volume %s: cannot rebuild replica %d of column %d yet: %s", vol.name, k, i, exc)
                     continue
                 new_cols[(i, k)] = col
+                spaces = with_allocations(spaces, col.extents)
+                work = _with_column(work, i, k, col)
             new_ext = [e for c in new_cols.values() for e in c.extents]
             if new_ext:
                 svc.store.commit({**svc._counters(), **svc.reserve_pending(vid, new_ext, lay.generation + 1)})
@@ -368,33 +407,35 @@ class Replication:
                 return
             targets = {t for t in resync if lay.replica_state(*t) != OK} | set(new_cols)
             g = lay.generation + 1
-            mirrors = [list(m) for m in lay.mirrors]
-            cols = list(lay.columns)
             dropped: list[Extent] = []
+            new = lay
             for (i, k), col in new_cols.items():
-                old = lay.replica_column(i, k)
-                dropped += old.extents
-                if k == 0:
-                    cols[i] = col
-                else:
-                    mirrors[k - 1][i] = col
+                dropped += lay.replica_column(i, k).extents
+                new = _with_column(new, i, k, col)
                 full.add((i, k))
             states = {(i, k): st for i, k, st in lay.states}
             for t in targets:
                 states[t] = SYNCING
-            new = lay.evolve(generation=g, columns=tuple(cols), mirrors=tuple(tuple(m) for m in mirrors),
-                             states=tuple(sorted((i, k, st) for (i, k), st in states.items())))
+            new = new.evolve(generation=g, states=tuple(sorted((i, k, st) for (i, k), st in states.items())))
             new.validate()
-            # step 5: every agent of the new write set refuses the old generation before it is published
             write_set = [e for i in range(new.width) for k in range(new.replicas)
                          if new.replica_state(i, k) != OUT for e in new.replica_column(i, k).extents]
-            try:
-                await svc.fence_on_agents(vid, write_set, g)
-            except UnavailableError:
+        # step 5: every agent of the new write set refuses the old generation before it is published
+        # (outside the lock: a hung agent must not stall the service; the layout is re-checked below)
+        try:
+            await asyncio.wait_for(svc.fence_on_agents(vid, write_set, g), FENCE_TIMEOUT * 2)
+            changed = False
+        except (UnavailableError, TimeoutError) as exc:
+            changed = True
+            why: BaseException = exc
+        async with svc.lock:
+            if changed or svc.layouts.get(vid) is not lay:
                 if new_ext:
                     svc.rollback_pending(new_ext)
-                    await svc.release_on_agents(new_ext, mark=False)
-                raise
+                if not changed:
+                    why = UnavailableError(f"volume {vol.name!r} changed while its repair was prepared")
+                logger.info("volume %s: repair not started (%s); trying again", vol.name, why)
+                return
             fences = svc.fences.setdefault(vid, {})
             for e in dropped:
                 fences.pop(e.extent_id, None)

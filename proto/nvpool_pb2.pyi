@@ -470,16 +470,18 @@ class RepairStatus(_message.Message):
     def __init__(self, volume: _Optional[str] = ..., column: _Optional[int] = ..., replica: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., since: _Optional[float] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., eta_s: _Optional[float] = ...) -> None: ...
 
 class ReplicaFailureRequest(_message.Message):
-    __slots__ = ("volume_id", "generation", "extent_id", "reason")
+    __slots__ = ("volume_id", "generation", "extent_id", "reason", "address")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     volume_id: int
     generation: int
     extent_id: int
     reason: str
-    def __init__(self, volume_id: _Optional[int] = ..., generation: _Optional[int] = ..., extent_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    address: str
+    def __init__(self, volume_id: _Optional[int] = ..., generation: _Optional[int] = ..., extent_id: _Optional[int] = ..., reason: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
     __slots__ = ("plan_only", "max_rate", "volumes")
