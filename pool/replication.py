@@ -248,11 +248,11 @@ class Replication:
                 if not [j for j in lay.readable(i) if j != k]:
                     return  # the column's last copy: the client waits for it
                 g = lay.generation + 1
-                address = svc.agents[agent].control_address
+                control = svc.agents[agent].control_address
             fenced = False
             if time.monotonic() - self._unfenceable.get(agent, -1e9) > svc.agent_timeout:
                 try:
-                    await asyncio.wait_for(svc.link.fence(address, volume_id, g), FENCE_TIMEOUT)
+                    await asyncio.wait_for(svc.link.fence(control, volume_id, g), FENCE_TIMEOUT)
                     fenced = True
                 except (NvpoolError, TimeoutError) as exc:
                     self._unfenceable[agent] = time.monotonic()

@@ -151,7 +151,7 @@ class Workload:
         self.thread.join(120)
         assert not self.thread.is_alive(), "the workload did not stop"
 
-    def running(self, what: Callable[[], None], min_ops: int = 50) -> None:
+    def running(self, what: Callable[[], object], min_ops: int = 50) -> None:
         """Run ``what`` and check the workload made progress across it."""
         before = self.ops
         what()

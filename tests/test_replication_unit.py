@@ -331,8 +331,20 @@ def test_a_report_waits_for_an_unfenceable_agent_to_go_silent() -> None:
         agent = svc.drives[ext.drive_id].agent_id
         link.fail.add(svc.agents[agent].control_address)
         svc.started -= 1.0
+
+        async def others_beat() -> None:  # every other agent stays alive; the failing one is silent
+            while True:
+                for a in svc.agents:
+                    if a != agent:
+                        svc.heartbeat(a, {})
+                await asyncio.sleep(0.05)
+
+        beats = asyncio.ensure_future(others_beat())
         t0 = time.monotonic()
-        await repl.report_failure(1, lay.generation, ext.extent_id, "timeout")  # heartbeats stop meanwhile
+        try:
+            await repl.report_failure(1, lay.generation, ext.extent_id, "timeout")
+        finally:
+            beats.cancel()
         waited = time.monotonic() - t0
         assert svc.layouts[1].replica_state(1, 0) == OUT
         assert waited >= svc.agent_timeout - 0.1  # not before its serve lease has surely run out
@@ -399,3 +411,37 @@ def test_an_abandoned_read_never_writes_into_the_callers_buffer() -> None:
 
     asyncio.run(body())
 
+
+
+def test_an_io_error_rebuilds_the_replica_elsewhere_at_once() -> None:
+    async def body() -> None:
+        svc, link, repl = await replicated_service(agents=4)
+        lay = svc.layouts[1]
+        ext = lay.replica_column(2, 0).extents[0]
+        bad_drive = ext.drive_id
+        await repl.report_failure(1, lay.generation, ext.extent_id, "io")
+        assert svc.layouts[1].replica_state(2, 0) == OUT
+        assert svc.repairs[1][(2, 0)].rebuild  # not worth a resync in place
+        await repl.tick()  # rebuilt on another drive although the agent is alive
+        after = svc.layouts[1]
+        assert not after.degraded
+        assert all(e.drive_id != bad_drive for e in after.replica_column(2, 0).extents)
+
+    asyncio.run(body())
+
+
+def test_a_failure_at_a_restarted_agents_old_address_takes_nothing_out() -> None:
+    async def body() -> None:
+        svc, link, repl = await replicated_service()
+        lay = svc.layouts[1]
+        ext = lay.replica_column(0, 1).extents[0]
+        agent = svc.drives[ext.drive_id].agent_id
+        old = svc.agents[agent].address
+        svc.agents[agent].address = "127.0.0.1:9999"  # re-registered after a restart, alive
+        await repl.report_failure(1, lay.generation, ext.extent_id, "unavailable", address=old)
+        assert svc.layouts[1].generation == lay.generation and not svc.layouts[1].degraded
+        # at its current address the same report does take it out
+        await repl.report_failure(1, lay.generation, ext.extent_id, "unavailable", address="127.0.0.1:9999")
+        assert svc.layouts[1].replica_state(0, 1) == OUT
+
+    asyncio.run(body())
