@@ -205,14 +205,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif reb["state"] == "failed":
         head += f"\nlast rebalance failed: {reb['error']}"
     if d["repairs"]:
-        head += f"\n{plural(d['degraded_volumes'], 'volume')} not fully redundant:"
+        head += f"\n{plural(d['degraded_volumes'], 'volume')} not fully redundant (nvpool volume show NAME for each replica):"
+        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         for r in d["repairs"]:
+            groups.setdefault((r["volume"], r["state"], r["reason"]), []).append(r)
+        for (vol, state, reason), rs in groups.items():
+            done, total = sum(r["bytes_done"] for r in rs), sum(r["bytes_total"] for r in rs)
             prog = ""
-            if r["state"] != "out" and r["bytes_total"]:
-                prog = f" {human(r['bytes_done'])} of {human(r['bytes_total'])}" + (
-                    f", ETA {r['eta_s']:.0f}s" if r["eta_s"] else "")
-            since = time.strftime("%H:%M:%S", time.localtime(r["since"])) if r["since"] else "?"
-            head += f"\n  {r['volume']} column {r['column']} replica {r['replica']}: {r['state']}{prog} (since {since}: {r['reason']})"
+            if state != "out" and total:
+                eta = max(r["eta_s"] for r in rs)
+                prog = f", {human(done)} of {human(total)} copied" + (f", ETA {eta:.0f}s" if eta else "")
+            since = min(r["since"] for r in rs)
+            at = time.strftime("%H:%M:%S", time.localtime(since)) if since else "?"
+            head += f"\n  {vol}: {plural(len(rs), 'replica')} {state}{prog} (since {at}: {reason})"
     emit(args, d, head + ("\n\n" + table(rows, ["AGENT", "SERVER", "ADDRESS", "STATE", "MODE", "DRIVES", "CAPACITY", "USED"]) if rows else ""))
     return 0
 

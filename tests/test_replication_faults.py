@@ -246,6 +246,15 @@ def test_fio_verify_through_the_nbd_export_while_a_server_dies(tmp_path: Path) -
         assert job["error"] == 0 and job["write"]["io_bytes"] == 40 << 20, job
         assert job["read"]["io_bytes"] == 40 << 20, job  # the verify pass read every block back
         assert health(c, "f") == "degraded"
+        # what an operator sees: the out replicas, by volume, and where each replica is
+        st = subprocess.run([sys.executable, "-m", "nvpool", "pool", "status", "--meta", c.meta.address],
+                            capture_output=True, text=True, timeout=30)
+        assert st.returncode == 0 and "health degraded" in st.stdout and "f: " in st.stdout, st.stdout + st.stderr
+        shown = subprocess.run([sys.executable, "-m", "nvpool", "volume", "show", "f", "--json", "--meta", c.meta.address],
+                               capture_output=True, text=True, timeout=30)
+        info = json.loads(shown.stdout)
+        assert info["replicas"] == 2 and info["health"] == "degraded"
+        assert {r["host"] for r in info["replica_info"] if r["state"] == "out"} == {"agent1"}
         c.start_agent(1)  # back: its replicas are resynced (only what it missed)
         wait_redundant(c, "f")
         assert "resyncing" in (c.dir / "logs" / "meta.log").read_text()
