@@ -190,6 +190,11 @@ class Reader:
         if self._task is not None:
             await self._task
 
+    def longest_gap(self, a: float, b: float) -> float:
+        """The longest time in [a, b] with no read completing."""
+        ts = [a] + sorted(t for t, _ in self.done if a <= t <= b) + [b]
+        return max(y - x for x, y in zip(ts, ts[1:]))
+
     def mbps(self, a: float, b: float) -> float:
         if b <= a:
             return 0.0
@@ -225,6 +230,7 @@ LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) (\S+): (.*
 class Repair:
     """What the metadata service's log says about one volume's repair after an offset of meta.log."""
 
+    out: list[float] = field(default_factory=list)  # wall times of "out of service" lines
     started: list[tuple[float, str]] = field(default_factory=list)  # (wall time, "resyncing"/"rebuilding")
     synced: list[tuple[float, int]] = field(default_factory=list)  # (wall time, bytes copied)
     lines: list[str] = field(default_factory=list)
@@ -257,7 +263,9 @@ def parse_repair(c: LocalCluster, since: int, name: str) -> Repair:
         msg = m.group(4)
         wall = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         rep.lines.append(line)
-        if s := re.search(r": (resyncing|rebuilding) replicas .* at generation \d+", msg):
+        if "out of service at generation" in msg:
+            rep.out.append(wall)
+        elif s := re.search(r": (resyncing|rebuilding) replicas .* at generation \d+", msg):
             rep.started.append((wall, s.group(1)))
         elif s := re.search(r"in sync at generation \d+ \((\d+) bytes copied\)", msg):
             rep.synced.append((wall, int(s.group(1))))
@@ -298,6 +306,7 @@ class Pause:
     writes: int
     pause_ended_after_s: float  # from the fault to the end of the longest write
     stats: dict[str, int]
+    fault_wall: float
 
 
 async def pause_run(c: LocalCluster, vol: AsyncVolume, agent: int, sig: signal.Signals, before: float,
@@ -325,7 +334,7 @@ async def pause_run(c: LocalCluster, vol: AsyncVolume, agent: int, sig: signal.S
         await asyncio.sleep(before)
         base = [x for _, x in lat]
         slow = max(0.1, 20 * pct(base, 0.5))
-        t_fault = time.monotonic()
+        t_fault, fault_wall = time.monotonic(), time.time()
         if sig == signal.SIGKILL:
             await asyncio.to_thread(c.kill_agent, agent)
         else:
@@ -351,7 +360,7 @@ async def pause_run(c: LocalCluster, vol: AsyncVolume, agent: int, sig: signal.S
     worst = max(after, key=lambda p: p[1]) if after else (t_fault, 0.0)
     settled = [x for t, x in after if t > worst[0] + worst[1]]
     return Pause(pct(before_l, 0.5) * 1000, worst[1], pct(settled, 0.5) * 1000, len(lat),
-                 worst[0] + worst[1] - t_fault, dict(vol.stats))
+                 worst[0] + worst[1] - t_fault, dict(vol.stats), fault_wall)
 
 
 async def main_pool(args: argparse.Namespace, work: Path, table: Table, stopped: list[int],
@@ -389,6 +398,7 @@ async def main_pool(args: argparse.Namespace, work: Path, table: Table, stopped:
         await seq_read(rd, min(1.0, sec))  # warm: connections, page cache
         seq_h = await seq_read(rd, sec)
         rand_h = await rand_read(rd, sec)
+        healthy_stats = dict(rd.stats)
         await rd.close()
         victim = 1
         host = c.agents[victim].name
@@ -409,7 +419,7 @@ async def main_pool(args: argparse.Namespace, work: Path, table: Table, stopped:
         a2 = f"--size {args.size} --seconds {sec:g}"
         table.add(2, "seq 1M read MB/s QD8, healthy", seq_h, "MB/s", a2)
         table.add(2, f"seq 1M read MB/s QD8, degraded ({host} killed)", seq_d, "MB/s", a2, seq_h, "degraded / healthy")
-        table.add(2, "4K rand read IOPS QD32, healthy", rand_h, "IOPS", a2)
+        table.add(2, "4K rand read IOPS QD32, healthy", rand_h, "IOPS", a2, note=f"healthy reader stats {healthy_stats}")
         table.add(2, f"4K rand read IOPS QD32, degraded ({host} killed)", rand_d, "IOPS", a2, rand_h,
                   "degraded / healthy", note=f"degraded reader stats {read_stats}")
 
@@ -435,6 +445,14 @@ async def main_pool(args: argparse.Namespace, work: Path, table: Table, stopped:
         table.add(4, "resync: agent ready -> volume ok", t_ok - t_ready, "s", a4,
                   note=f"agent restart took {t_ready - t0:.2f}s more; copy phase in the log "
                        f"{rep.copy_seconds:.2f}s; log: {' | '.join(x.split(': ', 1)[1] for x in rep.lines)}")
+        # control: the healthy figures again, now that every replica is back (order and noise)
+        rd = await pool.open(VOL, read_only=True)
+        seq_h2 = await seq_read(rd, sec)
+        rand_h2 = await rand_read(rd, sec)
+        await rd.close()
+        table.add(2, "seq 1M read MB/s QD8, healthy again (control)", seq_h2, "MB/s", a2, seq_h, "again / first")
+        table.add(2, "4K rand read IOPS QD32, healthy again (control)", rand_h2, "IOPS", a2, rand_h, "again / first",
+                  note="measured after figure 4's resync: the degraded ratio's noise and order effects")
 
         # 3. the pause a writer sees: SIGKILL, then SIGSTOP (a hung server)
         a3 = f"--pause-span {args.pause_span} --agent-timeout {args.agent_timeout:g}"
@@ -445,7 +463,10 @@ async def main_pool(args: argparse.Namespace, work: Path, table: Table, stopped:
             wr.stats.update({k: 0 for k in wr.stats})
             if sig == signal.SIGSTOP:
                 stopped.append(c.agents[agent].pid)
+            since = log_size(c)
             p = await pause_run(c, wr, agent, sig, args.pause_before, span)
+            out_log = parse_repair(c, since, VOL).out
+            out_after = f"{out_log[0] - p.fault_wall:.2f}s" if out_log else "?"
             say(f"   pause {p.pause_s:.2f}s ending {p.pause_ended_after_s:.2f}s after the fault; stats {p.stats}")
             since = log_size(c)
             if sig == signal.SIGSTOP:
@@ -461,7 +482,8 @@ async def main_pool(args: argparse.Namespace, work: Path, table: Table, stopped:
             table.add(3, f"QD1 4K write p50 before {sig.name}", p.p50_before_ms, "ms", a3)
             table.add(3, f"QD1 4K write pause ({sig.name} {name})", p.pause_s * 1000, "ms", a3, p.p50_before_ms,
                       "pause / p50 before",
-                      note=f"ended {p.pause_ended_after_s:.2f}s after the fault; p50 after {p.p50_after_ms:.2f} ms; "
+                      note=f"ended {p.pause_ended_after_s:.2f}s after the fault; replicas out (meta.log) {out_after} "
+                           f"after it; p50 after {p.p50_after_ms:.2f} ms; "
                            f"{p.writes} writes; client stats {p.stats}")
         await wr.close()
     finally:
@@ -548,6 +570,7 @@ async def rebuild_pool(args: argparse.Namespace, work: Path, table: Table, clust
         table.add(6, "foreground seq 1M read MB/s QD8, healthy", healthy, "MB/s", a6)
         table.add(6, "foreground seq 1M read MB/s, during rebuild", during, "MB/s", a6, healthy, "during / healthy",
                   note=f"window {copy_s:.2f}s; out but not yet rebuilding {waiting:.0f} MB/s; after {after:.0f} MB/s; "
+                     f"longest gap between reads kill..ok {reader.longest_gap(t_kill, t_ok) * 1000:.0f} ms; "
                        f"reader errors {len(reader.errors)}; reader stats {rd.stats}")
         if reader.errors:
             say(f"   reader errors: {reader.errors[:5]}")
