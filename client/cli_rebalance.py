@@ -105,7 +105,7 @@ def cmd_drain(args: argparse.Namespace, remove: bool = False) -> int:
     async def go(meta: MetaClient) -> Any:
         # remove = drain, wait until the server is empty, then take it out (the service refuses to
         # remove a live server that was not drained)
-        st = await meta.call("Drain", pb.DrainRequest(host=args.server))
+        st = await meta.call("Drain", pb.DrainRequest(host=args.server, max_rate=getattr(args, "max_rate", 0) or 0))
         if (getattr(args, "wait", False) or remove) and st.state == "running":
             st = await _follow(meta, quiet)
         if remove and st.state in ("done", "idle"):  # now empty: take it out of the pool
@@ -150,6 +150,8 @@ def register(ps: Any, common: Callable[[argparse.ArgumentParser], None]) -> None
     d = ps.add_parser("drain", help="move every extent off a server (before taking it out)")
     d.add_argument("server", type=server_name, help="server (agent host) name")
     d.add_argument("--wait", action="store_true", help="follow progress until done")
+    d.add_argument("--max-rate", type=size_arg(1, None, "rate"),
+                   help="bytes/s for the moves, e.g. 200M (default: unlimited)")
     common(d)
     d.set_defaults(func=cmd_drain)
 

@@ -633,10 +633,11 @@ class AsyncVolume:
             self.layout, self.endpoints = layout, endpoints
 
     async def _write_copies(self, lay: Layout, r: _Range, send: Sender, deadline: float,
-                            failed: list[tuple[int, BaseException]]) -> bool:
-        """Write range ``r`` to every replica of the write set: ``ok`` ones, then ``syncing`` ones.
-        Returns False (with ``failed`` filled) unless every replica answered OK."""
-        gen = lay.generation
+                            failed: list[tuple[int, BaseException]], generation: int = 0) -> bool:
+        """Write range ``r`` to every replica of the write set: ``ok`` ones, then ``syncing`` ones (and,
+        while the volume moves, then every replica of the target: ``pool/migration.py``). Returns
+        False (with ``failed`` filled) unless every replica answered OK."""
+        gen = generation or lay.generation
         for p in lay.map(r.offset, r.length):
             ok, syncing = lay.write_set(p.column)
             if not ok:
@@ -656,6 +657,8 @@ class AsyncVolume:
                             raise res
                 if failed:
                     return False
+        if lay.target is not None:
+            return await self._write_copies(lay.target, r, send, deadline, failed, gen)
         return True
 
     async def _copy_write(self, ext: Any, eoff: int, n: int, boff: int, gen: int, send: Sender, deadline: float) -> None:

@@ -246,7 +246,8 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
 
     async def Drain(self, request: Any, context: Any) -> pb.RebalanceStatus:
         reb = await self._reb(context)
-        return rebalance_pb(await _guard(context, reb.drain(request.host, request.remove, request.undrain)))
+        return rebalance_pb(await _guard(context, reb.drain(request.host, request.remove, request.undrain,
+                                                                  request.max_rate)))
 
 
 async def serve(

@@ -22,6 +22,15 @@ every step is persisted before the next, so a restarted service resumes where it
    window between the two fences re-fetch and retry until ``g+2`` is published.
 
 Cancel before cut-over: persist ``L`` alone at ``g+2``, fence ``L`` at ``g+2``, release ``T``.
+
+Replicated volumes: ``L`` and ``T`` have the same number of replicas, every replica of ``L`` in
+service; a client writes every replica of ``L`` and then every replica of ``T``, and replica ``k`` of
+``T`` is copied from replica ``k`` of ``L`` (``copy_plan_replicas``). If a replica of either fails
+while the volume moves, the metadata service abandons the migration (``pool/replication.py``):
+it publishes ``L`` alone, with the failed replica out of service, at a higher generation and
+releases ``T``'s new extents; the rebalancer sees that its target is gone and moves on (it checks
+before every step that publishes anything, under the lock). Nothing written is lost: ``L`` received
+every write, first.
 """
 
 from __future__ import annotations
@@ -99,5 +108,14 @@ def copy_plan(old: Layout, new: Layout, chunk: int = 4 * 1024 * 1024) -> Iterato
         yield pending
 
 
+def copy_plan_replicas(old: Layout, new: Layout, chunk: int = 4 * 1024 * 1024) -> Iterator[CopyChunk]:
+    """``copy_plan`` for every replica: replica ``k`` of the new layout is filled from replica ``k`` of
+    the old one (a replicated volume is re-spread only while every replica is in service)."""
+    if old.replicas != new.replicas:
+        raise UsageError("a migration keeps the number of replicas")
+    for k in range(old.replicas):
+        yield from copy_plan(old.replica_view(k), new.replica_view(k), chunk)
+
+
 def bytes_to_move(old: Layout, new: Layout) -> int:
-    return sum(c.length for c in copy_plan(old, new))
+    return sum(c.length for c in copy_plan_replicas(old, new))

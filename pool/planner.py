@@ -447,6 +447,76 @@ def plan_rebalance(
     return tuple(columns), eid
 
 
+def plan_rebalance_replicated(
+    layout: Layout, drives: Sequence[DriveSpace], next_extent_id: int, seed: int = 0, domain_key: str = "host",
+) -> tuple[Optional[tuple[tuple[Column, ...], tuple[tuple[Column, ...], ...]]], int]:
+    """``plan_rebalance`` for a replicated layout: every (column, replica) is a unit; units on unusable
+    or draining drives move, then units of over-full drives, to drives below their even share whose
+    failure domain holds no other replica of the column (counting the replicas already moved).
+    Returns ((columns, mirrors), next id), or (None, next id) when nothing moves."""
+    usable = usable_drives(drives)
+    if not usable:
+        raise CapacityError("no usable drive to move replicas to (no agent alive, or every server draining)")
+    ok = {d.drive_id for d in usable}
+    by_id = {d.drive_id: d for d in drives}
+    units = [(i, k) for i in range(layout.width) for k in range(layout.replicas)]
+    count: dict[str, int] = {d.drive_id: 0 for d in usable}
+    must_move: list[tuple[int, int]] = []
+    for i, k in units:
+        col = layout.replica_column(i, k)
+        if any(e.drive_id not in ok for e in col.extents):
+            must_move.append((i, k))
+        else:
+            count[_home(col)] += 1
+    q, r = divmod(len(units), len(usable))
+    order = sorted(usable, key=lambda d: (-count[d.drive_id], d.fill, _tiebreak(seed, d.drive_id)))
+    quota = {d.drive_id: q + (1 if n < r else 0) for n, d in enumerate(order)}
+    move = list(must_move)
+    for i, k in reversed(units):
+        if (i, k) in must_move:
+            continue
+        home = _home(layout.replica_column(i, k))
+        if count[home] > quota[home]:
+            count[home] -= 1
+            move.append((i, k))
+    if not move:
+        return None, next_extent_id
+    work = _Work({d.drive_id: d for d in drives})
+    per_host: dict[str, int] = {}
+    for i, k in units:
+        if (i, k) not in move:
+            h = by_id[_home(layout.replica_column(i, k))].host if _home(layout.replica_column(i, k)) in by_id else ""
+            per_host[h] = per_host.get(h, 0) + 1
+    cols: dict[tuple[int, int], Column] = {(i, k): layout.replica_column(i, k) for i, k in units}
+    eid = next_extent_id
+    for i, k in sorted(move):
+        taken = {by_id[e.drive_id].domain(domain_key) for j in range(layout.replicas) if j != k
+                 for e in cols[(i, j)].extents if e.drive_id in by_id}
+        col_len = cols[(i, k)].length
+        under = [d for d in usable if count[d.drive_id] < quota[d.drive_id]]
+        got = _choose(work, under, 1, col_len, seed + 31 * i + k, set(), per_host, count, domain_key=domain_key,
+                      forbidden=[taken])
+        if not got:
+            got = _choose(work, usable, 1, col_len, seed + 31 * i + k, set(), per_host, count,
+                          domain_key=domain_key, forbidden=[taken])
+        if not got:
+            raise CapacityError(
+                f"cannot move replica {k} of column {i} of {layout.name!r} ({_align_up(col_len)} bytes): no usable "
+                f"drive with room outside the failure domains of its other replicas ({', '.join(sorted(taken))})"
+            )
+        did, ranges = got[0]
+        count[did] += 1
+        per_host[by_id[did].host] = per_host.get(by_id[did].host, 0) + 1
+        exts = []
+        for off, n in ranges:
+            exts.append(Extent(eid, did, off, n))
+            eid += 1
+        cols[(i, k)] = Column(tuple(exts))
+    columns = tuple(cols[(i, 0)] for i in range(layout.width))
+    mirrors = tuple(tuple(cols[(i, k)] for i in range(layout.width)) for k in range(1, layout.replicas))
+    return (columns, mirrors), eid
+
+
 def imbalance(drives: Iterable[DriveSpace]) -> float:
     """Spread of fill ratios over usable drives (0 = perfectly balanced)."""
     fills = [d.fill for d in usable_drives(drives)]

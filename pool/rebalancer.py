@@ -33,12 +33,16 @@ from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 from nvpool.proto.layout import Extent, Layout
 from nvpool.pool.meta import MetaService, VolumeRec
-from nvpool.pool.migration import CopyChunk, copy_plan
-from nvpool.pool.planner import DriveSpace, imbalance, plan_rebalance, with_allocations
+from nvpool.pool.migration import CopyChunk, copy_plan_replicas
+from nvpool.pool.planner import DriveSpace, imbalance, plan_rebalance, plan_rebalance_replicated, with_allocations
 from nvpool.proto.errors import NotFoundError, NvpoolError, UnavailableError, UsageError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class MigrationAbandoned(NvpoolError):
+    """The metadata service abandoned a volume's migration (a replica failed; pool/replication.py)."""
 
 CHUNK = 4 * 1024 * 1024
 PARALLEL = 4
@@ -130,13 +134,21 @@ class Rebalancer:
             lay = svc.layouts[vol.volume_id]
             if lay.target is not None:
                 continue
-            if lay.replicas > 1:  # not re-spread yet: its replicas are repaired in place (pool/replication.py)
-                logger.info("rebalance: skipping replicated volume %s", vol.name)
+            if lay.degraded:  # re-spread only with every replica in service (pool/migration.py)
+                logger.info("rebalance: skipping volume %s until its replicas are all in service", vol.name)
                 continue
-            cols, next_id = plan_rebalance(lay, sim, next_id, seed=vol.volume_id)
-            if cols is None:
-                continue
-            target = Layout(vol.volume_id, vol.name, lay.generation + 1, lay.size, lay.stripe_unit, cols)
+            if lay.replicas > 1:
+                planned, next_id = plan_rebalance_replicated(lay, sim, next_id, seed=vol.volume_id,
+                                                             domain_key=vol.failure_domain)
+                if planned is None:
+                    continue
+                target = lay.evolve(generation=lay.generation + 1, columns=planned[0], mirrors=planned[1],
+                                    states=(), target=None)
+            else:
+                cols, next_id = plan_rebalance(lay, sim, next_id, seed=vol.volume_id)
+                if cols is None:
+                    continue
+                target = Layout(vol.volume_id, vol.name, lay.generation + 1, lay.size, lay.stripe_unit, cols)
             target.validate()
             out.append((vol, lay, target))
             new_ext = [e for e in target.extents() if e.extent_id not in {x.extent_id for x in lay.extents()}]
@@ -166,7 +178,7 @@ class Rebalancer:
     async def _moves(self, targets: list[tuple[VolumeRec, Layout, Layout]]) -> list[dict[str, Any]]:
         moves = []
         for vol, lay, target in targets:
-            chunks = list(copy_plan(lay, target, CHUNK))
+            chunks = list(copy_plan_replicas(lay, target, CHUNK))
             written = await self._written(chunks)
             moves.append(Move(
                 vol.name, lay.width, target.width, sum(c.length for c, w in zip(chunks, written) if w),
@@ -235,10 +247,13 @@ class Rebalancer:
                 vol = self.svc.volumes[name]
                 lay = self.svc.layouts[vol.volume_id]
                 assert lay.target is not None
-                old = Layout(vol.volume_id, vol.name, lay.generation, lay.size, lay.stripe_unit, lay.columns)
+                old = lay.evolve(target=None)
                 old_ids = {e.extent_id for e in old.extents()}
                 new_only = [e for e in lay.target.extents() if e.extent_id not in old_ids]
-                await self._finish(vol, old, keep=old, drop=new_only, g2=lay.generation + 1)
+                try:
+                    await self._finish(vol, old, keep=old, drop=new_only, g2=lay.generation + 1)
+                except MigrationAbandoned:
+                    continue  # already rolled back by the replication service
                 logger.info("rebalance: migration of %s rolled back", name)
             self.run.state, self.run.queue, self.run.current_volume = "cancelled", [], ""
             self._persist()
@@ -256,7 +271,7 @@ class Rebalancer:
             except asyncio.CancelledError:
                 pass
 
-    async def drain(self, host: str, remove: bool, undrain: bool = False) -> dict[str, Any]:
+    async def drain(self, host: str, remove: bool, undrain: bool = False, max_rate: int = 0) -> dict[str, Any]:
         svc = self.svc
         agents = [a for a in svc.agents.values() if a.host == host]
         if not agents:
@@ -291,13 +306,24 @@ class Rebalancer:
                 a.state = "draining"
                 svc.store.commit(svc._agent_puts(a))
         logger.info("draining server %s (%d extents to move)", host, holds)
-        return await self.start(drain=sorted(set(self.run.drain) | {host}))
+        return await self.start(drain=sorted(set(self.run.drain) | {host}), max_rate=max_rate)
 
     # ------------------------------------------------------------------ running
-    async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Retry while agents are unreachable (they may be restarting), until cancelled."""
+    def _still_moving(self, vid: int, target: Optional[Layout]) -> bool:
+        """The volume still carries this migration's target (replication may have abandoned it)."""
+        lay = self.svc.layouts.get(vid)
+        if target is None or lay is None or lay.target is None:
+            return False
+        return {e.extent_id for e in lay.target.extents()} == {e.extent_id for e in target.extents()}
+
+    async def _retry(self, what: str, fn: Callable[[], Awaitable[T]], vid: int = 0,
+                     target: Optional[Layout] = None) -> T:
+        """Retry while agents are unreachable (they may be restarting), until cancelled, or until the
+        migration of ``vid`` to ``target`` was abandoned (``MigrationAbandoned``)."""
         warned = False
         while True:
+            if vid and not self._still_moving(vid, target):
+                raise MigrationAbandoned(f"the migration of volume {vid} was abandoned (a replica failed)")
             try:
                 return await fn()
             except UnavailableError as exc:
@@ -315,7 +341,12 @@ class Rebalancer:
                 self.run.current_volume = name
                 self._persist()
                 if name in self.svc.volumes:
-                    done = await self._migrate(self.svc.volumes[name])
+                    try:
+                        done = await self._migrate(self.svc.volumes[name])
+                    except MigrationAbandoned as exc:
+                        logger.warning("rebalance: %s; volume %s keeps its layout (run `nvpool pool rebalance` again "
+                                       "once it is fully redundant)", exc, name)
+                        done = True
                     if not done:
                         self.run.state = "cancelled"
                         self.run.queue = []
@@ -379,7 +410,7 @@ class Rebalancer:
                     async with svc.lock:
                         cur = svc.layouts[vid]  # only a takeover could have raised the generation
                         g1 = max(g1, cur.generation + 1)
-                        target = Layout(vid, vol.name, g1, lay.size, lay.stripe_unit, planned.columns)
+                        target = planned.evolve(generation=g1)
                         lay = cur.with_target(target, g1)
                         svc.layouts[vid] = lay
                         svc.fences[vid].update({e.extent_id: g1 for e in new_ext})
@@ -398,32 +429,33 @@ class Rebalancer:
             lay = svc.layouts[vid]
         assert lay.target is not None
         g1 = lay.generation
-        old = Layout(vid, vol.name, g1, lay.size, lay.stripe_unit, lay.columns)
+        old = lay.evolve(target=None)
         target = lay.target
         target_ids = {e.extent_id for e in target.extents()}
         old_only = [e for e in old.extents() if e.extent_id not in target_ids]
         new_only = [e for e in target.extents() if e.extent_id not in {x.extent_id for x in old.extents()}]
         # 2. fence the old generation: from now on every write reaches the target too
-        await self._retry("fencing the old layout", lambda: svc.fence_on_agents(vid, old.extents(), g1))
+        await self._retry("fencing the old layout", lambda: svc.fence_on_agents(vid, old.extents(), g1), vid, target)
         # 3. copy what was ever written. The map is taken after the fence above: a write that lands
         #    in a hole from now on reaches the target too, and one that landed before is data now.
-        chunks = list(copy_plan(old, target, CHUNK))
+        chunks = list(copy_plan_replicas(old, target, CHUNK))
         written = await self._written(chunks)
         raw = svc.store.get(f"migration/{vid:020d}")
         start = json.loads(raw)["done"] if raw else 0
-        completed = await self._copy(vid, chunks, start, g1, written)
+        completed = await self._copy(vid, chunks, start, g1, written, target)
         if not completed:
             await self._finish(vol, old, keep=old, drop=new_only, g2=g1 + 1)
             return False
         # 4. cut over, once the copied bytes are durable on every destination
         dst_agents = sorted({svc.agent_of_drive(e.drive_id).agent_id for e in new_only})
         for a in dst_agents:
-            await self._retry(f"flushing agent {a}", lambda a=a: svc.link.flush(svc.agents[a].control_address))  # type: ignore[misc]
+            await self._retry(f"flushing agent {a}", lambda a=a: svc.link.flush(svc.agents[a].control_address),  # type: ignore[misc]
+                              vid, target)
         await self._finish(vol, old, keep=target, drop=old_only, g2=g1 + 1)
         return True
 
     async def _copy(self, vid: int, chunks: list[CopyChunk], start: int, generation: int,
-                    written: Optional[list[bool]] = None) -> bool:
+                    written: Optional[list[bool]] = None, target: Optional[Layout] = None) -> bool:
         svc = self.svc
         bucket = TokenBucket(self.run.max_rate)
         sem = asyncio.Semaphore(PARALLEL)
@@ -438,7 +470,7 @@ class Rebalancer:
                 return svc.link.copy(dst.control_address, c.dst, c.dst_offset, src.address, c.src, c.src_offset,
                                      c.length, generation)
             try:
-                await self._retry(f"copying chunk {i} of volume {vid}", call)
+                await self._retry(f"copying chunk {i} of volume {vid}", call, vid, target)
                 self.run.bytes_done += c.length
                 done.add(i)
             except BaseException as exc:  # noqa: BLE001 - reported below
@@ -449,6 +481,8 @@ class Rebalancer:
         tasks = []
         for i in range(start, len(chunks)):
             if self._cancel or errors:
+                break
+            if target is not None and not self._still_moving(vid, target):
                 break
             if written is not None and not written[i]:
                 done.add(i)  # never written: the zeroed destination already holds it
@@ -474,12 +508,16 @@ class Rebalancer:
         vid = vol.volume_id
         was_cancel = self._cancel
         self._cancel = False  # fences below must complete even when cancelling
+        moving = svc.layouts[vid].target if vid in svc.layouts else None
         try:
             # no reader may still use the old extents once anyone can write at g2
-            await self._retry("fencing the old layout for cut-over", lambda: svc.fence_on_agents(vid, old.extents(), g2))
-            final = Layout(vid, vol.name, g2, keep.size, keep.stripe_unit, keep.columns)
+            await self._retry("fencing the old layout for cut-over", lambda: svc.fence_on_agents(vid, old.extents(), g2),
+                              vid, moving)
+            final = keep.evolve(generation=g2, target=None, states=())
             final.validate()
             async with svc.lock:
+                if not self._still_moving(vid, moving):
+                    raise MigrationAbandoned(f"the migration of volume {vol.name!r} was abandoned (a replica failed)")
                 svc.layouts[vid] = final
                 fences = svc.fences[vid]
                 for e in drop:

@@ -151,6 +151,28 @@ class Replication:
         self._unfenceable: dict[str, float] = {}
 
     # ------------------------------------------------------------------ taking replicas out
+    def abandon_migration(self, vol: VolumeRec, why: str) -> None:
+        """A replica of a migrating volume failed: publish the old layout alone at a higher generation
+        and release the target's new extents (call under the lock; see ``pool/migration.py``). The
+        old layout received every write first, so nothing is lost; the rebalancer notices before its
+        next step and moves on. The space is reused only after the agents confirm the release."""
+        svc = self.svc
+        vid = vol.volume_id
+        lay = svc.layouts[vid]
+        if lay.target is None:
+            return
+        old = lay.evolve(target=None, generation=lay.generation + 1)
+        kept = {e.extent_id for e in old.extents()}
+        new_only = [e for e in lay.target.extents() if e.extent_id not in kept]
+        svc.layouts[vid] = old
+        fences = svc.fences.setdefault(vid, {})
+        for e in new_only:
+            fences.pop(e.extent_id, None)
+        svc.store.commit({**svc._volume_puts(vol), **svc.mark_releasing(new_only, vid, old.generation, commit=False)},
+                         [f"migration/{vid:020d}"])
+        logger.warning("volume %s: migration abandoned at generation %d (%s); %d target extents released",
+                       vol.name, old.generation, why, len(new_only))
+
     def _agent_of(self, e: Extent) -> Optional[str]:
         d = self.svc.drives.get(e.drive_id)
         return d.agent_id if d is not None else None
@@ -234,6 +256,9 @@ class Replication:
             async with svc.lock:
                 vol = svc.volume_by_id(volume_id)
                 lay = svc.layouts[volume_id]
+                if lay.target is not None and lay.replicas > 1:
+                    self.abandon_migration(vol, f"{reason} on extent {extent_id} (reported by a client)")
+                    lay = svc.layouts[volume_id]
                 loc = lay.replica_of(extent_id)
                 if loc is None or lay.replica_state(*loc) == OUT or lay.replicas == 1:
                     return
@@ -324,6 +349,12 @@ class Replication:
                 lay = svc.layouts.get(vol.volume_id)
                 if lay is None or lay.replicas == 1:
                     continue
+                if lay.target is not None:
+                    bad = [e for e in lay.extents() if self._gone(self._agent_of(e))
+                           or (e.drive_id in svc.drives and svc.drives[e.drive_id].state != "ok")]
+                    if bad:
+                        self.abandon_migration(vol, f"extent {bad[0].extent_id} is on a silent agent or failed drive")
+                        lay = svc.layouts[vol.volume_id]
                 down: set[tuple[int, int]] = set()
                 failed: set[tuple[int, int]] = set()
                 for i in range(lay.width):

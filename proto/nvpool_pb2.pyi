@@ -540,14 +540,16 @@ class CancelRebalanceRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DrainRequest(_message.Message):
-    __slots__ = ("host", "remove", "undrain")
+    __slots__ = ("host", "remove", "undrain", "max_rate")
     HOST_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
     UNDRAIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_RATE_FIELD_NUMBER: _ClassVar[int]
     host: str
     remove: bool
     undrain: bool
-    def __init__(self, host: _Optional[str] = ..., remove: _Optional[bool] = ..., undrain: _Optional[bool] = ...) -> None: ...
+    max_rate: int
+    def __init__(self, host: _Optional[str] = ..., remove: _Optional[bool] = ..., undrain: _Optional[bool] = ..., max_rate: _Optional[int] = ...) -> None: ...
 
 class AssignExtentsRequest(_message.Message):
     __slots__ = ("extents", "zero")

@@ -307,6 +307,7 @@ class Pause:
     pause_ended_after_s: float  # from the fault to the end of the longest write
     stats: dict[str, int]
     fault_wall: float
+    stalls: list[float]  # latencies of the other writes after the fault slower than 10 x the p50 before
 
 
 async def pause_run(c: LocalCluster, vol: AsyncVolume, agent: int, sig: signal.Signals, before: float,
@@ -359,8 +360,10 @@ async def pause_run(c: LocalCluster, vol: AsyncVolume, agent: int, sig: signal.S
     after = [(t, x) for t, x in lat if t + x >= t_fault]
     worst = max(after, key=lambda p: p[1]) if after else (t_fault, 0.0)
     settled = [x for t, x in after if t > worst[0] + worst[1]]
-    return Pause(pct(before_l, 0.5) * 1000, worst[1], pct(settled, 0.5) * 1000, len(lat),
-                 worst[0] + worst[1] - t_fault, dict(vol.stats), fault_wall)
+    p50 = pct(before_l, 0.5)
+    stalls = [x for t, x in after if (t, x) != worst and x > 10 * p50]
+    return Pause(p50 * 1000, worst[1], pct(settled, 0.5) * 1000, len(lat),
+                 worst[0] + worst[1] - t_fault, dict(vol.stats), fault_wall, stalls)
 
 
 async def main_pool(args: argparse.Namespace, work: Path, table: Table, stopped: list[int],
@@ -466,7 +469,8 @@ async def main_pool(args: argparse.Namespace, work: Path, table: Table, stopped:
             since = log_size(c)
             p = await pause_run(c, wr, agent, sig, args.pause_before, span)
             out_log = parse_repair(c, since, VOL).out
-            out_after = f"{out_log[0] - p.fault_wall:.2f}s" if out_log else "?"
+            out_after = (f"{out_log[0] - p.fault_wall:.2f}s after it, in {len(out_log)} step(s)/generation(s)"
+                         if out_log else "?")
             say(f"   pause {p.pause_s:.2f}s ending {p.pause_ended_after_s:.2f}s after the fault; stats {p.stats}")
             since = log_size(c)
             if sig == signal.SIGSTOP:
@@ -482,8 +486,9 @@ async def main_pool(args: argparse.Namespace, work: Path, table: Table, stopped:
             table.add(3, f"QD1 4K write p50 before {sig.name}", p.p50_before_ms, "ms", a3)
             table.add(3, f"QD1 4K write pause ({sig.name} {name})", p.pause_s * 1000, "ms", a3, p.p50_before_ms,
                       "pause / p50 before",
-                      note=f"ended {p.pause_ended_after_s:.2f}s after the fault; replicas out (meta.log) {out_after} "
-                           f"after it; p50 after {p.p50_after_ms:.2f} ms; "
+                      note=f"ended {p.pause_ended_after_s:.2f}s after the fault; replicas out (meta.log) {out_after}; "
+                           f"{len(p.stalls)} other writes > 10x p50 (longest {max(p.stalls, default=0) * 1000:.1f} ms, "
+                           f"sum {sum(p.stalls) * 1000:.0f} ms); p50 after {p.p50_after_ms:.2f} ms; "
                            f"{p.writes} writes; client stats {p.stats}")
         await wr.close()
     finally:

@@ -265,3 +265,60 @@ def test_fio_verify_through_the_nbd_export_while_a_server_dies(tmp_path: Path) -
         except subprocess.TimeoutExpired:
             exp.kill()
     assert_identical(c, "f")
+
+
+def nvpool_cli(c: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nvpool", *args, "--meta", c.meta.address], capture_output=True,
+                          text=True, timeout=120)
+
+
+def rebalance_state(c: LocalCluster) -> str:
+    out = nvpool_cli(c, "pool", "status", "--json")
+    return str(json.loads(out.stdout)["rebalance"]["state"])
+
+
+def test_replicated_volume_grows_drains_and_survives_a_death_mid_move(tmp_path: Path) -> None:
+    c = pool_of(tmp_path, agents=3, extra=["--rebuild-after", "600"])
+
+    async def create() -> None:
+        p = await AsyncPool.connect(c.meta.address)
+        try:
+            await p.create_volume("g", "24M", stripe_unit="256K", replicas=2)
+        finally:
+            await p.close()
+
+    asyncio.run(create())
+    with Workload(c.meta.address, "g", (24 << 20) // BLOCK) as w:
+        poll("the workload to start", lambda: w.ops > 100, 30)
+        # grow: a fourth server takes its share of the replicas, online
+        c.add_agent()
+        r = nvpool_cli(c, "pool", "rebalance", "--wait")
+        assert r.returncode == 0, r.stderr
+        info = asyncio.run(volume_info(c.meta.address, "g"))
+        assert "agent3" in {x["host"] for x in info.replica_info}
+        # drain agent0 slowly; a server dies half-way: the move is abandoned, nothing is lost
+        r = nvpool_cli(c, "pool", "drain", "agent0", "--max-rate", "4M")
+        assert r.returncode == 0, r.stderr
+        poll("the drain to start copying", lambda: rebalance_state(c) == "running", 30, 0.1)
+        victim = next(i for i, a in enumerate(c.agents) if a.name in {x["host"] for x in info.replica_info}
+                      and a.name != "agent0")
+        w.running(lambda: c.kill_agent(victim))
+        poll("the drain to end", lambda: rebalance_state(c) in ("done", "failed"), 60, 0.2)
+        w.running(lambda: c.start_agent(victim))
+        wait_redundant(c, "g")
+        # finish the drain now that every replica is back in service
+        r = nvpool_cli(c, "pool", "drain", "agent0", "--wait")
+        assert r.returncode == 0, r.stderr + r.stdout
+        w.running(lambda: time.sleep(0.3))
+    assert not w.errors, f"{len(w.errors)} errors reached the application: {w.errors[:5]}"
+    problems = check(w.history)
+    assert not problems, "\n".join(problems[:20]) + "\n" + summary(w.history)
+    assert_identical(c, "g")
+    info = asyncio.run(volume_info(c.meta.address, "g"))
+    hosts_by_column: dict[int, list[str]] = {}
+    for x in info.replica_info:
+        hosts_by_column.setdefault(x["column"], []).append(x["host"])
+    assert all(len(set(h)) == 2 for h in hosts_by_column.values()), hosts_by_column
+    assert "agent0" not in {h for hs in hosts_by_column.values() for h in hs}
+    log = (c.dir / "logs" / "meta.log").read_text()
+    assert "migration abandoned" in log

@@ -445,3 +445,43 @@ def test_a_failure_at_a_restarted_agents_old_address_takes_nothing_out() -> None
         assert svc.layouts[1].replica_state(0, 1) == OUT
 
     asyncio.run(body())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 4), st.integers(1, 4), st.integers(2, 3), st.integers(4, 40), st.booleans())
+def test_rebalancing_replicas_keeps_them_apart_and_evens_the_shares(hosts: int, more: int, replicas: int,
+                                                                  size_mib: int, drain_first: bool) -> None:
+    from nvpool.pool.planner import plan_rebalance_replicated, with_allocations
+    if hosts < replicas:
+        hosts = replicas
+    spaces = pool(hosts, 1)
+    lay = layout_of(spaces, size_mib * MiB, replicas)
+    grown = with_allocations(spaces, lay.extents()) + [
+        DriveSpace(f"n{j}d0", f"n{j}", 64 * MiB, MiB) for j in range(more)]
+    if drain_first:  # the first server drains: everything on it must move
+        grown = [DriveSpace(d.drive_id, d.host, d.capacity, d.data_offset, d.used, d.host != "h0") for d in grown]
+    try:
+        planned, _ = plan_rebalance_replicated(lay, grown, 1000, seed=1)
+    except CapacityError:
+        usable_hosts = {d.host for d in grown if d.usable}
+        assert len(usable_hosts) < replicas or drain_first  # only when it truly cannot be placed apart
+        return
+    if planned is None:
+        assert not drain_first or not any(e.drive_id.startswith("h0") for e in lay.extents())
+        return
+    new = lay.evolve(columns=planned[0], mirrors=planned[1], generation=2)
+    new.validate()
+    by_id = {d.drive_id: d for d in grown}
+    for i in range(new.width):
+        homes = [by_id[new.replica_column(i, k).extents[0].drive_id].host for k in range(new.replicas)]
+        assert len(set(homes)) == new.replicas, f"column {i}: replicas share a server {homes}"
+    if drain_first:
+        assert not any(e.drive_id.startswith("h0") for e in new.extents())
+    per: dict[str, int] = {}
+    for i in range(new.width):
+        for k in range(new.replicas):
+            d = new.replica_column(i, k).extents[0].drive_id
+            per[d] = per.get(d, 0) + 1
+    usable = [d.drive_id for d in grown if d.usable]
+    units = new.width * new.replicas
+    assert max(per.get(d, 0) for d in usable) <= -(-units // len(usable)) + 1
