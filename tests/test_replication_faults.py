@@ -322,3 +322,54 @@ def test_replicated_volume_grows_drains_and_survives_a_death_mid_move(tmp_path: 
     assert "agent0" not in {h for hs in hosts_by_column.values() for h in hs}
     log = (c.dir / "logs" / "meta.log").read_text()
     assert "migration abandoned" in log
+
+
+def test_hedged_reads_keep_the_tail_short_while_a_server_hangs(tmp_path: Path) -> None:
+    """A stopped (hung) server: reads whose preferred copy is there are raced against the other copy
+    after a few times the recent latency. Without hedging (hedge_min=0) the same reads wait for the
+    replica timeout."""
+    from nvpool.client.volume import ClientOptions
+
+    c = pool_of(tmp_path, agents=2)
+
+    async def run(hedge_min: float, stop_pid: int) -> tuple[float, dict[str, int]]:
+        opts = ClientOptions(transport="tcp", hedge_min=hedge_min, replica_timeout=3.0)
+        pool = await AsyncPool.connect(c.meta.address, opts)
+        try:
+            vol = await pool.open("h", read_only=True)
+            rng = random.Random(3)
+            worst = 0.0
+            for _ in range(50):  # warm: connections open, latency known
+                await vol.read(rng.randrange(0, 4096) * BLOCK, BLOCK)
+            os.kill(stop_pid, signal.SIGSTOP)
+            try:
+                end = time.monotonic() + 2.0
+                while time.monotonic() < end:
+                    t0 = time.monotonic()
+                    await vol.read(rng.randrange(0, 4096) * BLOCK, BLOCK)
+                    worst = max(worst, time.monotonic() - t0)
+            finally:
+                os.kill(stop_pid, signal.SIGCONT)
+            stats = dict(vol.stats)
+            await vol.close()
+            return worst, stats
+        finally:
+            await pool.close()
+
+    async def create() -> None:
+        p = await AsyncPool.connect(c.meta.address)
+        try:
+            await p.create_volume("h", "16M", stripe_unit="64K", replicas=2)
+            v = await p.open("h")
+            await v.write(0, os.urandom(16 << 20))
+            await v.close()
+        finally:
+            await p.close()
+
+    asyncio.run(create())
+    hedged, stats = asyncio.run(run(0.005, c.agents[1].pid))
+    assert stats["hedge_wins"] > 0, stats
+    assert hedged < 1.0, f"a read took {hedged:.2f}s with hedging"
+    wait_redundant(c, "h")
+    plain, _ = asyncio.run(run(0.0, c.agents[0].pid))
+    assert plain > 1.0, f"without hedging the worst read took only {plain:.2f}s: the test proves nothing"
