@@ -28,8 +28,10 @@ Replicated volumes (the client's half of ``pool/replication.py``):
   when all answered. A replica that fails (connection lost, no answer within
   ``replica_timeout``, ``BUSY``, ``IO_ERROR``) is reported to the metadata service, which takes it
   out of service (or says it is the column's last copy); the piece is then resent to the new
-  layout's write set. The application sees a pause (about ``replica_timeout`` plus the service's
-  ``agent_timeout`` for a hung server; a refused connection is reported at once), never an error.
+  layout's write set. The application sees a pause, never an error: about the service's
+  ``agent_timeout`` for a dead or hung server (the service must know it has stopped serving before
+  anyone writes without it; a write that waits on a hung server looks at the layout every 0.25 s
+  and stops waiting once the replica is out), less for a server that acknowledges the fence.
 * A read goes to one ``ok`` replica (spread by stripe row over all of them). If that replica has not
   answered within the hedge delay (a few times the recent read latency), the same read goes to
   another replica into a scratch buffer and the first answer wins; the loser is abandoned before
@@ -312,6 +314,7 @@ class AsyncVolume:
         #: recent read latency (seconds, moving average): sets the hedge delay
         self._read_latency = 0.002
         self._hedges = 0
+        self._polled = 0.0
 
     # ------------------------------------------------------------------ BlockDevice
     @property
@@ -662,6 +665,36 @@ class AsyncVolume:
         return True
 
     async def _copy_write(self, ext: Any, eoff: int, n: int, boff: int, gen: int, send: Sender, deadline: float) -> None:
+        work = asyncio.ensure_future(self._copy_write_now(ext, eoff, n, boff, gen, send, deadline))
+        await self._replica_wait(work, ext.extent_id, gen, deadline)
+
+    async def _replica_wait(self, work: "asyncio.Future[None]", extent_id: int, gen: int, deadline: float) -> None:
+        """Wait for a write to one replica. While it is slow (a hung server), look at the layout now
+        and then: once the metadata service has taken that replica out (its agent fell silent), stop
+        waiting, so the pause is about the service's ``agent_timeout``, not ``replica_timeout``. The
+        abandoned command can never land: the silent agent serves nothing past its serve lease."""
+        wait = 0.5
+        try:
+            while True:
+                done, _ = await asyncio.wait({work}, timeout=wait)
+                if done:
+                    return work.result()
+                wait = 0.25
+                if time.monotonic() - self._polled > 0.2:
+                    self._polled = time.monotonic()
+                    try:
+                        await self._refresh_within(min(deadline, time.monotonic() + 1.0))
+                    except NvpoolError:
+                        continue
+                lay = self.layout
+                if lay.generation > gen and extent_id not in {e.extent_id for e in _live_extents(lay)}:
+                    raise UnavailableError(f"replica extent {extent_id} was taken out of service while it hung")
+        finally:
+            if not work.done():
+                work.cancel()
+
+    async def _copy_write_now(self, ext: Any, eoff: int, n: int, boff: int, gen: int, send: Sender,
+                              deadline: float) -> None:
         dl = min(deadline, time.monotonic() + self.options.replica_timeout)
         conn = await self.connections.get(self._endpoint(ext.drive_id), dl)
         off = 0
@@ -799,8 +832,9 @@ class AsyncVolume:
                             and e.status not in (Status.BUSY, Status.IO_ERROR, Status.DIGEST, Status.NO_EXTENT)]
                     if hard:
                         raise hard[0]
+                    live = {e.extent_id for e in _live_extents(self.layout)}
                     for eid, exc in failures:
-                        if (eid, lay.generation) in reported:
+                        if (eid, lay.generation) in reported or eid not in live:
                             continue
                         reported.add((eid, lay.generation))
                         await self._report(lay, eid, exc, deadline)

@@ -540,6 +540,10 @@ class MetaService:
             raise NotFoundError(f"no volume named {name!r}")
         return v
 
+    def _name_of(self, volume_id: int) -> str:
+        """A volume's name for log lines (its id when it is gone)."""
+        return next((v.name for v in self.volumes.values() if v.volume_id == volume_id), f"#{volume_id}")
+
     def volume_by_id(self, volume_id: int) -> VolumeRec:
         for v in self.volumes.values():
             if v.volume_id == volume_id:
@@ -818,7 +822,7 @@ class MetaService:
             if lease.mode == "write":
                 self.unclean.add(lease.volume_id)
                 puts[f"unclean/{lease.volume_id:020d}"] = _j(lease.volume_id)
-            logger.info("lease of %s on volume %d (%s) expired", lease.holder, lease.volume_id, lease.mode)
+            logger.info("lease of %s on volume %s (%s) expired", lease.holder, self._name_of(lease.volume_id), lease.mode)
         if gone:
             self.store.commit(puts, [f"lease/{lease.lease_id}" for lease in gone])
 
@@ -893,7 +897,7 @@ class MetaService:
             if lease is None:
                 return
             self.store.commit({}, [f"lease/{lease_id}"])
-            logger.info("%s lease on volume %d released by %s", lease.mode, lease.volume_id, lease.holder)
+            logger.info("%s lease on volume %s released by %s", lease.mode, self._name_of(lease.volume_id), lease.holder)
 
     def holders(self, volume_id: int) -> list[Lease]:
         return sorted(self._live_leases(volume_id), key=lambda lease: (lease.mode != "write", lease.granted))

@@ -472,13 +472,18 @@ def plan_rebalance_replicated(
     order = sorted(usable, key=lambda d: (-count[d.drive_id], d.fill, _tiebreak(seed, d.drive_id)))
     quota = {d.drive_id: q + (1 if n < r else 0) for n, d in enumerate(order)}
     move = list(must_move)
-    for i, k in reversed(units):
-        if (i, k) in must_move:
-            continue
-        home = _home(layout.replica_column(i, k))
-        if count[home] > quota[home]:
-            count[home] -= 1
-            move.append((i, k))
+    # take units off over-full drives, preferring columns none of whose replicas moves yet (two
+    # replicas of one column moving at once would compete for the same few domains)
+    for second_pass in (False, True):
+        moving_cols = {i for i, _ in move}
+        for i, k in reversed(units):
+            if (i, k) in move or (not second_pass and i in moving_cols):
+                continue
+            home = _home(layout.replica_column(i, k))
+            if count[home] > quota[home]:
+                count[home] -= 1
+                move.append((i, k))
+                moving_cols.add(i)
     if not move:
         return None, next_extent_id
     work = _Work({d.drive_id: d for d in drives})

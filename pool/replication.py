@@ -173,6 +173,21 @@ class Replication:
         logger.warning("volume %s: migration abandoned at generation %d (%s); %d target extents released",
                        vol.name, old.generation, why, len(new_only))
 
+    def _on_agent(self, lay: Layout, agent: Optional[str], loc: tuple[int, int],
+                  drive: str = "") -> set[tuple[int, int]]:
+        """``loc`` and every other replica of the volume on ``agent`` (silent, or fenced for the whole
+        volume): one new generation takes them all out, not one per report. With ``drive`` (an I/O
+        error: that drive is suspect, the agent's other drives are not), only that drive's."""
+        out = {loc}
+        if agent is not None:
+            for i in range(lay.width):
+                for k in range(lay.replicas):
+                    if lay.replica_state(i, k) != OUT and any(
+                            self._agent_of(e) == agent and (not drive or e.drive_id == drive)
+                            for e in lay.replica_column(i, k).extents):
+                        out.add((i, k))
+        return out
+
     def _agent_of(self, e: Extent) -> Optional[str]:
         d = self.svc.drives.get(e.drive_id)
         return d.agent_id if d is not None else None
@@ -266,7 +281,8 @@ class Replication:
                 e = next(x for x in lay.replica_column(i, k).extents if x.extent_id == extent_id)
                 agent = self._agent_of(e)
                 if agent is None or agent not in svc.agents or svc.surely_silent(agent):
-                    await self.mark_out(vol, {loc}, f"{reason} (reported by a client)", rebuild)
+                    await self.mark_out(vol, self._on_agent(lay, agent, loc, e.drive_id if rebuild else ""), f"{reason} (reported by a client)",
+                                        rebuild)
                     return
                 if address and address != svc.agents[agent].address and svc.alive(agent):
                     return  # the agent restarted since: the client retries at its new address
@@ -294,10 +310,12 @@ class Replication:
                                 if self._agent_of(x) == agent:
                                     svc.fences[volume_id][x.extent_id] = max(
                                         svc.fences[volume_id].get(x.extent_id, 1), g)
-                    await self.mark_out(vol, {loc}, f"{reason} on agent {agent} (reported by a client)", rebuild)
+                    await self.mark_out(vol, self._on_agent(lay, agent, loc, e.drive_id if rebuild else ""),
+                                        f"{reason} on agent {agent} (reported by a client)", rebuild)
                     return
                 if svc.surely_silent(agent):
-                    await self.mark_out(vol, {loc}, f"{reason}; agent {agent} silent (reported by a client)", rebuild)
+                    await self.mark_out(vol, self._on_agent(lay, agent, loc, e.drive_id if rebuild else ""),
+                                        f"{reason}; agent {agent} silent (reported by a client)", rebuild)
                     return
             if time.monotonic() > deadline:
                 raise UnavailableError(f"agent {agent} neither took a fence nor went silent; the replica stays in")

@@ -69,6 +69,9 @@ def no_daemon_tracebacks() -> Iterator[None]:
     yield
     made = _clusters[start:]
     del _clusters[start:]
+    for c in made:  # a test that failed half-way (or forgot) leaves no daemon behind
+        if c.meta.pid or c.agents:
+            c.down()
     found = [t for c in made for t in daemon_tracebacks(c)]
     if found:
         pytest.fail("a daemon logged a traceback:\n" + "\n".join(found[:3]))
