@@ -136,7 +136,7 @@ def register(sub: Any) -> None:
                    help="seconds a replica may stay out of service before it is rebuilt on another drive instead of "
                         "resynced in place (default 300)")
     p.add_argument("--repair-rate", type=size_arg(0, 1 << 50),
-                   help="bytes/s for resync and rebuild copies, e.g. 200M (default: unlimited)")
+                   help="bytes/s for resync and rebuild copies, pool-wide, e.g. 200M (default 64M; 0: unlimited)")
     p.add_argument("--config", help="TOML config file (see deploy/meta.toml.sample)")
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
     p.set_defaults(func=cmd_meta)

@@ -47,8 +47,8 @@ class MetaConfig:
     lease_ttl: float = 15.0
     #: a replica out of service this long is rebuilt on another drive instead of resynced in place
     rebuild_after: float = 300.0
-    #: bytes/s for resync and rebuild copies (0 = unlimited)
-    repair_rate: int = 0
+    #: bytes/s for resync and rebuild copies, pool-wide (0 = unlimited)
+    repair_rate: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0 or self.agent_timeout < 2.5 * self.heartbeat_interval:

@@ -387,11 +387,16 @@ async def main_pool(args: argparse.Namespace, work: Path, table: Table, stopped:
         # 1. sequential writes, 2 replicas vs 1 (each volume written whole once: fresh space for both)
         say("1. sequential 1 MiB writes, QD8")
         vols = {n: await pool.open(n) for n in (PLAIN, VOL)}
-        mbps = {n: await seq_write(v, size) for n, v in vols.items()}
+        # alternate and keep each volume's best of three passes: page-cache writeback of one pass
+        # otherwise lands on whichever volume is written next
+        mbps = {n: 0.0 for n in vols}
+        for rnd in range(3):
+            for n in ((PLAIN, VOL) if rnd % 2 == 0 else (VOL, PLAIN)):
+                mbps[n] = max(mbps[n], await seq_write(vols[n], size, seed=rnd))
         for v in vols.values():
             await v.close()
         a1 = f"--size {args.size} --agents {args.agents}"
-        table.add(1, "seq 1M write MB/s QD8, 1 replica", mbps[PLAIN], "MB/s", a1)
+        table.add(1, "seq 1M write MB/s QD8, 1 replica (best of 3 alternating)", mbps[PLAIN], "MB/s", a1)
         table.add(1, "seq 1M write MB/s QD8, 2 replicas", mbps[VOL], "MB/s", a1, mbps[PLAIN], "2-replica / 1-replica")
         await pool.delete_volume(PLAIN)
 
