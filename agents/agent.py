@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Optional
 import grpc
 
 from nvpool.agents import osio
-from nvpool.agents.control import AgentServicer
+from nvpool.agents.control import AgentServicer, ControlAuth
 from nvpool.agents.copy import Copier
 from nvpool.agents.core import AgentCore
 from nvpool.agents.dataplane import start_tcp
@@ -44,6 +44,7 @@ from nvpool.proto.convert import extent_record_from_pb, extent_record_to_pb
 from nvpool.proto.config import check_keys
 from nvpool.proto.addresses import check_bindable, is_wildcard, join_hostport, split_hostport
 from nvpool.proto.errors import UsageError
+from nvpool.proto import capability, keys
 from nvpool.proto.records import extent_digest
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class AgentConfig:
     #: failure-domain labels ("rack=r1"); a volume's --failure-domain names one of the keys
     labels: tuple[str, ...] = ()
     heartbeat_interval: float = 1.0
+    #: the pool's join secret (created by `nvpool meta` next to its store); required
+    join_secret_file: str = ""
 
     def __post_init__(self) -> None:
         for lab in self.labels:
@@ -124,6 +127,11 @@ class AgentConfig:
 class StorageAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        if not config.join_secret_file:
+            raise UsageError("an agent needs the pool's join secret: --join-secret-file PATH (`nvpool meta` "
+                             "creates it next to its store, e.g. /var/lib/nvpool/meta.db.join-secret; copy it "
+                             "to this server, mode 600)")
+        self.secrets = keys.load(config.join_secret_file)
         specs = [DriveSpec.parse(d) for d in config.drives]
         if config.discover_nvme:
             specs += [DriveSpec(ns.path) for ns in osio.discover_nvme()]
@@ -151,6 +159,7 @@ class StorageAgent:
         self.pool_id = pools.pop() if pools else ""
         self.instance = uuid.uuid4().hex
         self.core = AgentCore(drives)
+        self.core.secrets = self.secrets
         self.agent_id = config.name
         #: extent ids the metadata service asked us to release that we no longer hold (to confirm)
         self._released: set[int] = set()
@@ -176,7 +185,8 @@ class StorageAgent:
         self.address = join_hostport(adv_host, adv_port or bound[1])
         if self.config.unix_path:
             self._servers.append(await start_unix(self.core, self.config.unix_path))
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                                     interceptors=[ControlAuth(self.secrets)])
         self.copier = Copier(self.core)
         pbg.add_AgentServicer_to_server(AgentServicer(self.core, self.copier.copy), self._grpc)
         chost, cport = split_hostport(self.config.control_listen or f"{host}:0")
@@ -205,6 +215,7 @@ class StorageAgent:
             pool_id=self.pool_id,
             instance=self.instance,
             labels=self.config.label_map(),
+            credential=capability.join_proof(self.secrets[0], self.agent_id, self.instance, time.time()),
         )
 
     def _adopt_pool(self, pool_id: str) -> bool:
@@ -228,6 +239,7 @@ class StorageAgent:
             agent_id=self.agent_id, drives=self._drive_infos(), bytes_read=st.bytes_read,
             bytes_written=st.bytes_written, commands=st.commands, instance=self.instance,
             extents_digest=extent_digest(self.core.extents.values()), released=released,
+            credential=capability.join_proof(self.secrets[0], self.agent_id, self.instance, time.time()),
         )
 
     async def _apply_heartbeat(self, hb: pb.HeartbeatResponse, sent: pb.HeartbeatRequest) -> None:
@@ -287,7 +299,8 @@ class StorageAgent:
                     backoff = 0.2
                     await asyncio.sleep(interval)
                 except grpc.aio.AioRpcError as exc:
-                    refused = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS)
+                    refused = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
+                                             grpc.StatusCode.UNAUTHENTICATED)
                     if refused:  # not a network problem: say it every time, loudly, and back off
                         logger.error("metadata service %s refused this agent: %s", self.config.meta, exc.details())
                     elif not warned:

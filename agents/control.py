@@ -7,11 +7,14 @@ calls never carry data; the data plane is ``agents/dataplane.py``.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Awaitable, Callable, Optional
 
 import grpc
 
 from nvpool.agents.core import AgentCore
+from nvpool.proto import capability
+from nvpool.proto.capability import AUTH_HEADER
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
 from nvpool.proto.convert import extent_record_from_pb
@@ -33,6 +36,27 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     else:
         code = grpc.StatusCode.INTERNAL
     await context.abort(code, str(exc))
+
+
+class ControlAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Only the metadata service may call an agent's control service: every call carries a token
+    derived from the pool's join secret (``x-nvpool-auth``; proto/capability.py ``control_token``).
+    Anything else is refused with UNAUTHENTICATED before it reaches a handler."""
+
+    def __init__(self, secrets: list[bytes]) -> None:
+        self.secrets = secrets
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        token = dict(details.invocation_metadata or ()).get(AUTH_HEADER, "")
+        why = capability.check_control_token(str(token), self.secrets, details.method, time.time())
+        if not why:
+            return await continuation(details)
+        logger.warning("refused control call %s: %s", details.method, why)
+
+        async def deny(request: Any, context: Any) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"not the metadata service of this pool: {why}")
+
+        return grpc.unary_unary_rpc_method_handler(deny)
 
 
 class AgentServicer(pbg.AgentServicer):  # type: ignore[misc]

@@ -38,6 +38,8 @@ class Copier:
         try:
             buf = memoryview(bytearray(length))
             conn = await self._conn(req.src_address)
+            if req.capability:
+                conn.authorize(self.core.extents[req.dst_extent_id].volume_id, bytes(req.capability))
             pos = 0
             while pos < length:
                 n = min(dp.MAX_IO, length - pos)

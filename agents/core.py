@@ -89,6 +89,9 @@ class AgentCore:
         self._assigning: dict[int, ExtentRecord] = {}
         #: replicated extents are served until this monotonic time (see "Serve lease")
         self.serve_until = 0.0
+        #: the pool's join secrets (current first): data-plane commands need a capability signed with
+        #: one of them (agents/dataplane.py). Empty only for in-process tests of the core.
+        self.secrets: list[bytes] = []
         #: extent id -> bitmap of DIRTY_GRAIN grains written since tracking started
         self._dirty: dict[int, bytearray] = {}
         for d in self.drives.values():

@@ -41,10 +41,13 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections import deque
 from typing import Any, Callable, Optional
 
 from nvpool.agents.core import AgentCore
+from nvpool.proto import capability
+from nvpool.proto.capability import Capability
 from nvpool.proto import dataplane as dp
 from nvpool.proto.errors import DriveError, ProtocolError, RemoteError, Status
 
@@ -88,6 +91,8 @@ class AgentConnection(asyncio.BufferedProtocol):
         self._out_bytes = 0
         #: the peer shut down its sending side while commands were held: close once they are answered
         self._eof = False
+        #: volume id -> the capability this connection presented for it (proto/capability.py)
+        self.caps: dict[int, Capability] = {}
 
     # ------------------------------------------------------------------ asyncio protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -176,7 +181,7 @@ class AgentConnection(asyncio.BufferedProtocol):
             if transport is None or transport.is_closing():
                 return
             i += 1
-            execute(core, cmd, regions, out, read, self._defer_flush)
+            execute(core, cmd, regions, out, read, self._defer_flush, self.caps)
             if self._out_bytes >= BATCH_BYTES:
                 self._send()
         self._send()
@@ -199,7 +204,7 @@ class AgentConnection(asyncio.BufferedProtocol):
                 cmd = pending.popleft()
                 if cmd.payload is not None:
                     self._pending_bytes -= len(cmd.payload)
-                execute(core, cmd, regions, out, read, self._defer_flush)
+                execute(core, cmd, regions, out, read, self._defer_flush, self.caps)
                 if self._out_bytes >= BATCH_BYTES:
                     self._send()
             self._send()
@@ -340,8 +345,46 @@ MAX_DEFERRED_FLUSHES = 16
 DeferFn = Callable[[dp.Command, list[Any]], bool]
 
 
+#: capabilities one connection may hold (one per volume); more is a peer's abuse
+MAX_CAPS = 4096
+_WRITES = frozenset({dp.WRITE, int(dp.Opcode.WRITE_REGION), int(dp.Opcode.WRITE_ZEROES), int(dp.Opcode.DISCARD)})
+
+
+def _authorize(core: AgentCore, cmd: dp.Command, caps: dict[int, Capability]) -> None:
+    """Refuse a command no capability of this connection covers (``DENIED``; the message says what
+    is missing, never what would have worked). An extent this agent does not hold is ``NO_EXTENT``
+    only for a connection that holds some capability (a client whose layout moved on)."""
+    rec = core.extents.get(cmd.extent_id)
+    if rec is None:
+        if cmd.extent_id == 0 and cmd.opcode == dp.FLUSH and caps:
+            return  # flush every drive: durability only, for any authorized client
+        if caps:
+            return  # the core answers NO_EXTENT
+        raise RemoteError(Status.DENIED, "no capability: send AUTH with one from the metadata service first")
+    cap = caps.get(rec.volume_id)
+    if cap is None:
+        raise RemoteError(Status.DENIED, "no capability for this extent's volume")
+    why = cap.allows(cmd.opcode in _WRITES, cmd.generation, time.time())
+    if why:
+        raise RemoteError(Status.DENIED, why)
+
+
+def _accept_capability(core: AgentCore, cmd: dp.Command, caps: dict[int, Capability]) -> None:
+    blob = bytes(cmd.payload) if cmd.payload is not None else b""
+    if not core.secrets:
+        return  # an agent core without keys (in-process tests) checks nothing
+    try:
+        cap = capability.verify(blob, core.secrets)
+    except capability.CapabilityError as exc:
+        raise RemoteError(Status.DENIED, str(exc)) from None
+    if cap.volume_id not in caps and len(caps) >= MAX_CAPS:
+        raise RemoteError(Status.DENIED, f"a connection holds at most {MAX_CAPS} capabilities")
+    caps[cap.volume_id] = cap
+
+
 def execute(core: AgentCore, cmd: dp.Command, regions: dict[int, memoryview], out: list[bytes],
-            read: Optional[ReadFn] = None, defer: Optional[DeferFn] = None) -> None:
+            read: Optional[ReadFn] = None, defer: Optional[DeferFn] = None,
+            caps: Optional[dict[int, Capability]] = None) -> None:
     """Run one command and append its completion frames to ``out`` (refusals become error completions).
 
     Checks the data-plane layer owns (the core checks extent, fence and range): a data digest, a
@@ -353,6 +396,12 @@ def execute(core: AgentCore, cmd: dp.Command, regions: dict[int, memoryview], ou
             raise RemoteError(Status.DIGEST, "data digest mismatch")
         op = cmd.opcode
         ok_flags = cmd.flags & dp.HDGST
+        if op == dp.Opcode.AUTH:
+            _accept_capability(core, cmd, caps if caps is not None else {})
+            out.append(dp.encode_completion(cmd.tag, 0, 0, 0, ok_flags))
+            return
+        if core.secrets and op != dp.NOP:
+            _authorize(core, cmd, caps if caps is not None else {})
         if op == dp.READ:
             if not cmd.length:
                 raise RemoteError(Status.INVALID, "READ of 0 bytes")

@@ -99,7 +99,9 @@ class AsyncPool:
             held.start()
         held.refs += 1  # while the layout is fetched
         try:
-            layout, endpoints = await self.meta.get_layout(name=name, lease_id="" if read_only else held.lease_id)
+            layout, endpoints, cap = await self.meta.get_layout_cap(name=name, lease_id=held.lease_id)
+            if cap:
+                held.cap = cap
             layout.validate()
             return AsyncVolume(self.meta, self.connections, layout, endpoints, read_only, self.options, held)
         finally:
@@ -111,6 +113,7 @@ class AsyncPool:
         for old in leases:
             lease = Lease(self.meta, old.name, old.lease_id, old.ttl, old.write, self._forget)
             lease.fenced = old.fenced
+            lease.cap = old.cap
             lease.owner = False  # the parent returns it; the child only helps renew it
             self._leases[(old.name, not old.write)] = lease
             lease.start()
@@ -298,7 +301,8 @@ class Volume:
         try:
             self._pool._sync.call(ep.address, unix, opcode, p.extent.extent_id, p.extent_offset, n, lay.generation,
                                   payload=view if opcode == dp.WRITE else None,
-                                  dest=view if opcode == dp.READ else None)
+                                  dest=view if opcode == dp.READ else None,
+                                  volume_id=lay.volume_id, cap=av.lease.cap if av.lease is not None else b"")
         except FastPathMiss as miss:
             budget = av.options.io_deadline
             if miss.timed_out and time.monotonic() - t0 >= budget:

@@ -67,7 +67,8 @@ def cmd_meta(args: argparse.Namespace) -> int:
     from nvpool.pool.grpc_meta import MetaConfig, serve
 
     values = _load_config(args.config)
-    for key in ("listen", "store", "lease_ttl", "agent_timeout", "heartbeat_interval", "rebuild_after", "repair_rate"):
+    for key in ("listen", "store", "lease_ttl", "agent_timeout", "heartbeat_interval", "rebuild_after", "repair_rate",
+                "join_secret_file"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     config = MetaConfig.from_mapping(values)
@@ -86,7 +87,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     mapping = {
         "meta": args.meta, "listen": args.listen, "control_listen": args.control_listen,
         "unix_path": args.unix, "advertise": args.advertise, "name": args.name, "host": args.host,
-        "rack": args.rack, "heartbeat_interval": args.heartbeat,
+        "rack": args.rack, "heartbeat_interval": args.heartbeat, "join_secret_file": args.join_secret_file,
     }
     values.update({k: v for k, v in mapping.items() if v is not None})
     if args.drive:
@@ -137,6 +138,9 @@ def register(sub: Any) -> None:
                         "resynced in place (default 300)")
     p.add_argument("--repair-rate", type=size_arg(0, 1 << 50),
                    help="bytes/s for resync and rebuild copies, pool-wide, e.g. 200M (default 64M; 0: unlimited)")
+    p.add_argument("--join-secret-file", metavar="PATH",
+                   help="the pool's join secret (created at the first start if missing; default: next to a SQLite "
+                        "store, STORE.join-secret); copy it to every storage server")
     p.add_argument("--config", help="TOML config file (see deploy/meta.toml.sample)")
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
     p.set_defaults(func=cmd_meta)
@@ -167,6 +171,8 @@ def register(sub: Any) -> None:
                    help="a failure-domain label (repeatable), e.g. rack=r1 or room=a; a replicated volume created "
                         "with --failure-domain KEY keeps its copies on agents with different values")
     a.add_argument("--heartbeat", type=seconds_arg, help="seconds between heartbeats (default 1)")
+    a.add_argument("--join-secret-file", metavar="PATH",
+                   help="the pool's join secret, copied from the metadata server (required; mode 600)")
     a.add_argument("--config", help="TOML config file (see deploy/agent.toml.sample)")
     a.add_argument("--ready-file", help="write {address, control_address, drives, pid} as JSON once serving")
     a.set_defaults(func=cmd_agent)

@@ -139,10 +139,16 @@ class LocalCluster:
         self.meta.address = self._wait_ready(self.meta, timeout)["address"]
         self.save()
 
+    @property
+    def secret_file(self) -> Path:
+        """The pool's join secret, which `nvpool meta` creates next to its store."""
+        return self.dir / "meta.db.join-secret"
+
     def agent_info(self, i: int) -> ProcInfo:
         name = f"agent{i}"
         drives = [f"file:{self.dir / 'drives' / f'{name}-d{j}.img'}:{self.drive_size}" for j in range(self.drives_per_agent)]
         args = ["agent", "--meta", self.meta.address, "--listen", "127.0.0.1:0", "--name", name, "--host", name,
+                "--join-secret-file", str(self.secret_file),
                 "--ready-file", str(self.dir / f"{name}.ready"), "--heartbeat", "0.5"]
         if self.unix_sockets:
             args += ["--unix", str(self.dir / f"{name}.sock")]

@@ -235,8 +235,15 @@ class MetaClient:
         await self._call("DeleteVolume", pb.DeleteVolumeRequest(name=name, force=force, lease_ids=list(own_leases)))
 
     async def get_layout(self, name: str = "", volume_id: int = 0, lease_id: str = "") -> tuple[Layout, dict[str, Endpoint]]:
+        lay, eps, _ = await self.get_layout_cap(name, volume_id, lease_id)
+        return lay, eps
+
+    async def get_layout_cap(self, name: str = "", volume_id: int = 0, lease_id: str = ""
+                             ) -> tuple[Layout, dict[str, Endpoint], bytes]:
+        """The layout, its endpoints, and (with a lease) a capability to present to agents."""
         m = await self._call("GetLayout", pb.GetLayoutRequest(name=name, volume_id=volume_id, lease_id=lease_id))
-        return layout_from_pb(m)
+        lay, eps = layout_from_pb(m)
+        return lay, eps, bytes(m.capability)
 
     async def open_volume(self, name: str, write: bool, force: bool = False, holder: str = "") -> tuple[str, float]:
         """Take a lease (writer: exclusive; reader: shared); returns (lease id, seconds it lives unrenewed)."""
@@ -244,9 +251,10 @@ class MetaClient:
                                                                 holder=holder or holder_name()))
         return m.lease_id, m.ttl_ms / 1000
 
-    async def renew_lease(self, lease_id: str) -> float:
+    async def renew_lease(self, lease_id: str) -> tuple[float, bytes]:
+        """Renew a lease; returns (seconds it lives unrenewed, a fresh capability)."""
         m = await self._call("RenewLease", pb.RenewLeaseRequest(lease_id=lease_id), timeout=5)
-        return float(m.ttl_ms) / 1000
+        return float(m.ttl_ms) / 1000, bytes(m.capability)
 
     async def close_volume(self, lease_id: str) -> None:
         await self._call("CloseVolume", pb.CloseVolumeRequest(lease_id=lease_id), timeout=5)

@@ -74,6 +74,14 @@ class _Channel:
         self.sock = s
         self.hdr = bytearray(dp.COMPLETION.size)
         self.tag = 0
+        #: volume id -> capability presented on this connection
+        self.authorized: dict[int, bytes] = {}
+
+    def authorize(self, volume_id: int, cap: bytes) -> None:
+        """Present a capability (data-plane AUTH) once per connection and capability."""
+        if cap and self.authorized.get(volume_id) != cap:
+            self.call(dp.Opcode.AUTH, 0, 0, len(cap), 0, cap, None)
+            self.authorized[volume_id] = cap
 
     @staticmethod
     def _recv_exact(s: socket.socket, n: int) -> bytes:
@@ -134,12 +142,14 @@ class SyncChannels:
         return d
 
     def call(self, address: str, unix_path: str, opcode: int, extent_id: int, offset: int, length: int,
-             generation: int, payload: Optional[Buffer] = None, dest: Optional[memoryview] = None) -> None:
+             generation: int, payload: Optional[Buffer] = None, dest: Optional[memoryview] = None,
+             volume_id: int = 0, cap: bytes = b"") -> None:
         chans = self._channels()
         ch = chans.get(address)
         try:
             if ch is None:
                 ch = chans[address] = _Channel(address, unix_path, self.timeout)
+            ch.authorize(volume_id, cap)
             ch.call(opcode, extent_id, offset, length, generation, payload, dest)
         except FastPathMiss:
             self.misses += 1

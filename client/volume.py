@@ -225,6 +225,8 @@ class Lease:
                  on_closed: Optional[Callable[["Lease"], None]] = None) -> None:
         self.meta, self.name, self.lease_id, self.ttl, self.write = meta, name, lease_id, ttl, write
         self.fenced: Optional[str] = None
+        #: the capability agents check (proto/capability.py); refreshed with every renewal and layout
+        self.cap = b""
         #: write ranges in flight, for every handle of the volume in this client (replicated volumes)
         self.ranges = RangeLock()
         self.refs = 0
@@ -246,7 +248,9 @@ class Lease:
 
     async def _renew(self) -> None:
         try:
-            await self.meta.renew_lease(self.lease_id)
+            _, cap = await self.meta.renew_lease(self.lease_id)
+            if cap:
+                self.cap = cap
         except LeaseError as exc:
             self.fence(str(exc))
         except NvpoolError as exc:  # metadata service unreachable: agents' fences keep us safe meanwhile
@@ -359,7 +363,7 @@ class AsyncVolume:
         if p is None:
             return None
         ep = self.endpoints.get(p.extent.drive_id)
-        conn = self.connections.peek(ep) if ep is not None else None
+        conn = self._peek(ep)
         if conn is None or self.options.digests:
             return None
         fut = conn.start(dp.READ, p.extent.extent_id, p.extent_offset, n, lay.generation, buf)
@@ -411,7 +415,7 @@ class AsyncVolume:
         deadline = time.monotonic() + budget
 
         async def one(ep: Endpoint, ext: int, gen: int) -> None:
-            conn = await self.connections.get(ep, deadline)
+            conn = await self._conn(ep, deadline)
             await conn.submit(dp.Opcode.FLUSH, ext, 0, 0, gen, deadline=deadline)
 
         for attempt in range(self.options.retries + 1):
@@ -429,12 +433,17 @@ class AsyncVolume:
                 stale = [r for _, r in bad if isinstance(r, StaleLayoutError)]
                 if stale:
                     raise stale[0]
+                denied = [r for _, r in bad if isinstance(r, RemoteError) and r.status == Status.DENIED]
+                if denied:
+                    raise denied[0]
                 for e, r in bad:
                     if not isinstance(r, (UnavailableError, RemoteError)):
                         raise r
                     await self._report(lay, e.extent_id, r, deadline)
                 continue
-            except (StaleLayoutError, UnavailableError) as exc:
+            except (StaleLayoutError, UnavailableError, RemoteError) as exc:
+                if isinstance(exc, RemoteError) and not isinstance(exc, StaleLayoutError) and exc.status != Status.DENIED:
+                    raise
                 if time.monotonic() >= deadline:
                     raise self._out_of_time("flush", budget, [exc]) from exc
                 if attempt == self.options.retries:
@@ -467,6 +476,20 @@ class AsyncVolume:
         if self.fenced is not None:
             raise LeaseError(f"volume {self.name!r} may no longer be written by this process: {self.fenced}")
 
+    async def _conn(self, ep: Endpoint, deadline: float = math.inf) -> AgentConnection:
+        """The connection to ``ep``'s agent, with this volume's capability presented on it."""
+        conn = await self.connections.get(ep, deadline)
+        if self.lease is not None and self.lease.cap:
+            conn.authorize(self.layout.volume_id, self.lease.cap)
+        return conn
+
+    def _peek(self, ep: Optional[Endpoint]) -> Optional[AgentConnection]:
+        """An open connection to ``ep``'s agent, if there is one (fast paths), capability presented."""
+        conn = self.connections.peek(ep) if ep is not None else None
+        if conn is not None and self.lease is not None and self.lease.cap:
+            conn.authorize(self.layout.volume_id, self.lease.cap)
+        return conn
+
     def _endpoint(self, drive_id: str) -> Endpoint:
         ep = self.endpoints.get(drive_id)
         if ep is None:
@@ -480,8 +503,12 @@ class AsyncVolume:
             if self.layout.generation > seen and self.layout.generation >= min_generation:
                 return  # someone else refreshed while we waited
             try:
-                lease = self.lease.lease_id if self.lease is not None and self.writable else ""
-                layout, endpoints = await self.meta.get_layout(volume_id=self.layout.volume_id, lease_id=lease)
+                usable = self.lease is not None and (self._read_only or self.writable)
+                lease = self.lease.lease_id if self.lease is not None and usable else ""
+                layout, endpoints, cap = await self.meta.get_layout_cap(volume_id=self.layout.volume_id,
+                                                                        lease_id=lease)
+                if cap and self.lease is not None:
+                    self.lease.cap = cap
             except LeaseError as exc:
                 # our writer lease is gone: never write again; reads may go on with the current layout
                 self._fence(str(exc))
@@ -539,7 +566,7 @@ class AsyncVolume:
         if p is not None:
             # fast path: one piece on one agent, no gather; any trouble takes the general path below
             ep = self.endpoints.get(p.extent.drive_id)
-            conn = self.connections.peek(ep) if ep is not None else None
+            conn = self._peek(ep)
             if conn is not None:
                 try:
                     await send(conn, p.extent.extent_id, p.extent_offset, length, lay.generation, 0, deadline)
@@ -550,7 +577,7 @@ class AsyncVolume:
                 except (StaleLayoutError, UnavailableError) as exc:
                     errors.append(exc)
                 except RemoteError as exc:
-                    if exc.status != Status.NO_EXTENT:
+                    if exc.status not in (Status.NO_EXTENT, Status.DENIED):
                         raise
                     errors.append(exc)
         todo = [_Range(offset, length, 0)]
@@ -575,7 +602,7 @@ class AsyncVolume:
                     failed.append(r)
                     errors.append(exc)
                 except RemoteError as exc:
-                    if exc.status == Status.NO_EXTENT:
+                    if exc.status in (Status.NO_EXTENT, Status.DENIED):  # DENIED: a new capability helps
                         failed.append(r)
                         errors.append(exc)
                     else:
@@ -696,7 +723,7 @@ class AsyncVolume:
     async def _copy_write_now(self, ext: Any, eoff: int, n: int, boff: int, gen: int, send: Sender,
                               deadline: float) -> None:
         dl = min(deadline, time.monotonic() + self.options.replica_timeout)
-        conn = await self.connections.get(self._endpoint(ext.drive_id), dl)
+        conn = await self._conn(self._endpoint(ext.drive_id), dl)
         off = 0
         while off < n:
             k = min(n - off, dp.MAX_IO)
@@ -719,7 +746,7 @@ class AsyncVolume:
 
     async def _read_one(self, ext: Any, eoff: int, dest: memoryview, gen: int, flags: int, deadline: float) -> None:
         dl = min(deadline, time.monotonic() + self.options.replica_timeout)
-        conn = await self.connections.get(self._endpoint(ext.drive_id), dl)
+        conn = await self._conn(self._endpoint(ext.drive_id), dl)
         off, n = 0, len(dest)
         while off < n:
             k = min(n - off, dp.MAX_IO)
@@ -737,7 +764,7 @@ class AsyncVolume:
             others = order[n_try + 1 :]
             hedge_after = max(self.options.hedge_min, 4 * self._read_latency)
             ep = self.endpoints.get(ext.drive_id)
-            conn = self.connections.peek(ep) if ep is not None else None
+            conn = self._peek(ep)
             can_hedge = (self.options.hedge_min > 0 and others and self._hedges < 8
                          and (conn is None or not isinstance(conn, ShmConnection)))
             if can_hedge:
@@ -800,6 +827,7 @@ class AsyncVolume:
             todo = [_Range(offset, length, 0)]
             history: list[BaseException] = []
             reported: set[tuple[int, int]] = set()
+            attempt_denied = 0
             while todo:
                 lay = self.layout
                 failed_ranges: list[_Range] = []
@@ -824,9 +852,14 @@ class AsyncVolume:
                 if time.monotonic() >= deadline:
                     raise self._out_of_time(f"I/O of {length} bytes at {offset}", budget, history)
                 stale = [e for _, e in failures if isinstance(e, StaleLayoutError)]
-                if stale:
+                denied = [e for _, e in failures if isinstance(e, RemoteError) and e.status == Status.DENIED]
+                if stale or denied:  # a newer layout, or a new capability for it
                     self.stats["stale_refetches"] += 1
-                    await self._refresh_within(deadline, stale[0].info)
+                    if denied and not stale:
+                        if attempt_denied >= self.options.retries:
+                            raise denied[0]
+                        attempt_denied += 1
+                    await self._refresh_within(deadline, stale[0].info if stale else 0)
                 else:
                     hard = [e for _, e in failures if isinstance(e, RemoteError)
                             and e.status not in (Status.BUSY, Status.IO_ERROR, Status.DIGEST, Status.NO_EXTENT)]
@@ -855,7 +888,7 @@ class AsyncVolume:
         gen = generation or lay.generation
         work = []
         for p in lay.map(r.offset, r.length):
-            conn = await self.connections.get(self._endpoint(p.extent.drive_id), deadline)
+            conn = await self._conn(self._endpoint(p.extent.drive_id), deadline)
             off, boff, left = p.extent_offset, r.buf_offset + p.buf_offset, p.length
             while left > 0:
                 n = min(left, dp.MAX_IO)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional
 
 import grpc
 
+from nvpool.proto import capability
 from nvpool.proto.layout import Extent
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
@@ -18,8 +20,12 @@ logger = logging.getLogger(__name__)
 
 
 class GrpcAgentLink:
-    def __init__(self, timeout: float = 30.0) -> None:
+    """Every call carries the metadata service's credential (``x-nvpool-auth``, derived from the pool's
+    join secret): agents refuse control calls from anyone else."""
+
+    def __init__(self, timeout: float = 30.0, secrets: Optional[list[bytes]] = None) -> None:
         self.timeout = timeout
+        self.secrets = secrets or []
         self._channels: dict[str, tuple[Any, Any]] = {}
 
     def _stub(self, address: str) -> Any:
@@ -34,7 +40,12 @@ class GrpcAgentLink:
         if not address:
             raise UnavailableError("agent has no control address (not registered yet)")
         try:
-            return await getattr(self._stub(address), method)(request, timeout=timeout or self.timeout)
+            meta: tuple[tuple[str, str], ...] = ()
+            if self.secrets:
+                token = capability.control_token(self.secrets[0], f"/nvpool.v1.Agent/{method}", time.time())
+                meta = ((capability.AUTH_HEADER, token),)
+            return await getattr(self._stub(address), method)(request, timeout=timeout or self.timeout,
+                                                              metadata=meta)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -67,11 +78,16 @@ class GrpcAgentLink:
 
     async def copy(
         self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,
-        length: int, generation: int,
+        length: int, generation: int, volume_id: int = 0,
     ) -> int:
+        cap = b""
+        if self.secrets and volume_id:  # the destination reads the source with a read capability
+            cap = capability.sign(capability.Capability(volume_id, capability.READ, generation,
+                                                        int(time.time()) + 600), self.secrets[0])
         resp = await self._call(address, "CopyExtent", pb.CopyExtentRequest(
             dst_extent_id=dst.extent_id, dst_offset=dst_offset, src_address=src_address,
             src_extent_id=src.extent_id, src_offset=src_offset, length=length, generation=generation,
+            capability=cap,
         ))
         return int(resp.bytes)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Optional, TypeVar
 
@@ -19,6 +20,7 @@ from nvpool.pool.rebalancer import Rebalancer
 from nvpool.pool.replication import Replication
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
+from nvpool.proto import capability, keys
 from nvpool.proto.addresses import check_bindable
 from nvpool.proto.config import check_keys
 from nvpool.proto.convert import extent_record_to_pb, layout_to_pb
@@ -49,6 +51,15 @@ class MetaConfig:
     rebuild_after: float = 300.0
     #: bytes/s for resync and rebuild copies, pool-wide (0 = unlimited)
     repair_rate: int = 64 * 1024 * 1024
+    #: the pool's join secret; "" = next to a SQLite store (PATH.join-secret), created at first start
+    join_secret_file: str = ""
+
+    def secret_path(self) -> str:
+        if self.join_secret_file:
+            return self.join_secret_file
+        if self.store.startswith("sqlite:"):
+            return self.store[len("sqlite:"):] + ".join-secret"
+        raise UsageError("join_secret_file must be set for this store")
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0 or self.agent_timeout < 2.5 * self.heartbeat_interval:
@@ -121,6 +132,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
                   for d in request.drives]
         if not request.agent_id or not request.address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent_id and address are required")
+        await self._check_agent(context, request.agent_id, request.instance, request.credential, "registration")
         extents = await _guard(context, self.svc.register_agent(
             agent, drives, request.pool_id, [e.extent_id for e in request.extents]))
         return pb.RegisterAgentResponse(
@@ -130,7 +142,18 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             serve_lease_ms=int(self.svc.serve_lease * 1000),
         )
 
+    async def _check_agent(self, context: Any, agent_id: str, instance: str, credential: str, what: str) -> None:
+        """Only a holder of the pool's join secret registers or heartbeats as an agent."""
+        if not self.svc.secrets:
+            return
+        why = capability.check_join_proof(credential, self.svc.secrets, agent_id, instance, time.time())
+        if why:
+            logger.warning("refused %s of agent %r from %s: %s", what, agent_id, who(context), why)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{what} refused: {why} (give the agent the pool's join secret)")
+
     async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatResponse:
+        await self._check_agent(context, request.agent_id, request.instance, request.credential, "heartbeat")
         res = self.svc.heartbeat(
             request.agent_id, {d.drive_id: d.state or "ok" for d in request.drives}, request.instance,
             request.extents_digest if request.extents_digest else None, request.released,
@@ -151,12 +174,13 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
         lease = await _guard(context, self.svc.open_volume(request.name, request.write,
                                                            request.holder or who(context), request.force))
         return pb.OpenVolumeResponse(lease_id=lease.lease_id, ttl_ms=int(self.svc.lease_ttl * 1000),
-                                     volume=volume_pb(self.svc.volume_view(self.svc.volume_by_id(lease.volume_id))))
+                                     volume=volume_pb(self.svc.volume_view(self.svc.volume_by_id(lease.volume_id))),
+                                     capability=self.svc.capability(lease))
 
     async def RenewLease(self, request: Any, context: Any) -> pb.RenewLeaseResponse:
         async def renew() -> pb.RenewLeaseResponse:
-            self.svc.renew_lease(request.lease_id)
-            return pb.RenewLeaseResponse(ttl_ms=int(self.svc.lease_ttl * 1000))
+            lease = self.svc.renew_lease(request.lease_id)
+            return pb.RenewLeaseResponse(ttl_ms=int(self.svc.lease_ttl * 1000), capability=self.svc.capability(lease))
         return await _guard(context, renew())
 
     async def CloseVolume(self, request: Any, context: Any) -> pb.CloseVolumeResponse:
@@ -184,9 +208,11 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
     async def GetLayout(self, request: Any, context: Any) -> pb.Layout:
         async def get() -> pb.Layout:
             lay, eps = self.svc.layout(request.name, request.volume_id)
+            msg = layout_to_pb(lay, eps)
             if request.lease_id:
                 self.svc.check_lease(request.lease_id, lay.volume_id)
-            return layout_to_pb(lay, eps)
+                msg.capability = self.svc.capability(self.svc.leases[request.lease_id])
+            return msg
         return await _guard(context, get())
 
     async def PoolStatus(self, request: Any, context: Any) -> pb.PoolStatusResponse:
@@ -255,9 +281,11 @@ async def serve(
 ) -> None:
     """Run the metadata service until cancelled; ``on_ready`` gets the bound host:port."""
     check_bindable(config.listen, "metadata service")
+    secrets = keys.create(config.secret_path())
     store = open_store(config.store)
-    agent_link = link or GrpcAgentLink()
+    agent_link = link or GrpcAgentLink(secrets=secrets)
     service = MetaService(store, agent_link, config.heartbeat_interval, config.agent_timeout, config.lease_ttl)
+    service.secrets = secrets
     rebalancer = Rebalancer(service)
     replication = Replication(service, rebuild_after=config.rebuild_after, rate=config.repair_rate)
     # no SO_REUSEPORT: a second service on a busy address must fail, not split the connections

@@ -75,6 +75,7 @@ from typing import Any, Iterable, Optional, Protocol
 from nvpool.pool.kvstore import KVStore
 from nvpool.proto.layout import DEFAULT_STRIPE_UNIT, MAX_REPLICAS, Extent, Layout
 from nvpool.pool.planner import DriveSpace, plan_grow, plan_replicated
+from nvpool.proto.capability import READ, WRITE, Capability, sign
 from nvpool.proto.records import Endpoint, ExtentRecord, extent_digest
 from nvpool.proto.errors import (
     AlreadyExistsError,
@@ -91,6 +92,8 @@ MIN_STRIPE_UNIT, MAX_STRIPE_UNIT = 4096, 16 * 1024 * 1024
 SIZE_ALIGN = 4096
 #: how long a writer or reader lease lives without renewal (clients renew every third of it)
 LEASE_TTL = 15.0
+#: how long a capability is valid (clients get a fresh one with every lease renewal and layout)
+CAPABILITY_TTL = 3600
 
 
 class AgentLink(Protocol):
@@ -110,7 +113,7 @@ class AgentLink(Protocol):
 
     async def copy(
         self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,
-        length: int, generation: int,
+        length: int, generation: int, volume_id: int = 0,
     ) -> int: ...
 
     async def close(self) -> None: ...
@@ -225,6 +228,8 @@ class MetaService:
         self.store = store
         self.lease_ttl = lease_ttl
         self.link = agents
+        #: the pool's join secrets (first: signs capabilities); empty: no capabilities (unit tests)
+        self.secrets: list[bytes] = []
         #: when this process started: an agent is "surely silent" only after agent_timeout from here too
         self.started = time.monotonic()
         #: volume id -> (column, replica) -> repair record of every replica not ``ok``
@@ -877,6 +882,17 @@ class MetaService:
         self.persist_volume(vol)
         logger.info("volume %s fenced at generation %d (previous writer: %s)", vol.name, g,
                     ", ".join(holders) or "expired")
+
+    def capability(self, lease: Lease) -> bytes:
+        """A signed capability for a lease's holder (proto/capability.py): its volume, its access,
+        the volume's current generation as the ceiling, valid for ``CAPABILITY_TTL``."""
+        if not self.secrets:
+            return b""
+        lay = self.layouts.get(lease.volume_id)
+        gen = lay.generation if lay is not None else 0
+        cap = Capability(lease.volume_id, WRITE if lease.mode == "write" else READ, gen,
+                         int(time.time() + CAPABILITY_TTL), bytes.fromhex(lease.lease_id)[:16])
+        return sign(cap, self.secrets[0])
 
     def renew_lease(self, lease_id: str) -> Lease:
         lease = self.leases.get(lease_id)

@@ -102,6 +102,10 @@ def verify(blob: bytes, secrets: list[bytes]) -> Capability:
 
 
 # ---------------------------------------------------------------------- control plane and registration
+#: gRPC metadata key of the metadata service's credential on calls to agents
+AUTH_HEADER = "x-nvpool-auth"
+
+
 def control_token(secret: bytes, method: str, now: float) -> str:
     """What the metadata service sends with each call to an agent: ``TIME:MAC`` over the method."""
     ts = int(now)

@@ -17,7 +17,7 @@ Command (48 bytes, ``COMMAND``)::
    32  u64  region_off offset inside the region
    40  u64  generation layout generation the client holds for the extent's volume
    [48 u32  CRC32C of bytes 0..47, present if HDGST]
-   then, for WRITE: ``length`` payload bytes, [u32 CRC32C of the payload if DDGST]
+   then, for WRITE and AUTH: ``length`` payload bytes, [u32 CRC32C of the payload if DDGST]
 
 Completion (24 bytes, ``COMPLETION``)::
 
@@ -89,6 +89,9 @@ class Opcode(enum.IntEnum):
     # One-sided ("RDMA-style"): data moves through a registered memory region, not the socket.
     READ_REGION = 0x10  # agent places extent bytes into the region (like an RDMA WRITE to the client)
     WRITE_REGION = 0x11  # agent takes bytes from the region (like an RDMA READ from the client)
+    # Authorization: the payload is a capability (proto/capability.py) for one volume, kept by the
+    # agent for the rest of the connection; commands on that volume's extents are checked against it.
+    AUTH = 0x20
 
 
 class Flag(enum.IntFlag):
@@ -104,7 +107,7 @@ READ, WRITE, FLUSH, NOP = int(Opcode.READ), int(Opcode.WRITE), int(Opcode.FLUSH)
 _KNOWN_FLAGS = HDGST | DDGST | FUA
 _OPCODES = frozenset(int(o) for o in Opcode)
 #: opcodes whose command carries a payload on the stream
-_CARRIES_PAYLOAD = frozenset({WRITE})
+_CARRIES_PAYLOAD = frozenset({WRITE, int(Opcode.AUTH)})
 
 
 @dataclass(slots=True)

@@ -30,6 +30,7 @@ class Status(enum.IntEnum):
     DIGEST = 6  # CRC32C data digest mismatch
     REGION = 7  # unknown memory region or bytes outside it
     BUSY = 8  # the agent is shutting down or overloaded; retry elsewhere/later
+    DENIED = 9  # no valid capability covers the command (proto/capability.py)
 
 
 class NvpoolError(Exception):

@@ -118,16 +118,18 @@ class Endpoint(_message.Message):
     def __init__(self, drive_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., address: _Optional[str] = ..., unix_path: _Optional[str] = ..., host: _Optional[str] = ..., alive: _Optional[bool] = ...) -> None: ...
 
 class Layout(_message.Message):
-    __slots__ = ("current", "target", "has_target", "endpoints")
+    __slots__ = ("current", "target", "has_target", "endpoints", "capability")
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     HAS_TARGET_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     current: LayoutBody
     target: LayoutBody
     has_target: bool
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
-    def __init__(self, current: _Optional[_Union[LayoutBody, _Mapping]] = ..., target: _Optional[_Union[LayoutBody, _Mapping]] = ..., has_target: _Optional[bool] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
+    capability: bytes
+    def __init__(self, current: _Optional[_Union[LayoutBody, _Mapping]] = ..., target: _Optional[_Union[LayoutBody, _Mapping]] = ..., has_target: _Optional[bool] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., capability: _Optional[bytes] = ...) -> None: ...
 
 class Volume(_message.Message):
     __slots__ = ("volume_id", "name", "size", "stripe_unit", "stripe_width", "generation", "state", "created", "drives", "hosts", "holders", "replicas", "failure_domain", "replica_info", "health")
@@ -192,7 +194,7 @@ class Holder(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., mode: _Optional[str] = ..., holder: _Optional[str] = ..., granted: _Optional[float] = ...) -> None: ...
 
 class RegisterAgentRequest(_message.Message):
-    __slots__ = ("agent_id", "host", "rack", "address", "control_address", "unix_path", "drives", "extents", "version", "pool_id", "instance", "labels")
+    __slots__ = ("agent_id", "host", "rack", "address", "control_address", "unix_path", "drives", "extents", "version", "pool_id", "instance", "labels", "credential")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +214,7 @@ class RegisterAgentRequest(_message.Message):
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     host: str
     rack: str
@@ -224,7 +227,8 @@ class RegisterAgentRequest(_message.Message):
     pool_id: str
     instance: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., control_address: _Optional[str] = ..., unix_path: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., version: _Optional[str] = ..., pool_id: _Optional[str] = ..., instance: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    credential: str
+    def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., control_address: _Optional[str] = ..., unix_path: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., version: _Optional[str] = ..., pool_id: _Optional[str] = ..., instance: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class RegisterAgentResponse(_message.Message):
     __slots__ = ("heartbeat_interval_ms", "extents", "pool_id", "serve_lease_ms")
@@ -239,7 +243,7 @@ class RegisterAgentResponse(_message.Message):
     def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., pool_id: _Optional[str] = ..., serve_lease_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("agent_id", "drives", "bytes_read", "bytes_written", "commands", "instance", "extents_digest", "released")
+    __slots__ = ("agent_id", "drives", "bytes_read", "bytes_written", "commands", "instance", "extents_digest", "released", "credential")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     DRIVES_FIELD_NUMBER: _ClassVar[int]
     BYTES_READ_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +252,7 @@ class HeartbeatRequest(_message.Message):
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     EXTENTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     drives: _containers.RepeatedCompositeFieldContainer[DriveInfo]
     bytes_read: int
@@ -256,7 +261,8 @@ class HeartbeatRequest(_message.Message):
     instance: str
     extents_digest: bytes
     released: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, agent_id: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., commands: _Optional[int] = ..., instance: _Optional[str] = ..., extents_digest: _Optional[bytes] = ..., released: _Optional[_Iterable[int]] = ...) -> None: ...
+    credential: str
+    def __init__(self, agent_id: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., commands: _Optional[int] = ..., instance: _Optional[str] = ..., extents_digest: _Optional[bytes] = ..., released: _Optional[_Iterable[int]] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("reregister", "reconcile", "keep", "release")
@@ -347,14 +353,16 @@ class OpenVolumeRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., write: _Optional[bool] = ..., force: _Optional[bool] = ..., holder: _Optional[str] = ...) -> None: ...
 
 class OpenVolumeResponse(_message.Message):
-    __slots__ = ("lease_id", "ttl_ms", "volume")
+    __slots__ = ("lease_id", "ttl_ms", "volume", "capability")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     VOLUME_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     ttl_ms: int
     volume: Volume
-    def __init__(self, lease_id: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ...) -> None: ...
+    capability: bytes
+    def __init__(self, lease_id: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ..., capability: _Optional[bytes] = ...) -> None: ...
 
 class RenewLeaseRequest(_message.Message):
     __slots__ = ("lease_id",)
@@ -363,10 +371,12 @@ class RenewLeaseRequest(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
 
 class RenewLeaseResponse(_message.Message):
-    __slots__ = ("ttl_ms",)
+    __slots__ = ("ttl_ms", "capability")
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     ttl_ms: int
-    def __init__(self, ttl_ms: _Optional[int] = ...) -> None: ...
+    capability: bytes
+    def __init__(self, ttl_ms: _Optional[int] = ..., capability: _Optional[bytes] = ...) -> None: ...
 
 class CloseVolumeRequest(_message.Message):
     __slots__ = ("lease_id",)
@@ -588,7 +598,7 @@ class FenceResponse(_message.Message):
     def __init__(self, extents: _Optional[int] = ...) -> None: ...
 
 class CopyExtentRequest(_message.Message):
-    __slots__ = ("dst_extent_id", "dst_offset", "src_address", "src_extent_id", "src_offset", "length", "generation")
+    __slots__ = ("dst_extent_id", "dst_offset", "src_address", "src_extent_id", "src_offset", "length", "generation", "capability")
     DST_EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
     DST_OFFSET_FIELD_NUMBER: _ClassVar[int]
     SRC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -596,6 +606,7 @@ class CopyExtentRequest(_message.Message):
     SRC_OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     dst_extent_id: int
     dst_offset: int
     src_address: str
@@ -603,7 +614,8 @@ class CopyExtentRequest(_message.Message):
     src_offset: int
     length: int
     generation: int
-    def __init__(self, dst_extent_id: _Optional[int] = ..., dst_offset: _Optional[int] = ..., src_address: _Optional[str] = ..., src_extent_id: _Optional[int] = ..., src_offset: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+    capability: bytes
+    def __init__(self, dst_extent_id: _Optional[int] = ..., dst_offset: _Optional[int] = ..., src_address: _Optional[str] = ..., src_extent_id: _Optional[int] = ..., src_offset: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ..., capability: _Optional[bytes] = ...) -> None: ...
 
 class CopyExtentResponse(_message.Message):
     __slots__ = ("bytes",)

@@ -72,6 +72,8 @@ class AgentConnection(asyncio.BufferedProtocol):
         self._tick = min(1.0, io_timeout / 4)
         self._next_check = math.inf  # when the watchdog runs next
         self._watch_handle: Optional[asyncio.TimerHandle] = None
+        #: volume id -> the capability presented on this connection (proto/capability.py)
+        self.authorized: dict[int, bytes] = {}
 
     # ------------------------------------------------------------------ asyncio protocol
     def _watch(self) -> None:
@@ -249,6 +251,16 @@ class AgentConnection(asyncio.BufferedProtocol):
             raise
         self.check(comp, opcode, length, dest)
 
+    def authorize(self, volume_id: int, cap: bytes) -> None:
+        """Present ``cap`` for ``volume_id`` before the next command (once per connection and
+        capability). It is posted now, so it precedes every command posted after it; a refusal shows
+        as ``DENIED`` on those commands (the client then fetches a new capability)."""
+        if not cap or self.authorized.get(volume_id) == cap or self.closed:
+            return
+        self.authorized[volume_id] = cap
+        fut = self._post(dp.Opcode.AUTH, 0, 0, len(cap), 0, cap, None, 0, 0, 0, 0)
+        fut.add_done_callback(_auth_done)
+
     def abandon(self, fut: "asyncio.Future[dp.Completion]") -> None:
         """The caller stopped waiting for this command (cancelled; a hedged read that lost): its READ
         payload must never land in the caller's buffer. Before the payload arrives that is a matter
@@ -310,6 +322,11 @@ class AgentConnection(asyncio.BufferedProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def _auth_done(fut: "asyncio.Future[dp.Completion]") -> None:
+    if not fut.cancelled() and fut.exception() is None and fut.result().status != 0:
+        logger.info("an agent refused a capability: %s", fut.result().message)
 
 
 async def connect(

@@ -142,7 +142,8 @@ def main() -> int:
             ready = work / f"s{i}.ready"
             procs.append(h.popen(
                 [PY, "-m", "nvpool", "agent", "--meta", meta, "--listen", f"{h.address}:0", "--name", f"s{i}",
-                 "--drive", f"file:{work / f's{i}.img'}:2G", "--ready-file", str(ready), "--heartbeat", "0.5"],
+                 "--drive", f"file:{work / f's{i}.img'}:2G", "--ready-file", str(ready), "--heartbeat", "0.5",
+                 "--join-secret-file", str(work / "meta.db.join-secret")],
                 cwd=ROOT, stdout=open(work / f"s{i}.log", "wb"), stderr=subprocess.STDOUT,
             ))
             wait_file(ready)

@@ -21,6 +21,7 @@ from nvpool import client
 from nvpool.client.cluster import LocalCluster
 from nvpool.proto import dataplane as dp
 from nvpool.proto.errors import Status
+from tests.creds import AUTH_TAG, auth_frame, capability_for
 
 MiB = 1 << 20
 RSS_BOUND = 256 * MiB
@@ -30,8 +31,12 @@ BIG = dp.MAX_IO  # 16 MiB, the largest command
 class Target:
     """The agent process and one real extent of a volume on it."""
 
-    def __init__(self, cluster: LocalCluster, extent_id: int, generation: int, data: np.ndarray) -> None:
+    def __init__(self, cluster: LocalCluster, extent_id: int, generation: int, data: np.ndarray,
+                 volume_id: int = 0) -> None:
         self.cluster = cluster
+        #: every raw connection first presents a valid capability: the checks below are the ones an
+        #: authorized but hostile (or broken) client meets
+        self.auth = auth_frame(capability_for(cluster.secret_file, volume_id))
         self.pid = cluster.agents[0].pid
         host, port = cluster.agents[0].address.rsplit(":", 1)
         self.addr = (host, int(port))
@@ -62,7 +67,13 @@ class Target:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         s.connect(self.addr)
         s.settimeout(10)
+        self.authorize(s)
         return s
+
+    def authorize(self, s: socket.socket) -> None:
+        s.sendall(self.auth)
+        got = recv_completions(s, AUTH_TAG)
+        assert got is not None and [(c.tag, c.status) for c in got] == [(AUTH_TAG, Status.OK)], got
 
     def check_served(self) -> None:
         """A normal client still reads and writes correctly."""
@@ -93,7 +104,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
             assert p.extent_offset == 0 and p.extent.length >= 2 * BIG
             generation = vol.generation
             vol.close()  # (the writer lease: check_served opens it from another client)
-            yield Target(c, p.extent.extent_id, generation, data)
+            yield Target(c, p.extent.extent_id, generation, data, vol.asyncio.layout.volume_id)
     finally:
         c.down()
 
@@ -206,6 +217,7 @@ def open_data_plane(target: Target, transport: str) -> socket.socket:
     s.connect(target.unix_path)
     s.sendall(struct.pack("<4sII", b"NVSH", 1, 0))  # hello registering no region
     assert s.recv(8) == struct.pack("<4sI", b"NVOK", 0)
+    target.authorize(s)
     return s
 
 

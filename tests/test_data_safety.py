@@ -183,7 +183,8 @@ def test_two_agents_with_one_name_are_refused_and_status_tells_the_truth(tmp_pat
         before = status(c.meta.address)
         log = tmp_path / "twin.log"
         twin = spawn(["agent", "--meta", c.meta.address, "--listen", "127.0.0.1:0", "--name", "agent0",
-                      "--drive", f"file:{tmp_path / 'twin.img'}:64M", "--heartbeat", "0.5"], log)
+                      "--drive", f"file:{tmp_path / 'twin.img'}:64M", "--heartbeat", "0.5",
+                      "--join-secret-file", str(c.secret_file)], log)
         poll("the twin to be refused", lambda: "another --name" in log.read_text(errors="replace"), timeout=30)
         after = status(c.meta.address)
         assert after["capacity"] == before["capacity"]
@@ -208,6 +209,7 @@ def test_wildcard_listen_registers_a_dialable_address(tmp_path: Path) -> None:
             ready = tmp_path / f"{name}.ready"
             procs.append(spawn(["agent", "--meta", c.meta.address, "--listen", "0.0.0.0:0", "--name", name,
                                 "--drive", f"file:{tmp_path / (name + '.img')}:64M", "--heartbeat", "0.5",
+                                "--join-secret-file", str(c.secret_file),
                                 "--ready-file", str(ready), *extra], tmp_path / f"{name}.log"))
             wait_json(ready, procs[-1])
             agents = {a["agent_id"]: a for a in status(c.meta.address)["agents"]}

@@ -42,6 +42,7 @@ def fabric_pool(tmp_path: Path) -> Iterator[tuple[Fabric, str]]:
         host = fabric.add_host("s0")
         agent = host.popen([sys.executable, "-m", "nvpool", "agent", "--meta", addr, "--listen", f"{host.address}:0",
                             "--name", "s0", "--drive", f"file:{tmp_path / 'd0.img'}:256M", "--heartbeat", "0.5",
+                            "--join-secret-file", str(tmp_path / "meta.db.join-secret"),
                             "--ready-file", str(tmp_path / "s0.ready")], cwd=os.getcwd())
         procs.append(agent)
         wait_json(tmp_path / "s0.ready", agent)

@@ -28,6 +28,7 @@ from nvpool.proto import dataplane as dp
 from nvpool.proto.layout import Layout
 from nvpool.proto.transport import connect
 from tests.conftest import make_cluster
+from tests.creds import capability_for
 from tests.history import BLOCK, History, check, payload, summary
 from tests.waiting import poll
 
@@ -60,8 +61,8 @@ def wait_redundant(c: LocalCluster, name: str, timeout: float = 60) -> None:
     poll(f"volume {name} back to fully redundant", lambda: health(c, name) == "ok", timeout, 0.3)
 
 
-async def replica_bytes(meta: str, name: str) -> tuple[Layout, list[list[bytes]]]:
-    """Every replica of every column, read straight from its agent."""
+async def replica_bytes(meta: str, name: str, secret_file: Path) -> tuple[Layout, list[list[bytes]]]:
+    """Every replica of every column, read straight from its agent (with a read capability)."""
     m = MetaClient(meta)
     try:
         lay, eps = await m.get_layout(name=name)
@@ -78,6 +79,7 @@ async def replica_bytes(meta: str, name: str) -> tuple[Layout, list[list[bytes]]
                     addr = eps[e.drive_id].address
                     if addr not in conns:
                         conns[addr] = await connect(addr)
+                        conns[addr].authorize(lay.volume_id, capability_for(secret_file, lay.volume_id, write=False))
                     part = memoryview(bytearray(e.length))
                     for off in range(0, e.length, dp.MAX_IO):
                         n = min(dp.MAX_IO, e.length - off)
@@ -159,7 +161,7 @@ class Workload:
 
 
 def assert_identical(c: LocalCluster, name: str) -> None:
-    lay, cols = asyncio.run(replica_bytes(c.meta.address, name))
+    lay, cols = asyncio.run(replica_bytes(c.meta.address, name, c.secret_file))
     assert not lay.degraded
     for i, copies in enumerate(cols):
         for k in range(1, len(copies)):

@@ -26,6 +26,7 @@ import pytest
 
 from nvpool.client.api import AsyncPool
 from nvpool.client.metaclient import MetaClient
+from tests.creds import capability_for
 from tests.history import check, summary
 from tests.netns import BRIDGE_ADDR, Fabric, available
 from tests.test_replication_faults import Workload
@@ -43,6 +44,7 @@ from nvpool.proto.transport import connect
 from nvpool.proto import dataplane as dp
 from nvpool.proto.errors import NvpoolError, RemoteError
 address, extent, generation, until = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+volume_id, cap = int(sys.argv[5]), bytes.fromhex(sys.argv[6])
 async def main():
     conn = None
     end = time.monotonic() + until
@@ -51,6 +53,7 @@ async def main():
         try:
             if conn is None or conn.closed:
                 conn = await connect(address, timeout=1.0, io_timeout=1.0)
+                conn.authorize(volume_id, cap)
             buf = memoryview(bytearray(4096))
             await conn.submit(dp.READ, extent, 0, 4096, generation, dest=buf, deadline=time.monotonic() + 1.0)
             out = "ok"
@@ -85,6 +88,7 @@ def fabric_pool(tmp_path: Path) -> Iterator[tuple[Fabric, str, list[str]]]:
             host = fabric.add_host(f"s{i}")
             p = host.popen([sys.executable, "-m", "nvpool", "agent", "--meta", addr, "--listen", f"{host.address}:0",
                             "--name", f"s{i}", "--host", f"s{i}", "--drive", f"file:{tmp_path / f'd{i}.img'}:192M",
+                            "--join-secret-file", str(tmp_path / "meta.db.join-secret"),
                             "--ready-file", str(tmp_path / f"s{i}.ready")], cwd=os.getcwd(),
                            stdout=open(tmp_path / f"s{i}.log", "wb"), stderr=subprocess.STDOUT)
             procs.append(p)
@@ -113,7 +117,7 @@ def test_a_cut_off_server_stops_serving_while_the_other_side_writes_on(
         fabric_pool: tuple[Fabric, str, list[str]], tmp_path: Path) -> None:
     fabric, meta, agents = fabric_pool
 
-    async def prepare() -> tuple[int, int]:
+    async def prepare() -> tuple[int, int, int]:
         p = await AsyncPool.connect(meta)
         try:
             await p.create_volume("p", "24M", stripe_unit="256K", replicas=2)
@@ -121,13 +125,16 @@ def test_a_cut_off_server_stops_serving_while_the_other_side_writes_on(
             lay, eps = await m.get_layout(name="p")
             await m.close()
             ext = next(e for e in lay.extents() if eps[e.drive_id].agent_id == "s1")
-            return ext.extent_id, lay.generation
+            return ext.extent_id, lay.generation, lay.volume_id
         finally:
             await p.close()
 
-    extent, generation = asyncio.run(prepare())
+    extent, generation, volume_id = asyncio.run(prepare())
     host = fabric.hosts["s1"]
-    probe = host.popen([sys.executable, "-c", PROBE, agents[1], str(extent), str(generation), "12"],
+    # the probe holds a valid read capability: what stops it is the serve lease, not a credential
+    cap = capability_for(tmp_path / "meta.db.join-secret", volume_id, write=False, max_generation=generation)
+    probe = host.popen([sys.executable, "-c", PROBE, agents[1], str(extent), str(generation), "12",
+                        str(volume_id), cap.hex()],
                        cwd=os.getcwd(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert probe.stdout is not None
     first = probe.stdout.readline()  # the probe reads the replica before anything is cut
@@ -147,7 +154,7 @@ def test_a_cut_off_server_stops_serving_while_the_other_side_writes_on(
     problems = check(w.history)
     assert not problems, "\n".join(problems[:20]) + "\n" + summary(w.history)
     from tests.test_replication_faults import replica_bytes
-    lay, cols = asyncio.run(replica_bytes(meta, "p"))
+    lay, cols = asyncio.run(replica_bytes(meta, "p", tmp_path / "meta.db.join-secret"))
     assert not lay.degraded and all(c[0] == c[1] for c in cols)
     # the probe on s1's side of the partition: served before the cut, refused from the end of the
     # serve lease on (0.75 x agent_timeout after the last heartbeat before the cut), never served
