@@ -91,9 +91,14 @@ def test_agent_refuses_another_pools_or_an_older_metadata_service(tmp_path: Path
             with pool.open("keep") as vol:
                 vol.write(0, data)
                 vol.flush()
-        for store, why in ((tmp_path / "other.db", "belongs to pool"), (backup, "never allocated")):
+        # (the first two share the pool's join secret, as a restored copy of its store would; a service
+        # with another secret is refused one step earlier, at authentication)
+        for store, why, secret in ((tmp_path / "other.db", "belongs to pool", str(c.secret_file)),
+                                   (backup, "never allocated", str(c.secret_file)),
+                                   (tmp_path / "stranger.db", "join credential not valid", "")):
             ready = tmp_path / f"{store.stem}.ready"
-            meta = spawn(["meta", "--listen", "127.0.0.1:0", "--store", f"sqlite:{store}", "--ready-file", str(ready)],
+            meta = spawn(["meta", "--listen", "127.0.0.1:0", "--store", f"sqlite:{store}", "--ready-file", str(ready),
+                          *(["--join-secret-file", secret] if secret else [])],
                          tmp_path / f"{store.stem}.log")
             procs.append(meta)
             addr = wait_json(ready, meta)["address"]
@@ -234,6 +239,7 @@ def test_a_client_waits_out_a_fenced_generation_within_its_budget(tmp_path: Path
     import asyncio
 
     from nvpool.pool.agentlink import GrpcAgentLink
+    from nvpool.proto import keys
 
     c = make_cluster(tmp_path / "pool", agents=1, drives_per_agent=1).up()
     try:
@@ -246,7 +252,7 @@ def test_a_client_waits_out_a_fenced_generation_within_its_budget(tmp_path: Path
             vid = vol.asyncio.layout.volume_id
 
             async def fence() -> None:
-                link = GrpcAgentLink()
+                link = GrpcAgentLink(secrets=keys.load(str(c.secret_file)))
                 try:
                     await link.fence(control, vid, gen + 1)
                 finally:

@@ -26,7 +26,7 @@ GENERATED = ("nvpool.proto.nvpool_pb2", "nvpool.proto.nvpool_pb2_grpc", "grpc", 
 CASES: list[tuple[list[str], tuple[str, ...]]] = [
     # the wire package on its own
     (["nvpool.proto.dataplane", "nvpool.proto.layout", "nvpool.proto.records", "nvpool.proto.units",
-      "nvpool.proto.capability", "nvpool.proto.keys",
+      "nvpool.proto.capability", "nvpool.proto.keys", "nvpool.proto.tls",
       "nvpool.proto.errors", "nvpool.proto.transport", "nvpool.proto.config", "nvpool.proto.addresses"],
      ("nvpool.pool", "nvpool.agents", "nvpool.client", *GENERATED)),
     (["nvpool.proto.convert", "nvpool.proto.generate"], ("nvpool.pool", "nvpool.agents", "nvpool.client")),

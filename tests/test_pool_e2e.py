@@ -165,7 +165,8 @@ def test_cli_volume_lifecycle_and_json(local_pool: LocalCluster) -> None:
 
 
 def test_agent_with_unknown_drive_path_fails_clearly(local_pool: LocalCluster) -> None:
-    p = nvpool(local_pool.meta.address, "agent", "--drive", "/nonexistent/drive.img", "--listen", "127.0.0.1:0", check=False)
+    p = nvpool(local_pool.meta.address, "agent", "--drive", "/nonexistent/drive.img", "--listen", "127.0.0.1:0",
+               "--join-secret-file", str(local_pool.secret_file), check=False)
     assert p.returncode == 1 and "does not exist" in p.stderr and "Traceback" not in p.stderr
 
 
