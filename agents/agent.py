@@ -44,7 +44,8 @@ from nvpool.proto.convert import extent_record_from_pb, extent_record_to_pb
 from nvpool.proto.config import check_keys
 from nvpool.proto.addresses import check_bindable, is_wildcard, join_hostport, split_hostport
 from nvpool.proto.errors import UsageError
-from nvpool.proto import capability, keys
+from nvpool.proto import capability, grpctls, keys
+from nvpool.proto.tls import TlsFiles, tls_files
 from nvpool.proto.records import extent_digest
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,15 @@ class AgentConfig:
     heartbeat_interval: float = 1.0
     #: the pool's join secret (created by `nvpool meta` next to its store); required
     join_secret_file: str = ""
+    #: TLS (proto/tls.py): the pool CA, this agent's certificate and key; all three or none
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: with TLS: encrypt the TCP data plane too (costs sendfile); control calls are always TLS then
+    data_tls: bool = True
+
+    def tls(self) -> Optional[TlsFiles]:
+        return tls_files(self.tls_ca, self.tls_cert, self.tls_key)
 
     def __post_init__(self) -> None:
         for lab in self.labels:
@@ -168,11 +178,14 @@ class StorageAgent:
         self.registered = asyncio.Event()
         self._servers: list[Any] = []
         self._grpc: Optional[grpc.aio.Server] = None
+        self.data_tls = False
 
     async def start(self) -> None:
         host, port = split_hostport(self.config.listen, 7500)
         check_bindable(join_hostport(host, port), "agent data plane")
-        srv = await start_tcp(self.core, host, port)
+        tls = self.config.tls()
+        self.data_tls = tls is not None and self.config.data_tls
+        srv = await start_tcp(self.core, host, port, tls.server_context() if self.data_tls and tls else None)
         self._servers.append(srv)
         bound = srv.sockets[0].getsockname()
         adv_host, adv_port = self.config.advertise, 0
@@ -187,14 +200,11 @@ class StorageAgent:
             self._servers.append(await start_unix(self.core, self.config.unix_path))
         self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
                                      interceptors=[ControlAuth(self.secrets)])
-        self.copier = Copier(self.core)
+        self.copier = Copier(self.core, tls)
         pbg.add_AgentServicer_to_server(AgentServicer(self.core, self.copier.copy), self._grpc)
         chost, cport = split_hostport(self.config.control_listen or f"{host}:0")
         check_bindable(join_hostport(chost, cport), "agent control service")
-        try:
-            got = self._grpc.add_insecure_port(f"{chost}:{cport}")
-        except RuntimeError:
-            got = 0
+        got = grpctls.add_port(self._grpc, f"{chost}:{cport}", tls)
         if got == 0:
             raise UsageError(f"cannot listen on control address {chost}:{cport}: in use or not local")
         await self._grpc.start()
@@ -216,6 +226,7 @@ class StorageAgent:
             instance=self.instance,
             labels=self.config.label_map(),
             credential=capability.join_proof(self.secrets[0], self.agent_id, self.instance, time.time()),
+            data_tls=self.data_tls,
         )
 
     def _adopt_pool(self, pool_id: str) -> bool:
@@ -265,7 +276,7 @@ class StorageAgent:
         """Register, then heartbeat forever; re-register when the metadata service asks."""
         interval = self.config.heartbeat_interval
         backoff = 0.2
-        async with grpc.aio.insecure_channel(self.config.meta) as channel:
+        async with grpctls.aio_channel(self.config.meta, self.config.tls()) as channel:
             stub = pbg.MetaStub(channel)
             need_register = True
             warned = False

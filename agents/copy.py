@@ -8,26 +8,29 @@ overwrites bytes a client wrote to the destination while the chunk was in flight
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 from nvpool.agents.core import AgentCore
 from nvpool.proto.transport import AgentConnection, connect
 from nvpool.proto import dataplane as dp
 from nvpool.proto.errors import UnavailableError
+from nvpool.proto.tls import TlsFiles
 
 logger = logging.getLogger(__name__)
 
 
 class Copier:
-    def __init__(self, core: AgentCore) -> None:
+    def __init__(self, core: AgentCore, tls: Optional[TlsFiles] = None) -> None:
         self.core = core
+        self.tls = tls
         self._conns: dict[str, AgentConnection] = {}
         self.bytes_copied = 0
 
-    async def _conn(self, address: str) -> AgentConnection:
+    async def _conn(self, address: str, tls: bool = False) -> AgentConnection:
         c = self._conns.get(address)
         if c is None or c.closed:
-            c = await connect(address)
+            ctx = self.tls.client_context() if tls and self.tls is not None else None
+            c = await connect(address, ssl_context=ctx)
             self._conns[address] = c
         return c
 
@@ -37,7 +40,7 @@ class Copier:
         cp = self.core.begin_copy(req.dst_extent_id, req.dst_offset, length)
         try:
             buf = memoryview(bytearray(length))
-            conn = await self._conn(req.src_address)
+            conn = await self._conn(req.src_address, req.src_tls)
             if req.capability:
                 conn.authorize(self.core.extents[req.dst_extent_id].volume_id, bytes(req.capability))
             pos = 0

@@ -41,6 +41,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import time
 from collections import deque
 from typing import Any, Callable, Optional
@@ -99,6 +100,8 @@ class AgentConnection(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
         self._peer = transport.get_extra_info("peername") or "unix"
         sock = transport.get_extra_info("socket")
+        if transport.get_extra_info("sslcontext") is not None:
+            self._use_sendfile = False  # the payload must go through TLS, not around it
         if sock is not None:
             self._sock_fd = sock.fileno()
             if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -302,9 +305,13 @@ class AgentConnection(asyncio.BufferedProtocol):
         return sent
 
 
-async def start_tcp(core: AgentCore, host: str, port: int) -> asyncio.base_events.Server:
+async def start_tcp(core: AgentCore, host: str, port: int,
+                    ssl_context: Optional[ssl.SSLContext] = None) -> asyncio.base_events.Server:
+    """Serve the data plane on TCP; with ``ssl_context``, TLS with client certificates required
+    (``sendfile`` is then off: the bytes must pass through the TLS layer)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: AgentConnection(core), host, port, reuse_address=True, backlog=256)
+    return await loop.create_server(lambda: AgentConnection(core), host, port, reuse_address=True, backlog=256,
+                                    ssl=ssl_context, ssl_handshake_timeout=10 if ssl_context else None)
 
 
 # ---------------------------------------------------------------------- shared by every server

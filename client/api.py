@@ -78,7 +78,8 @@ class AsyncPool:
 
     @classmethod
     async def connect(cls, meta_address: Optional[str] = None, options: Optional[ClientOptions] = None) -> "AsyncPool":
-        return cls(MetaClient(meta_address or default_meta()), options or ClientOptions())
+        options = options or ClientOptions()
+        return cls(MetaClient(meta_address or default_meta(), tls=options.tls), options)
 
     async def open(self, name: str, read_only: bool = False, force: bool = False, holder: str = "",
                    lease: Optional[tuple[str, float]] = None) -> AsyncVolume:
@@ -298,6 +299,8 @@ class Volume:
         if p is None or ep is None:
             return False
         unix = ep.unix_path if av.options.transport != "tcp" else ""
+        if ep.tls and not (unix and os.path.exists(unix)):
+            return False  # a TLS data plane: the asyncio path (the blocking channel speaks no TLS)
         try:
             self._pool._sync.call(ep.address, unix, opcode, p.extent.extent_id, p.extent_offset, n, lay.generation,
                                   payload=view if opcode == dp.WRITE else None,

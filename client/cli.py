@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "nvpool.client.cli_cluster",  # cluster up/down/status
     "nvpool.client.cli_bench",  # bench
     "nvpool.client.cli_export",  # export, mount, unmount
+    "nvpool.client.cli_certs",  # certs init/issue
 )
 
 

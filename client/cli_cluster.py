@@ -43,7 +43,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"pool up: metadata service at {c.meta.address}")
         for a in st["agents"]:
             print(f"  {a['name']}  {a['address']}  pid {a['pid']}")
-        print(f"\nexport NVPOOL_META={c.meta.address}\nstop it with: nvpool cluster down --dir {c.dir}")
+        tls = f"\nexport NVPOOL_TLS={c.tls_dir}" if c.tls_dir else ""
+        print(f"\nexport NVPOOL_META={c.meta.address}{tls}\nstop it with: nvpool cluster down --dir {c.dir}")
     return 0
 
 
@@ -70,6 +71,8 @@ def cmd_env(args: argparse.Namespace) -> int:
     """Shell lines that point the CLI at the local pool: eval "$(nvpool cluster env)"."""
     c = LocalCluster.load(args.dir)
     print(f"export NVPOOL_META={c.meta.address}")
+    if c.tls_dir:
+        print(f"export NVPOOL_TLS={c.tls_dir}")
     return 0
 
 
@@ -91,7 +94,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if total != args.size and not args.json:
         print(f"using {human(total)}: --size {human(args.size)} rounded to a whole number of {human(chunk)} chunks",
               file=sys.stderr)
-    pool = connect(meta)
+    options = None
+    if not os.environ.get("NVPOOL_TLS") and os.path.exists(os.path.join(args.dir, "cluster.json")):
+        from nvpool.client.api import ClientOptions
+
+        options = ClientOptions(tls=LocalCluster.load(args.dir).client_tls())  # the local pool's certificates
+    pool = connect(meta, options)
     pool.meta.timeout = args.timeout
     result: dict[str, Any] = {}
     try:

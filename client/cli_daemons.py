@@ -68,7 +68,7 @@ def cmd_meta(args: argparse.Namespace) -> int:
 
     values = _load_config(args.config)
     for key in ("listen", "store", "lease_ttl", "agent_timeout", "heartbeat_interval", "rebuild_after", "repair_rate",
-                "join_secret_file"):
+                "join_secret_file", "tls_ca", "tls_cert", "tls_key"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     config = MetaConfig.from_mapping(values)
@@ -88,6 +88,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "meta": args.meta, "listen": args.listen, "control_listen": args.control_listen,
         "unix_path": args.unix, "advertise": args.advertise, "name": args.name, "host": args.host,
         "rack": args.rack, "heartbeat_interval": args.heartbeat, "join_secret_file": args.join_secret_file,
+        "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+        "data_tls": False if args.no_data_tls else None,
     }
     values.update({k: v for k, v in mapping.items() if v is not None})
     if args.drive:
@@ -112,6 +114,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
         )
 
     return run_daemon(lambda: serve(config, on_ready=ready))
+
+
+def add_tls(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", metavar="PEM", help="the pool CA certificate (nvpool certs init); with --tls-cert and "
+                                                   "--tls-key: mutually authenticated TLS")
+    p.add_argument("--tls-cert", metavar="PEM", help="this daemon's certificate (nvpool certs issue)")
+    p.add_argument("--tls-key", metavar="PEM", help="this daemon's private key (mode 600)")
 
 
 def register(sub: Any) -> None:
@@ -141,6 +150,7 @@ def register(sub: Any) -> None:
     p.add_argument("--join-secret-file", metavar="PATH",
                    help="the pool's join secret (created at the first start if missing; default: next to a SQLite "
                         "store, STORE.join-secret); copy it to every storage server")
+    add_tls(p)
     p.add_argument("--config", help="TOML config file (see deploy/meta.toml.sample)")
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
     p.set_defaults(func=cmd_meta)
@@ -173,6 +183,10 @@ def register(sub: Any) -> None:
     a.add_argument("--heartbeat", type=seconds_arg, help="seconds between heartbeats (default 1)")
     a.add_argument("--join-secret-file", metavar="PATH",
                    help="the pool's join secret, copied from the metadata server (required; mode 600)")
+    add_tls(a)
+    a.add_argument("--no-data-tls", action="store_true",
+                   help="with TLS: leave the TCP data plane unencrypted (keeps sendfile; capabilities are still "
+                        "checked); control calls stay TLS")
     a.add_argument("--config", help="TOML config file (see deploy/agent.toml.sample)")
     a.add_argument("--ready-file", help="write {address, control_address, drives, pid} as JSON once serving")
     a.set_defaults(func=cmd_agent)

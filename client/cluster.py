@@ -57,8 +57,16 @@ class LocalCluster:
         meta_listen: str = "127.0.0.1:0",
         unix_sockets: bool = True,
         python: str = sys.executable,
+        tls: bool = True,
+        tls_dir: Optional[str | os.PathLike[str]] = None,
+        data_tls: bool = True,
     ) -> None:
+        #: with TLS: encrypt the agents' TCP data plane too (else only the control plane)
+        self.data_tls = data_tls
         self.dir = Path(directory).resolve()
+        #: TLS everywhere (proto/tls.py): a pool CA and certificates in ``tls_dir`` (default DIR/tls;
+        #: an existing CA there is reused), for the daemons and one ``client`` certificate
+        self.tls_dir: Optional[Path] = (Path(tls_dir).resolve() if tls_dir else self.dir / "tls") if tls else None
         self.n_agents = agents
         self.drives_per_agent = drives_per_agent
         self.drive_size = drive_size
@@ -80,6 +88,7 @@ class LocalCluster:
         state = {
             "meta": asdict(self.meta), "agents": [asdict(a) for a in self.agents],
             "drives_per_agent": self.drives_per_agent, "drive_size": self.drive_size,
+            "tls_dir": str(self.tls_dir) if self.tls_dir else "",
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -92,7 +101,8 @@ class LocalCluster:
             state = json.loads((d / "cluster.json").read_text())
         except FileNotFoundError:
             raise UsageError(f"no local pool in {d} (start one with `nvpool cluster up --dir {d}`)") from None
-        c = cls(d, len(state["agents"]), state["drives_per_agent"], state["drive_size"])
+        c = cls(d, len(state["agents"]), state["drives_per_agent"], state["drive_size"],
+                tls=bool(state.get("tls_dir")), tls_dir=state.get("tls_dir") or None)
         c.meta = ProcInfo(**state["meta"])
         c.agents = [ProcInfo(**a) for a in state["agents"]]
         return c
@@ -127,12 +137,34 @@ class LocalCluster:
             time.sleep(0.05)
         raise UnavailableError(f"{info.name} did not become ready within {timeout:.0f}s (log {info.log})")
 
+    def _tls_args(self, name: str, role: str) -> list[str]:
+        """``--tls-ca/--tls-cert/--tls-key`` for a daemon (its certificate issued on first use)."""
+        if self.tls_dir is None:
+            return []
+        from nvpool.proto import tls
+
+        tls.init_ca(str(self.tls_dir))
+        files = tls.TlsFiles.from_dir(str(self.tls_dir), name)
+        if not Path(files.cert).exists():
+            tls.issue(str(self.tls_dir), name, role, ("127.0.0.1", "localhost"))
+        return ["--tls-ca", files.ca, "--tls-cert", files.cert, "--tls-key", files.key]
+
+    def client_tls(self) -> "Optional[Any]":
+        """The ``TlsFiles`` a client of this pool uses (None without TLS); what NVPOOL_TLS points at."""
+        if self.tls_dir is None:
+            return None
+        from nvpool.proto import tls
+
+        self._tls_args("client", "client")
+        return tls.TlsFiles.from_dir(str(self.tls_dir), "client")
+
     def start_meta(self, timeout: float = 30) -> None:
         listen = self.meta.address or self.meta_listen  # keep the port across restarts
         self.meta.args = [
             "meta", "--listen", listen, "--store", f"sqlite:{self.dir / 'meta.db'}",
-            "--ready-file", str(self.dir / "meta.ready"), *self.meta_extra,
+            "--ready-file", str(self.dir / "meta.ready"), *self._tls_args("meta", "meta"), *self.meta_extra,
         ]
+        self.client_tls()
         self.meta.ready_file = str(self.dir / "meta.ready")
         self.meta.log = str(self.dir / "logs" / "meta.log")
         self._spawn(self.meta)
@@ -148,7 +180,8 @@ class LocalCluster:
         name = f"agent{i}"
         drives = [f"file:{self.dir / 'drives' / f'{name}-d{j}.img'}:{self.drive_size}" for j in range(self.drives_per_agent)]
         args = ["agent", "--meta", self.meta.address, "--listen", "127.0.0.1:0", "--name", name, "--host", name,
-                "--join-secret-file", str(self.secret_file),
+                "--join-secret-file", str(self.secret_file), *self._tls_args(name, "agent"),
+                *([] if self.data_tls else ["--no-data-tls"]),
                 "--ready-file", str(self.dir / f"{name}.ready"), "--heartbeat", "0.5"]
         if self.unix_sockets:
             args += ["--unix", str(self.dir / f"{name}.sock")]
@@ -196,7 +229,7 @@ class LocalCluster:
         import asyncio
 
         async def check() -> bool:
-            meta = MetaClient(self.meta.address, timeout=5)
+            meta = MetaClient(self.meta.address, timeout=5, tls=self.client_tls())
             try:
                 st = await meta.pool_status()
                 alive = {a.agent_id for a in st.agents if a.alive}

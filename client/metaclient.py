@@ -17,7 +17,9 @@ from typing import Any, Optional, Sequence
 import grpc
 
 from nvpool.proto.layout import Layout
+from nvpool.proto import grpctls
 from nvpool.proto import nvpool_pb2 as pb
+from nvpool.proto.tls import TlsFiles, from_env
 from nvpool.proto import nvpool_pb2_grpc as pbg
 from nvpool.proto.convert import layout_from_pb
 from nvpool.proto.records import Endpoint
@@ -159,14 +161,17 @@ os.register_at_fork(after_in_child=_note_fork)
 
 
 class MetaClient:
-    def __init__(self, address: Optional[str] = None, timeout: float = 30.0) -> None:
+    def __init__(self, address: Optional[str] = None, timeout: float = 30.0, tls: Optional[TlsFiles] = None) -> None:
         self.address = address or default_meta()
         self.timeout = timeout
+        #: the pool's TLS material (proto/tls.py); default: $NVPOOL_TLS, else plaintext
+        self.tls = tls if tls is not None else from_env()
         # grpc.aio does not survive fork(): in a child it crashes (uvloop) or never answers (asyncio), even
         # on a new channel. A client made in a forked child calls through gRPC's synchronous stack on a
         # worker thread instead (tests/test_client_fork.py).
         self._sync_stack = _forked
-        self._channel = grpc.insecure_channel(self.address) if _forked else grpc.aio.insecure_channel(self.address)
+        self._channel = (grpctls.sync_channel(self.address, self.tls) if _forked
+                         else grpctls.aio_channel(self.address, self.tls))
         self._stub = pbg.MetaStub(self._channel)
 
     async def close(self) -> None:

@@ -46,6 +46,7 @@ import asyncio
 import logging
 import math
 import os
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Union
@@ -56,6 +57,7 @@ from nvpool.client.transport_shm import BOUNCE_ID, Region, ShmConnection, connec
 from nvpool.proto.layout import Layout
 from nvpool.proto import dataplane as dp
 from nvpool.proto.records import Endpoint
+from nvpool.proto.tls import TlsFiles, from_env
 from nvpool.proto.errors import (
     AgentTimeoutError,
     DigestError,
@@ -92,6 +94,9 @@ class ClientOptions:
     replica_timeout: float = 3.0
     #: replicated volumes: hedge a read after max(this, 4 x the recent read latency) seconds (0: never)
     hedge_min: float = 0.005
+    #: the pool's TLS material (proto/tls.py) for the metadata service and TLS agents;
+    #: None: $NVPOOL_TLS if set, else plaintext
+    tls: Optional[TlsFiles] = None
 
     def __post_init__(self) -> None:
         if not 0 < self.io_deadline < math.inf:
@@ -113,6 +118,19 @@ class Connections:
         self._opening: dict[str, asyncio.Task[AgentConnection]] = {}
         self._no_shm: set[str] = set()
         self.user_regions: list[Region] = []
+        self._tls = options.tls if options.tls is not None else from_env()
+        self._ssl: Optional[ssl.SSLContext] = None
+
+    def _ssl_for(self, ep: Endpoint) -> Optional[ssl.SSLContext]:
+        """The TLS context for an agent whose data plane is TLS (made once)."""
+        if not ep.tls:
+            return None
+        if self._tls is None:
+            raise UsageError(f"agent {ep.agent_id} serves its data plane over TLS: give this client the pool's "
+                             "certificates ($NVPOOL_TLS or ClientOptions.tls)")
+        if self._ssl is None:
+            self._ssl = self._tls.client_context()
+        return self._ssl
 
     def peek(self, ep: Endpoint) -> Optional[AgentConnection]:
         """The open connection for ``ep``, if there is one (no await: the small-I/O fast path)."""
@@ -154,9 +172,11 @@ class Connections:
                 if self.options.transport == "shm":
                     raise
                 self._no_shm.add(ep.address)  # not on our server after all: TCP from now on
-                conn = await connect(ep.address, self.options.window, self.options.connect_timeout, self.options.io_timeout)
+                conn = await connect(ep.address, self.options.window, self.options.connect_timeout, self.options.io_timeout,
+                                     self._ssl_for(ep))
         else:
-            conn = await connect(ep.address, self.options.window, self.options.connect_timeout, self.options.io_timeout)
+            conn = await connect(ep.address, self.options.window, self.options.connect_timeout, self.options.io_timeout,
+                                 self._ssl_for(ep))
         self._conns[ep.address] = conn
         return conn
 

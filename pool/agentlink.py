@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 import grpc
 
-from nvpool.proto import capability
+from nvpool.proto import capability, grpctls
+from nvpool.proto.tls import TlsFiles
 from nvpool.proto.layout import Extent
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
@@ -23,15 +24,17 @@ class GrpcAgentLink:
     """Every call carries the metadata service's credential (``x-nvpool-auth``, derived from the pool's
     join secret): agents refuse control calls from anyone else."""
 
-    def __init__(self, timeout: float = 30.0, secrets: Optional[list[bytes]] = None) -> None:
+    def __init__(self, timeout: float = 30.0, secrets: Optional[list[bytes]] = None,
+                 tls: Optional[TlsFiles] = None) -> None:
         self.timeout = timeout
         self.secrets = secrets or []
+        self.tls = tls
         self._channels: dict[str, tuple[Any, Any]] = {}
 
     def _stub(self, address: str) -> Any:
         got = self._channels.get(address)
         if got is None:
-            ch = grpc.aio.insecure_channel(address)
+            ch = grpctls.aio_channel(address, self.tls)
             got = (ch, pbg.AgentStub(ch))
             self._channels[address] = got
         return got[1]
@@ -78,7 +81,7 @@ class GrpcAgentLink:
 
     async def copy(
         self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,
-        length: int, generation: int, volume_id: int = 0,
+        length: int, generation: int, volume_id: int = 0, src_tls: bool = False,
     ) -> int:
         cap = b""
         if self.secrets and volume_id:  # the destination reads the source with a read capability
@@ -87,7 +90,7 @@ class GrpcAgentLink:
         resp = await self._call(address, "CopyExtent", pb.CopyExtentRequest(
             dst_extent_id=dst.extent_id, dst_offset=dst_offset, src_address=src_address,
             src_extent_id=src.extent_id, src_offset=src_offset, length=length, generation=generation,
-            capability=cap,
+            capability=cap, src_tls=src_tls,
         ))
         return int(resp.bytes)
 

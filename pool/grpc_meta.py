@@ -20,7 +20,8 @@ from nvpool.pool.rebalancer import Rebalancer
 from nvpool.pool.replication import Replication
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
-from nvpool.proto import capability, keys
+from nvpool.proto import capability, grpctls, keys
+from nvpool.proto.tls import TlsFiles, tls_files
 from nvpool.proto.addresses import check_bindable
 from nvpool.proto.config import check_keys
 from nvpool.proto.convert import extent_record_to_pb, layout_to_pb
@@ -53,6 +54,13 @@ class MetaConfig:
     repair_rate: int = 64 * 1024 * 1024
     #: the pool's join secret; "" = next to a SQLite store (PATH.join-secret), created at first start
     join_secret_file: str = ""
+    #: TLS (proto/tls.py): the pool CA, this service's certificate and key; all three or none
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def tls(self) -> Optional[TlsFiles]:
+        return tls_files(self.tls_ca, self.tls_cert, self.tls_key)
 
     def secret_path(self) -> str:
         if self.join_secret_file:
@@ -127,7 +135,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
     async def RegisterAgent(self, request: Any, context: Any) -> pb.RegisterAgentResponse:
         agent = AgentRec(request.agent_id, request.host or request.agent_id, request.rack, request.address,
                          request.control_address, request.unix_path, [], instance=request.instance,
-                         labels=dict(request.labels))
+                         labels=dict(request.labels), data_tls=request.data_tls)
         drives = [DriveRec(d.drive_id, request.agent_id, d.path, d.capacity, d.data_offset, d.state or "ok")
                   for d in request.drives]
         if not request.agent_id or not request.address:
@@ -283,7 +291,7 @@ async def serve(
     check_bindable(config.listen, "metadata service")
     secrets = keys.create(config.secret_path())
     store = open_store(config.store)
-    agent_link = link or GrpcAgentLink(secrets=secrets)
+    agent_link = link or GrpcAgentLink(secrets=secrets, tls=config.tls())
     service = MetaService(store, agent_link, config.heartbeat_interval, config.agent_timeout, config.lease_ttl)
     service.secrets = secrets
     rebalancer = Rebalancer(service)
@@ -292,10 +300,7 @@ async def serve(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pbg.add_MetaServicer_to_server(MetaServicer(service, rebalancer, replication), server)
     host, _, port = config.listen.rpartition(":")
-    try:
-        bound = server.add_insecure_port(config.listen)
-    except RuntimeError:
-        bound = 0
+    bound = grpctls.add_port(server, config.listen, config.tls())
     if bound == 0:
         store.close()
         await agent_link.close()

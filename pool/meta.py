@@ -113,7 +113,7 @@ class AgentLink(Protocol):
 
     async def copy(
         self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,
-        length: int, generation: int, volume_id: int = 0,
+        length: int, generation: int, volume_id: int = 0, src_tls: bool = False,
     ) -> int: ...
 
     async def close(self) -> None: ...
@@ -140,6 +140,8 @@ class AgentRec:
     last_seen_wall: float = field(default=0.0, compare=False)
     #: failure-domain labels (``rack`` is one when given)
     labels: dict[str, str] = field(default_factory=dict)
+    #: its TCP data plane is TLS
+    data_tls: bool = False
 
 
 @dataclass
@@ -931,7 +933,8 @@ class MetaService:
             a = self.agents.get(d.agent_id) if d else None
             if a is None:
                 continue
-            out.append(Endpoint(did, a.agent_id, a.address, a.unix_path, a.host, self.alive(a.agent_id, now)))
+            out.append(Endpoint(did, a.agent_id, a.address, a.unix_path, a.host, self.alive(a.agent_id, now),
+                                a.data_tls))
         return out
 
     def volume_view(self, vol: VolumeRec) -> dict[str, Any]:

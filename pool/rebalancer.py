@@ -468,7 +468,7 @@ class Rebalancer:
                 dst = svc.agent_of_drive(c.dst.drive_id)
                 src = svc.agent_of_drive(c.src.drive_id)
                 return svc.link.copy(dst.control_address, c.dst, c.dst_offset, src.address, c.src, c.src_offset,
-                                     c.length, generation, vid)
+                                     c.length, generation, vid, src.data_tls)
             try:
                 await self._retry(f"copying chunk {i} of volume {vid}", call, vid, target)
                 self.run.bytes_done += c.length

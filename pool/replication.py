@@ -552,7 +552,7 @@ class Replication:
                 src = svc.agent_of_drive(c.src.drive_id)
                 await svc.link.copy(dst.control_address, c.dst, c.dst_offset, src.address, c.src, c.src_offset,
                                     c.length, svc.layouts[vid].generation if vid in svc.layouts else lay.generation,
-                                    vid)
+                                    vid, src.data_tls)
                 rec = reps.get(t)
                 if rec is not None:
                     rec.bytes_done += c.length

@@ -64,12 +64,12 @@ def layout_from_pb(m: pb.Layout) -> tuple[Layout, dict[str, Endpoint]]:
 def endpoint_to_pb(e: Endpoint) -> pb.Endpoint:
     return pb.Endpoint(
         drive_id=e.drive_id, agent_id=e.agent_id, address=e.address, unix_path=e.unix_path, host=e.host,
-        alive=e.alive,
+        alive=e.alive, tls=e.tls,
     )
 
 
 def endpoint_from_pb(m: pb.Endpoint) -> Endpoint:
-    return Endpoint(m.drive_id, m.agent_id, m.address, m.unix_path, m.host, m.alive)
+    return Endpoint(m.drive_id, m.agent_id, m.address, m.unix_path, m.host, m.alive, m.tls)
 
 
 def extent_record_to_pb(r: ExtentRecord) -> pb.ExtentRecord:

@@ -102,20 +102,22 @@ class ReplicaState(_message.Message):
     def __init__(self, column: _Optional[int] = ..., replica: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("drive_id", "agent_id", "address", "unix_path", "host", "alive")
+    __slots__ = ("drive_id", "agent_id", "address", "unix_path", "host", "alive", "tls")
     DRIVE_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     UNIX_PATH_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
     drive_id: str
     agent_id: str
     address: str
     unix_path: str
     host: str
     alive: bool
-    def __init__(self, drive_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., address: _Optional[str] = ..., unix_path: _Optional[str] = ..., host: _Optional[str] = ..., alive: _Optional[bool] = ...) -> None: ...
+    tls: bool
+    def __init__(self, drive_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., address: _Optional[str] = ..., unix_path: _Optional[str] = ..., host: _Optional[str] = ..., alive: _Optional[bool] = ..., tls: _Optional[bool] = ...) -> None: ...
 
 class Layout(_message.Message):
     __slots__ = ("current", "target", "has_target", "endpoints", "capability")
@@ -194,7 +196,7 @@ class Holder(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., mode: _Optional[str] = ..., holder: _Optional[str] = ..., granted: _Optional[float] = ...) -> None: ...
 
 class RegisterAgentRequest(_message.Message):
-    __slots__ = ("agent_id", "host", "rack", "address", "control_address", "unix_path", "drives", "extents", "version", "pool_id", "instance", "labels", "credential")
+    __slots__ = ("agent_id", "host", "rack", "address", "control_address", "unix_path", "drives", "extents", "version", "pool_id", "instance", "labels", "credential", "data_tls")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +217,7 @@ class RegisterAgentRequest(_message.Message):
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    DATA_TLS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     host: str
     rack: str
@@ -228,7 +231,8 @@ class RegisterAgentRequest(_message.Message):
     instance: str
     labels: _containers.ScalarMap[str, str]
     credential: str
-    def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., control_address: _Optional[str] = ..., unix_path: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., version: _Optional[str] = ..., pool_id: _Optional[str] = ..., instance: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., credential: _Optional[str] = ...) -> None: ...
+    data_tls: bool
+    def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., control_address: _Optional[str] = ..., unix_path: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., version: _Optional[str] = ..., pool_id: _Optional[str] = ..., instance: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., credential: _Optional[str] = ..., data_tls: _Optional[bool] = ...) -> None: ...
 
 class RegisterAgentResponse(_message.Message):
     __slots__ = ("heartbeat_interval_ms", "extents", "pool_id", "serve_lease_ms")
@@ -598,7 +602,7 @@ class FenceResponse(_message.Message):
     def __init__(self, extents: _Optional[int] = ...) -> None: ...
 
 class CopyExtentRequest(_message.Message):
-    __slots__ = ("dst_extent_id", "dst_offset", "src_address", "src_extent_id", "src_offset", "length", "generation", "capability")
+    __slots__ = ("dst_extent_id", "dst_offset", "src_address", "src_extent_id", "src_offset", "length", "generation", "capability", "src_tls")
     DST_EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
     DST_OFFSET_FIELD_NUMBER: _ClassVar[int]
     SRC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -607,6 +611,7 @@ class CopyExtentRequest(_message.Message):
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    SRC_TLS_FIELD_NUMBER: _ClassVar[int]
     dst_extent_id: int
     dst_offset: int
     src_address: str
@@ -615,7 +620,8 @@ class CopyExtentRequest(_message.Message):
     length: int
     generation: int
     capability: bytes
-    def __init__(self, dst_extent_id: _Optional[int] = ..., dst_offset: _Optional[int] = ..., src_address: _Optional[str] = ..., src_extent_id: _Optional[int] = ..., src_offset: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ..., capability: _Optional[bytes] = ...) -> None: ...
+    src_tls: bool
+    def __init__(self, dst_extent_id: _Optional[int] = ..., dst_offset: _Optional[int] = ..., src_address: _Optional[str] = ..., src_extent_id: _Optional[int] = ..., src_offset: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ..., capability: _Optional[bytes] = ..., src_tls: _Optional[bool] = ...) -> None: ...
 
 class CopyExtentResponse(_message.Message):
     __slots__ = ("bytes",)

@@ -19,6 +19,8 @@ class Endpoint:
     unix_path: str = ""
     host: str = ""
     alive: bool = True
+    #: the agent's TCP data plane is TLS (clients connect with the pool's certificates)
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)

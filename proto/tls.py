@@ -77,6 +77,15 @@ class TlsFiles:
         return ctx
 
 
+def tls_files(ca: str, cert: str, key: str) -> Optional[TlsFiles]:
+    """``TlsFiles`` from a daemon's three options (None when none is set; all three or none)."""
+    if not (ca or cert or key):
+        return None
+    if not (ca and cert and key):
+        raise UsageError("TLS needs all three of tls_ca, tls_cert and tls_key (or none)")
+    return TlsFiles(ca, cert, key).check()
+
+
 def from_env() -> Optional[TlsFiles]:
     """A client's TLS files from ``$NVPOOL_TLS`` (a directory with ca.pem, client.pem, client.key)."""
     d = os.environ.get("NVPOOL_TLS", "")

@@ -26,11 +26,13 @@ import asyncio
 import logging
 import math
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Optional, TypeVar, Union
 
 from nvpool.proto import dataplane as dp
+from nvpool.proto.tls import SERVER_NAME
 from nvpool.proto.errors import AgentTimeoutError, DigestError, ProtocolError, UnavailableError, remote_error
 
 logger = logging.getLogger(__name__)
@@ -330,17 +332,21 @@ def _auth_done(fut: "asyncio.Future[dp.Completion]") -> None:
 
 
 async def connect(
-    address: str, window: int = 4 * 1024 * 1024, timeout: float = 5.0, io_timeout: float = 30.0
+    address: str, window: int = 4 * 1024 * 1024, timeout: float = 5.0, io_timeout: float = 30.0,
+    ssl_context: Optional[ssl.SSLContext] = None,
 ) -> AgentConnection:
-    """Open a connection: ``host:port`` over TCP, or ``unix:PATH``."""
+    """Open a connection: ``host:port`` over TCP (TLS with ``ssl_context``: the agent must present a
+    certificate of the pool, proto/tls.py), or ``unix:PATH``."""
     loop = asyncio.get_running_loop()
     try:
         if address.startswith("unix:"):
             coro = loop.create_unix_connection(lambda: AgentConnection(address, window, io_timeout), address[5:])
         else:
             host, _, port = address.rpartition(":")
-            coro = loop.create_connection(lambda: AgentConnection(address, window, io_timeout), host.strip("[]"), int(port))
+            coro = loop.create_connection(
+                lambda: AgentConnection(address, window, io_timeout), host.strip("[]"), int(port), ssl=ssl_context,
+                server_hostname=SERVER_NAME if ssl_context is not None else None)
         _, proto = await asyncio.wait_for(coro, timeout)
-    except (OSError, asyncio.TimeoutError, ValueError) as exc:
+    except (OSError, asyncio.TimeoutError, ValueError) as exc:  # ssl.SSLError is an OSError: an untrusted peer
         raise UnavailableError(f"cannot connect to agent {address}: {exc or 'timed out'}") from exc
     return proto

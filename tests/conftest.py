@@ -5,7 +5,9 @@ an unhandled exception reached an event loop (asyncio and uvloop both report tho
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +18,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from nvpool.client.cluster import LocalCluster  # noqa: E402
+
+#: every pool the tests start runs with TLS on both planes (proto/tls.py), from one test CA; clients
+#: in the test process and the processes it starts find the client certificate through NVPOOL_TLS
+TLS_DIR = Path(tempfile.mkdtemp(prefix="nvpool-test-tls-"))
+os.environ["NVPOOL_TLS"] = str(TLS_DIR)
 
 
 class _LoopErrors(logging.Handler):
@@ -45,8 +52,10 @@ def no_unhandled_loop_errors() -> Iterator[None]:
 _clusters: list[LocalCluster] = []
 
 
-def make_cluster(tmp: Path, agents: int = 4, drives_per_agent: int = 2, drive_size: str = "256M") -> LocalCluster:
-    c = LocalCluster(tmp, agents=agents, drives_per_agent=drives_per_agent, drive_size=drive_size)
+def make_cluster(tmp: Path, agents: int = 4, drives_per_agent: int = 2, drive_size: str = "256M",
+                 data_tls: bool = True) -> LocalCluster:
+    c = LocalCluster(tmp, agents=agents, drives_per_agent=drives_per_agent, drive_size=drive_size, tls_dir=TLS_DIR,
+                     data_tls=data_tls)
     _clusters.append(c)
     return c
 
@@ -80,7 +89,7 @@ def no_daemon_tracebacks() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def local_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A real pool: metadata service + 4 agents x 2 drives of 256 MiB, shared by a test module."""
-    c = LocalCluster(tmp_path_factory.mktemp("pool"), agents=4, drives_per_agent=2, drive_size="256M")
+    c = LocalCluster(tmp_path_factory.mktemp("pool"), agents=4, drives_per_agent=2, drive_size="256M", tls_dir=TLS_DIR)
     c.up(timeout=60)
     try:
         yield c

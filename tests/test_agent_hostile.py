@@ -92,7 +92,10 @@ class Target:
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     from tests.conftest import make_cluster
 
-    c = make_cluster(tmp_path_factory.mktemp("hostile"), agents=1, drives_per_agent=1, drive_size="256M")
+    # a plaintext data plane (--no-data-tls: capabilities still checked), so the probes below can send
+    # exact bytes; tests/test_capabilities.py and the rest of the suite use TLS
+    c = make_cluster(tmp_path_factory.mktemp("hostile"), agents=1, drives_per_agent=1, drive_size="256M",
+                     data_tls=False)
     c.up(timeout=60)
     try:
         data = np.random.default_rng(11).integers(0, 256, BIG, dtype=np.uint8)

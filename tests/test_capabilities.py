@@ -18,7 +18,7 @@ import pytest
 from nvpool.client.api import AsyncPool
 from nvpool.client.cluster import LocalCluster
 from nvpool.client.metaclient import MetaClient
-from nvpool.proto import capability
+from nvpool.proto import capability, grpctls, tls
 from nvpool.proto import dataplane as dp
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
@@ -26,7 +26,7 @@ from nvpool.proto.errors import RemoteError, Status, UsageError
 from nvpool.proto.layout import Layout
 from nvpool.proto.records import Endpoint
 from nvpool.proto.transport import AgentConnection, connect
-from tests.creds import capability_for
+from tests.creds import capability_for, tls_args
 
 MiB = 1 << 20
 HUGE = 2**64 - 1
@@ -69,7 +69,11 @@ async def raw(c: LocalCluster, name: str) -> tuple[AgentConnection, Layout, int]
     """A raw data-plane connection to the agent holding ``name``'s first extent, and that extent."""
     lay, eps = await layout(c, name)
     ext = lay.columns[0].extents[0]
-    return await connect(eps[ext.drive_id].address), lay, ext.extent_id
+    ep = eps[ext.drive_id]
+    assert ep.tls  # the pool's data plane is TLS: the hostile peer here holds a pool client certificate
+    files = tls.from_env()
+    assert files is not None
+    return await connect(ep.address, ssl_context=files.client_context()), lay, ext.extent_id
 
 
 async def status_of(conn: AgentConnection, op: int, extent: int, generation: int, n: int = 4096) -> Status:
@@ -154,7 +158,9 @@ def test_a_fenced_writers_capability_cannot_write(pool: LocalCluster) -> None:
             lay, eps, cap = await m.get_layout_cap(name="victim", lease_id=lease)
             assert cap
             ext = lay.columns[0].extents[0]
-            conn = await connect(eps[ext.drive_id].address)
+            files = tls.from_env()
+            assert files is not None
+            conn = await connect(eps[ext.drive_id].address, ssl_context=files.client_context())
             conn.authorize(lay.volume_id, cap)
             assert await status_of(conn, dp.READ, ext.extent_id, lay.generation) == Status.OK
             await m.open_volume("victim", write=True, force=True, holder="new writer")  # takes it over
@@ -181,7 +187,14 @@ def test_only_the_metadata_service_may_call_an_agents_control_service(pool: Loca
             addresses = [str(__import__("json").loads(Path(a.ready_file).read_text())["control_address"])
                          for a in pool.agents]
         for address in addresses:
+            # without a pool certificate the TLS handshake itself fails
             async with grpc.aio.insecure_channel(address) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    await pbg.AgentStub(ch).Fence(pb.FenceRequest(volume_id=lay.volume_id, min_generation=HUGE),
+                                                  timeout=5)
+                assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+            # a pool client's certificate is not the metadata service's credential either
+            async with grpctls.aio_channel(address, tls.from_env()) as ch:
                 stub = pbg.AgentStub(ch)
                 calls: list[tuple[str, Any]] = [
                     ("AssignExtents", stub.AssignExtents(pb.AssignExtentsRequest(extents=[pb.ExtentRecord(
@@ -214,7 +227,7 @@ async def pool_status(c: LocalCluster) -> Any:
 def test_registering_under_a_taken_name_needs_the_join_secret(pool: LocalCluster) -> None:
     async def body() -> None:
         before = {a.agent_id: a.address for a in (await pool_status(pool)).agents}
-        async with grpc.aio.insecure_channel(pool.meta.address) as ch:
+        async with grpctls.aio_channel(pool.meta.address, tls.from_env()) as ch:  # a pool client, not an agent
             stub = pbg.MetaStub(ch)
             for cred in ("", f"{int(time.time())}:{'f' * 32}"):
                 with pytest.raises(grpc.aio.AioRpcError) as ei:
@@ -244,7 +257,8 @@ def test_an_agent_without_the_pools_secret_is_refused(pool: LocalCluster, tmp_pa
     with open(log, "wb") as out:
         p = subprocess.Popen([sys.executable, "-m", "nvpool", "agent", "--meta", pool.meta.address, "--listen",
                               "127.0.0.1:0", "--name", "intruder", "--drive", f"file:{tmp_path / 'i.img'}:64M",
-                              "--join-secret-file", str(wrong)], stdout=out, stderr=subprocess.STDOUT)
+                              "--join-secret-file", str(wrong), *tls_args("intruder", "agent")],
+                             stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20
         while "refused this agent" not in log.read_text(errors="replace"):

@@ -28,6 +28,7 @@ import pytest
 from nvpool import client
 from nvpool.proto.errors import NvpoolError
 from tests.conftest import make_cluster
+from tests.creds import tls_args
 from tests.waiting import poll, wait_json
 
 MiB = 1 << 20
@@ -98,7 +99,7 @@ def test_agent_refuses_another_pools_or_an_older_metadata_service(tmp_path: Path
                                    (tmp_path / "stranger.db", "join credential not valid", "")):
             ready = tmp_path / f"{store.stem}.ready"
             meta = spawn(["meta", "--listen", "127.0.0.1:0", "--store", f"sqlite:{store}", "--ready-file", str(ready),
-                          *(["--join-secret-file", secret] if secret else [])],
+                          *(["--join-secret-file", secret] if secret else []), *tls_args("meta", "meta")],
                          tmp_path / f"{store.stem}.log")
             procs.append(meta)
             addr = wait_json(ready, meta)["address"]
@@ -189,7 +190,7 @@ def test_two_agents_with_one_name_are_refused_and_status_tells_the_truth(tmp_pat
         log = tmp_path / "twin.log"
         twin = spawn(["agent", "--meta", c.meta.address, "--listen", "127.0.0.1:0", "--name", "agent0",
                       "--drive", f"file:{tmp_path / 'twin.img'}:64M", "--heartbeat", "0.5",
-                      "--join-secret-file", str(c.secret_file)], log)
+                      "--join-secret-file", str(c.secret_file), *tls_args("agent0-twin", "agent")], log)
         poll("the twin to be refused", lambda: "another --name" in log.read_text(errors="replace"), timeout=30)
         after = status(c.meta.address)
         assert after["capacity"] == before["capacity"]
@@ -214,7 +215,7 @@ def test_wildcard_listen_registers_a_dialable_address(tmp_path: Path) -> None:
             ready = tmp_path / f"{name}.ready"
             procs.append(spawn(["agent", "--meta", c.meta.address, "--listen", "0.0.0.0:0", "--name", name,
                                 "--drive", f"file:{tmp_path / (name + '.img')}:64M", "--heartbeat", "0.5",
-                                "--join-secret-file", str(c.secret_file),
+                                "--join-secret-file", str(c.secret_file), *tls_args(name, "agent"),
                                 "--ready-file", str(ready), *extra], tmp_path / f"{name}.log"))
             wait_json(ready, procs[-1])
             agents = {a["agent_id"]: a for a in status(c.meta.address)["agents"]}

@@ -29,7 +29,8 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
       "nvpool.proto.capability", "nvpool.proto.keys", "nvpool.proto.tls",
       "nvpool.proto.errors", "nvpool.proto.transport", "nvpool.proto.config", "nvpool.proto.addresses"],
      ("nvpool.pool", "nvpool.agents", "nvpool.client", *GENERATED)),
-    (["nvpool.proto.convert", "nvpool.proto.generate"], ("nvpool.pool", "nvpool.agents", "nvpool.client")),
+    (["nvpool.proto.convert", "nvpool.proto.generate", "nvpool.proto.grpctls"],
+     ("nvpool.pool", "nvpool.agents", "nvpool.client")),
     # the whole agent daemon, gRPC edge included
     (["nvpool.agents.agent", "nvpool.agents.control", "nvpool.agents.copy", "nvpool.agents.shm"],
      ("nvpool.client", "nvpool.pool")),

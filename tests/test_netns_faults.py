@@ -19,6 +19,7 @@ import pytest
 from nvpool import client
 from nvpool.client.api import ClientOptions
 from nvpool.proto.errors import UnavailableError
+from tests.creds import tls_args
 from tests.netns import BRIDGE_ADDR, Fabric, available
 from tests.waiting import wait_json
 
@@ -36,13 +37,14 @@ def fabric_pool(tmp_path: Path) -> Iterator[tuple[Fabric, str]]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         meta = subprocess.Popen([sys.executable, "-m", "nvpool", "meta", "--listen", f"{BRIDGE_ADDR}:0",
-                                 "--store", f"sqlite:{tmp_path / 'meta.db'}", "--ready-file", str(tmp_path / "meta.ready")])
+                                 "--store", f"sqlite:{tmp_path / 'meta.db'}", "--ready-file", str(tmp_path / "meta.ready"),
+                                 *tls_args("meta", "meta")])
         procs.append(meta)
         addr = str(wait_json(tmp_path / "meta.ready", meta)["address"])
         host = fabric.add_host("s0")
         agent = host.popen([sys.executable, "-m", "nvpool", "agent", "--meta", addr, "--listen", f"{host.address}:0",
                             "--name", "s0", "--drive", f"file:{tmp_path / 'd0.img'}:256M", "--heartbeat", "0.5",
-                            "--join-secret-file", str(tmp_path / "meta.db.join-secret"),
+                            "--join-secret-file", str(tmp_path / "meta.db.join-secret"), *tls_args("s0", "agent"),
                             "--ready-file", str(tmp_path / "s0.ready")], cwd=os.getcwd())
         procs.append(agent)
         wait_json(tmp_path / "s0.ready", agent)

@@ -25,7 +25,8 @@ class Link(FakeLink):
         self.copy_error: BaseException | None = None
 
     async def copy(self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent,  # type: ignore[override]
-                   src_offset: int, length: int, generation: int, volume_id: int = 0) -> int:
+                   src_offset: int, length: int, generation: int, volume_id: int = 0,
+                   src_tls: bool = False) -> int:
         if self.copy_error is not None:
             raise self.copy_error
         self.events.append(f"copy {address}")

@@ -26,6 +26,7 @@ from nvpool.client.cluster import LocalCluster
 from nvpool.client.metaclient import MetaClient
 from nvpool.proto import dataplane as dp
 from nvpool.proto.layout import Layout
+from nvpool.proto import tls
 from nvpool.proto.transport import connect
 from tests.conftest import make_cluster
 from tests.creds import capability_for
@@ -78,7 +79,9 @@ async def replica_bytes(meta: str, name: str, secret_file: Path) -> tuple[Layout
                 for e in lay.replica_column(i, k).extents:
                     addr = eps[e.drive_id].address
                     if addr not in conns:
-                        conns[addr] = await connect(addr)
+                        files = tls.from_env()
+                        ctx = files.client_context() if eps[e.drive_id].tls and files is not None else None
+                        conns[addr] = await connect(addr, ssl_context=ctx)
                         conns[addr].authorize(lay.volume_id, capability_for(secret_file, lay.volume_id, write=False))
                     part = memoryview(bytearray(e.length))
                     for off in range(0, e.length, dp.MAX_IO):

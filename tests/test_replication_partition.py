@@ -26,7 +26,7 @@ import pytest
 
 from nvpool.client.api import AsyncPool
 from nvpool.client.metaclient import MetaClient
-from tests.creds import capability_for
+from tests.creds import capability_for, tls_args
 from tests.history import check, summary
 from tests.netns import BRIDGE_ADDR, Fabric, available
 from tests.test_replication_faults import Workload
@@ -43,6 +43,7 @@ import asyncio, json, sys, time
 from nvpool.proto.transport import connect
 from nvpool.proto import dataplane as dp
 from nvpool.proto.errors import NvpoolError, RemoteError
+from nvpool.proto import tls
 address, extent, generation, until = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 volume_id, cap = int(sys.argv[5]), bytes.fromhex(sys.argv[6])
 async def main():
@@ -52,7 +53,9 @@ async def main():
         t = time.time()
         try:
             if conn is None or conn.closed:
-                conn = await connect(address, timeout=1.0, io_timeout=1.0)
+                files = tls.from_env()
+                conn = await connect(address, timeout=1.0, io_timeout=1.0,
+                                     ssl_context=files.client_context() if files else None)
                 conn.authorize(volume_id, cap)
             buf = memoryview(bytearray(4096))
             await conn.submit(dp.READ, extent, 0, 4096, generation, dest=buf, deadline=time.monotonic() + 1.0)
@@ -79,7 +82,7 @@ def fabric_pool(tmp_path: Path) -> Iterator[tuple[Fabric, str, list[str]]]:
         meta = subprocess.Popen([sys.executable, "-m", "nvpool", "meta", "--listen", f"{BRIDGE_ADDR}:0",
                                  "--store", f"sqlite:{tmp_path / 'meta.db'}", "--ready-file", str(tmp_path / "meta.ready"),
                                  "--agent-timeout", str(AGENT_TIMEOUT), "--heartbeat-interval", "0.3",
-                                 "--rebuild-after", "600"],
+                                 "--rebuild-after", "600", *tls_args("meta", "meta")],
                                 stdout=open(tmp_path / "meta.log", "wb"), stderr=subprocess.STDOUT)
         procs.append(meta)
         addr = str(wait_json(tmp_path / "meta.ready", meta)["address"])
@@ -88,7 +91,7 @@ def fabric_pool(tmp_path: Path) -> Iterator[tuple[Fabric, str, list[str]]]:
             host = fabric.add_host(f"s{i}")
             p = host.popen([sys.executable, "-m", "nvpool", "agent", "--meta", addr, "--listen", f"{host.address}:0",
                             "--name", f"s{i}", "--host", f"s{i}", "--drive", f"file:{tmp_path / f'd{i}.img'}:192M",
-                            "--join-secret-file", str(tmp_path / "meta.db.join-secret"),
+                            "--join-secret-file", str(tmp_path / "meta.db.join-secret"), *tls_args(f"s{i}", "agent"),
                             "--ready-file", str(tmp_path / f"s{i}.ready")], cwd=os.getcwd(),
                            stdout=open(tmp_path / f"s{i}.log", "wb"), stderr=subprocess.STDOUT)
             procs.append(p)

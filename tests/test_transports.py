@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typing import Iterator
 import uvloop
 
 from nvpool import client
@@ -127,10 +128,24 @@ class CorruptingProxy:
             pass
 
 
+@pytest.fixture(scope="module")
+def plain_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A pool whose data plane is plaintext (--no-data-tls): a byte flipped on the wire reaches the
+    digests (with TLS, the record MAC would reject it first)."""
+    from tests.conftest import make_cluster
+
+    c = make_cluster(tmp_path_factory.mktemp("plain"), agents=1, drives_per_agent=1, data_tls=False)
+    c.up()
+    try:
+        yield c
+    finally:
+        c.down()
+
+
 @pytest.mark.parametrize("upstream", [False, True], ids=["read-corrupted", "write-corrupted"])
-def test_digest_mismatch_is_rejected_counted_and_retried(local_pool: LocalCluster, upstream: bool) -> None:
+def test_digest_mismatch_is_rejected_counted_and_retried(plain_pool: LocalCluster, upstream: bool) -> None:
     async def body() -> None:
-        pool = await AsyncPool.connect(local_pool.meta.address, ClientOptions(transport="tcp", digests=True))
+        pool = await AsyncPool.connect(plain_pool.meta.address, ClientOptions(transport="tcp", digests=True))
         try:
             name = f"dg{int(upstream)}"
             await pool.create_volume(name, 4 * MiB, stripe_width=1)
