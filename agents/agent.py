@@ -311,7 +311,7 @@ class StorageAgent:
                     await asyncio.sleep(interval)
                 except grpc.aio.AioRpcError as exc:
                     refused = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
-                                             grpc.StatusCode.UNAUTHENTICATED)
+                                             grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
                     if refused:  # not a network problem: say it every time, loudly, and back off
                         logger.error("metadata service %s refused this agent: %s", self.config.meta, exc.details())
                     elif not warned:

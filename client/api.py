@@ -299,13 +299,13 @@ class Volume:
         if p is None or ep is None:
             return False
         unix = ep.unix_path if av.options.transport != "tcp" else ""
-        if ep.tls and not (unix and os.path.exists(unix)):
-            return False  # a TLS data plane: the asyncio path (the blocking channel speaks no TLS)
+        ctx = av.connections.ssl_for(ep) if ep.tls and not (unix and os.path.exists(unix)) else None
         try:
             self._pool._sync.call(ep.address, unix, opcode, p.extent.extent_id, p.extent_offset, n, lay.generation,
                                   payload=view if opcode == dp.WRITE else None,
                                   dest=view if opcode == dp.READ else None,
-                                  volume_id=lay.volume_id, cap=av.lease.cap if av.lease is not None else b"")
+                                  volume_id=lay.volume_id, cap=av.lease.cap if av.lease is not None else b"",
+                                  ssl_context=ctx)
         except FastPathMiss as miss:
             budget = av.options.io_deadline
             if miss.timed_out and time.monotonic() - t0 >= budget:

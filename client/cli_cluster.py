@@ -95,10 +95,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"using {human(total)}: --size {human(args.size)} rounded to a whole number of {human(chunk)} chunks",
               file=sys.stderr)
     options = None
-    if not os.environ.get("NVPOOL_TLS") and os.path.exists(os.path.join(args.dir, "cluster.json")):
-        from nvpool.client.api import ClientOptions
+    if os.path.exists(os.path.join(args.dir, "cluster.json")):
+        local = LocalCluster.load(args.dir)
+        if local.meta.address == meta:  # the local pool: its own certificates
+            from nvpool.client.api import ClientOptions
 
-        options = ClientOptions(tls=LocalCluster.load(args.dir).client_tls())  # the local pool's certificates
+            options = ClientOptions(tls=local.client_tls())
     pool = connect(meta, options)
     pool.meta.timeout = args.timeout
     result: dict[str, Any] = {}

@@ -25,6 +25,7 @@ from nvpool.proto.convert import layout_from_pb
 from nvpool.proto.records import Endpoint
 from nvpool.proto.errors import (
     AlreadyExistsError,
+    AuthError,
     CapacityError,
     LeaseError,
     NotFoundError,
@@ -87,6 +88,8 @@ _CODES: dict[grpc.StatusCode, type[NvpoolError]] = {
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.INVALID_ARGUMENT: UsageError,
     grpc.StatusCode.FAILED_PRECONDITION: LeaseError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
 import threading
 from typing import Optional, Union
 
 from nvpool.proto import dataplane as dp
+from nvpool.proto.tls import SERVER_NAME
 
 MAX_FAST = 256 * 1024
 _HELLO_NO_REGIONS = struct.pack("<4sII", b"NVSH", 1, 0)
@@ -58,7 +60,8 @@ def _sendmsg_all(sock: socket.socket, buffers: list[Buffer]) -> None:
 
 
 class _Channel:
-    def __init__(self, address: str, unix_path: str, timeout: float) -> None:
+    def __init__(self, address: str, unix_path: str, timeout: float,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
         if unix_path and os.path.exists(unix_path):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(timeout)
@@ -71,6 +74,8 @@ class _Channel:
             host, _, port = address.rpartition(":")
             s = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if ssl_context is not None:  # a TLS data plane (proto/tls.py)
+                s = ssl_context.wrap_socket(s, server_hostname=SERVER_NAME)
         self.sock = s
         self.hdr = bytearray(dp.COMPLETION.size)
         self.tag = 0
@@ -105,7 +110,10 @@ class _Channel:
              payload: Optional[Buffer], dest: Optional[memoryview]) -> None:
         self.tag = (self.tag + 1) & 0xFFFFFFFF or 1
         hdr = dp.encode_command(opcode, self.tag, extent_id, offset, length, generation)
-        if payload is not None:
+        if payload is not None and isinstance(self.sock, ssl.SSLSocket):
+            self.sock.sendall(hdr)  # (TLS sockets have no sendmsg)
+            self.sock.sendall(payload)
+        elif payload is not None:
             _sendmsg_all(self.sock, [hdr, payload])
         else:
             self.sock.sendall(hdr)
@@ -143,12 +151,12 @@ class SyncChannels:
 
     def call(self, address: str, unix_path: str, opcode: int, extent_id: int, offset: int, length: int,
              generation: int, payload: Optional[Buffer] = None, dest: Optional[memoryview] = None,
-             volume_id: int = 0, cap: bytes = b"") -> None:
+             volume_id: int = 0, cap: bytes = b"", ssl_context: Optional[ssl.SSLContext] = None) -> None:
         chans = self._channels()
         ch = chans.get(address)
         try:
             if ch is None:
-                ch = chans[address] = _Channel(address, unix_path, self.timeout)
+                ch = chans[address] = _Channel(address, unix_path, self.timeout, ssl_context)
             ch.authorize(volume_id, cap)
             ch.call(opcode, extent_id, offset, length, generation, payload, dest)
         except FastPathMiss:

@@ -121,7 +121,7 @@ class Connections:
         self._tls = options.tls if options.tls is not None else from_env()
         self._ssl: Optional[ssl.SSLContext] = None
 
-    def _ssl_for(self, ep: Endpoint) -> Optional[ssl.SSLContext]:
+    def ssl_for(self, ep: Endpoint) -> Optional[ssl.SSLContext]:
         """The TLS context for an agent whose data plane is TLS (made once)."""
         if not ep.tls:
             return None
@@ -173,10 +173,10 @@ class Connections:
                     raise
                 self._no_shm.add(ep.address)  # not on our server after all: TCP from now on
                 conn = await connect(ep.address, self.options.window, self.options.connect_timeout, self.options.io_timeout,
-                                     self._ssl_for(ep))
+                                     self.ssl_for(ep))
         else:
             conn = await connect(ep.address, self.options.window, self.options.connect_timeout, self.options.io_timeout,
-                                 self._ssl_for(ep))
+                                 self.ssl_for(ep))
         self._conns[ep.address] = conn
         return conn
 

@@ -6,6 +6,7 @@ Nothing below this module imports generated code. Entry point: ``serve(MetaConfi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from nvpool.proto.config import check_keys
 from nvpool.proto.convert import extent_record_to_pb, layout_to_pb
 from nvpool.proto.errors import (
     AlreadyExistsError,
+    AuthError,
     CapacityError,
     LeaseError,
     NotFoundError,
@@ -85,6 +87,8 @@ class MetaConfig:
 
 
 def _code(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, AuthError):
+        return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(exc, LeaseError):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, AlreadyExistsError):
@@ -141,6 +145,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
         if not request.agent_id or not request.address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent_id and address are required")
         await self._check_agent(context, request.agent_id, request.instance, request.credential, "registration")
+        agent.certificate = await self._agent_certificate(context, request.agent_id)
         extents = await _guard(context, self.svc.register_agent(
             agent, drives, request.pool_id, [e.extent_id for e in request.extents]))
         return pb.RegisterAgentResponse(
@@ -149,6 +154,29 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             pool_id=self.svc.pool_id,
             serve_lease_ms=int(self.svc.serve_lease * 1000),
         )
+
+    async def _agent_certificate(self, context: Any, agent_id: str) -> str:
+        """With TLS: the registering peer's certificate must be an agent's of this pool (a client's is
+        refused), and the name it was issued to binds the agent id (pool/meta.py refuses a certificate
+        issued to another name later; a re-issued certificate of the same name, a rotation, is fine)."""
+        try:
+            auth = context.auth_context() or {}
+        except Exception:  # noqa: BLE001 - a test double may have none
+            return ""
+        pems = auth.get("x509_pem_cert") or []
+        if not pems:
+            return ""
+        uris = [u.decode() if isinstance(u, bytes) else str(u) for u in auth.get("x509_subject_alternative_name", [])]
+        roles = {u.split(":")[1] for u in uris if u.startswith("nvpool:") and u.count(":") >= 2}
+        if roles and "agent" not in roles:
+            logger.warning("refused registration of agent %r from %s: its certificate is a %s's",
+                           agent_id, who(context), "/".join(sorted(roles)))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "registration refused: this certificate is not an agent's (nvpool certs issue --role agent)")
+        names = sorted(u for u in uris if u.startswith("nvpool:agent:"))
+        if names:
+            return names[0]
+        return "sha256:" + hashlib.sha256(pems[0] if isinstance(pems[0], bytes) else str(pems[0]).encode()).hexdigest()[:32]
 
     async def _check_agent(self, context: Any, agent_id: str, instance: str, credential: str, what: str) -> None:
         """Only a holder of the pool's join secret registers or heartbeats as an agent."""

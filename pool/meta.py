@@ -79,6 +79,7 @@ from nvpool.proto.capability import READ, WRITE, Capability, sign
 from nvpool.proto.records import Endpoint, ExtentRecord, extent_digest
 from nvpool.proto.errors import (
     AlreadyExistsError,
+    AuthError,
     LeaseError,
     NotFoundError,
     UnavailableError,
@@ -142,6 +143,9 @@ class AgentRec:
     labels: dict[str, str] = field(default_factory=dict)
     #: its TCP data plane is TLS
     data_tls: bool = False
+    #: the name of the TLS certificate it first registered with ("" without TLS): the agent id is
+    #: bound to it, so no other certificate's holder can take the id over (remove it to re-enroll)
+    certificate: str = ""
 
 
 @dataclass
@@ -435,6 +439,12 @@ class MetaService:
                     "wipe its first 4 KiB to add it back as a new drive"
                 )
             old = self.agents.get(agent.agent_id)
+            if old is not None and old.certificate and agent.certificate != old.certificate:
+                logger.warning("refused agent %s at %s: the id is bound to another certificate", agent.agent_id,
+                               agent.address)
+                raise AuthError(
+                    f"agent id {agent.agent_id!r} is bound to another certificate; `nvpool pool remove` the old "
+                    "server to enroll a new one under this name")
             if old is not None:
                 agent.state = old.state
                 if (old.instance and agent.instance != old.instance and self.alive(old.agent_id)

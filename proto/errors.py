@@ -62,6 +62,10 @@ class LeaseError(NvpoolError):
     lease on it is gone (it expired, or another writer took over and fenced this one)."""
 
 
+class AuthError(NvpoolError):
+    """A credential is missing or not valid (join secret, capability, certificate)."""
+
+
 class AgentTimeoutError(UnavailableError, TimeoutError):
     """An agent did not answer within an I/O's time budget. ``address`` names the agent."""
 

@@ -20,6 +20,15 @@ def nv(*args: str, env: dict[str, str] | None = None) -> str:
     return p.stdout
 
 
+def pool_env(d: str) -> dict[str, str]:
+    """The environment `eval "$(nvpool cluster env --dir D)"` makes (NVPOOL_META, NVPOOL_TLS)."""
+    env = dict(os.environ)
+    for line in nv("cluster", "env", "--dir", d).splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    return env
+
+
 def test_cluster_lifecycle_demo_and_bench(tmp_path: Path) -> None:
     d = str(tmp_path / "pool")
     up = json.loads(nv("cluster", "up", "--dir", d, "--agents", "3", "--drives-per-agent", "1", "--drive-size", "512M", "--json"))
@@ -28,7 +37,8 @@ def test_cluster_lifecycle_demo_and_bench(tmp_path: Path) -> None:
         demo = json.loads(nv("cluster", "demo", "--dir", d, "--size", "64M", "--json"))
         assert demo["match"] and demo["sha256_written"] == demo["sha256_read"]
         assert demo["columns"] == 16 and demo["servers"] == 3 and demo["read_MBps"] > 0
-        env = dict(os.environ, NVPOOL_META=up["meta"]["address"])
+        env = pool_env(d)
+        assert env["NVPOOL_META"] == up["meta"]["address"] and env["NVPOOL_TLS"].endswith("tls")
         for io_type in ("write", "read"):
             b = json.loads(nv("bench", "demo", "--io-type", io_type, "--io-size", "64K", "--io-depth", "4",
                               "--total", "16M", "--json", env=env))
@@ -44,7 +54,7 @@ def test_cluster_lifecycle_demo_and_bench(tmp_path: Path) -> None:
     # the pool comes back with its volume and data
     nv("cluster", "up", "--dir", d, "--agents", "3", "--drives-per-agent", "1", "--drive-size", "512M")
     try:
-        env = dict(os.environ, NVPOOL_META=json.loads(nv("cluster", "status", "--dir", d, "--json"))["meta"]["address"])
+        env = pool_env(d)
         vols = json.loads(nv("volume", "list", "--json", env=env))
         assert [v["name"] for v in vols] == ["demo"]
     finally:

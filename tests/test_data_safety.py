@@ -190,7 +190,7 @@ def test_two_agents_with_one_name_are_refused_and_status_tells_the_truth(tmp_pat
         log = tmp_path / "twin.log"
         twin = spawn(["agent", "--meta", c.meta.address, "--listen", "127.0.0.1:0", "--name", "agent0",
                       "--drive", f"file:{tmp_path / 'twin.img'}:64M", "--heartbeat", "0.5",
-                      "--join-secret-file", str(c.secret_file), *tls_args("agent0-twin", "agent")], log)
+                      "--join-secret-file", str(c.secret_file), *tls_args("agent0", "agent")], log)
         poll("the twin to be refused", lambda: "another --name" in log.read_text(errors="replace"), timeout=30)
         after = status(c.meta.address)
         assert after["capacity"] == before["capacity"]
@@ -240,7 +240,7 @@ def test_a_client_waits_out_a_fenced_generation_within_its_budget(tmp_path: Path
     import asyncio
 
     from nvpool.pool.agentlink import GrpcAgentLink
-    from nvpool.proto import keys
+    from nvpool.proto import keys, tls
 
     c = make_cluster(tmp_path / "pool", agents=1, drives_per_agent=1).up()
     try:
@@ -253,7 +253,8 @@ def test_a_client_waits_out_a_fenced_generation_within_its_budget(tmp_path: Path
             vid = vol.asyncio.layout.volume_id
 
             async def fence() -> None:
-                link = GrpcAgentLink(secrets=keys.load(str(c.secret_file)))
+                link = GrpcAgentLink(secrets=keys.load(str(c.secret_file)),
+                                     tls=tls.TlsFiles.from_dir(str(c.tls_dir), "meta"))
                 try:
                     await link.fence(control, vid, gen + 1)
                 finally:

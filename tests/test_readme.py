@@ -31,20 +31,24 @@ def test_blocks_are_found() -> None:
 def test_quick_start_and_python_api_run_as_written(tmp_path: Path) -> None:
     venv = Path(sys.executable).parent.parent
     (tmp_path / ".venv").symlink_to(venv)
-    env = {k: v for k, v in os.environ.items() if k != "NVPOOL_META"}
+    env = {k: v for k, v in os.environ.items() if k not in ("NVPOOL_META", "NVPOOL_TLS")}
     nv = [str(venv / "bin" / "nvpool")]
     up = subprocess.run([*nv, "cluster", "up", "--dir", ".nvpool/local", "--agents", "4", "--drives-per-agent", "2",
                          "--drive-size", "1G"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert up.returncode == 0, up.stderr
     try:
         shell = blocks("Quick start", "sh")[1]
-        p = subprocess.run(["bash", "-euo", "pipefail", "-c", shell + '\necho "NVPOOL_META=$NVPOOL_META"\n'],
+        p = subprocess.run(["bash", "-euo", "pipefail", "-c",
+                            shell + '\necho "NVPOOL_META=$NVPOOL_META"\necho "NVPOOL_TLS=${NVPOOL_TLS:-}"\n'],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
         assert p.returncode == 0, p.stdout + p.stderr
         meta = re.findall(r"^NVPOOL_META=(\S+)$", p.stdout, flags=re.M)
         assert meta and meta[0].startswith("127.0.0.1:"), p.stdout
         assert "MB/s" in p.stdout
         env["NVPOOL_META"] = meta[0]
+        tls = re.findall(r"^NVPOOL_TLS=(\S*)$", p.stdout, flags=re.M)
+        assert tls and tls[0], "the quick start's `cluster env` did not export NVPOOL_TLS"
+        env["NVPOOL_TLS"] = tls[0]  # as the quick start's eval set it
         for i, code in enumerate(blocks("Python API", "python")):
             for attempt in range(2):  # each block is also safe to run a second time
                 r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
