@@ -152,3 +152,50 @@ def test_certs_cli_makes_a_ca_and_role_certificates(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "certs init" in bad.stderr
     assert isinstance(tls.TlsFiles(files["ca"], files["cert"], files["key"]).client_context(), ssl.SSLContext)
+
+
+def spawn_agent(pool: LocalCluster, tmp_path: Path, name: str, files: tls.TlsFiles, log: Path) -> "subprocess.Popen[bytes]":
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "nvpool", "agent", "--meta", pool.meta.address, "--listen",
+                                 "127.0.0.1:0", "--name", name, "--drive", f"file:{tmp_path / (name + '.img')}:64M",
+                                 "--join-secret-file", str(pool.secret_file), "--tls-ca", files.ca, "--tls-cert",
+                                 files.cert, "--tls-key", files.key], stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_log(log: Path, text: str, timeout: float = 20) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+        time.sleep(0.1)
+
+
+def test_a_client_certificate_cannot_register_and_agent_ids_are_bound(pool: LocalCluster, tmp_path: Path) -> None:
+    """With the join secret but a client's certificate: refused. Under a registered agent's id with
+    another agent certificate of the pool: refused (the id is bound to the certificate's name)."""
+    assert pool.tls_dir is not None
+    d = str(pool.tls_dir)
+    client_cert = tls.issue(d, "mallory-client", "client")
+    log = tmp_path / "m1.log"
+    p = spawn_agent(pool, tmp_path, "mallory", client_cert, log)
+    try:
+        wait_log(log, "not an agent's")
+    finally:
+        p.kill()
+        p.wait()
+    other_agent = tls.issue(d, "mallory-agent", "agent", ("127.0.0.1",))
+    log = tmp_path / "m2.log"
+    p = spawn_agent(pool, tmp_path, "agent0", other_agent, log)
+    try:
+        wait_log(log, "bound to another certificate")
+    finally:
+        p.kill()
+        p.wait()
+
+    async def agent0() -> str:
+        m = MetaClient(pool.meta.address)
+        try:
+            return str(next(a.address for a in (await m.pool_status()).agents if a.agent_id == "agent0"))
+        finally:
+            await m.close()
+    assert asyncio.run(agent0()) == pool.agents[0].address  # still the real one
