@@ -122,9 +122,13 @@ def _transport_reason(details: str, address: str) -> str:
         return "no route to host"
     if "network is unreachable" in d:
         return "network is unreachable"
+    if "ssl" in d or "handshake" in d or "certificate" in d:
+        return ("the TLS handshake failed: the service and this client do not hold certificates of the same pool "
+                "(NVPOOL_TLS must name a directory with the pool's ca.pem, client.pem and client.key)")
     if "socket closed" in d or "connection reset" in d or "broken pipe" in d or "goaway" in d or "stream removed" in d:
-        return "the connection was closed by the other side (is it an nvpool metadata service?)"
-    return "the connection failed"
+        return ("the connection was closed by the other side (is it an nvpool metadata service? if the pool "
+                "uses TLS, set NVPOOL_TLS to its client certificates)")
+    return "the connection failed (if the pool uses TLS, check NVPOOL_TLS)"
 
 
 def translate(
