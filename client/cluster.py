@@ -88,7 +88,8 @@ class LocalCluster:
         state = {
             "meta": asdict(self.meta), "agents": [asdict(a) for a in self.agents],
             "drives_per_agent": self.drives_per_agent, "drive_size": self.drive_size,
-            "tls_dir": str(self.tls_dir) if self.tls_dir else "",
+            "tls_dir": str(self.tls_dir) if self.tls_dir else "", "data_tls": self.data_tls,
+            "unix_sockets": self.unix_sockets, "meta_extra": self.meta_extra,
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -102,7 +103,9 @@ class LocalCluster:
         except FileNotFoundError:
             raise UsageError(f"no local pool in {d} (start one with `nvpool cluster up --dir {d}`)") from None
         c = cls(d, len(state["agents"]), state["drives_per_agent"], state["drive_size"],
-                tls=bool(state.get("tls_dir")), tls_dir=state.get("tls_dir") or None)
+                unix_sockets=state.get("unix_sockets", True), tls=bool(state.get("tls_dir")),
+                tls_dir=state.get("tls_dir") or None, data_tls=state.get("data_tls", True))
+        c.meta_extra = list(state.get("meta_extra", []))
         c.meta = ProcInfo(**state["meta"])
         c.agents = [ProcInfo(**a) for a in state["agents"]]
         return c

@@ -18,11 +18,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from nvpool.client.cluster import LocalCluster  # noqa: E402
+from nvpool.proto import tls as _tls  # noqa: E402
 
 #: every pool the tests start runs with TLS on both planes (proto/tls.py), from one test CA; clients
 #: in the test process and the processes it starts find the client certificate through NVPOOL_TLS
 TLS_DIR = Path(tempfile.mkdtemp(prefix="nvpool-test-tls-"))
 os.environ["NVPOOL_TLS"] = str(TLS_DIR)
+_tls.init_ca(str(TLS_DIR))
+_tls.issue(str(TLS_DIR), "client", "client")
 
 
 class _LoopErrors(logging.Handler):
