@@ -142,6 +142,15 @@ class _Work:
         return got
 
 
+def _column_at(drive_id: str, ranges: list[tuple[int, int]], eid: int) -> tuple[Column, int]:
+    """A column of new extents (ids from ``eid`` on) over ``ranges`` of one drive; the next free id."""
+    exts = []
+    for off, n in ranges:
+        exts.append(Extent(eid, drive_id, off, n))
+        eid += 1
+    return Column(tuple(exts)), eid
+
+
 def usable_drives(drives: Iterable[DriveSpace]) -> list[DriveSpace]:
     return [d for d in drives if d.usable and d.capacity > 0]
 
@@ -283,11 +292,8 @@ def plan_replicated(
     for picked in copies:
         columns = []
         for did, ranges in picked:
-            exts = []
-            for off, n in ranges:
-                exts.append(Extent(eid, did, off, n))
-                eid += 1
-            columns.append(Column(tuple(exts)))
+            col, eid = _column_at(did, ranges, eid)
+            columns.append(col)
         out.append(tuple(columns))
     return out[0], tuple(out[1:]), eid
 
@@ -320,11 +326,7 @@ def plan_replica(
             f"replicas of column {column} of {layout.name!r} ({', '.join(sorted(taken)) or 'none'})"
         )
     did, ranges = got[0]
-    exts, eid = [], next_extent_id
-    for off, n in ranges:
-        exts.append(Extent(eid, did, off, n))
-        eid += 1
-    return Column(tuple(exts)), eid
+    return _column_at(did, ranges, next_extent_id)
 
 
 def plan_grow(layout: Layout, drives: Sequence[DriveSpace], new_size: int, next_extent_id: int,
@@ -439,11 +441,7 @@ def plan_rebalance(
         did, ranges = got[0]
         count[did] += 1
         per_host[by_id[did].host] = per_host.get(by_id[did].host, 0) + 1
-        exts = []
-        for off, n in ranges:
-            exts.append(Extent(eid, did, off, n))
-            eid += 1
-        columns[i] = Column(tuple(exts))
+        columns[i], eid = _column_at(did, ranges, eid)
     return tuple(columns), eid
 
 
@@ -512,11 +510,7 @@ def plan_rebalance_replicated(
         did, ranges = got[0]
         count[did] += 1
         per_host[by_id[did].host] = per_host.get(by_id[did].host, 0) + 1
-        exts = []
-        for off, n in ranges:
-            exts.append(Extent(eid, did, off, n))
-            eid += 1
-        cols[(i, k)] = Column(tuple(exts))
+        cols[(i, k)], eid = _column_at(did, ranges, eid)
     columns = tuple(cols[(i, 0)] for i in range(layout.width))
     mirrors = tuple(tuple(cols[(i, k)] for i in range(layout.width)) for k in range(1, layout.replicas))
     return (columns, mirrors), eid

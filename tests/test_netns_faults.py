@@ -21,7 +21,7 @@ from nvpool.client.api import ClientOptions
 from nvpool.proto.errors import UnavailableError
 from tests.creds import tls_args
 from tests.netns import BRIDGE_ADDR, Fabric, available
-from tests.waiting import wait_json
+from tests.waiting import stop_all, wait_json
 
 MiB = 1 << 20
 pytestmark = pytest.mark.netns
@@ -50,12 +50,7 @@ def fabric_pool(tmp_path: Path) -> Iterator[tuple[Fabric, str]]:
         wait_json(tmp_path / "s0.ready", agent)
         yield fabric, addr
     finally:
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         fabric.close()
 
 

@@ -30,7 +30,7 @@ from tests.creds import capability_for, tls_args
 from tests.history import check, summary
 from tests.netns import BRIDGE_ADDR, Fabric, available
 from tests.test_replication_faults import Workload
-from tests.waiting import poll, wait_json
+from tests.waiting import stop_all, poll, wait_json
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -98,12 +98,7 @@ def fabric_pool(tmp_path: Path) -> Iterator[tuple[Fabric, str, list[str]]]:
             agents.append(str(wait_json(tmp_path / f"s{i}.ready", p)["address"]))
         yield fabric, addr, agents
     finally:
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         fabric.close()
 
 

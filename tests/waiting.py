@@ -38,3 +38,15 @@ def wait_json(path: Path, proc: "subprocess.Popen[Any]", timeout: float = 30) ->
             return {}
 
     return poll(f"{path} to be written", ready, timeout, 0.05)
+
+
+def stop_all(procs: "list[subprocess.Popen[Any]]", timeout: float = 10) -> None:
+    """Terminate processes a test started; kill any that do not exit within ``timeout``."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
