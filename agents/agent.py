@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nvpool.agents import osio
 from nvpool.agents.control import AgentServicer, ControlAuth
 from nvpool.agents.copy import Copier
+from nvpool.agents.metrics import AgentCollector
 from nvpool.agents.core import AgentCore
 from nvpool.agents.dataplane import start_tcp
 from nvpool.agents.shm import start_unix
@@ -45,6 +47,7 @@ from nvpool.proto.config import check_keys
 from nvpool.proto.addresses import check_bindable, is_wildcard, join_hostport, split_hostport
 from nvpool.proto.errors import UsageError
 from nvpool.proto import capability, grpctls, keys
+from nvpool.proto.metrics import start_metrics
 from nvpool.proto.tls import TlsFiles, tls_files
 from nvpool.proto.records import extent_digest
 
@@ -104,6 +107,8 @@ class AgentConfig:
     tls_key: str = ""
     #: with TLS: encrypt the TCP data plane too (costs sendfile); control calls are always TLS then
     data_tls: bool = True
+    #: HOST:PORT of a Prometheus metrics endpoint ("" = none)
+    metrics_listen: str = ""
 
     def tls(self) -> Optional[TlsFiles]:
         return tls_files(self.tls_ca, self.tls_cert, self.tls_key)
@@ -179,6 +184,8 @@ class StorageAgent:
         self._servers: list[Any] = []
         self._grpc: Optional[grpc.aio.Server] = None
         self.data_tls = False
+        self._metrics: Optional[Any] = None
+        self._last_heartbeat = 0.0
 
     async def start(self) -> None:
         host, port = split_hostport(self.config.listen, 7500)
@@ -200,6 +207,9 @@ class StorageAgent:
             self._servers.append(await start_unix(self.core, self.config.unix_path))
         self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
                                      interceptors=[ControlAuth(self.secrets)])
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # until registered
         self.copier = Copier(self.core, tls)
         pbg.add_AgentServicer_to_server(AgentServicer(self.core, self.copier.copy), self._grpc)
         chost, cport = split_hostport(self.config.control_listen or f"{host}:0")
@@ -208,6 +218,9 @@ class StorageAgent:
         if got == 0:
             raise UsageError(f"cannot listen on control address {chost}:{cport}: in use or not local")
         await self._grpc.start()
+        if self.config.metrics_listen:
+            self._metrics = start_metrics(self.config.metrics_listen,
+                                          AgentCollector(self.core, self.agent_id, self._heartbeat_age))
         self.control_address = join_hostport(adv_host, got)
         logger.info("agent %s data plane on %s, control on %s", self.agent_id, self.address, self.control_address)
 
@@ -307,6 +320,8 @@ class StorageAgent:
                             await self._apply_heartbeat(hb, req)
                             self.core.serve_until = sent_at + serve_lease  # after the fences it carried
                             self.registered.set()  # registered, extents adopted, placeable
+                            self._last_heartbeat = time.monotonic()
+                            await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
                     backoff = 0.2
                     await asyncio.sleep(interval)
                 except grpc.aio.AioRpcError as exc:
@@ -321,7 +336,19 @@ class StorageAgent:
                     await asyncio.sleep(5.0 if refused else backoff)
                     backoff = min(backoff * 2, 5.0)
 
+    @property
+    def metrics_address(self) -> str:
+        """Where the metrics endpoint listens ("" without one)."""
+        if self._metrics is None:
+            return ""
+        return f"{self._metrics.server_address[0]}:{self._metrics.server_port}"
+
+    def _heartbeat_age(self) -> float:
+        return time.monotonic() - self._last_heartbeat if self._last_heartbeat else -1.0
+
     async def stop(self) -> None:
+        if self._metrics is not None:
+            self._metrics.shutdown()
         for srv in self._servers:
             srv.close()
         if self._grpc is not None:

@@ -41,12 +41,15 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
 class ControlAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Only the metadata service may call an agent's control service: every call carries a token
     derived from the pool's join secret (``x-nvpool-auth``; proto/capability.py ``control_token``).
-    Anything else is refused with UNAUTHENTICATED before it reaches a handler."""
+    Anything else is refused with UNAUTHENTICATED before it reaches a handler, except the standard
+    gRPC health service (it reveals only SERVING / NOT_SERVING)."""
 
     def __init__(self, secrets: list[bytes]) -> None:
         self.secrets = secrets
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return await continuation(details)  # the standard health service answers anyone on the port
         token = dict(details.invocation_metadata or ()).get(AUTH_HEADER, "")
         why = capability.check_control_token(str(token), self.secrets, details.method, time.time())
         if not why:

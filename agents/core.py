@@ -41,6 +41,7 @@ Replicated extents (``ExtentRecord.replicas`` > 1; see ``pool/replication.py``):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -59,15 +60,54 @@ T = TypeVar("T")
 DIRTY_GRAIN = 64 * 1024
 
 
+#: upper bounds (seconds) of the command-latency histogram buckets (agents/metrics.py)
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
 @dataclass
 class Stats:
+    """What the agent has done, counted on the I/O path with plain dict increments and read by
+    heartbeats and the metrics endpoint (agents/metrics.py)."""
+
     bytes_read: int = 0
     bytes_written: int = 0
     commands: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    #: per drive: [bytes read, bytes written, reads, writes]
+    drives: dict[str, list[int]] = field(default_factory=dict)
+    #: per volume id: [bytes read, bytes written]
+    volumes: dict[int, list[int]] = field(default_factory=dict)
+    #: per opcode name: bucket counts (LATENCY_BUCKETS, then +Inf), sum of seconds
+    latency: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    connections: int = 0
 
     def error(self, status: Status) -> None:
         self.errors[status.name] = self.errors.get(status.name, 0) + 1
+
+    def io(self, rec: ExtentRecord, write: bool, n: int) -> None:
+        d = self.drives.get(rec.drive_id)
+        if d is None:
+            d = self.drives[rec.drive_id] = [0, 0, 0, 0]
+        v = self.volumes.get(rec.volume_id)
+        if v is None:
+            v = self.volumes[rec.volume_id] = [0, 0]
+        if write:
+            self.bytes_written += n
+            d[1] += n
+            d[3] += 1
+            v[1] += n
+        else:
+            self.bytes_read += n
+            d[0] += n
+            d[2] += 1
+            v[0] += n
+
+    def observe(self, op: str, seconds: float) -> None:
+        h = self.latency.get(op)
+        if h is None:
+            h = self.latency[op] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
+        h[0][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        h[1][0] += seconds
 
 
 @dataclass
@@ -126,18 +166,18 @@ class AgentCore:
         return drive, rec.drive_offset + cmd.offset, rec
 
     def read(self, cmd: Command) -> bytes:
-        drive, off, _ = self.locate(cmd)
+        drive, off, rec = self.locate(cmd)
         data = self._io(drive, lambda: drive.pread(off, cmd.length))
-        self.stats.bytes_read += cmd.length
+        self.stats.io(rec, False, cmd.length)
         return data
 
     def readinto(self, cmd: Command, buf: memoryview) -> None:
-        drive, off, _ = self.locate(cmd)
+        drive, off, rec = self.locate(cmd)
         self._io(drive, lambda: drive.readinto(buf, off))
-        self.stats.bytes_read += cmd.length
+        self.stats.io(rec, False, cmd.length)
 
     def write(self, cmd: Command, payload: memoryview, fua: bool = False) -> None:
-        drive, off, _ = self.locate(cmd)
+        drive, off, rec = self.locate(cmd)
         if self._copies:
             self._note_write(cmd.extent_id, cmd.offset, cmd.length)
         if self._dirty:
@@ -145,7 +185,7 @@ class AgentCore:
         self._io(drive, lambda: drive.write(payload, off))
         if fua:
             self._io(drive, drive.flush)
-        self.stats.bytes_written += cmd.length
+        self.stats.io(rec, True, cmd.length)
 
     def zero(self, cmd: Command) -> None:
         drive, off, _ = self.locate(cmd)

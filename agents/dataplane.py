@@ -97,6 +97,7 @@ class AgentConnection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ asyncio protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.core.stats.connections += 1
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
         self._peer = transport.get_extra_info("peername") or "unix"
         sock = transport.get_extra_info("socket")
@@ -109,6 +110,7 @@ class AgentConnection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=REPLY_HIGH_WATER)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.core.stats.connections -= 1
         self.transport = None
         self._pending.clear()
         self._pending_bytes = 0
@@ -268,13 +270,13 @@ class AgentConnection(asyncio.BufferedProtocol):
         flags = cmd.flags & (dp.HDGST | dp.DDGST)
         n = cmd.length
         if self._use_sendfile and n >= SENDFILE_MIN and not flags & dp.DDGST and self._sock_fd >= 0:
-            drive, off, _ = self.core.locate(cmd)
+            drive, off, rec = self.core.locate(cmd)
             self._send()  # completions batched before this one go first
             if transport.get_write_buffer_size() == 0:
                 transport.write(dp.encode_completion(cmd.tag, 0, n, 0, flags))
                 # header sent and nothing queued: the payload may go straight from the page cache
                 sent = self._sendfile(drive.fd, off, n) if transport.get_write_buffer_size() == 0 else 0
-                self.core.stats.bytes_read += sent
+                self.core.stats.io(rec, False, sent)
                 if sent < n:  # socket full: the rest through the transport, which keeps the order
                     cmd.offset += sent
                     cmd.length = n - sent
@@ -352,6 +354,8 @@ MAX_DEFERRED_FLUSHES = 16
 DeferFn = Callable[[dp.Command, list[Any]], bool]
 
 
+_OP_NAMES = {int(o): o.name.lower() for o in dp.Opcode}
+
 #: capabilities one connection may hold (one per volume); more is a peer's abuse
 MAX_CAPS = 4096
 _WRITES = frozenset({dp.WRITE, int(dp.Opcode.WRITE_REGION), int(dp.Opcode.WRITE_ZEROES), int(dp.Opcode.DISCARD)})
@@ -398,6 +402,7 @@ def execute(core: AgentCore, cmd: dp.Command, regions: dict[int, memoryview], ou
     known opcode, and a length above 0 for every opcode that moves or zeroes bytes (a 0-byte command
     is a peer's mistake, not an I/O: refusing it keeps the drive and the stream out of it)."""
     core.stats.commands += 1
+    t0 = time.perf_counter()
     try:
         if not cmd.digest_ok:
             raise RemoteError(Status.DIGEST, "data digest mismatch")
@@ -441,3 +446,5 @@ def execute(core: AgentCore, cmd: dp.Command, regions: dict[int, memoryview], ou
     except RemoteError as exc:
         core.stats.error(Status(exc.status))
         out.append(dp.error_completion(cmd.tag, exc.status, str(exc), exc.info, cmd.flags & (dp.HDGST | dp.DDGST)))
+    finally:
+        core.stats.observe(_OP_NAMES.get(cmd.opcode, "other"), time.perf_counter() - t0)

@@ -32,10 +32,12 @@ Exit status:
   1  the operation failed (the pool refused it, an agent or the metadata service could not be
      reached or did not answer within --timeout, a check did not pass)
   2  usage error: an invalid command line (unknown option, bad size, name, number); nothing was done
+  3  `nvpool pool status`: the pool is not healthy (a volume degraded or unavailable, or no drives)
 
 Every error is one line on stderr: "nvpool: error: ...".
 
-Environment: NVPOOL_META is the default metadata service address (host:port)."""
+Environment: NVPOOL_META is the default metadata service address (host:port); NVPOOL_TLS the
+directory with the pool's ca.pem, client.pem and client.key (TLS)."""
 
 
 def humanize_sizes(message: str) -> str:

@@ -68,16 +68,18 @@ def cmd_meta(args: argparse.Namespace) -> int:
 
     values = _load_config(args.config)
     for key in ("listen", "store", "lease_ttl", "agent_timeout", "heartbeat_interval", "rebuild_after", "repair_rate",
-                "join_secret_file", "tls_ca", "tls_cert", "tls_key"):
+                "join_secret_file", "tls_ca", "tls_cert", "tls_key", "metrics_listen"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     config = MetaConfig.from_mapping(values)
 
+    extra: dict[str, Any] = {}
+
     def ready(address: str) -> None:
-        write_ready(args.ready_file, {"address": address, "pid": os.getpid()})
+        write_ready(args.ready_file, {"address": address, "pid": os.getpid(), **extra})
         print(f"nvpool meta serving on {address} (store {config.store})", file=sys.stderr, flush=True)
 
-    return run_daemon(lambda: serve(config, on_ready=ready))
+    return run_daemon(lambda: serve(config, on_ready=ready, info=extra))
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -89,7 +91,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "unix_path": args.unix, "advertise": args.advertise, "name": args.name, "host": args.host,
         "rack": args.rack, "heartbeat_interval": args.heartbeat, "join_secret_file": args.join_secret_file,
         "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-        "data_tls": False if args.no_data_tls else None,
+        "data_tls": False if args.no_data_tls else None, "metrics_listen": args.metrics_listen,
     }
     values.update({k: v for k, v in mapping.items() if v is not None})
     if args.drive:
@@ -106,6 +108,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         info = {
             "agent_id": agent.agent_id, "address": agent.address, "control_address": agent.control_address,
             "unix_path": config.unix_path, "drives": sorted(agent.core.drives), "pid": os.getpid(),
+            "metrics": agent.metrics_address,
         }
         write_ready(args.ready_file, info)
         print(
@@ -114,6 +117,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
         )
 
     return run_daemon(lambda: serve(config, on_ready=ready))
+
+
+def add_metrics(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", dest="metrics_listen", type=listen_address, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: none)")
 
 
 def add_tls(p: argparse.ArgumentParser) -> None:
@@ -151,6 +159,7 @@ def register(sub: Any) -> None:
                    help="the pool's join secret (created at the first start if missing; default: next to a SQLite "
                         "store, STORE.join-secret); copy it to every storage server")
     add_tls(p)
+    add_metrics(p)
     p.add_argument("--config", help="TOML config file (see deploy/meta.toml.sample)")
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
     p.set_defaults(func=cmd_meta)
@@ -184,6 +193,7 @@ def register(sub: Any) -> None:
     a.add_argument("--join-secret-file", metavar="PATH",
                    help="the pool's join secret, copied from the metadata server (required; mode 600)")
     add_tls(a)
+    add_metrics(a)
     a.add_argument("--no-data-tls", action="store_true",
                    help="with TLS: leave the TCP data plane unencrypted (keeps sendfile; capabilities are still "
                         "checked); control calls stay TLS")

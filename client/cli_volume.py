@@ -219,7 +219,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             at = time.strftime("%H:%M:%S", time.localtime(since)) if since else "?"
             head += f"\n  {vol}: {plural(len(rs), 'replica')} {state}{prog} (since {at}: {reason})"
     emit(args, d, head + ("\n\n" + table(rows, ["AGENT", "SERVER", "ADDRESS", "STATE", "MODE", "DRIVES", "CAPACITY", "USED"]) if rows else ""))
-    return 0
+    return 0 if d["health"] == "ok" else 3  # for scripts: 3 = the pool is not healthy (degraded, empty)
 
 
 def register(sub: Any) -> None:

@@ -29,6 +29,8 @@ class ProcInfo:
     args: list[str] = field(default_factory=list)
     ready_file: str = ""
     log: str = ""
+    #: where its Prometheus endpoint listens ("" = none)
+    metrics: str = ""
 
 
 def _alive(pid: int) -> bool:
@@ -60,7 +62,10 @@ class LocalCluster:
         tls: bool = True,
         tls_dir: Optional[str | os.PathLike[str]] = None,
         data_tls: bool = True,
+        metrics: bool = False,
     ) -> None:
+        #: every daemon serves Prometheus metrics on a free port (ProcInfo.metrics says which)
+        self.metrics = metrics
         #: with TLS: encrypt the agents' TCP data plane too (else only the control plane)
         self.data_tls = data_tls
         self.dir = Path(directory).resolve()
@@ -89,7 +94,7 @@ class LocalCluster:
             "meta": asdict(self.meta), "agents": [asdict(a) for a in self.agents],
             "drives_per_agent": self.drives_per_agent, "drive_size": self.drive_size,
             "tls_dir": str(self.tls_dir) if self.tls_dir else "", "data_tls": self.data_tls,
-            "unix_sockets": self.unix_sockets, "meta_extra": self.meta_extra,
+            "unix_sockets": self.unix_sockets, "meta_extra": self.meta_extra, "metrics": self.metrics,
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -104,7 +109,8 @@ class LocalCluster:
             raise UsageError(f"no local pool in {d} (start one with `nvpool cluster up --dir {d}`)") from None
         c = cls(d, len(state["agents"]), state["drives_per_agent"], state["drive_size"],
                 unix_sockets=state.get("unix_sockets", True), tls=bool(state.get("tls_dir")),
-                tls_dir=state.get("tls_dir") or None, data_tls=state.get("data_tls", True))
+                tls_dir=state.get("tls_dir") or None, data_tls=state.get("data_tls", True),
+                metrics=state.get("metrics", False))
         c.meta_extra = list(state.get("meta_extra", []))
         c.meta = ProcInfo(**state["meta"])
         c.agents = [ProcInfo(**a) for a in state["agents"]]
@@ -166,12 +172,14 @@ class LocalCluster:
         self.meta.args = [
             "meta", "--listen", listen, "--store", f"sqlite:{self.dir / 'meta.db'}",
             "--ready-file", str(self.dir / "meta.ready"), *self._tls_args("meta", "meta"), *self.meta_extra,
+            *(["--metrics", "127.0.0.1:0"] if self.metrics else []),
         ]
         self.client_tls()
         self.meta.ready_file = str(self.dir / "meta.ready")
         self.meta.log = str(self.dir / "logs" / "meta.log")
         self._spawn(self.meta)
-        self.meta.address = self._wait_ready(self.meta, timeout)["address"]
+        ready = self._wait_ready(self.meta, timeout)
+        self.meta.address, self.meta.metrics = ready["address"], ready.get("metrics", "")
         self.save()
 
     @property
@@ -184,7 +192,7 @@ class LocalCluster:
         drives = [f"file:{self.dir / 'drives' / f'{name}-d{j}.img'}:{self.drive_size}" for j in range(self.drives_per_agent)]
         args = ["agent", "--meta", self.meta.address, "--listen", "127.0.0.1:0", "--name", name, "--host", name,
                 "--join-secret-file", str(self.secret_file), *self._tls_args(name, "agent"),
-                *([] if self.data_tls else ["--no-data-tls"]),
+                *([] if self.data_tls else ["--no-data-tls"]), *(["--metrics", "127.0.0.1:0"] if self.metrics else []),
                 "--ready-file", str(self.dir / f"{name}.ready"), "--heartbeat", "0.5"]
         if self.unix_sockets:
             args += ["--unix", str(self.dir / f"{name}.sock")]
@@ -199,7 +207,8 @@ class LocalCluster:
         fresh = self.agent_info(i)
         info.args, info.ready_file, info.log = fresh.args, fresh.ready_file, fresh.log
         self._spawn(info)
-        info.address = self._wait_ready(info, timeout)["address"]
+        ready = self._wait_ready(info, timeout)
+        info.address, info.metrics = ready["address"], ready.get("metrics", "")
         self.save()
         return info
 

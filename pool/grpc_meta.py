@@ -13,15 +13,18 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Optional, TypeVar
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nvpool.pool.agentlink import GrpcAgentLink
 from nvpool.pool.kvstore import open_store
 from nvpool.pool.meta import AgentLink, AgentRec, DriveRec, MetaService
+from nvpool.pool.metrics import MetaCollector
 from nvpool.pool.rebalancer import Rebalancer
 from nvpool.pool.replication import Replication
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
 from nvpool.proto import capability, grpctls, keys
+from nvpool.proto.metrics import start_metrics
 from nvpool.proto.tls import TlsFiles, tls_files
 from nvpool.proto.addresses import check_bindable
 from nvpool.proto.config import check_keys
@@ -60,6 +63,8 @@ class MetaConfig:
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    #: HOST:PORT of a Prometheus metrics endpoint ("" = none)
+    metrics_listen: str = ""
 
     def tls(self) -> Optional[TlsFiles]:
         return tls_files(self.tls_ca, self.tls_cert, self.tls_key)
@@ -128,6 +133,32 @@ def who(context: Any) -> str:
 def rebalance_pb(d: dict[str, Any]) -> pb.RebalanceStatus:
     moves = [pb.Move(**m) for m in d.get("moves", [])]
     return pb.RebalanceStatus(**{**d, "moves": moves})
+
+
+class CountRpcs(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Counts every RPC by method and status code for the metrics endpoint (pool/metrics.py)."""
+
+    def __init__(self, metrics: MetaCollector) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner, method = handler.unary_unary, details.method.rsplit("/", 1)[-1]
+
+        async def counted(request: Any, context: Any) -> Any:
+            try:
+                resp = await inner(request, context)
+            except BaseException:
+                code = context.code()
+                self.metrics.count(method, code.name if code is not None else "UNKNOWN")
+                raise
+            code = context.code()
+            self.metrics.count(method, code.name if code is not None else "OK")
+            return resp
+
+        return grpc.unary_unary_rpc_method_handler(counted, handler.request_deserializer, handler.response_serializer)
 
 
 class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
@@ -313,9 +344,11 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
 
 
 async def serve(
-    config: MetaConfig, on_ready: Optional[Callable[[str], None]] = None, link: Optional[AgentLink] = None
+    config: MetaConfig, on_ready: Optional[Callable[[str], None]] = None, link: Optional[AgentLink] = None,
+    info: Optional[dict[str, Any]] = None,
 ) -> None:
-    """Run the metadata service until cancelled; ``on_ready`` gets the bound host:port."""
+    """Run the metadata service until cancelled; ``on_ready`` gets the bound host:port; ``info`` (if
+    given) gets ``metrics``, the bound metrics address, before that."""
     check_bindable(config.listen, "metadata service")
     secrets = keys.create(config.secret_path())
     store = open_store(config.store)
@@ -324,9 +357,12 @@ async def serve(
     service.secrets = secrets
     rebalancer = Rebalancer(service)
     replication = Replication(service, rebuild_after=config.rebuild_after, rate=config.repair_rate)
+    metrics = MetaCollector(service, rebalancer, replication)
     # no SO_REUSEPORT: a second service on a busy address must fail, not split the connections
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[CountRpcs(metrics)])
     pbg.add_MetaServicer_to_server(MetaServicer(service, rebalancer, replication), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host, _, port = config.listen.rpartition(":")
     bound = grpctls.add_port(server, config.listen, config.tls())
     if bound == 0:
@@ -338,6 +374,10 @@ async def serve(
     logger.info("metadata service of pool %s on %s (store %s)", service.pool_id, address, config.store)
     rebalancer.resume()
     replication.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    http = start_metrics(config.metrics_listen, metrics) if config.metrics_listen else None
+    if http is not None and info is not None:
+        info["metrics"] = f"{http.server_address[0]}:{http.server_port}"
     watch = asyncio.create_task(_watch(service))
     if on_ready is not None:
         on_ready(address)
@@ -345,6 +385,8 @@ async def serve(
         await server.wait_for_termination()
     finally:
         watch.cancel()
+        if http is not None:
+            http.shutdown()
         await replication.stop()
         await rebalancer.stop()
         await server.stop(grace=1.0)

@@ -56,9 +56,9 @@ _clusters: list[LocalCluster] = []
 
 
 def make_cluster(tmp: Path, agents: int = 4, drives_per_agent: int = 2, drive_size: str = "256M",
-                 data_tls: bool = True) -> LocalCluster:
+                 data_tls: bool = True, metrics: bool = False) -> LocalCluster:
     c = LocalCluster(tmp, agents=agents, drives_per_agent=drives_per_agent, drive_size=drive_size, tls_dir=TLS_DIR,
-                     data_tls=data_tls)
+                     data_tls=data_tls, metrics=metrics)
     _clusters.append(c)
     return c
 

@@ -26,19 +26,20 @@ GENERATED = ("nvpool.proto.nvpool_pb2", "nvpool.proto.nvpool_pb2_grpc", "grpc", 
 CASES: list[tuple[list[str], tuple[str, ...]]] = [
     # the wire package on its own
     (["nvpool.proto.dataplane", "nvpool.proto.layout", "nvpool.proto.records", "nvpool.proto.units",
-      "nvpool.proto.capability", "nvpool.proto.keys", "nvpool.proto.tls",
+      "nvpool.proto.capability", "nvpool.proto.keys", "nvpool.proto.tls", "nvpool.proto.metrics",
       "nvpool.proto.errors", "nvpool.proto.transport", "nvpool.proto.config", "nvpool.proto.addresses"],
      ("nvpool.pool", "nvpool.agents", "nvpool.client", *GENERATED)),
     (["nvpool.proto.convert", "nvpool.proto.generate", "nvpool.proto.grpctls"],
      ("nvpool.pool", "nvpool.agents", "nvpool.client")),
     # the whole agent daemon, gRPC edge included
-    (["nvpool.agents.agent", "nvpool.agents.control", "nvpool.agents.copy", "nvpool.agents.shm"],
+    (["nvpool.agents.agent", "nvpool.agents.control", "nvpool.agents.copy", "nvpool.agents.shm",
+      "nvpool.agents.metrics"],
      ("nvpool.client", "nvpool.pool")),
     # the agent core and drives
     (["nvpool.agents.core", "nvpool.agents.drive", "nvpool.agents.dataplane", "nvpool.agents.osio"],
      ("nvpool.client", "nvpool.pool", *GENERATED)),
     # the whole metadata service, gRPC edge included
-    (["nvpool.pool.grpc_meta"], ("nvpool.client", "nvpool.agents")),
+    (["nvpool.pool.grpc_meta", "nvpool.pool.metrics"], ("nvpool.client", "nvpool.agents")),
     # the metadata core
     (["nvpool.pool.meta", "nvpool.pool.planner", "nvpool.pool.migration", "nvpool.pool.rebalancer",
       "nvpool.pool.replication",

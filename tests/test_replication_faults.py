@@ -254,7 +254,7 @@ def test_fio_verify_through_the_nbd_export_while_a_server_dies(tmp_path: Path) -
         # what an operator sees: the out replicas, by volume, and where each replica is
         st = subprocess.run([sys.executable, "-m", "nvpool", "pool", "status", "--meta", c.meta.address],
                             capture_output=True, text=True, timeout=30)
-        assert st.returncode == 0 and "health degraded" in st.stdout and "f: " in st.stdout, st.stdout + st.stderr
+        assert st.returncode == 3 and "health degraded" in st.stdout and "f: " in st.stdout, st.stdout + st.stderr
         shown = subprocess.run([sys.executable, "-m", "nvpool", "volume", "show", "f", "--json", "--meta", c.meta.address],
                                capture_output=True, text=True, timeout=30)
         info = json.loads(shown.stdout)
@@ -263,6 +263,9 @@ def test_fio_verify_through_the_nbd_export_while_a_server_dies(tmp_path: Path) -
         c.start_agent(1)  # back: its replicas are resynced (only what it missed)
         wait_redundant(c, "f")
         assert "resyncing" in (c.dir / "logs" / "meta.log").read_text()
+        again = subprocess.run([sys.executable, "-m", "nvpool", "pool", "status", "--meta", c.meta.address],
+                               capture_output=True, text=True, timeout=30)
+        assert again.returncode == 0 and "health ok" in again.stdout
     finally:
         exp.send_signal(signal.SIGTERM)
         try:
