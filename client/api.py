@@ -40,6 +40,7 @@ from typing import Any, Coroutine, Optional, TypeVar, Union
 import numpy as np
 
 from nvpool.client.metaclient import MetaClient, VolumeInfo, default_meta
+from nvpool.client.metrics import COUNTERS
 from nvpool.client.syncpath import MAX_FAST, FastPathMiss, SyncChannels
 from nvpool.client.volume import AsyncVolume, ClientOptions, Connections, Lease
 from nvpool.proto import dataplane as dp
@@ -306,6 +307,7 @@ class Volume:
                                   dest=view if opcode == dp.READ else None,
                                   volume_id=lay.volume_id, cap=av.lease.cap if av.lease is not None else b"",
                                   ssl_context=ctx)
+            COUNTERS.record("read" if opcode == dp.READ else "write", n, time.monotonic() - t0, False)
         except FastPathMiss as miss:
             budget = av.options.io_deadline
             if miss.timed_out and time.monotonic() - t0 >= budget:

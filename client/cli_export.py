@@ -33,6 +33,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     workers = max(1, args.workers)
     listener = None
+    if args.metrics_listen and workers > 1:
+        print("nvpool: error: --metrics serves one process's counters: use it with --workers 1", file=sys.stderr)
+        return 2
+    if args.metrics_listen:  # the client library's counters of this export (client/metrics.py)
+        from nvpool.client.metrics import collector
+        from nvpool.proto.metrics import start_metrics
+
+        start_metrics(args.metrics_listen, collector())
     if workers > 1:
         if args.file:
             print("nvpool: error: --workers serves pool volumes only", file=sys.stderr)
@@ -181,6 +189,8 @@ def register(sub: Any) -> None:
     e.add_argument("--read-only", action="store_true", help="refuse writes (a shared reader lease)")
     e.add_argument("--force", action="store_true",
                    help="take the volume over from its current writer (that writer is fenced: its writes fail)")
+    e.add_argument("--metrics", dest="metrics_listen", type=listen_address, metavar="HOST:PORT",
+                   help="serve this export's client metrics (Prometheus) at http://HOST:PORT/metrics")
     e.add_argument("--workers", type=int_arg(1, MAX_WORKERS, "number of workers"), default=1,
                    help="processes serving the export (they share the socket; multi-connection clients use more cores)")
     e.add_argument("--name", help="export name (default: the volume name)")

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Union
 
 from nvpool.client.metaclient import MetaClient
+from nvpool.client.metrics import COUNTERS
 from nvpool.proto.transport import AgentConnection, connect
 from nvpool.client.transport_shm import BOUNCE_ID, Region, ShmConnection, connect_shm
 from nvpool.proto.layout import Layout
@@ -335,6 +336,7 @@ class AsyncVolume:
         self.stats = {"stale_refetches": 0, "retries": 0, "digest_errors": 0, "hedged_reads": 0,
                       "hedge_wins": 0, "replica_failures": 0}
         self._ranges = lease.ranges if lease is not None else RangeLock()
+        COUNTERS.volumes.add(self)
         #: recent read latency (seconds, moving average): sets the hedge delay
         self._read_latency = 0.002
         self._hedges = 0
@@ -360,6 +362,14 @@ class AsyncVolume:
     async def readinto(self, buf: memoryview, offset: int, *, timeout: Optional[float] = None) -> None:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf``; ``timeout``: this call's time budget
         (default ``options.io_deadline``)."""
+        t0, failed = time.perf_counter(), True
+        try:
+            await self._readinto(buf, offset, timeout)
+            failed = False
+        finally:
+            COUNTERS.record("read", memoryview(buf).nbytes, time.perf_counter() - t0, failed)
+
+    async def _readinto(self, buf: memoryview, offset: int, timeout: Optional[float]) -> None:
         buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
         if buf.readonly:
             raise UsageError("readinto needs a writable buffer")
@@ -403,6 +413,14 @@ class AsyncVolume:
         return out
 
     async def write(self, offset: int, data: Buffer, fua: bool = False, *, timeout: Optional[float] = None) -> None:
+        t0, failed = time.perf_counter(), True
+        try:
+            await self._write(offset, data, fua, timeout)
+            failed = False
+        finally:
+            COUNTERS.record("write", memoryview(data).nbytes, time.perf_counter() - t0, failed)
+
+    async def _write(self, offset: int, data: Buffer, fua: bool, timeout: Optional[float]) -> None:
         self._check_writable()
         view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
         flags = (dp.HDGST | dp.DDGST if self.options.digests else 0) | (dp.FUA if fua else 0)

@@ -106,3 +106,33 @@ def test_health_service_answers_on_meta_and_agents(pool: LocalCluster, tmp_path:
     controls = [json.loads(Path(a.ready_file).read_text())["control_address"] for a in pool.agents]
     for address in [pool.meta.address, *controls]:
         assert asyncio.run(check(address)) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_client_library_counts_what_the_application_did(pool: LocalCluster) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from nvpool import client
+    from nvpool.client.metrics import collector
+
+    registry = CollectorRegistry()
+    registry.register(collector())
+
+    def sample(name: str, op: str) -> float:
+        for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+            for s in fam.samples:
+                if s.name == name and s.labels.get("op") == op:
+                    return float(s.value)
+        return 0.0
+
+    r0, w0 = sample("nvpool_client_bytes_total", "read"), sample("nvpool_client_bytes_total", "write")
+    n0 = sample("nvpool_client_call_seconds_count", "read")
+    with client.connect(pool.meta.address) as p:
+        p.create_volume("cm", 8 * MiB)
+        with p.open("cm") as v:
+            v.write(0, b"x" * (3 * MiB))  # the general path
+            for i in range(16):
+                v.write(i * 4096, b"y" * 4096)  # small writes: the blocking fast path
+            v.read(0, 2 * MiB)
+    assert sample("nvpool_client_bytes_total", "write") - w0 == 3 * MiB + 16 * 4096
+    assert sample("nvpool_client_bytes_total", "read") - r0 == 2 * MiB
+    assert sample("nvpool_client_call_seconds_count", "read") - n0 == 1
