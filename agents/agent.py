@@ -186,6 +186,7 @@ class StorageAgent:
         self.data_tls = False
         self._metrics: Optional[Any] = None
         self._last_heartbeat = 0.0
+        self._identities: dict[str, tuple[str, str]] = {}
 
     async def start(self) -> None:
         host, port = split_hostport(self.config.listen, 7500)
@@ -281,6 +282,7 @@ class StorageAgent:
             pb.DriveInfo(
                 drive_id=d.drive_id, path=d.path, capacity=d.capacity, data_offset=DATA_OFFSET,
                 state="failed" if d.failed else "ok", errors=d.errors, last_error=d.last_error,
+                model=self._identity(d.path)[0], serial=self._identity(d.path)[1],
             )
             for d in self.core.drives.values()
         ]
@@ -335,6 +337,12 @@ class StorageAgent:
                     need_register = True
                     await asyncio.sleep(5.0 if refused else backoff)
                     backoff = min(backoff * 2, 5.0)
+
+    def _identity(self, path: str) -> tuple[str, str]:
+        got = self._identities.get(path)
+        if got is None:
+            got = self._identities[path] = osio.device_identity(path)
+        return got
 
     @property
     def metrics_address(self) -> str:

@@ -138,6 +138,22 @@ class NvmeNamespace:
     size: int
 
 
+def device_identity(path: str, sys_block: pathlib.Path = SYS_BLOCK) -> tuple[str, str]:
+    """(model, serial) of a block device from sysfs; ("file", "") for a file-backed drive."""
+    real = os.path.realpath(path)
+    if not real.startswith("/dev/"):
+        return "file", ""
+    dev = sys_block / os.path.basename(real)
+
+    def read(rel: str) -> str:
+        try:
+            return (dev / rel).read_text().strip()
+        except OSError:
+            return ""
+
+    return read("device/model"), read("device/serial")
+
+
 def discover_nvme(sys_block: pathlib.Path = SYS_BLOCK) -> Iterator[NvmeNamespace]:
     """NVMe namespaces the kernel shows (``/sys/block/nvme*n*``), partitions excluded."""
     if not sys_block.is_dir():

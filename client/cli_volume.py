@@ -22,6 +22,7 @@ from nvpool.client.cli_common import (
     volume_name,
     with_meta,
 )
+from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto.errors import UsageError
 from nvpool.proto.units import MAX_SIZE
 
@@ -135,6 +136,37 @@ def cmd_resize(args: argparse.Namespace) -> int:
         text = (f"resized {v.name} from {human(old.size)} to {human(v.size)}{f' ({note})' if note else ''} "
                 f"(generation {v.generation})")
     emit(args, size_dict(v, size), text)
+    return 0
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    async def go(m: Any) -> Any:
+        return await m.call("VolumeUsage", pb.VolumeUsageRequest(names=args.names or []), timeout=args.timeout)
+
+    resp = with_meta(args, go)
+    vols = [{"name": u.name, "size": u.size, "replicas": u.replicas, "allocated": u.allocated,
+             "written": u.written if u.written_known else None} for u in resp.volumes]
+    rows = [[v["name"], human(v["size"]), str(v["replicas"]), human(v["allocated"]),
+             human(v["written"]) if v["written"] is not None else "?"] for v in vols]
+    emit(args, vols, table(rows, ["NAME", "PROVISIONED", "REPLICAS", "ALLOCATED", "WRITTEN"]) if rows else "no volumes")
+    return 0
+
+
+def cmd_drive_list(args: argparse.Namespace) -> int:
+    st = with_meta(args, lambda m: m.pool_status())
+    drives = []
+    for a in st.agents:
+        for d in a.drives:
+            i = d.info
+            drives.append({"server": a.host, "agent": a.agent_id, "drive_id": i.drive_id, "path": i.path,
+                           "model": i.model, "serial": i.serial, "capacity": i.capacity, "used": d.used,
+                           "extents": d.extents, "state": i.state if a.alive else "unreachable", "errors": i.errors,
+                           "last_error": i.last_error})
+    rows = [[d["server"], d["drive_id"][:8], d["path"], d["model"] or "-", d["serial"] or "-", human(d["capacity"]),
+             f"{100 * d['used'] / d['capacity']:.0f}%" if d["capacity"] else "-", d["state"], str(d["errors"])]
+            for d in drives]
+    emit(args, drives, table(rows, ["SERVER", "DRIVE", "PATH", "MODEL", "SERIAL", "CAPACITY", "USED", "STATE", "ERRORS"])
+         if rows else "no drives registered")
     return 0
 
 
@@ -268,6 +300,13 @@ def register(sub: Any) -> None:
     add_common(r)
     r.set_defaults(func=cmd_resize)
 
+    du = vs.add_parser("du", help="provisioned, allocated and written bytes of volumes",
+                       description="Provisioned size, bytes allocated on drives (every replica) and bytes that may "
+                                   "hold data (asked from the agents), per volume.")
+    du.add_argument("names", nargs="*", type=volume_name, help="volumes (default: every volume)")
+    add_common(du)
+    du.set_defaults(func=cmd_du)
+
     d = vs.add_parser("delete", help="delete a volume and free its space")
     d.add_argument("name", type=volume_name)
     d.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
@@ -275,6 +314,13 @@ def register(sub: Any) -> None:
                    help="delete even while the volume is open (its holders are fenced: their I/O fails)")
     add_common(d)
     d.set_defaults(func=cmd_delete)
+
+    dr = sub.add_parser("drive", help="the pool's drives (like nvme list)",
+                        description="Inspect the drives of the pool.")
+    drs = dr.add_subparsers(dest="drive_command", metavar="ACTION", required=True)
+    dl = drs.add_parser("list", help="server, path, model, serial, capacity, used, state, I/O errors")
+    add_common(dl)
+    dl.set_defaults(func=cmd_drive_list)
 
     p = sub.add_parser("pool", help="pool status, rebalance, drain",
                        description="Inspect and operate the pool as a whole.")

@@ -177,6 +177,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "agent_id and address are required")
         await self._check_agent(context, request.agent_id, request.instance, request.credential, "registration")
         agent.certificate = await self._agent_certificate(context, request.agent_id)
+        self._note_drives(request.drives)
         extents = await _guard(context, self.svc.register_agent(
             agent, drives, request.pool_id, [e.extent_id for e in request.extents]))
         return pb.RegisterAgentResponse(
@@ -209,6 +210,11 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             return names[0]
         return "sha256:" + hashlib.sha256(pems[0] if isinstance(pems[0], bytes) else str(pems[0]).encode()).hexdigest()[:32]
 
+    def _note_drives(self, drives: Any) -> None:
+        for d in drives:
+            self.svc.drive_health[d.drive_id] = {"model": d.model, "serial": d.serial, "errors": d.errors,
+                                                 "last_error": d.last_error}
+
     async def _check_agent(self, context: Any, agent_id: str, instance: str, credential: str, what: str) -> None:
         """Only a holder of the pool's join secret registers or heartbeats as an agent."""
         if not self.svc.secrets:
@@ -221,6 +227,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
 
     async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatResponse:
         await self._check_agent(context, request.agent_id, request.instance, request.credential, "heartbeat")
+        self._note_drives(request.drives)
         res = self.svc.heartbeat(
             request.agent_id, {d.drive_id: d.state or "ok" for d in request.drives}, request.instance,
             request.extents_digest if request.extents_digest else None, request.released,
@@ -293,7 +300,9 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
                 state=rec.state, last_seen=a["last_seen"],
                 drives=[pb.DriveStatus(
                     info=pb.DriveInfo(drive_id=d["drive"].drive_id, path=d["drive"].path, capacity=d["drive"].capacity,
-                                      data_offset=d["drive"].data_offset, state=d["drive"].state),
+                                      data_offset=d["drive"].data_offset, state=d["drive"].state,
+                                      model=d.get("model", ""), serial=d.get("serial", ""),
+                                      errors=d.get("errors", 0), last_error=d.get("last_error", "")),
                     used=d["used"], extents=d["extents"]) for d in a["drives"]],
             ))
         resp = pb.PoolStatusResponse(agents=agents, capacity=st["capacity"], used=st["used"], volumes=st["volumes"],
@@ -306,6 +315,10 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             resp.repairs.extend(pb.RepairStatus(**r) for r in repairs)
             resp.degraded_volumes = len({r["volume"] for r in repairs})
         return resp
+
+    async def VolumeUsage(self, request: Any, context: Any) -> pb.VolumeUsageResponse:
+        usage = await _guard(context, self.svc.volume_usage(list(request.names)))
+        return pb.VolumeUsageResponse(volumes=[pb.VolumeUsage(**u) for u in usage])
 
     async def ReportReplicaFailure(self, request: Any, context: Any) -> pb.Layout:
         if self.repl is None:

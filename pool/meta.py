@@ -82,6 +82,7 @@ from nvpool.proto.errors import (
     AuthError,
     LeaseError,
     NotFoundError,
+    NvpoolError,
     UnavailableError,
     UsageError,
 )
@@ -240,6 +241,8 @@ class MetaService:
         self.started = time.monotonic()
         #: volume id -> (column, replica) -> repair record of every replica not ``ok``
         self.repairs: dict[int, dict[tuple[int, int], ReplicaRepair]] = {}
+        #: drive id -> what its agent last reported (model, serial, errors, last_error); not persisted
+        self.drive_health: dict[str, dict[str, Any]] = {}
         self.heartbeat_interval = heartbeat_interval
         self.agent_timeout = agent_timeout
         self.lock = asyncio.Lock()
@@ -972,6 +975,34 @@ class MetaService:
                         for h in self.holders(vol.volume_id)],
         }
 
+    async def volume_usage(self, names: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Provisioned, allocated and written bytes of volumes (``nvpool volume du``). Written bytes
+        come from the agents (SEEK_DATA over each extent), asked in parallel outside the lock."""
+        wanted = list(names) or sorted(self.volumes)
+        vols = [self.volume(n) for n in wanted]
+        out = []
+        for vol in vols:
+            lay = self.layouts[vol.volume_id]
+            exts = [e for e in lay.extents()]
+
+            async def written(e: Extent) -> Optional[int]:
+                d = self.drives.get(e.drive_id)
+                a = self.agents.get(d.agent_id) if d is not None else None
+                if a is None or not self.alive(a.agent_id):
+                    return None
+                try:
+                    ranges = await asyncio.wait_for(self.link.map_extent(a.control_address, e.extent_id), 10)
+                except (NvpoolError, TimeoutError):
+                    return None
+                return sum(min(n, e.length - off) for off, n in ranges if off < e.length)
+
+            got = await asyncio.gather(*(written(e) for e in exts))
+            out.append({"name": vol.name, "size": vol.size, "replicas": lay.replicas,
+                        "allocated": sum(e.length for e in exts),
+                        "written": sum(g for g in got if g is not None),
+                        "written_known": all(g is not None for g in got)})
+        return out
+
     def pool_status(self) -> dict[str, Any]:
         spaces = {s.drive_id: s for s in self.drive_spaces()}
         counts: dict[str, int] = {}
@@ -989,7 +1020,8 @@ class MetaService:
                 if d is None:
                     continue
                 used = spaces[did].used_bytes if did in spaces else 0
-                drives.append({"drive": d, "used": used, "extents": counts.get(did, 0)})
+                drives.append({"drive": d, "used": used, "extents": counts.get(did, 0),
+                               **self.drive_health.get(did, {})})
                 if (not alive or d.state != "ok") and counts.get(did, 0):
                     degraded = True
             agents.append({"agent": a, "alive": alive and a.ready, "drives": drives,

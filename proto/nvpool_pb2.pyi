@@ -483,6 +483,34 @@ class RepairStatus(_message.Message):
     eta_s: float
     def __init__(self, volume: _Optional[str] = ..., column: _Optional[int] = ..., replica: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., since: _Optional[float] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., eta_s: _Optional[float] = ...) -> None: ...
 
+class VolumeUsageRequest(_message.Message):
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class VolumeUsage(_message.Message):
+    __slots__ = ("name", "size", "replicas", "allocated", "written", "written_known")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    replicas: int
+    allocated: int
+    written: int
+    written_known: bool
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., replicas: _Optional[int] = ..., allocated: _Optional[int] = ..., written: _Optional[int] = ..., written_known: _Optional[bool] = ...) -> None: ...
+
+class VolumeUsageResponse(_message.Message):
+    __slots__ = ("volumes",)
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    volumes: _containers.RepeatedCompositeFieldContainer[VolumeUsage]
+    def __init__(self, volumes: _Optional[_Iterable[_Union[VolumeUsage, _Mapping]]] = ...) -> None: ...
+
 class ReplicaFailureRequest(_message.Message):
     __slots__ = ("volume_id", "generation", "extent_id", "reason", "address")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]

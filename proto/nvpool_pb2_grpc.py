@@ -120,6 +120,11 @@ class MetaStub:
                 request_serializer=nvpool_dot_proto_dot_nvpool__pb2.ReplicaFailureRequest.SerializeToString,
                 response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.Layout.FromString,
                 _registered_method=True)
+        self.VolumeUsage = channel.unary_unary(
+                '/nvpool.v1.Meta/VolumeUsage',
+                request_serializer=nvpool_dot_proto_dot_nvpool__pb2.VolumeUsageRequest.SerializeToString,
+                response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.VolumeUsageResponse.FromString,
+                _registered_method=True)
 
 
 class MetaServicer:
@@ -227,6 +232,12 @@ class MetaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VolumeUsage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -314,6 +325,11 @@ def add_MetaServicer_to_server(servicer, server):
                     servicer.ReportReplicaFailure,
                     request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.ReplicaFailureRequest.FromString,
                     response_serializer=nvpool_dot_proto_dot_nvpool__pb2.Layout.SerializeToString,
+            ),
+            'VolumeUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.VolumeUsage,
+                    request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.VolumeUsageRequest.FromString,
+                    response_serializer=nvpool_dot_proto_dot_nvpool__pb2.VolumeUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -775,6 +791,33 @@ class Meta:
             '/nvpool.v1.Meta/ReportReplicaFailure',
             nvpool_dot_proto_dot_nvpool__pb2.ReplicaFailureRequest.SerializeToString,
             nvpool_dot_proto_dot_nvpool__pb2.Layout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VolumeUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvpool.v1.Meta/VolumeUsage',
+            nvpool_dot_proto_dot_nvpool__pb2.VolumeUsageRequest.SerializeToString,
+            nvpool_dot_proto_dot_nvpool__pb2.VolumeUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -136,3 +136,28 @@ def test_client_library_counts_what_the_application_did(pool: LocalCluster) -> N
     assert sample("nvpool_client_bytes_total", "write") - w0 == 3 * MiB + 16 * 4096
     assert sample("nvpool_client_bytes_total", "read") - r0 == 2 * MiB
     assert sample("nvpool_client_call_seconds_count", "read") - n0 == 1
+
+
+def test_drive_list_and_volume_du(pool: LocalCluster) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def nv(*args: str) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run([sys.executable, "-m", "nvpool", *args, "--meta", pool.meta.address], capture_output=True,
+                              text=True, timeout=60)
+
+    r = nv("drive", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    drives = json.loads(r.stdout)
+    assert len(drives) == 2 and all(d["model"] == "file" and d["state"] == "ok" and d["capacity"] > 0 for d in drives)
+    assert "SERIAL" in nv("drive", "list").stdout
+    with __import__("nvpool").client.connect(pool.meta.address) as p:
+        p.create_volume("du", 16 * MiB)
+        with p.open("du") as v:
+            v.write(0, b"z" * (3 * MiB))
+    r = nv("volume", "du", "du", "--json")
+    assert r.returncode == 0, r.stderr
+    (u,) = json.loads(r.stdout)
+    assert u["size"] == 16 * MiB and u["allocated"] >= 16 * MiB
+    assert 3 * MiB <= u["written"] < 16 * MiB  # only what was written holds data
