@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "nvpool.client.cli_bench",  # bench
     "nvpool.client.cli_export",  # export, mount, unmount
     "nvpool.client.cli_certs",  # certs init/issue
+    "nvpool.client.cli_ops",  # health, completion
 )
 
 

@@ -1,0 +1,49 @@
+"""The deployment files are checked by the tools made for them: the systemd units with
+`systemd-analyze verify` (against this checkout's own `nvpool`), the Kubernetes manifests against the
+Kubernetes API schemas (kubernetes-validate), and the shell completion generated from the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("unit", ["nvpool-meta.service", "nvpool-agent.service"])
+def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
+    nvpool = Path(sys.executable).parent / "nvpool"
+    text = (DEPLOY / "systemd" / unit).read_text().replace("/opt/nvpool/.venv/bin/nvpool", str(nvpool))
+    (tmp_path / unit).write_text(text)
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / unit)], capture_output=True,
+                       text=True, timeout=60)
+    # no output at all: an unknown key or section is only a warning (exit 0) but a mistake all the same
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+    sysusers = (DEPLOY / "systemd" / "nvpool.sysusers").read_text()
+    assert "u nvpool" in sysusers and "User=nvpool" in (DEPLOY / "systemd" / "nvpool-meta.service").read_text()
+
+
+def test_kubernetes_manifests_match_the_api_schemas() -> None:
+    r = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", "1.29.0",
+                        str(DEPLOY / "kubernetes" / "nvpool.yaml")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (DEPLOY / "kubernetes" / "nvpool.yaml").read_text()
+    for want in ("readinessProbe", "livenessProbe", "resources", "runAsNonRoot", "nvpool-join-secret", "nvpool-tls"):
+        assert want in text, want
+
+
+def test_bash_completion_knows_the_commands(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "nvpool", "completion", "bash"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    for word in ("volume", "replicas", "failure-domain", "drain", "certs", "health"):
+        assert word in r.stdout, word
+    script = tmp_path / "c.sh"
+    script.write_text(r.stdout)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, timeout=30).returncode == 0
