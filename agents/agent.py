@@ -39,7 +39,7 @@ from nvpool.agents.core import AgentCore
 from nvpool.agents.dataplane import start_tcp
 from nvpool.agents.shm import start_unix
 from nvpool import __version__
-from nvpool.agents.drive import DATA_OFFSET, Drive, DriveSpec
+from nvpool.agents.drive import DATA_OFFSET, LABEL_MAGIC, Drive, DriveSpec
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
 from nvpool.proto.convert import extent_record_from_pb, extent_record_to_pb
@@ -149,7 +149,12 @@ class StorageAgent:
         self.secrets = keys.load(config.join_secret_file)
         specs = [DriveSpec.parse(d) for d in config.drives]
         if config.discover_nvme:
-            specs += [DriveSpec(ns.path) for ns in osio.discover_nvme()]
+            for ns in osio.discover_nvme():
+                why = osio.in_use(ns.path, own_magic=LABEL_MAGIC)
+                if why:
+                    logger.warning("--discover-nvme: skipping %s (%s %s): it %s", ns.path, ns.model, ns.serial, why)
+                else:
+                    specs.append(DriveSpec(ns.path))
         if not specs:
             raise UsageError("an agent needs at least one drive (--drive file:PATH:SIZE or --drive /dev/...)")
         drives: list[Drive] = []

@@ -15,7 +15,7 @@ import pathlib
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -152,6 +152,60 @@ def device_identity(path: str, sys_block: pathlib.Path = SYS_BLOCK) -> tuple[str
             return ""
 
     return read("device/model"), read("device/serial")
+
+
+#: (offset, magic, what) of on-disk signatures that mean "this device holds something already"
+SIGNATURES = (
+    (0x438, b"\x53\xef", "an ext2/3/4 file system"),
+    (0, b"XFSB", "an XFS file system"),
+    (0x10040, b"_BHRfS_M", "a btrfs file system"),
+    (4086, b"SWAPSPACE2", "swap space"),
+    (512, b"LABELONE", "an LVM physical volume"),
+    (512, b"EFI PART", "a GPT partition table"),
+    (0x1000, b"\xfc\x4e\x2b\xa9", "a Linux RAID member"),
+    (510, b"\x55\xaa", "an MBR partition table"),
+)
+
+
+def in_use(path: str, sys_block: pathlib.Path = SYS_BLOCK, mounts: str = "/proc/mounts",
+           own_magic: bytes = b"") -> Optional[str]:
+    """Why a block device must not be taken over (mounted, partitioned, held by device-mapper or
+    RAID, or carrying a file system or other signature), or None. A device carrying ``own_magic`` at
+    offset 0 (an nvpool label) is ours and is not in use."""
+    name = os.path.basename(os.path.realpath(path))
+    dev = sys_block / name
+    try:
+        with open(mounts) as f:
+            mounted = [ln.split()[:2] for ln in f if ln.strip()]
+    except OSError:
+        mounted = []
+    for src, target in mounted:
+        base = os.path.basename(os.path.realpath(src)) if src.startswith("/dev/") else ""
+        if base == name or (base.startswith(name + "p") and base[len(name) + 1 :].isdigit()):
+            return f"mounted on {target}" + (" (the boot device)" if target == "/" else "")
+    if dev.is_dir():
+        parts = sorted(p.name for p in dev.glob(f"{name}p*"))
+        if parts:
+            return f"has partitions ({', '.join(parts[:3])})"
+        holders = sorted(p.name for p in (dev / "holders").glob("*")) if (dev / "holders").is_dir() else []
+        if holders:
+            return f"is held by {', '.join(holders)} (device-mapper, LVM or RAID)"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        return f"cannot be opened ({exc.strerror})"
+    try:
+        head = os.pread(fd, 0x10048, 0)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    finally:
+        os.close(fd)
+    if own_magic and head.startswith(own_magic):
+        return None
+    for off, magic, what in SIGNATURES:
+        if head[off : off + len(magic)] == magic:
+            return f"holds {what}"
+    return None
 
 
 def discover_nvme(sys_block: pathlib.Path = SYS_BLOCK) -> Iterator[NvmeNamespace]:

@@ -49,7 +49,19 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_man(args: argparse.Namespace) -> int:
+    from build_manpages.manpage import Manpage
+
+    from nvpool.client.cli import build_parser
+
+    print(Manpage(build_parser()))
+    return 0
+
+
 def register(sub: Any) -> None:
+    m = sub.add_parser("man", help="print the manual page (roff), made from this CLI's own help",
+                       description="The man page, e.g. `nvpool man > /usr/local/share/man/man1/nvpool.1`.")
+    m.set_defaults(func=cmd_man)
     h = sub.add_parser("health", help="ask a metadata service or agent whether it is serving (gRPC health)",
                        description="The standard gRPC health check against HOST:PORT (a metadata service, or an "
                                    "agent's control port). Exit 0: SERVING; 3: answering but not serving; 1: no "

@@ -338,6 +338,8 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
 
     async def Rebalance(self, request: Any, context: Any) -> pb.RebalanceStatus:
         reb = await self._reb(context)
+        if not request.plan_only:
+            logger.info("rebalance requested by %s (max rate %s)", who(context), request.max_rate or "unlimited")
         st = await _guard(context, reb.start(plan_only=request.plan_only, max_rate=request.max_rate,
                                              volumes=list(request.volumes)))
         return rebalance_pb(st)
@@ -348,10 +350,13 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
 
     async def CancelRebalance(self, request: Any, context: Any) -> pb.RebalanceStatus:
         reb = await self._reb(context)
+        logger.info("rebalance cancel requested by %s", who(context))
         return rebalance_pb(await _guard(context, reb.cancel()))
 
     async def Drain(self, request: Any, context: Any) -> pb.RebalanceStatus:
         reb = await self._reb(context)
+        logger.info("%s of server %s requested by %s", "undrain" if request.undrain else "removal" if request.remove
+                    else "drain", request.host, who(context))
         return rebalance_pb(await _guard(context, reb.drain(request.host, request.remove, request.undrain,
                                                                   request.max_rate)))
 

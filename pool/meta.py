@@ -950,6 +950,23 @@ class MetaService:
                                 a.data_tls))
         return out
 
+    def _volume_health(self, lay: Layout) -> str:
+        """"unavailable" when some column has no copy on a live agent with a working drive, else
+        "degraded" when some copy is out of service, else "ok"."""
+        now = time.monotonic()
+
+        def up(col: Any) -> bool:
+            for e in col.extents:
+                d = self.drives.get(e.drive_id)
+                if d is None or d.state != "ok" or not self.alive(d.agent_id, now):
+                    return False
+            return True
+
+        for i in range(lay.width):
+            if not any(up(lay.replica_column(i, k)) for k in lay.readable(i) or [0]):
+                return "unavailable"
+        return "degraded" if lay.degraded else "ok"
+
     def volume_view(self, vol: VolumeRec) -> dict[str, Any]:
         lay = self.layouts[vol.volume_id]
         drives = [c.extents[0].drive_id for c in lay.columns]
@@ -970,7 +987,7 @@ class MetaService:
             "stripe_width": lay.width, "generation": lay.generation,
             "state": "migrating" if lay.target is not None else vol.state, "created": vol.created,
             "drives": drives, "hosts": hosts, "replicas": lay.replicas, "failure_domain": vol.failure_domain,
-            "replica_info": replica_info, "health": "degraded" if lay.degraded else "ok",
+            "replica_info": replica_info, "health": self._volume_health(lay),
             "holders": [{"lease_id": "", "mode": h.mode, "holder": h.holder, "granted": h.granted}
                         for h in self.holders(vol.volume_id)],
         }

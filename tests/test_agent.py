@@ -322,3 +322,44 @@ def test_a_slow_flush_does_not_stall_other_commands(tmp_path: Path) -> None:
         c.close()
 
     uvloop.run(_with_agent(tmp_path, body))
+
+
+def test_discovery_skips_devices_that_are_in_use(tmp_path: Path) -> None:
+    """--discover-nvme takes only namespaces that hold nothing: mounted, partitioned, held by
+    device-mapper, or carrying a file system are skipped, each with its reason; an nvpool drive is ours."""
+    from nvpool.agents import osio
+    from nvpool.agents.drive import LABEL_MAGIC
+
+    sysb = tmp_path / "sys"
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/nvme0n1p2 / ext4 rw 0 0\n/dev/nvme3n1 /data xfs rw 0 0\n")
+
+    def dev(name: str, head: bytes = b"", parts: tuple[str, ...] = (), holders: tuple[str, ...] = ()) -> str:
+        d = sysb / name
+        d.mkdir(parents=True)
+        for p in parts:
+            (d / p).mkdir()
+        (d / "holders").mkdir()
+        for h in holders:
+            (d / "holders" / h).mkdir()
+        img = tmp_path / name
+        img.write_bytes(head.ljust(0x20000, b"\0"))
+        return str(img)
+
+    ext4 = bytearray(0x20000)
+    ext4[0x438:0x43A] = b"\x53\xef"
+    cases = {
+        dev("nvme0n1", parts=("nvme0n1p1", "nvme0n1p2")): "mounted on / (the boot device)",
+        dev("nvme1n1", parts=("nvme1n1p1",)): "has partitions",
+        dev("nvme2n1", holders=("dm-0",)): "held by dm-0",
+        dev("nvme3n1"): "mounted on /data",
+        dev("nvme4n1", head=bytes(ext4)): "ext2/3/4",
+        dev("nvme5n1"): "",
+        dev("nvme6n1", head=LABEL_MAGIC + b"{}"): "",
+    }
+    for path, want in cases.items():
+        got = osio.in_use(path, sys_block=sysb, mounts=str(mounts), own_magic=LABEL_MAGIC)
+        if want:
+            assert got is not None and want in got, (path, got)
+        else:
+            assert got is None, (path, got)

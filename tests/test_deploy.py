@@ -47,3 +47,14 @@ def test_bash_completion_knows_the_commands(tmp_path: Path) -> None:
     script = tmp_path / "c.sh"
     script.write_text(r.stdout)
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True, timeout=30).returncode == 0
+
+
+def test_man_page_is_made_from_the_cli(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "nvpool", "man"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith(".TH NVPOOL"), r.stderr
+    for word in ("volume", "replicas", "certs", "drive"):
+        assert word in r.stdout, word
+    if shutil.which("groff"):
+        g = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z"], input=r.stdout, capture_output=True, text=True,
+                           timeout=60)
+        assert g.returncode == 0, g.stderr

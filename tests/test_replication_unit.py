@@ -491,3 +491,18 @@ def test_rebalancing_replicas_keeps_them_apart_and_evens_the_shares(hosts: int, 
     usable = [d.drive_id for d in grown if d.usable]
     units = new.width * new.replicas
     assert max(per.get(d, 0) for d in usable) <= -(-units // len(usable)) + 1
+
+
+def test_volume_health_says_degraded_or_unavailable() -> None:
+    async def body() -> None:
+        svc, link, repl = await replicated_service()
+        await svc.create_volume("plain", 8 * MiB)
+        view = {n: svc.volume_view(svc.volumes[n])["health"] for n in ("v", "plain")}
+        assert view == {"v": "ok", "plain": "ok"}
+        svc.agents["a1"].last_seen = time.monotonic() - 1.0
+        svc.started -= 1.0
+        assert svc.volume_view(svc.volumes["plain"])["health"] == "unavailable"  # its only copy is gone
+        await repl.tick()
+        assert svc.volume_view(svc.volumes["v"])["health"] == "degraded"  # served by the other copies
+
+    asyncio.run(body())
