@@ -58,3 +58,17 @@ def test_man_page_is_made_from_the_cli(tmp_path: Path) -> None:
         g = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z"], input=r.stdout, capture_output=True, text=True,
                            timeout=60)
         assert g.returncode == 0, g.stderr
+
+
+def test_grafana_dashboard_queries_only_metrics_we_export() -> None:
+    import json
+    import re
+
+    dash = json.loads((DEPLOY / "grafana" / "nvpool-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    names = {m for e in exprs for m in re.findall(r"\b(nvpool_[a-z_]+)", e)}
+    source = "".join((ROOT / d).joinpath(f).read_text() for d, f in (("agents", "metrics.py"), ("pool", "metrics.py"),
+                                                                       ("client", "metrics.py")))
+    for name in names:  # every metric the dashboard uses is one a collector defines
+        base = re.sub(r"_(total|bucket|count|sum)$", "", name)
+        assert f'"{base}"' in source, name
