@@ -84,7 +84,8 @@ def main() -> int:
                      "ratio": round(ratio, 2), "goal": goal})
         print(f"{what:<44} {ours:>10.1f} {ref:>10.1f} {ratio:>7.2f}  {ref_name}  (goal {goal})", file=sys.stderr)
 
-    c = LocalCluster(work / "pool", agents=4, drives_per_agent=1, drive_size=str(size // 4 + 600 * MiB))
+    os.environ.pop("NVPOOL_TLS", None)  # plaintext pool (tests/bench_tls.py measures TLS)
+    c = LocalCluster(work / "pool", agents=4, drives_per_agent=1, drive_size=str(size // 4 + 600 * MiB), tls=False)
     nbdkit = None
     try:
         c.up()

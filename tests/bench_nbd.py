@@ -57,7 +57,8 @@ def main() -> int:
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="nvpool-nbdbench-"))
     procs: list[subprocess.Popen[bytes]] = []
-    c = LocalCluster(work / "pool", agents=4, drives_per_agent=1, drive_size=str(size // 2 + 256 * (1 << 20)))
+    os.environ.pop("NVPOOL_TLS", None)  # plaintext pool (tests/bench_tls.py measures TLS)
+    c = LocalCluster(work / "pool", agents=4, drives_per_agent=1, drive_size=str(size // 2 + 256 * (1 << 20)), tls=False)
     try:
         c.up()
         data = work / "data.img"

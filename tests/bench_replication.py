@@ -372,7 +372,8 @@ async def main_pool(args: argparse.Namespace, work: Path, table: Table, stopped:
     dirty = parse_size(args.dirty)
     span = parse_size(args.pause_span)
     sec = args.seconds
-    c = LocalCluster(work / "pool", agents=args.agents, drives_per_agent=1, drive_size=args.drive_size)
+    os.environ.pop("NVPOOL_TLS", None)  # plaintext pool (tests/bench_tls.py measures TLS)
+    c = LocalCluster(work / "pool", agents=args.agents, drives_per_agent=1, drive_size=args.drive_size, tls=False)
     c.meta_extra = ["--agent-timeout", str(args.agent_timeout), "--heartbeat-interval", str(args.heartbeat_interval),
                     "--rebuild-after", "600"]
     clusters.append(c)
@@ -504,7 +505,8 @@ async def main_pool(args: argparse.Namespace, work: Path, table: Table, stopped:
 async def rebuild_pool(args: argparse.Namespace, work: Path, table: Table, clusters: list[LocalCluster]) -> None:
     size = parse_size(args.rebuild_size)
     rate = parse_size(args.repair_rate)
-    c = LocalCluster(work / "rebuild", agents=args.agents, drives_per_agent=1, drive_size=args.drive_size)
+    os.environ.pop("NVPOOL_TLS", None)  # plaintext pool (tests/bench_tls.py measures TLS)
+    c = LocalCluster(work / "rebuild", agents=args.agents, drives_per_agent=1, drive_size=args.drive_size, tls=False)
     c.meta_extra = ["--agent-timeout", str(args.agent_timeout), "--heartbeat-interval", str(args.heartbeat_interval),
                     "--rebuild-after", str(args.rebuild_after), "--repair-rate", args.repair_rate]
     clusters.append(c)
