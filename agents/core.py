@@ -44,8 +44,9 @@ import asyncio
 import bisect
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from nvpool.agents import osio
 from nvpool.agents.drive import Drive
@@ -80,6 +81,8 @@ class Stats:
     #: per opcode name: bucket counts (LATENCY_BUCKETS, then +Inf), sum of seconds
     latency: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     connections: int = 0
+    #: the open data-plane connections (their queued and deferred commands are the in-flight ones)
+    live: "weakref.WeakSet[Any]" = field(default_factory=weakref.WeakSet)
 
     def error(self, status: Status) -> None:
         self.errors[status.name] = self.errors.get(status.name, 0) + 1

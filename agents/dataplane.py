@@ -98,6 +98,7 @@ class AgentConnection(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------ asyncio protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.core.stats.connections += 1
+        self.core.stats.live.add(self)
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
         self._peer = transport.get_extra_info("peername") or "unix"
         sock = transport.get_extra_info("socket")
@@ -108,6 +109,11 @@ class AgentConnection(asyncio.BufferedProtocol):
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=REPLY_HIGH_WATER)  # type: ignore[attr-defined]
+
+    @property
+    def inflight(self) -> int:
+        """Commands received and not yet answered (queued behind a full reply buffer, or flushing)."""
+        return len(self._pending) + len(self._flushes)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.core.stats.connections -= 1

@@ -65,6 +65,10 @@ class AgentCollector(Collector):
         conns = GaugeMetricFamily("nvpool_agent_connections", "Open data-plane connections")
         conns.add_metric([], st.connections)
         yield conns
+        inflight = GaugeMetricFamily("nvpool_agent_inflight_commands",
+                                     "Commands received and not yet answered (queued or flushing)")
+        inflight.add_metric([], sum(getattr(c, "inflight", 0) for c in list(st.live)))
+        yield inflight
         cap = GaugeMetricFamily("nvpool_agent_drive_capacity_bytes", "Drive capacity", labels=["drive", "path"])
         fail = GaugeMetricFamily("nvpool_agent_drive_failed", "1 when the drive has failed", labels=["drive"])
         derr = CounterMetricFamily("nvpool_agent_drive_io_errors", "Failed I/O requests on a drive", labels=["drive"])

@@ -77,6 +77,7 @@ def test_agent_counters_follow_what_the_client_read_and_wrote(pool: LocalCluster
               for a, b in zip(after, before))
     assert ops >= (wrote + read) // (1 * MiB)  # every command is timed
     for a in after:
+        assert "nvpool_agent_inflight_commands" in a and total(a, "nvpool_agent_connections") >= 0
         assert total(a, "nvpool_agent_serving_replicated") == 1
         assert 0 <= total(a, "nvpool_agent_heartbeat_age_seconds") < 5
         assert total(a, "nvpool_agent_drive_capacity_bytes") > 0
