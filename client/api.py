@@ -35,7 +35,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Coroutine, Optional, TypeVar, Union
+from typing import Any, Coroutine, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -188,6 +188,10 @@ class _LoopThread:
         fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return fut.result(timeout)
 
+    def submit(self, coro: Coroutine[Any, Any, T]) -> "Future[T]":
+        """Start ``coro`` on the loop; its ``concurrent.futures.Future`` (no waiting here)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
@@ -196,6 +200,10 @@ class _LoopThread:
 
 
 def _as_view(buf: Buffer, writable: bool) -> memoryview:
+    if not isinstance(buf, (np.ndarray, bytes, bytearray, memoryview)) and hasattr(buf, "numpy"):
+        if getattr(buf, "device", None) is not None and str(buf.device) != "cpu":
+            raise UsageError("read into CPU (pinned) memory, then copy to the device")
+        buf = buf.numpy()  # a torch CPU tensor shares its memory with numpy
     if isinstance(buf, np.ndarray):
         if not buf.flags["C_CONTIGUOUS"]:
             raise UsageError("numpy buffers must be C-contiguous")
@@ -274,6 +282,29 @@ class Volume:
         if not self._fast(av, dp.READ, offset, view, t0):
             self._pool._run(av.readinto(view, offset, timeout=self._left(av, t0)))
         return len(view)
+
+    def readv(self, requests: "Sequence[tuple[int, Any]]") -> int:
+        """Read many ``(offset, buffer)`` pairs at once: each buffer (numpy, a torch CPU tensor, pinned
+        memory, ``pool.alloc()`` memory, any writable buffer) is filled from its offset. One call into
+        the I/O machinery for the whole batch, all pieces in flight together. Returns the bytes read."""
+        views = [(off, _as_view(buf, writable=True)) for off, buf in requests]
+        if not views:
+            return 0
+        self._pool._run(self._av().readv(views))
+        return sum(len(v) for _, v in views)
+
+    def pread(self, buf: Buffer, offset: int) -> "Future[int]":
+        """Start reading ``len(buf)`` bytes at ``offset`` into ``buf``; a ``concurrent.futures.Future``
+        of the byte count (like kvikio's ``CuFile.pread``). Do not touch ``buf`` until it is done."""
+        view = _as_view(buf, writable=True)
+        av = self._av()
+
+        async def go() -> int:
+            await av.readinto(view, offset)
+            return len(view)
+
+        assert self._pool._lt is not None
+        return self._pool._lt.submit(go())
 
     def write(self, offset: int, data: Buffer, fua: bool = False) -> int:
         view = _as_view(data, writable=False)

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "nvpool.client.cli_export",  # export, mount, unmount
     "nvpool.client.cli_certs",  # certs init/issue
     "nvpool.client.cli_ops",  # health, completion
+    "nvpool.client.cli_dataset",  # dataset pack/show
 )
 
 

@@ -383,6 +383,10 @@ class AsyncVolume:
             return
         await self._run(offset, len(buf), send, target=False, timeout=timeout)
 
+    async def readv(self, requests: "list[tuple[int, memoryview]]", *, timeout: Optional[float] = None) -> None:
+        """Read many ``(offset, buffer)`` pairs, all in flight together (a batch of samples)."""
+        await asyncio.gather(*(self.readinto(buf, off, timeout=timeout) for off, buf in requests))
+
     def start_read(self, buf: memoryview, offset: int) -> "Optional[asyncio.Future[Any]]":
         """Callback-style read for front ends (the NBD export): if ``buf`` maps to one piece on a
         connected agent, post it now and return its completion future (check it with
