@@ -25,7 +25,7 @@ def blocks(section: str, lang: str) -> list[str]:
 
 def test_blocks_are_found() -> None:
     assert len(blocks("Quick start", "sh")) == 2
-    assert len(blocks("Python API", "python")) == 2
+    assert len(blocks("Python API", "python")) == 4
 
 
 def test_quick_start_and_python_api_run_as_written(tmp_path: Path) -> None:
