@@ -45,6 +45,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.file:
             print("nvpool: error: --workers serves pool volumes only", file=sys.stderr)
             return 2
+        if not args.read_only and asyncio.run(_replicas(meta, args)) > 1:
+            # the writes to a replicated volume are ordered by one process (pool/replication.py)
+            print(f"nvpool: error: {args.volume} is replicated: export it for writing with --workers 1 "
+                  "(or --read-only with several workers)", file=sys.stderr)
+            return 2
         listener = _listen(args)
     shared_lease = None
     if listener is not None and not args.file:
@@ -126,6 +131,16 @@ def _listen(args: argparse.Namespace) -> socket.socket:
     s.listen(128)
     s.setblocking(False)
     return s
+
+
+async def _replicas(meta: Any, args: argparse.Namespace) -> int:
+    from nvpool.client.metaclient import MetaClient
+
+    m = MetaClient(meta, timeout=args.timeout)
+    try:
+        return int((await m.get_volume(args.volume)).replicas)
+    finally:
+        await m.close()
 
 
 async def _take_lease(meta: Any, args: argparse.Namespace) -> tuple[str, float]:

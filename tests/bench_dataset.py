@@ -16,7 +16,7 @@ the pool's drive images (fdatasync + POSIX_FADV_DONTNEED on each file) before on
 go to the machine's disk (a virtual disk here: the host may still cache it).
 
     .venv/bin/python tests/bench_dataset.py [--small 100K --small-count 4000 --small-batch 32]
-        [--large 4M --large-count 100 --large-batch 4] [--workers 4] [--epochs 2] [--no-cold] [--keep] [--json]
+        [--large 4M --large-count 100 --large-batch 4] [--workers 4] [--epochs 4] [--no-cold] [--keep] [--json]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -267,13 +268,15 @@ def main() -> int:
     ap.add_argument("--large-count", type=int, default=100)
     ap.add_argument("--large-batch", type=int, default=4)
     ap.add_argument("--workers", type=int, default=4, help="the 'several workers' rows (the others: 1 worker)")
-    ap.add_argument("--epochs", type=int, default=2, help="timed warm epochs per reader (the best is shown)")
+    ap.add_argument("--epochs", type=int, default=4, help="timed warm epochs per reader (the best is shown)")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold (page cache dropped) rows")
     ap.add_argument("--drive-size", default="2G")
     ap.add_argument("--timeout", type=float, default=120.0, help="DataLoader worker timeout (a hang fails the run)")
     ap.add_argument("--keep", action="store_true", help="keep the pool's directory (logs) and the local trees")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    # torch warns for every loader with more workers than CPUs: the header says how many CPUs there are
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
     if args.workers < 1 or args.epochs < 1:
         raise SystemExit("--workers and --epochs must be at least 1")
     worker_counts = sorted({1, args.workers})

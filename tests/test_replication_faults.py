@@ -230,6 +230,11 @@ def test_fio_verify_through_the_nbd_export_while_a_server_dies(tmp_path: Path) -
             await p.close()
 
     asyncio.run(create())
+    # several worker processes cannot order one volume's replicated writes: refused, saying why
+    many = subprocess.run([sys.executable, "-m", "nvpool", "export", "f", "--workers", "2", "--socket",
+                           str(tmp_path / "many.sock"), "--meta", c.meta.address], capture_output=True, text=True,
+                          timeout=60)
+    assert many.returncode == 2 and "replicated" in many.stderr, many.stderr
     sock = str(tmp_path / "f.sock")
     exp = subprocess.Popen([sys.executable, "-m", "nvpool", "export", "f", "--socket", sock, "--meta", c.meta.address,
                             "--ready-file", sock + ".ready"], stderr=subprocess.PIPE)
