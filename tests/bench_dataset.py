@@ -42,6 +42,7 @@ import numpy.typing as npt  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+from tests.benchlib import say, daemon_problems  # noqa: E402
 from nvpool.client.api import connect  # noqa: E402
 from nvpool.client.cluster import LocalCluster  # noqa: E402
 from nvpool.client.transport_shm import ShmConnection  # noqa: E402
@@ -51,10 +52,6 @@ from nvpool.proto.units import human, parse_size  # noqa: E402
 AGENTS = 4
 PER_DIR = 1000  # files per directory of the local trees
 Sample = tuple[npt.NDArray[np.uint8], str]
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- the local baseline
@@ -104,16 +101,6 @@ def resident(paths: list[str]) -> Optional[int]:
             return None
         total += sum(int(x) for x in out.stdout.split())
     return total
-
-
-def daemon_problems(c: LocalCluster) -> list[str]:
-    """Tracebacks and error lines in a pool's daemon logs."""
-    out = []
-    for log in sorted((c.dir / "logs").glob("*.log")) if (c.dir / "logs").is_dir() else []:
-        for line in log.read_text(errors="replace").splitlines():
-            if "Traceback (most recent call last)" in line or " ERROR " in line or " CRITICAL " in line:
-                out.append(f"{log.name}: {line}")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- loops

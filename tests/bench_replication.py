@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import uvloop  # noqa: E402
 
+from tests.benchlib import say, daemon_problems, rand_read  # noqa: E402
 from nvpool.client.api import AsyncPool  # noqa: E402
 from nvpool.client.cluster import LocalCluster  # noqa: E402
 from nvpool.client.metaclient import MetaClient, VolumeInfo  # noqa: E402
@@ -53,10 +54,6 @@ KiB4 = 4096
 VOL = "r2"  # the replicated volume of the main pool
 PLAIN = "r1"  # the 1-replica volume it is compared with
 REB = "rb"  # the replicated volume of the rebuild pool
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -134,25 +131,6 @@ async def seq_read(vol: AsyncVolume, seconds: float, io: int = MiB, qd: int = 8)
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(qd)))
     return done / (time.perf_counter() - t0) / 1e6
-
-
-async def rand_read(vol: AsyncVolume, seconds: float, io: int = KiB4, qd: int = 32, seed: int = 1) -> float:
-    """4 KiB random reads at QD ``qd`` for ``seconds``; IOPS."""
-    rng = random.Random(seed)
-    blocks = vol.size // io
-    ops = 0
-    end = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal ops
-        buf = memoryview(bytearray(io))
-        while time.perf_counter() < end:
-            await vol.readinto(buf, rng.randrange(blocks) * io)
-            ops += 1
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(qd)))
-    return ops / (time.perf_counter() - t0)
 
 
 class Reader:
@@ -281,16 +259,6 @@ async def parse_repair_when_done(c: LocalCluster, since: int, name: str) -> Repa
         await asyncio.sleep(0.05)
         rep = parse_repair(c, since, name)
     return rep
-
-
-def daemon_problems(c: LocalCluster) -> list[str]:
-    """Tracebacks and error lines in a pool's daemon logs."""
-    out = []
-    for log in sorted((c.dir / "logs").glob("*.log")) if (c.dir / "logs").is_dir() else []:
-        for line in log.read_text(errors="replace").splitlines():
-            if "Traceback (most recent call last)" in line or " ERROR " in line or " CRITICAL " in line:
-                out.append(f"{log.name}: {line}")
-    return out
 
 
 def mono_of_wall(wall: float) -> float:

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import uvloop  # noqa: E402
 
+from tests.benchlib import say, daemon_problems, rand_read  # noqa: E402
 from nvpool.client.api import AsyncPool, ClientOptions  # noqa: E402
 from nvpool.client.cluster import LocalCluster  # noqa: E402
 from nvpool.client.transport_shm import ShmConnection  # noqa: E402
@@ -54,10 +55,6 @@ CONFIGS: dict[str, tuple[str, bool, bool]] = {
     "b": ("TLS control plane only", True, False),
     "c": ("TLS both planes", True, True),
 }
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -150,25 +147,6 @@ async def seq_read(vol: AsyncVolume, seconds: float, io: int = MiB, qd: int = 8)
     return done / (time.perf_counter() - t0) / 1e6, done
 
 
-async def rand_read(vol: AsyncVolume, seconds: float, io: int = KiB4, qd: int = 32, seed: int = 2) -> float:
-    """4 KiB random reads at QD ``qd`` for ``seconds``; IOPS."""
-    rng = random.Random(seed)
-    blocks = vol.size // io
-    ops = 0
-    end = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal ops
-        buf = memoryview(bytearray(io))
-        while time.perf_counter() < end:
-            await vol.readinto(buf, rng.randrange(blocks) * io)
-            ops += 1
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(qd)))
-    return ops / (time.perf_counter() - t0)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process (another one: the agents), seconds."""
@@ -177,16 +155,6 @@ def proc_cpu_s(pid: int) -> float:
     except (FileNotFoundError, IndexError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def daemon_problems(c: LocalCluster) -> list[str]:
-    """Tracebacks and error lines in a pool's daemon logs."""
-    out = []
-    for log in sorted((c.dir / "logs").glob("*.log")) if (c.dir / "logs").is_dir() else []:
-        for line in log.read_text(errors="replace").splitlines():
-            if "Traceback (most recent call last)" in line or " ERROR " in line or " CRITICAL " in line:
-                out.append(f"{log.name}: {line}")
-    return out
 
 
 def wire(pool: AsyncPool) -> tuple[int, int, int]:

@@ -1,0 +1,47 @@
+"""Helpers the benchmark scripts share (not collected by pytest)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from typing import Any
+
+from nvpool.client.cluster import LocalCluster
+
+MiB = 1 << 20
+KiB4 = 4096
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def daemon_problems(c: LocalCluster) -> list[str]:
+    """Tracebacks and error lines in a pool's daemon logs."""
+    out = []
+    for log in sorted((c.dir / "logs").glob("*.log")) if (c.dir / "logs").is_dir() else []:
+        for line in log.read_text(errors="replace").splitlines():
+            if "Traceback (most recent call last)" in line or " ERROR " in line or " CRITICAL " in line:
+                out.append(f"{log.name}: {line}")
+    return out
+
+
+async def rand_read(vol: Any, seconds: float, io: int = KiB4, qd: int = 32, seed: int = 1) -> float:
+    """4 KiB random reads at QD ``qd`` for ``seconds``; IOPS."""
+    rng = random.Random(seed)
+    blocks = vol.size // io
+    ops = 0
+    end = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal ops
+        buf = memoryview(bytearray(io))
+        while time.perf_counter() < end:
+            await vol.readinto(buf, rng.randrange(blocks) * io)
+            ops += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(qd)))
+    return ops / (time.perf_counter() - t0)
