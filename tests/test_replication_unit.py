@@ -506,3 +506,28 @@ def test_volume_health_says_degraded_or_unavailable() -> None:
         assert svc.volume_view(svc.volumes["v"])["health"] == "degraded"  # served by the other copies
 
     asyncio.run(body())
+
+
+def test_resizing_a_replicated_volume_grows_every_copy_apart() -> None:
+    async def body() -> None:
+        svc, link, repl = await replicated_service(agents=3)
+        before = svc.layouts[1]
+        await svc.resize_volume("v", 40 * MiB)
+        after = svc.layouts[1]
+        after.validate()
+        assert after.size == 40 * MiB and after.replicas == 2 and after.generation > before.generation
+        host = {d: svc.drives[d].agent_id for d in svc.drives}
+        for i in range(after.width):
+            for k in range(after.replicas):
+                assert after.replica_column(i, k).length >= after.replica_column(i, 0).length
+            hosts = [{host[e.drive_id] for e in after.replica_column(i, k).extents} for k in range(after.replicas)]
+            assert not hosts[0] & hosts[1], f"column {i}: copies share a server after growing"
+        # a degraded volume is not resized (its out copies could not take new extents)
+        svc.agents["a2"].last_seen = time.monotonic() - 1.0
+        svc.started -= 1.0
+        await repl.tick()
+        assert svc.layouts[1].degraded
+        with pytest.raises(UsageError, match="out of service"):
+            await svc.resize_volume("v", 48 * MiB)
+
+    asyncio.run(body())
