@@ -13,7 +13,13 @@ One installed package with four layers, each a folder of the source tree:
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Optional
+
+# gRPC core prints INFO lines of its own to stderr (a failed TLS handshake, a notice in every forked
+# DataLoader worker) that break the CLI's one-line errors and clutter training logs; its errors still
+# show. Only a default: set GRPC_VERBOSITY to see more. (Effective when gRPC is not loaded yet.)
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 __version__ = "0.2.0"
 

@@ -76,6 +76,12 @@ def test_clients_without_a_pool_certificate_are_refused(pool: LocalCluster, tmp_
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 await pbg.MetaStub(ch).ListVolumes(pb.ListVolumesRequest(), timeout=5)
             assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the CLI says so in one line (gRPC's own log lines stay out of it)
+        env = dict(os.environ, NVPOOL_TLS=str(tmp_path / "other-ca"))
+        env.pop("GRPC_VERBOSITY", None)
+        r = subprocess.run([sys.executable, "-m", "nvpool", "pool", "status", "--meta", pool.meta.address], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "TLS handshake" in r.stderr, r.stderr
         m = MetaClient(pool.meta.address, timeout=5, tls=stranger)
         try:
             with pytest.raises(UnavailableError):
