@@ -109,6 +109,8 @@ class AgentConfig:
     data_tls: bool = True
     #: HOST:PORT of a Prometheus metrics endpoint ("" = none)
     metrics_listen: str = ""
+    #: data-plane connections kept open at once (an agent-wide bound on what peers can cost)
+    max_connections: int = 4096
 
     def tls(self) -> Optional[TlsFiles]:
         return tls_files(self.tls_ca, self.tls_cert, self.tls_key)
@@ -180,6 +182,7 @@ class StorageAgent:
         self.instance = uuid.uuid4().hex
         self.core = AgentCore(drives)
         self.core.secrets = self.secrets
+        self.core.max_connections = config.max_connections
         self.agent_id = config.name
         #: extent ids the metadata service asked us to release that we no longer hold (to confirm)
         self._released: set[int] = set()

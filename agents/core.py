@@ -135,6 +135,8 @@ class AgentCore:
         #: the pool's join secrets (current first): data-plane commands need a capability signed with
         #: one of them (agents/dataplane.py). Empty only for in-process tests of the core.
         self.secrets: list[bytes] = []
+        #: data-plane connections the agent keeps open at once (more are closed as they arrive)
+        self.max_connections = 4096
         #: extent id -> bitmap of DIRTY_GRAIN grains written since tracking started
         self._dirty: dict[int, bytearray] = {}
         for d in self.drives.values():

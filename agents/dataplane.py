@@ -99,6 +99,11 @@ class AgentConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.core.stats.connections += 1
         self.core.stats.live.add(self)
+        if self.core.stats.connections > self.core.max_connections:  # agent-wide bound on peers
+            logger.warning("refusing a connection from %s: %d open (max_connections)",
+                           transport.get_extra_info("peername") or "unix", self.core.stats.connections - 1)
+            transport.abort()  # type: ignore[attr-defined]
+            return
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
         self._peer = transport.get_extra_info("peername") or "unix"
         sock = transport.get_extra_info("socket")
@@ -192,12 +197,29 @@ class AgentConnection(asyncio.BufferedProtocol):
             if transport is None or transport.is_closing():
                 return
             i += 1
+            if self._unauthenticated(cmd):
+                return
             execute(core, cmd, regions, out, read, self._defer_flush, self.caps)
             if self._out_bytes >= BATCH_BYTES:
                 self._send()
         self._send()
         if i < len(commands):
             self._hold(commands, i)
+
+    def _unauthenticated(self, cmd: dp.Command) -> bool:
+        """A data command from a connection that never presented a capability: answer it (DENIED,
+        saying what is missing) and close the connection, so a peer without credentials costs one
+        round trip, never a connection's worth of buffers."""
+        if not self.core.secrets or self.caps or cmd.opcode in _FREE_OPS:
+            return False
+        execute(self.core, cmd, self.regions, self._out, self._read, self._defer_flush, self.caps)
+        self._send()
+        logger.info("closing client %s: a data command without a capability", self._peer)
+        self._pending.clear()
+        self._pending_bytes = 0
+        if self.transport is not None:
+            self.transport.close()  # the DENIED answer goes out first
+        return True
 
     def _hold(self, commands: list[Any], start: int) -> None:
         for cmd in commands[start:]:
@@ -215,6 +237,8 @@ class AgentConnection(asyncio.BufferedProtocol):
                 cmd = pending.popleft()
                 if cmd.payload is not None:
                     self._pending_bytes -= len(cmd.payload)
+                if self._unauthenticated(cmd):
+                    return
                 execute(core, cmd, regions, out, read, self._defer_flush, self.caps)
                 if self._out_bytes >= BATCH_BYTES:
                     self._send()
@@ -361,6 +385,8 @@ DeferFn = Callable[[dp.Command, list[Any]], bool]
 
 
 _OP_NAMES = {int(o): o.name.lower() for o in dp.Opcode}
+#: what a connection may send before it holds a capability
+_FREE_OPS = frozenset({dp.NOP, int(dp.Opcode.AUTH)})
 
 #: capabilities one connection may hold (one per volume); more is a peer's abuse
 MAX_CAPS = 4096

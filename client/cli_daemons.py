@@ -92,6 +92,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         "rack": args.rack, "heartbeat_interval": args.heartbeat, "join_secret_file": args.join_secret_file,
         "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
         "data_tls": False if args.no_data_tls else None, "metrics_listen": args.metrics_listen,
+        "max_connections": args.max_connections,
     }
     values.update({k: v for k, v in mapping.items() if v is not None})
     if args.drive:
@@ -194,6 +195,8 @@ def register(sub: Any) -> None:
                    help="the pool's join secret, copied from the metadata server (required; mode 600)")
     add_tls(a)
     add_metrics(a)
+    a.add_argument("--max-connections", type=int, metavar="N",
+                   help="data-plane connections kept open at once; more are closed as they arrive (default 4096)")
     a.add_argument("--no-data-tls", action="store_true",
                    help="with TLS: leave the TCP data plane unencrypted (keeps sendfile; capabilities are still "
                         "checked); control calls stay TLS")

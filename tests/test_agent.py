@@ -363,3 +363,44 @@ def test_discovery_skips_devices_that_are_in_use(tmp_path: Path) -> None:
             assert got is not None and want in got, (path, got)
         else:
             assert got is None, (path, got)
+
+
+def test_the_agent_keeps_at_most_max_connections_open(tmp_path: Path) -> None:
+    """An agent-wide bound: connections beyond ``max_connections`` are closed as they arrive, and a
+    slot frees when a connection goes."""
+    import asyncio as aio
+
+    from nvpool.agents.core import AgentCore
+    from nvpool.agents.dataplane import start_tcp
+    from nvpool.agents.drive import Drive, DriveSpec
+    from nvpool.proto import dataplane as dp
+
+    async def body() -> None:
+        core = AgentCore([Drive.open(DriveSpec.parse(f"file:{tmp_path / 'd.img'}:64M"))])
+        core.max_connections = 3
+        srv = await start_tcp(core, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            conns = [await aio.open_connection("127.0.0.1", port) for _ in range(5)]
+            alive = []
+            for r, w in conns:  # a NOP each: the kept ones answer, the refused ones are closed
+                w.write(dp.encode_command(dp.NOP, 1))
+                await w.drain()
+                try:
+                    got = await aio.wait_for(r.read(dp.COMPLETION.size), 5)
+                except ConnectionError:
+                    got = b""
+                alive.append(len(got) == dp.COMPLETION.size)
+            assert alive == [True, True, True, False, False], alive
+            conns[0][1].close()
+            await aio.sleep(0.2)
+            r, w = await aio.open_connection("127.0.0.1", port)
+            w.write(dp.encode_command(dp.NOP, 2))
+            assert len(await aio.wait_for(r.read(dp.COMPLETION.size), 5)) == dp.COMPLETION.size
+            for _, w2 in conns[1:] + [(r, w)]:
+                w2.close()
+        finally:
+            srv.close()
+            core.close()
+
+    aio.run(body())

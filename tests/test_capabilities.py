@@ -22,7 +22,7 @@ from nvpool.proto import capability, grpctls, tls
 from nvpool.proto import dataplane as dp
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
-from nvpool.proto.errors import RemoteError, Status, UsageError
+from nvpool.proto.errors import RemoteError, Status, UnavailableError, UsageError
 from nvpool.proto.layout import Layout
 from nvpool.proto.records import Endpoint
 from nvpool.proto.transport import AgentConnection, connect
@@ -101,19 +101,30 @@ def victim_intact(c: LocalCluster) -> None:
 
 
 def test_raw_commands_without_a_capability_are_denied(pool: LocalCluster) -> None:
-    async def body() -> None:
-        conn, lay, ext = await raw(pool, "victim")
+    """Each probe on a fresh connection: answered DENIED (saying only what is missing), and then the
+    connection is closed: a peer without credentials costs the agent one round trip."""
+    async def probe(op: int, extent: int, gen: int) -> None:
+        conn, _, _ = await raw(pool, "victim")
         try:
-            for guess in range(1, 6):  # guessed extent ids, at generation 1 and at 2^64-1
-                for gen in (1, lay.generation, HUGE):
-                    assert await status_of(conn, dp.READ, guess, gen) == Status.DENIED
-            assert await status_of(conn, dp.WRITE, ext, HUGE) == Status.DENIED
-            assert await status_of(conn, dp.WRITE, ext, lay.generation) == Status.DENIED
-            try:
-                await conn.submit(dp.Opcode.WRITE_ZEROES, ext, 0, 4096, HUGE)
-                raise AssertionError("zeroing without a capability was accepted")
-            except RemoteError as exc:
-                assert exc.status == Status.DENIED and "generation" not in str(exc)  # says nothing useful
+            assert await status_of(conn, op, extent, gen) == Status.DENIED
+            with pytest.raises(UnavailableError):  # closed after the answer
+                await status_of(conn, dp.READ, extent, gen)
+        finally:
+            conn.close()
+
+    async def body() -> None:
+        _, lay, ext = await raw(pool, "victim")
+        for guess in range(1, 6):  # guessed extent ids, at generation 1 and at 2^64-1
+            for gen in (1, lay.generation, HUGE):
+                await probe(dp.READ, guess, gen)
+        await probe(dp.WRITE, ext, HUGE)
+        await probe(dp.WRITE, ext, lay.generation)
+        conn, _, _ = await raw(pool, "victim")
+        try:
+            await conn.submit(dp.Opcode.WRITE_ZEROES, ext, 0, 4096, HUGE)
+            raise AssertionError("zeroing without a capability was accepted")
+        except RemoteError as exc:
+            assert exc.status == Status.DENIED and "generation" not in str(exc)  # says nothing useful
         finally:
             conn.close()
     asyncio.run(body())
@@ -128,8 +139,12 @@ def test_forged_foreign_expired_and_read_only_capabilities_are_refused(pool: Loc
         try:
             forged = capability.sign(capability.Capability(vid, capability.WRITE, HUGE, int(time.time()) + 60),
                                      os.urandom(32))
-            conn.authorize(vid, forged)
+            conn.authorize(vid, forged)  # refused: the connection holds no capability, so it is closed
             assert await status_of(conn, dp.READ, ext, lay.generation) == Status.DENIED
+            with pytest.raises(UnavailableError):
+                await status_of(conn, dp.READ, ext, lay.generation)
+            conn.close()
+            conn, _, _ = await raw(pool, "victim")
             # a genuine capability, for another volume
             conn.authorize(other.volume_id, capability_for(pool.secret_file, other.volume_id))
             assert await status_of(conn, dp.READ, ext, lay.generation) == Status.DENIED
