@@ -32,7 +32,10 @@ Replicated volumes (the client's half of ``pool/replication.py``):
   ``agent_timeout`` for a dead or hung server (the service must know it has stopped serving before
   anyone writes without it; a write that waits on a hung server looks at the layout every 0.25 s
   and stops waiting once the replica is out), less for a server that acknowledges the fence.
-* A read goes to one ``ok`` replica (spread by stripe row over all of them). If that replica has not
+* A read waits for this client's in-flight writes to the same bytes (so the writer's process never
+  sees a new copy and then an old one), then goes to one ``ok`` replica (spread by stripe row over all
+  of them). Another process reading while a write is in flight may see either copy's bytes until the
+  write is acknowledged, as with a single disk during a write; after that, every read sees it. If that replica has not
   answered within the hedge delay (a few times the recent read latency), the same read goes to
   another replica into a scratch buffer and the first answer wins; the loser is abandoned before
   its bytes can reach the caller's buffer. A replica that fails is skipped at once.
@@ -119,6 +122,7 @@ class Connections:
         self._opening: dict[str, asyncio.Task[AgentConnection]] = {}
         self._no_shm: set[str] = set()
         self.user_regions: list[Region] = []
+        self._range_locks: dict[int, RangeLock] = {}
         self._tls = options.tls if options.tls is not None else from_env()
         self._ssl: Optional[ssl.SSLContext] = None
 
@@ -132,6 +136,13 @@ class Connections:
         if self._ssl is None:
             self._ssl = self._tls.client_context()
         return self._ssl
+
+    def range_lock(self, volume_id: int) -> "RangeLock":
+        """The in-flight write ranges of ``volume_id`` in this client (see ``AsyncVolume``)."""
+        lock = self._range_locks.get(volume_id)
+        if lock is None:
+            lock = self._range_locks[volume_id] = RangeLock()
+        return lock
 
     def peek(self, ep: Endpoint) -> Optional[AgentConnection]:
         """The open connection for ``ep``, if there is one (no await: the small-I/O fast path)."""
@@ -229,6 +240,20 @@ class RangeLock:
         self._held.append((start, end, fut))
         return fut
 
+    async def wait_clear(self, start: int, end: int, deadline: float) -> None:
+        """Wait until no write overlapping ``[start, end)`` is in flight (without holding anything):
+        a read of a replicated volume in the writer's own client never sees one copy's new bytes and
+        then the other's old ones while a write is under way."""
+        while True:
+            busy = [f for s, e, f in self._held if s < end and start < e]
+            if not busy:
+                return
+            try:
+                await asyncio.wait_for(asyncio.shield(busy[0]), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise AgentTimeoutError("a write to an overlapping range did not finish within the read's time "
+                                        "budget") from None
+
     def release(self, fut: "asyncio.Future[None]") -> None:
         self._held = [h for h in self._held if h[2] is not fut]
         if not fut.done():
@@ -248,8 +273,6 @@ class Lease:
         self.fenced: Optional[str] = None
         #: the capability agents check (proto/capability.py); refreshed with every renewal and layout
         self.cap = b""
-        #: write ranges in flight, for every handle of the volume in this client (replicated volumes)
-        self.ranges = RangeLock()
         self.refs = 0
         self.closed = False
         #: False for a lease inherited from a forked parent: the parent returns it, never the child
@@ -335,7 +358,9 @@ class AsyncVolume:
         self._started: dict[int, tuple[AgentConnection, int, memoryview]] = {}
         self.stats = {"stale_refetches": 0, "retries": 0, "digest_errors": 0, "hedged_reads": 0,
                       "hedge_wins": 0, "replica_failures": 0}
-        self._ranges = lease.ranges if lease is not None else RangeLock()
+        #: this client's writes in flight on the volume, shared by all its handles of it (write and
+        #: read-only): writes never overlap in flight, reads wait for overlapping writes (replicated)
+        self._ranges = connections.range_lock(layout.volume_id)
         COUNTERS.volumes.add(self)
         #: recent read latency (seconds, moving average): sets the hedge delay
         self._read_latency = 0.002
@@ -865,6 +890,8 @@ class AsyncVolume:
                 raise UsageError(f"volume {self.name!r} is replicated: a forked process cannot write it through its "
                                  "parent's handle (open it in this process)")
             hold = await self._ranges.acquire(offset, offset + length, deadline)
+        else:
+            await self._ranges.wait_clear(offset, offset + length, deadline)
         try:
             todo = [_Range(offset, length, 0)]
             history: list[BaseException] = []

@@ -531,3 +531,40 @@ def test_resizing_a_replicated_volume_grows_every_copy_apart() -> None:
             await svc.resize_volume("v", 48 * MiB)
 
     asyncio.run(body())
+
+
+def test_reads_wait_for_overlapping_writes_in_flight_and_writes_never_overlap() -> None:
+    """The client-side order behind "reads never go back in time" in the writer's process: a read of
+    bytes a write is changing waits for that write; a second overlapping write waits too; other ranges
+    do not wait."""
+    from nvpool.client.volume import RangeLock
+
+    async def body() -> None:
+        lock = RangeLock()
+        far = time.monotonic() + 5
+        w = await lock.acquire(100, 200, far)
+        order: list[str] = []
+
+        async def read(s: int, e: int, tag: str) -> None:
+            await lock.wait_clear(s, e, far)
+            order.append(tag)
+
+        async def write(s: int, e: int, tag: str) -> None:
+            h = await lock.acquire(s, e, far)
+            order.append(tag)
+            lock.release(h)
+
+        tasks = [asyncio.ensure_future(read(150, 160, "read-overlap")), asyncio.ensure_future(read(0, 50, "read-apart")),
+                 asyncio.ensure_future(write(199, 300, "write-overlap"))]
+        await asyncio.sleep(0.05)
+        assert order == ["read-apart"]  # only the one apart from the write in flight went ahead
+        order.append("write-done")
+        lock.release(w)
+        await asyncio.gather(*tasks)
+        assert order[:2] == ["read-apart", "write-done"] and set(order[2:]) == {"read-overlap", "write-overlap"}
+        with pytest.raises(TimeoutError):  # (AgentTimeoutError) bounded by the I/O's budget
+            h = await lock.acquire(0, 10, far)
+            await lock.wait_clear(5, 6, time.monotonic() + 0.05)
+        lock.release(h)
+
+    asyncio.run(body())
