@@ -76,6 +76,7 @@ from typing import Any, Optional
 from nvpool.pool.meta import MetaService, ReplicaRepair, VolumeRec
 from nvpool.pool.migration import CopyChunk
 from nvpool.pool.planner import plan_replica, with_allocations
+from nvpool.pool.rebalancer import TokenBucket
 from nvpool.proto.errors import CapacityError, NvpoolError, UnavailableError
 from nvpool.proto.layout import OK, OUT, SYNCING, Column, Extent, Layout
 
@@ -544,10 +545,10 @@ class Replication:
                 rec.bytes_total = sum(c.length for c in chunks)
             plan += [((i, k), c) for c in chunks]
         sem = asyncio.Semaphore(self.parallel)
-        bucket_t, bucket = time.monotonic(), 0.0
+        bucket = TokenBucket(self.rate)  # at most `rate` bytes/s on average, as the rebalancer
 
         async def one(t: tuple[int, int], c: CopyChunk) -> None:
-            async with sem:
+            try:
                 dst = svc.agent_of_drive(c.dst.drive_id)
                 src = svc.agent_of_drive(c.src.drive_id)
                 await svc.link.copy(dst.control_address, c.dst, c.dst_offset, src.address, c.src, c.src_offset,
@@ -556,17 +557,14 @@ class Replication:
                 rec = reps.get(t)
                 if rec is not None:
                     rec.bytes_done += c.length
+            finally:
+                sem.release()
 
         tasks = []
         try:
             for t, c in plan:
-                if self.rate:  # token bucket: at most `rate` bytes/s on average
-                    bucket += c.length
-                    ahead = bucket / self.rate - (time.monotonic() - bucket_t)
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
                 await sem.acquire()
-                sem.release()
+                await bucket.take(c.length)
                 tasks.append(asyncio.create_task(one(t, c)))
             await asyncio.gather(*tasks)
         finally:
