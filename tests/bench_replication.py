@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import uvloop  # noqa: E402
 
-from tests.benchlib import say, daemon_problems, rand_read  # noqa: E402
+from tests.benchlib import say, daemon_problems, rand_read, seq_write  # noqa: E402
 from nvpool.client.api import AsyncPool  # noqa: E402
 from nvpool.client.cluster import LocalCluster  # noqa: E402
 from nvpool.client.metaclient import MetaClient, VolumeInfo  # noqa: E402
@@ -95,23 +95,6 @@ def pct(xs: list[float], q: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- I/O loops
-async def seq_write(vol: AsyncVolume, total: int, io: int = MiB, qd: int = 8, seed: int = 0) -> float:
-    """Write [0, total) in ``io`` pieces, ``qd`` at a time; MB/s."""
-    data = random.Random(seed).randbytes(io)
-    nxt = 0
-
-    async def worker() -> None:
-        nonlocal nxt
-        while nxt < total:
-            off = nxt
-            nxt += io
-            await vol.write(off, data[: min(io, total - off)])
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(qd)))
-    return total / (time.perf_counter() - t0) / 1e6
-
-
 async def seq_read(vol: AsyncVolume, seconds: float, io: int = MiB, qd: int = 8) -> float:
     """Sequential reads (wrapping at the end of the volume) for ``seconds``; MB/s."""
     span = vol.size - vol.size % io

@@ -45,3 +45,20 @@ async def rand_read(vol: Any, seconds: float, io: int = KiB4, qd: int = 32, seed
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(qd)))
     return ops / (time.perf_counter() - t0)
+
+
+async def seq_write(vol: Any, total: int, io: int = MiB, qd: int = 8, seed: int = 0) -> float:
+    """Write [0, total) in ``io`` pieces, ``qd`` at a time; MB/s."""
+    data = random.Random(seed).randbytes(io)
+    nxt = 0
+
+    async def worker() -> None:
+        nonlocal nxt
+        while nxt < total:
+            off = nxt
+            nxt += io
+            await vol.write(off, data[: min(io, total - off)])
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(qd)))
+    return total / (time.perf_counter() - t0) / 1e6
