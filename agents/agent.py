@@ -32,7 +32,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nvpool.agents import osio
-from nvpool.agents.control import AgentServicer, ControlAuth
+from nvpool.agents.control import AgentServicer, ControlAuth, Terms
 from nvpool.agents.copy import Copier
 from nvpool.agents.metrics import AgentCollector
 from nvpool.agents.core import AgentCore
@@ -182,6 +182,8 @@ class StorageAgent:
         self.instance = uuid.uuid4().hex
         self.core = AgentCore(drives)
         self.core.secrets = self.secrets
+        #: the highest metadata-service term seen (agents/control.py ``Terms``)
+        self.terms = Terms()
         self.core.max_connections = config.max_connections
         self.agent_id = config.name
         #: extent ids the metadata service asked us to release that we no longer hold (to confirm)
@@ -215,7 +217,7 @@ class StorageAgent:
         if self.config.unix_path:
             self._servers.append(await start_unix(self.core, self.config.unix_path))
         self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
-                                     interceptors=[ControlAuth(self.secrets)])
+                                     interceptors=[ControlAuth(self.secrets, self.terms)])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # until registered
@@ -296,19 +298,40 @@ class StorageAgent:
         ]
 
     async def run_registration(self) -> None:
-        """Register, then heartbeat forever; re-register when the metadata service asks."""
+        """Register, then heartbeat forever; re-register when the metadata service asks.
+
+        ``--meta`` may list several metadata services (an etcd-backed pool): the agent talks to one; when
+        it fails or answers "not the leader" the agent moves to the leader it names, else to the next
+        address. Answers of an older term than the agent has seen come from a deposed leader and are
+        ignored (``Terms``)."""
         interval = self.config.heartbeat_interval
         backoff = 0.2
-        async with grpctls.aio_channel(self.config.meta, self.config.tls()) as channel:
-            stub = pbg.MetaStub(channel)
+        addresses = [a.strip() for a in self.config.meta.split(",") if a.strip()]
+        channels: dict[str, Any] = {}
+        current = 0
+        hint = ""
+        #: when each address last failed: a standby may go on naming a dead leader until its lease ends
+        failed_at: dict[str, float] = {}
+        call_timeout = 10.0 if len(addresses) == 1 else 3.0
+
+        def stub_for(address: str) -> Any:
+            if address not in channels:
+                channels[address] = grpctls.aio_channel(address, self.config.tls())
+            return pbg.MetaStub(channels[address])
+
+        try:
             need_register = True
             warned = False
             serve_lease = 0.0
             while True:
+                address = hint or addresses[current % len(addresses)]
+                stub = stub_for(address)
                 try:
                     sent_at = time.monotonic()
                     if need_register:
-                        resp = await stub.RegisterAgent(self._register_request(), timeout=10)
+                        resp = await stub.RegisterAgent(self._register_request(), timeout=call_timeout)
+                        if resp.epoch and self.terms.check(resp.epoch):
+                            raise _Deposed(self.terms.check(resp.epoch))
                         if not self._adopt_pool(resp.pool_id):
                             await asyncio.sleep(min(backoff * 10, 30.0))
                             backoff = min(backoff * 2, 5.0)
@@ -320,11 +343,14 @@ class StorageAgent:
                         self.core.serve_until = sent_at + serve_lease  # fences applied: serve again
                         need_register = False
                         warned = False
-                        logger.info("registered with %s (%d drives)", self.config.meta, len(self.core.drives))
+                        hint = address
+                        logger.info("registered with %s (%d drives)", address, len(self.core.drives))
                         continue  # heartbeat at once: it tells the service the extent list is applied
                     else:
                         req = self._heartbeat_request()
                         hb = await stub.Heartbeat(req, timeout=max(2 * interval, 2.0))
+                        if hb.epoch and self.terms.check(hb.epoch):
+                            raise _Deposed(self.terms.check(hb.epoch))
                         need_register = hb.reregister
                         if not need_register:
                             await self._apply_heartbeat(hb, req)
@@ -334,17 +360,40 @@ class StorageAgent:
                             await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
                     backoff = 0.2
                     await asyncio.sleep(interval)
+                except _Deposed as exc:
+                    logger.warning("metadata service %s: %s", address, exc)
+                    need_register, hint = True, ""
+                    current += 1
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
                 except grpc.aio.AioRpcError as exc:
                     refused = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
                                              grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+                    leader = dict(exc.trailing_metadata() or ()).get("nvpool-leader", "")
                     if refused:  # not a network problem: say it every time, loudly, and back off
-                        logger.error("metadata service %s refused this agent: %s", self.config.meta, exc.details())
+                        logger.error("metadata service %s refused this agent: %s", address, exc.details())
+                    elif leader and leader != address:
+                        logger.info("metadata service %s: the leader is %s", address, leader)
                     elif not warned:
-                        logger.warning("metadata service %s: %s; retrying", self.config.meta, exc.details())
+                        logger.warning("metadata service %s: %s; retrying%s", address, exc.details(),
+                                       " with the next one" if len(addresses) > 1 else "")
                         warned = True
                     need_register = True
-                    await asyncio.sleep(5.0 if refused else backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    if leader and leader != address and time.monotonic() - failed_at.get(str(leader), -1e9) > 2.0:
+                        hint = str(leader)
+                        await asyncio.sleep(0.05)
+                        continue  # straight to the leader
+                    if not leader:
+                        failed_at[address] = time.monotonic()
+                    hint = ""
+                    current += 1
+                    if len(addresses) == 1 or current % len(addresses) == 0 or refused:
+                        await asyncio.sleep(5.0 if refused else backoff)
+                        # several metadata services: one is elected within seconds, keep looking often
+                        backoff = min(backoff * 2, 5.0 if len(addresses) == 1 else 1.0)
+        finally:
+            for ch in channels.values():
+                await ch.close()
 
     def _identity(self, path: str) -> tuple[str, str]:
         got = self._identities.get(path)
@@ -376,6 +425,10 @@ class StorageAgent:
                 os.unlink(self.config.unix_path)
             except OSError:
                 pass
+
+
+class _Deposed(Exception):
+    """An answer from a metadata service of an older term than this agent has seen."""
 
 
 async def serve(config: AgentConfig, on_ready: Optional[Callable[["StorageAgent"], None]] = None) -> None:

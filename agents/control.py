@@ -14,7 +14,7 @@ import grpc
 
 from nvpool.agents.core import AgentCore
 from nvpool.proto import capability
-from nvpool.proto.capability import AUTH_HEADER
+from nvpool.proto.capability import AUTH_HEADER, EPOCH_HEADER
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
 from nvpool.proto.convert import extent_record_from_pb
@@ -38,20 +38,49 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort(code, str(exc))
 
 
+class Terms:
+    """The highest metadata-service term (epoch) this agent has seen, from registration and heartbeat
+    answers and control calls. Orders and answers of an older term come from a deposed leader (one
+    paused or cut off while another was elected, ``pool/etcdstore.py``) and are refused: its view
+    of the pool may be older than what the new leader has already told this agent."""
+
+    def __init__(self) -> None:
+        self.highest = 0
+
+    def check(self, epoch: int) -> str:
+        """Why ``epoch`` may not be obeyed; empty when it may (and it is remembered). 0: no term given."""
+        if epoch and epoch < self.highest:
+            return (f"a metadata service of an older term ({epoch}) than the current one ({self.highest}): "
+                    "it was deposed; ignoring it")
+        self.highest = max(self.highest, epoch)
+        return ""
+
+
 class ControlAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Only the metadata service may call an agent's control service: every call carries a token
     derived from the pool's join secret (``x-nvpool-auth``; proto/capability.py ``control_token``).
     Anything else is refused with UNAUTHENTICATED before it reaches a handler, except the standard
     gRPC health service (it reveals only SERVING / NOT_SERVING)."""
 
-    def __init__(self, secrets: list[bytes]) -> None:
+    def __init__(self, secrets: list[bytes], terms: Optional["Terms"] = None) -> None:
         self.secrets = secrets
+        self.terms = terms
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         if details.method.startswith("/grpc.health.v1.Health/"):
             return await continuation(details)  # the standard health service answers anyone on the port
         token = dict(details.invocation_metadata or ()).get(AUTH_HEADER, "")
         why = capability.check_control_token(str(token), self.secrets, details.method, time.time())
+        if not why and self.terms is not None:
+            raw = str(dict(details.invocation_metadata or ()).get(EPOCH_HEADER, "") or "0")
+            why = self.terms.check(int(raw) if raw.isdigit() else 0)
+            if why:
+                logger.warning("refused control call %s: %s", details.method, why)
+
+                async def stale(request: Any, context: Any) -> Any:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
+
+                return grpc.unary_unary_rpc_method_handler(stale)
         if not why:
             return await continuation(details)
         logger.warning("refused control call %s: %s", details.method, why)

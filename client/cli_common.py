@@ -162,8 +162,11 @@ def check_meta_address(text: str, source: str = "metadata service address") -> s
 
 
 def meta_address(text: str) -> str:
-    """``type=`` for --meta."""
+    """``type=`` for --meta: HOST:PORT, or several comma-separated (the metadata services of an etcd pool)."""
     try:
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) > 1 and all(parts):
+            return ",".join(check_meta_address(p) for p in parts)
         return check_meta_address(text)
     except BadArgument as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None

@@ -67,8 +67,11 @@ def cmd_meta(args: argparse.Namespace) -> int:
     from nvpool.pool.grpc_meta import MetaConfig, serve
 
     values = _load_config(args.config)
+    if getattr(args, "meta_cmd", None) == "migrate":
+        return cmd_meta_migrate(args)
     for key in ("listen", "store", "lease_ttl", "agent_timeout", "heartbeat_interval", "rebuild_after", "repair_rate",
-                "join_secret_file", "tls_ca", "tls_cert", "tls_key", "metrics_listen"):
+                "join_secret_file", "tls_ca", "tls_cert", "tls_key", "metrics_listen", "prefix", "leader_ttl",
+                "advertise"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     config = MetaConfig.from_mapping(values)
@@ -80,6 +83,18 @@ def cmd_meta(args: argparse.Namespace) -> int:
         print(f"nvpool meta serving on {address} (store {config.store})", file=sys.stderr, flush=True)
 
     return run_daemon(lambda: serve(config, on_ready=ready, info=extra))
+
+
+def cmd_meta_migrate(args: argparse.Namespace) -> int:
+    """Copy a pool's metadata from one store to another (``nvpool meta migrate``)."""
+    from nvpool.pool.kvstore import migrate
+
+    n = migrate(args.source, args.dest, args.prefix or "")
+    print(f"copied {n} metadata keys from {args.source} to {args.dest}{' (prefix ' + args.prefix + ')' if args.prefix else ''}")
+    if args.source.startswith("sqlite:") and not args.dest.startswith("sqlite:"):
+        print(f"next: copy {args.source[len('sqlite:'):]}.join-secret to every metadata server and start each with "
+              f"--store {args.dest} --join-secret-file PATH")
+    return 0
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -144,7 +159,13 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--listen", type=listen_address, help="HOST:PORT to serve gRPC on (default 127.0.0.1:7400; port 0 picks one)")
-    p.add_argument("--store", help="where metadata lives: sqlite:PATH (default sqlite:./nvpool-meta.db)")
+    p.add_argument("--store", help="where metadata lives: sqlite:PATH (default sqlite:./nvpool-meta.db), or "
+                                   "etcd://HOST:PORT[,HOST:PORT...] for several metadata services with a leader")
+    p.add_argument("--prefix", help="etcd: this pool's key prefix (default /nvpool)")
+    p.add_argument("--leader-ttl", type=int, metavar="SECONDS",
+                   help="etcd: seconds of the leader's lease; a dead leader is replaced after about this long (default 5)")
+    p.add_argument("--advertise", metavar="HOST:PORT",
+                   help="etcd: the address other metadata services send callers to while this one leads")
     p.add_argument("--lease-ttl", type=seconds_arg,
                    help="seconds a volume lease lives without renewal (default 15; see deploy/meta.toml.sample)")
     p.add_argument("--agent-timeout", type=seconds_arg,
@@ -164,6 +185,15 @@ def register(sub: Any) -> None:
     p.add_argument("--config", help="TOML config file (see deploy/meta.toml.sample)")
     p.add_argument("--ready-file", help="write {address, pid} as JSON here once serving")
     p.set_defaults(func=cmd_meta)
+    msub = p.add_subparsers(dest="meta_cmd", metavar="[migrate]")
+    m = msub.add_parser("migrate", help="copy a pool's metadata to another store (e.g. SQLite to etcd)",
+                        description="Copy every metadata key of a pool from one store to another, e.g. from the "
+                                    "embedded SQLite store to etcd. Stop the metadata service first (a SQLite store "
+                                    "in use is refused). The destination must hold no pool yet.")
+    m.add_argument("--from", dest="source", required=True, metavar="STORE", help="sqlite:PATH or etcd://...")
+    m.add_argument("--to", dest="dest", required=True, metavar="STORE", help="etcd://HOST:PORT[,...][/PREFIX] or sqlite:PATH")
+    m.add_argument("--prefix", dest="prefix", help="etcd destination: the key prefix (default /nvpool)")
+    m.set_defaults(func=cmd_meta)
 
     a = sub.add_parser(
         "agent",

@@ -189,6 +189,9 @@ def status_dict(st: Any) -> dict[str, Any]:
                       "current_volume": reb.current_volume, "error": reb.error},
         "health": st.health,
         "pool_id": st.pool_id,
+        "meta_store": st.meta_store,
+        "meta_leader": st.meta_leader,
+        "meta_epoch": st.meta_epoch,
         "releasing_extents": st.releasing_extents,
         "releasing_bytes": st.releasing_bytes,
         "degraded_volumes": st.degraded_volumes,
@@ -231,6 +234,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"({100 * d['used'] / d['capacity']:.1f}%)   volumes {d['volumes']}" if d["capacity"]
         else f"health {d['health']}   no drives registered"
     )
+    if d["meta_store"].startswith("etcd://"):
+        head += f"\nmetadata leader {d['meta_leader']} (term {d['meta_epoch']}, store {d['meta_store']})"
     reb = d["rebalance"]
     if reb["state"] == "running":
         head += f"\nrebalance running: {human(reb['bytes_done'])} of {human(reb['bytes_total'])} moved ({reb['current_volume']})"

@@ -63,7 +63,12 @@ class LocalCluster:
         tls_dir: Optional[str | os.PathLike[str]] = None,
         data_tls: bool = True,
         metrics: bool = False,
+        store: str = "",
+        metas: int = 1,
     ) -> None:
+        #: where metadata lives: "" = sqlite:DIR/meta.db; etcd://... runs ``metas`` metadata services
+        self.store = store
+        self.n_metas = metas
         #: every daemon serves Prometheus metrics on a free port (ProcInfo.metrics says which)
         self.metrics = metrics
         #: with TLS: encrypt the agents' TCP data plane too (else only the control plane)
@@ -79,6 +84,8 @@ class LocalCluster:
         self.unix_sockets = unix_sockets
         self.python = python
         self.meta = ProcInfo("meta")
+        #: further metadata services (standbys of an etcd-backed pool); ``meta`` is the first
+        self.standbys: list[ProcInfo] = [ProcInfo(f"meta{i}") for i in range(1, metas)]
         #: extra arguments for `nvpool meta` (tests: e.g. a short --lease-ttl)
         self.meta_extra: list[str] = []
         self.agents: list[ProcInfo] = []
@@ -95,6 +102,7 @@ class LocalCluster:
             "drives_per_agent": self.drives_per_agent, "drive_size": self.drive_size,
             "tls_dir": str(self.tls_dir) if self.tls_dir else "", "data_tls": self.data_tls,
             "unix_sockets": self.unix_sockets, "meta_extra": self.meta_extra, "metrics": self.metrics,
+            "store": self.store, "standbys": [asdict(m) for m in self.standbys],
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -110,7 +118,9 @@ class LocalCluster:
         c = cls(d, len(state["agents"]), state["drives_per_agent"], state["drive_size"],
                 unix_sockets=state.get("unix_sockets", True), tls=bool(state.get("tls_dir")),
                 tls_dir=state.get("tls_dir") or None, data_tls=state.get("data_tls", True),
-                metrics=state.get("metrics", False))
+                metrics=state.get("metrics", False), store=state.get("store", ""),
+                metas=1 + len(state.get("standbys", [])))
+        c.standbys = [ProcInfo(**m) for m in state.get("standbys", [])]
         c.meta_extra = list(state.get("meta_extra", []))
         c.meta = ProcInfo(**state["meta"])
         c.agents = [ProcInfo(**a) for a in state["agents"]]
@@ -167,20 +177,57 @@ class LocalCluster:
         self._tls_args("client", "client")
         return tls.TlsFiles.from_dir(str(self.tls_dir), "client")
 
-    def start_meta(self, timeout: float = 30) -> None:
-        listen = self.meta.address or self.meta_listen  # keep the port across restarts
-        self.meta.args = [
-            "meta", "--listen", listen, "--store", f"sqlite:{self.dir / 'meta.db'}",
-            "--ready-file", str(self.dir / "meta.ready"), *self._tls_args("meta", "meta"), *self.meta_extra,
+    @property
+    def metas(self) -> list[ProcInfo]:
+        return [self.meta, *self.standbys]
+
+    @property
+    def meta_addresses(self) -> str:
+        """Every metadata service's address, comma-separated (what agents, clients and the CLI take)."""
+        return ",".join(m.address for m in self.metas if m.address)
+
+    def start_meta(self, timeout: float = 30, i: int = 0) -> None:
+        info = self.metas[i]
+        listen = info.address or self.meta_listen  # keep the port across restarts
+        tag = "meta" if i == 0 else f"meta{i}"
+        if self.store:
+            from nvpool.proto import keys
+
+            keys.create(str(self.secret_file))  # every metadata service of the pool shares it
+            store = ["--store", self.store, "--join-secret-file", str(self.secret_file)]
+        else:
+            store = ["--store", f"sqlite:{self.dir / 'meta.db'}"]
+        info.args = [
+            "meta", "--listen", listen, *store,
+            "--ready-file", str(self.dir / f"{tag}.ready"), *self._tls_args("meta", "meta"), *self.meta_extra,
             *(["--metrics", "127.0.0.1:0"] if self.metrics else []),
         ]
         self.client_tls()
-        self.meta.ready_file = str(self.dir / "meta.ready")
-        self.meta.log = str(self.dir / "logs" / "meta.log")
-        self._spawn(self.meta)
-        ready = self._wait_ready(self.meta, timeout)
-        self.meta.address, self.meta.metrics = ready["address"], ready.get("metrics", "")
+        info.ready_file = str(self.dir / f"{tag}.ready")
+        info.log = str(self.dir / "logs" / f"{tag}.log")
+        self._spawn(info)
+        ready = self._wait_ready(info, timeout)
+        info.address, info.metrics = ready["address"], ready.get("metrics", "")
         self.save()
+
+    def leader(self, timeout: float = 30) -> int:
+        """Which metadata service leads (an index into ``metas``), once one does."""
+        from nvpool.client.api import ClientOptions, Pool
+
+        deadline = time.monotonic() + timeout
+        with Pool(self.meta_addresses, ClientOptions(tls=self.client_tls())) as pool:
+            while True:
+                try:
+                    meta = pool.meta
+                    addr = str(pool._run(meta.pool_status()).meta_leader)
+                    for i, m in enumerate(self.metas):
+                        if m.address == addr and _alive(m.pid):
+                            return i
+                except NvpoolError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise UnavailableError(f"no metadata service leads within {timeout:.0f}s")
+                time.sleep(0.1)
 
     @property
     def secret_file(self) -> Path:
@@ -190,7 +237,7 @@ class LocalCluster:
     def agent_info(self, i: int) -> ProcInfo:
         name = f"agent{i}"
         drives = [f"file:{self.dir / 'drives' / f'{name}-d{j}.img'}:{self.drive_size}" for j in range(self.drives_per_agent)]
-        args = ["agent", "--meta", self.meta.address, "--listen", "127.0.0.1:0", "--name", name, "--host", name,
+        args = ["agent", "--meta", self.meta_addresses, "--listen", "127.0.0.1:0", "--name", name, "--host", name,
                 "--join-secret-file", str(self.secret_file), *self._tls_args(name, "agent"),
                 *([] if self.data_tls else ["--no-data-tls"]), *(["--metrics", "127.0.0.1:0"] if self.metrics else []),
                 "--ready-file", str(self.dir / f"{name}.ready"), "--heartbeat", "0.5"]
@@ -222,11 +269,13 @@ class LocalCluster:
         (self.dir / "drives").mkdir(exist_ok=True)
         if self.state_file.exists():
             old = LocalCluster.load(self.dir)
-            if _alive(old.meta.pid) or any(_alive(a.pid) for a in old.agents):
+            if any(_alive(m.pid) for m in old.metas) or any(_alive(a.pid) for a in old.agents):
                 raise UsageError(f"a local pool is already running in {self.dir} (meta {old.meta.address})")
-            self.meta.address = old.meta.address
+            for mine, theirs in zip(self.metas, old.metas):
+                mine.address = theirs.address
         try:
-            self.start_meta(timeout)
+            for i in range(len(self.metas)):
+                self.start_meta(timeout, i)
             for i in range(self.n_agents):
                 self.start_agent(i, timeout)
             self.wait_registered(timeout)
@@ -241,7 +290,7 @@ class LocalCluster:
         import asyncio
 
         async def check() -> bool:
-            meta = MetaClient(self.meta.address, timeout=5, tls=self.client_tls())
+            meta = MetaClient(self.meta_addresses, timeout=5, tls=self.client_tls())
             try:
                 st = await meta.pool_status()
                 alive = {a.agent_id for a in st.agents if a.alive}
@@ -279,13 +328,14 @@ class LocalCluster:
     def kill_agent(self, i: int) -> None:
         self.stop_proc(self.agents[i], signal.SIGKILL)
 
-    def kill_meta(self) -> None:
-        self.stop_proc(self.meta, signal.SIGKILL)
+    def kill_meta(self, i: int = 0) -> None:
+        self.stop_proc(self.metas[i], signal.SIGKILL)
 
     def down(self) -> None:
         for a in self.agents:
             self.stop_proc(a)
-        self.stop_proc(self.meta)
+        for m in self.metas:
+            self.stop_proc(m)
         if self.state_file.parent.exists():
             self.save()
 

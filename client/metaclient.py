@@ -11,6 +11,7 @@ import functools
 import os
 import socket
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -167,9 +168,21 @@ def _note_fork() -> None:
 os.register_at_fork(after_in_child=_note_fork)
 
 
+class _Redirect(Exception):
+    def __init__(self, leader: str) -> None:
+        super().__init__(leader)
+        self.leader = leader
+
+
 class MetaClient:
+    """Calls the metadata service. ``address`` may list several (``m1:7400,m2:7400,m3:7400``, the
+    services of an etcd-backed pool): a call goes to the one that answered last; a standby's "not
+    the leader" moves it to the leader it names, and an unreachable one to the next address, within
+    the call's deadline (``timeout``), and the error then names every address tried."""
+
     def __init__(self, address: Optional[str] = None, timeout: float = 30.0, tls: Optional[TlsFiles] = None) -> None:
-        self.address = address or default_meta()
+        self.addresses = [a.strip() for a in (address or default_meta()).split(",") if a.strip()] or [DEFAULT_META]
+        self.address = self.addresses[0]
         self.timeout = timeout
         #: the pool's TLS material (proto/tls.py); default: $NVPOOL_TLS, else plaintext
         self.tls = tls if tls is not None else from_env()
@@ -177,15 +190,25 @@ class MetaClient:
         # on a new channel. A client made in a forked child calls through gRPC's synchronous stack on a
         # worker thread instead (tests/test_client_fork.py).
         self._sync_stack = _forked
-        self._channel = (grpctls.sync_channel(self.address, self.tls) if _forked
-                         else grpctls.aio_channel(self.address, self.tls))
-        self._stub = pbg.MetaStub(self._channel)
+        self._channels: dict[str, tuple[Any, Any]] = {}
+        self._use(self.address)
+
+    def _use(self, address: str) -> None:
+        self.address = address
+        got = self._channels.get(address)
+        if got is None:
+            ch = (grpctls.sync_channel(address, self.tls) if self._sync_stack
+                  else grpctls.aio_channel(address, self.tls))
+            got = self._channels[address] = (ch, pbg.MetaStub(ch))
+        self._channel, self._stub = got
 
     async def close(self) -> None:
-        if self._sync_stack:
-            self._channel.close()
-        else:
-            await self._channel.close()
+        for ch, _ in self._channels.values():
+            if self._sync_stack:
+                ch.close()
+            else:
+                await ch.close()
+        self._channels.clear()
 
     async def _call_sync_stack(self, name: str, request: Any, timeout: float) -> Any:
         off = os.environ.get("GRPC_ENABLE_FORK_SUPPORT", "").strip().lower()
@@ -206,13 +229,65 @@ class MetaClient:
             ) from None
 
     async def _call(self, name: str, request: Any, timeout: Optional[float] = None) -> Any:
-        """One call with a deadline of ``timeout`` (default ``self.timeout``) seconds."""
+        """One call with a deadline of ``timeout`` (default ``self.timeout``) seconds, moving between
+        metadata services as the class doc says."""
         deadline = timeout or self.timeout
+        end = time.monotonic() + deadline
+        failures: dict[str, str] = {}
+        hops = 0
+        first = True
+        while True:
+            left = deadline if first else max(0.05, end - time.monotonic())
+            first = False
+            try:
+                return await self._call_once(name, request, left)
+            except _Redirect as r:
+                hops += 1
+                if time.monotonic() >= end:
+                    raise UnavailableError(f"the metadata services keep naming a leader that does not answer "
+                                           f"({r.leader}); an election may be under way, retry") from None
+                if r.leader in failures:  # a standby names a leader that just failed: its lease has not run out
+                    await asyncio.sleep(min(0.2, max(0.0, end - time.monotonic())))
+                    i = self.addresses.index(self.address) if self.address in self.addresses else -1
+                    self._use(self.addresses[(i + 1) % len(self.addresses)])
+                    continue
+                self._use(r.leader)
+                continue
+            except UnavailableError as exc:
+                failures[self.address] = str(exc)
+                if len(self.addresses) == 1 and not hops:
+                    raise
+                if time.monotonic() >= end or len(failures) >= len(self.addresses) + 1:
+                    if len(failures) == 1:
+                        raise
+                    raise UnavailableError("no metadata service answered: " + "; ".join(
+                        f"{a}: {why}" for a, why in failures.items())) from None
+                i = self.addresses.index(self.address) if self.address in self.addresses else -1
+                nxt = self.addresses[(i + 1) % len(self.addresses)]
+                if nxt in failures and len(failures) >= len(self.addresses):
+                    await asyncio.sleep(min(0.5, max(0.0, end - time.monotonic())))
+                self._use(nxt)
+
+    async def _call_once(self, name: str, request: Any, deadline: float) -> Any:
         if self._sync_stack:
             return await self._call_sync_stack(name, request, deadline)
+        if len(self.addresses) > 1:
+            # an unreachable service is skipped after a short wait, not after the whole deadline (polled:
+            # a cancelled channel_ready() leaves a gRPC operation behind that outlives the event loop)
+            give_up = time.monotonic() + min(deadline, 3.0)
+            while (state := self._channel.get_state(try_to_connect=True)) != grpc.ChannelConnectivity.READY:
+                if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                    break  # refused: the call below fails at once with gRPC's own words
+                if time.monotonic() >= give_up:
+                    raise UnavailableError(f"cannot reach the metadata service at {self.address}: the connection "
+                                           "attempt timed out")
+                await asyncio.sleep(0.02)
         try:
             return await getattr(self._stub, name)(request, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
+            leader = dict(exc.trailing_metadata() or ()).get("nvpool-leader", "")
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and leader and leader != self.address:
+                raise _Redirect(str(leader)) from None
             connected = self._channel.get_state() == grpc.ChannelConnectivity.READY
             raise translate(exc, self.address, deadline, connected, name) from None
 

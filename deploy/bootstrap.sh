@@ -4,11 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Third-party NBD clients and tools the tests and benchmarks use (see README).
+# Third-party NBD clients and tools the tests and benchmarks use (see README), and etcd (the tests start
+# their own etcd clusters on loopback ports; the package's own service is left as Debian sets it up).
 need=()
 for pair in fio:fio nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin \
             qemu-img:qemu-utils nbd-client:nbd-client fusermount3:fuse3 mkfs.ext4:e2fsprogs \
-            losetup:mount; do
+            losetup:mount etcd:etcd-server; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [[ " ${need[*]:-} " == *" $pkg "* ]] || need+=("$pkg")
 done

@@ -30,6 +30,9 @@ class GrpcAgentLink:
         self.secrets = secrets or []
         self.tls = tls
         self._channels: dict[str, tuple[Any, Any]] = {}
+        #: the term of the metadata service using this link (``nvpool-epoch``): agents refuse calls of
+        #: an older term than they have seen, so a deposed leader cannot order them about
+        self.epoch = 0
 
     def _stub(self, address: str) -> Any:
         got = self._channels.get(address)
@@ -47,6 +50,8 @@ class GrpcAgentLink:
             if self.secrets:
                 token = capability.control_token(self.secrets[0], f"/nvpool.v1.Agent/{method}", time.time())
                 meta = ((capability.AUTH_HEADER, token),)
+            if self.epoch:
+                meta += ((capability.EPOCH_HEADER, str(self.epoch)),)
             return await getattr(self._stub(address), method)(request, timeout=timeout or self.timeout,
                                                               metadata=meta)
         except grpc.aio.AioRpcError as exc:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Optional, TypeVar
@@ -16,8 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from nvpool.pool.agentlink import GrpcAgentLink
-from nvpool.pool.kvstore import open_store
-from nvpool.pool.meta import AgentLink, AgentRec, DriveRec, MetaService
+from nvpool.pool.kvstore import KVStore, open_store
+from nvpool.pool.meta import AgentLink, AgentRec, DriveRec, MetaService, Role, check_store
 from nvpool.pool.metrics import MetaCollector
 from nvpool.pool.rebalancer import Rebalancer
 from nvpool.pool.replication import Replication
@@ -42,6 +45,8 @@ from nvpool.proto.errors import (
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+#: trailing metadata of a standby's refusal: where the leader is
+LEADER_HEADER = "nvpool-leader"
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,13 @@ class MetaConfig:
     tls_key: str = ""
     #: HOST:PORT of a Prometheus metrics endpoint ("" = none)
     metrics_listen: str = ""
+    #: etcd stores: the key prefix of this pool (default /nvpool, or the URL's path)
+    prefix: str = ""
+    #: etcd stores: seconds of the leader's etcd lease (failover takes about this long)
+    leader_ttl: int = 5
+    #: HOST:PORT other metadata services send callers to when this one leads ("" = the listen address,
+    #: or this host's name with the bound port when listening on a wildcard)
+    advertise: str = ""
 
     def tls(self) -> Optional[TlsFiles]:
         return tls_files(self.tls_ca, self.tls_cert, self.tls_key)
@@ -84,6 +96,8 @@ class MetaConfig:
                 "heartbeat, which must span more than one heartbeat")
         if self.rebuild_after < 0 or self.repair_rate < 0:
             raise UsageError("rebuild_after and repair_rate must not be negative")
+        if not 2 <= self.leader_ttl <= 300:
+            raise UsageError(f"leader_ttl must be 2..300 seconds, not {self.leader_ttl}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "MetaConfig":
@@ -161,11 +175,55 @@ class CountRpcs(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return grpc.unary_unary_rpc_method_handler(counted, handler.request_deserializer, handler.response_serializer)
 
 
+class LeaderGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Only the leading metadata service answers ``Meta`` calls; a standby (or a leader whose term is
+    uncertain) answers UNAVAILABLE naming the leader, in words and in the ``nvpool-leader`` trailer,
+    and callers move there (client/metaclient.py, agents/agent.py)."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None or not details.method.startswith("/nvpool.v1.Meta/"):
+            return handler
+        inner = handler.unary_unary
+
+        async def gated(request: Any, context: Any) -> Any:
+            if not self.role.acting():
+                leader = self.role.leader()
+                if leader and leader != self.role.address:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        f"not the leader: the metadata leader is at {leader}",
+                                        trailing_metadata=((LEADER_HEADER, leader),))
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "no metadata leader right now (an election is under way); retry")
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(gated, handler.request_deserializer, handler.response_serializer)
+
+
 class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
-    def __init__(self, service: MetaService, rebalancer: Any = None, replication: Optional[Replication] = None) -> None:
-        self.svc = service
-        self.reb = rebalancer
-        self.repl = replication
+    """The ``Meta`` service of the leading instance; ``role`` says who leads (see ``LeaderGate``)."""
+
+    def __init__(self, service: Optional[MetaService] = None, rebalancer: Any = None,
+                 replication: Optional[Replication] = None, role: Optional[Role] = None) -> None:
+        self.role = role if role is not None else Role(service, rebalancer, replication)
+
+    @property
+    def svc(self) -> MetaService:
+        svc = self.role.svc
+        if svc is None:
+            raise UnavailableError("this metadata service stopped leading; retry")
+        return svc
+
+    @property
+    def reb(self) -> Any:
+        return self.role.reb
+
+    @property
+    def repl(self) -> Optional[Replication]:
+        return self.role.repl  # type: ignore[no-any-return]
 
     async def RegisterAgent(self, request: Any, context: Any) -> pb.RegisterAgentResponse:
         agent = AgentRec(request.agent_id, request.host or request.agent_id, request.rack, request.address,
@@ -185,6 +243,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             extents=[extent_record_to_pb(r) for r in extents],
             pool_id=self.svc.pool_id,
             serve_lease_ms=int(self.svc.serve_lease * 1000),
+            epoch=self.svc.epoch,
         )
 
     async def _agent_certificate(self, context: Any, agent_id: str) -> str:
@@ -234,7 +293,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
         )
         return pb.HeartbeatResponse(
             reregister=res.reregister, reconcile=res.keep is not None,
-            keep=[extent_record_to_pb(r) for r in res.keep or ()], release=res.release,
+            keep=[extent_record_to_pb(r) for r in res.keep or ()], release=res.release, epoch=self.svc.epoch,
         )
 
     async def CreateVolume(self, request: Any, context: Any) -> pb.Volume:
@@ -307,7 +366,9 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             ))
         resp = pb.PoolStatusResponse(agents=agents, capacity=st["capacity"], used=st["used"], volumes=st["volumes"],
                                      health=st["health"], pool_id=st["pool_id"],
-                                     releasing_extents=st["releasing_extents"], releasing_bytes=st["releasing_bytes"])
+                                     releasing_extents=st["releasing_extents"], releasing_bytes=st["releasing_bytes"],
+                                     meta_store=self.role.store_url, meta_epoch=self.svc.epoch,
+                                     meta_leader=self.role.address)
         if self.reb is not None:
             resp.rebalance.CopyFrom(rebalance_pb(self.reb.status()))
         if self.repl is not None:
@@ -366,19 +427,29 @@ async def serve(
     info: Optional[dict[str, Any]] = None,
 ) -> None:
     """Run the metadata service until cancelled; ``on_ready`` gets the bound host:port; ``info`` (if
-    given) gets ``metrics``, the bound metrics address, before that."""
+    given) gets ``metrics``, the bound metrics address, before that.
+
+    With SQLite this process is the pool's only metadata service and leads from the start. With
+    etcd it runs for leader (``pool/etcdstore.py``) and, until it wins, redirects callers to the
+    leader. Winning loads the whole view from the store; losing (or a failed commit) drops it: the
+    store is the only source of truth a new leader needs."""
     check_bindable(config.listen, "metadata service")
     secrets = keys.create(config.secret_path())
-    store = open_store(config.store)
+    store = open_store(config.store, config.prefix)
+    try:
+        check_store(store, secrets)
+    except BaseException:
+        store.close()
+        raise
     agent_link = link or GrpcAgentLink(secrets=secrets, tls=config.tls())
-    service = MetaService(store, agent_link, config.heartbeat_interval, config.agent_timeout, config.lease_ttl)
-    service.secrets = secrets
-    rebalancer = Rebalancer(service)
-    replication = Replication(service, rebuild_after=config.rebuild_after, rate=config.repair_rate)
-    metrics = MetaCollector(service, rebalancer, replication)
+    campaign = getattr(store, "campaign", None)
+    role = Role(store_url=store.url,
+                leader=lambda: (getattr(store, "leader_info", None) or {}).get("address", ""),
+                may_act=getattr(store, "is_leader", lambda: True))
+    metrics = MetaCollector(role)
     # no SO_REUSEPORT: a second service on a busy address must fail, not split the connections
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[CountRpcs(metrics)])
-    pbg.add_MetaServicer_to_server(MetaServicer(service, rebalancer, replication), server)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[CountRpcs(metrics), LeaderGate(role)])
+    pbg.add_MetaServicer_to_server(MetaServicer(role=role), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host, _, port = config.listen.rpartition(":")
@@ -389,32 +460,112 @@ async def serve(
         raise UsageError(f"cannot listen on {config.listen}: the address is in use or not local")
     await server.start()
     address = f"{host or '127.0.0.1'}:{bound}"
-    logger.info("metadata service of pool %s on %s (store %s)", service.pool_id, address, config.store)
-    rebalancer.resume()
-    replication.start()
+    role.address = config.advertise or (f"{socket.getfqdn()}:{bound}" if host in ("0.0.0.0", "[::]", "::", "")
+                                        else address)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[bool] = asyncio.Queue()
+    if campaign is not None:
+        value = json.dumps({"address": role.address, "host": socket.gethostname(), "pid": os.getpid()}).encode()
+        campaign(value, config.leader_ttl, lambda won: loop.call_soon_threadsafe(events.put_nowait, won))
+        logger.info("metadata service on %s (store %s): standing for leader", address, store.url)
+    else:
+        events.put_nowait(True)
+    leading = asyncio.create_task(_lead(config, store, agent_link, secrets, role, events))
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     http = start_metrics(config.metrics_listen, metrics) if config.metrics_listen else None
     if http is not None and info is not None:
         info["metrics"] = f"{http.server_address[0]}:{http.server_port}"
-    watch = asyncio.create_task(_watch(service))
     if on_ready is not None:
         on_ready(address)
+    stopped = asyncio.create_task(server.wait_for_termination())
     try:
-        await server.wait_for_termination()
+        await asyncio.wait({leading, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if leading.done():
+            leading.result()  # a fatal error (another pool's store): the daemon exits with it
     finally:
-        watch.cancel()
+        leading.cancel()
+        stopped.cancel()
+        await _step_down(role)
         if http is not None:
             http.shutdown()
-        await replication.stop()
-        await rebalancer.stop()
         await server.stop(grace=1.0)
         await agent_link.close()
         store.close()
+
+
+async def _lead(config: MetaConfig, store: KVStore, link: AgentLink, secrets: list[bytes], role: Role,
+                events: "asyncio.Queue[bool]") -> None:
+    """Take up and drop the leader's work as the election (or a failed commit) says."""
+    loop = asyncio.get_running_loop()
+    elected = hasattr(store, "campaign")
+    while True:
+        won = await events.get()
+        if not won or role.svc is not None:
+            if not won:
+                await _step_down(role)
+            continue
+        try:
+            service = MetaService(store, link, config.heartbeat_interval, config.agent_timeout, config.lease_ttl)
+            service.check_secret(secrets)
+        except UsageError:
+            raise  # another pool's data: the daemon stops and says so
+        except NvpoolError as exc:
+            logger.error("cannot take up the metadata service: %s; retrying", exc)
+            await _retry_later(store, events, elected)
+            continue
+
+        def failed(exc: Exception) -> None:
+            loop.call_soon(events.put_nowait, False)
+            loop.call_soon(lambda: asyncio.ensure_future(_retry_later(store, events, elected)))
+
+        service.on_failure = failed
+        if hasattr(link, "epoch"):
+            link.epoch = service.epoch  # agents refuse orders of older terms (agents/control.py)
+        rebalancer = Rebalancer(service)
+        replication = Replication(service, rebuild_after=config.rebuild_after, rate=config.repair_rate)
+        role.svc, role.reb, role.repl = service, rebalancer, replication
+        role.watch = asyncio.create_task(_watch(service))
+        rebalancer.resume()
+        replication.start()
+        logger.info("metadata service of pool %s leads on %s (store %s, term %d)", service.pool_id, role.address,
+                    store.url, service.epoch)
+
+
+async def _retry_later(store: KVStore, events: "asyncio.Queue[bool]", elected: bool) -> None:
+    """After a failed commit: with etcd, give up the term (the election runs again, maybe electing this
+    process, which then reloads); alone on SQLite, reload after a pause."""
+    step_down = getattr(store, "step_down", None)
+    if elected and step_down is not None:
+        step_down()
+    else:
+        await asyncio.sleep(1.0)
+        events.put_nowait(True)
+
+
+async def _step_down(role: Role) -> None:
+    svc, reb, repl, watch = role.svc, role.reb, role.repl, role.watch
+    if svc is None:
+        return
+    role.svc = role.reb = role.repl = None
+    role.watch = None
+    if watch is not None:
+        watch.cancel()
+    if repl is not None:
+        await repl.stop()
+    if reb is not None:
+        await reb.stop()
+    logger.info("metadata service stopped leading (term %d)", svc.epoch)
 
 
 async def _watch(service: MetaService) -> None:
     """Housekeeping: log agents whose heartbeats stopped, expire leases."""
     while True:
         await asyncio.sleep(service.heartbeat_interval)
-        service.mark_down()
-        service.expire_leases()
+        if service.failed is not None:
+            return
+        try:
+            service.mark_down()
+            service.expire_leases()
+        except NvpoolError as exc:  # the store failed: the service is poisoned and the leader steps down
+            logger.warning("housekeeping: %s", exc)
+            return

@@ -70,9 +70,11 @@ import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional, Protocol
+import hashlib
+import hmac
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
-from nvpool.pool.kvstore import KVStore
+from nvpool.pool.kvstore import KVStore, StoreUnavailable
 from nvpool.proto.layout import DEFAULT_STRIPE_UNIT, MAX_REPLICAS, Extent, Layout
 from nvpool.pool.planner import DriveSpace, plan_grow, plan_replicated
 from nvpool.proto.capability import READ, WRITE, Capability, sign
@@ -227,12 +229,102 @@ def _lease_dict(lease: Lease) -> dict[str, Any]:
     return d
 
 
+@dataclass
+class Role:
+    """What this metadata process is now: the leader (``svc`` and its workers set) or a standby (all
+    None: it redirects callers to ``leader``, the address the leader published)."""
+
+    svc: "Optional[MetaService]" = None
+    reb: Any = None
+    repl: Any = None
+    #: where this process is reached (published in the leader key)
+    address: str = ""
+    #: the store's URL, for status
+    store_url: str = ""
+    #: returns the leader's address as last seen ("" = unknown), and whether this process may act
+    leader: Callable[[], str] = field(default=lambda: "")
+    may_act: Callable[[], bool] = field(default=lambda: True)
+    #: the leader's housekeeping task
+    watch: Any = None
+
+    def acting(self) -> bool:
+        return self.svc is not None and self.svc.failed is None and self.may_act()
+
+
+def secret_id(secret: bytes, pool_id: str) -> str:
+    """A fingerprint of a join secret, bound to the pool id (kept with the pool id in the store)."""
+    return hmac.new(secret, b"nvpool-pool:" + pool_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def check_store(store: KVStore, secrets: list[bytes]) -> None:
+    """Before serving: the store holds nothing, or an nvpool pool whose join secret is among ``secrets``."""
+    raw = store.get("pool")
+    if raw is None:
+        foreign = [k for k, _ in store.scan("")][:3]
+        if foreign:
+            raise UsageError(
+                f"the metadata store {store.url} holds data that is not an nvpool pool's (keys "
+                f"{', '.join(foreign)}...): give this pool a prefix of its own (--prefix) or an empty store")
+        return
+    try:
+        rec = json.loads(raw)
+        pool_id = str(rec["pool_id"])
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"the metadata store {store.url} holds a damaged pool record") from None
+    have = rec.get("secret_id")
+    if secrets and have and have not in [secret_id(s, pool_id) for s in secrets]:
+        raise UsageError(
+            f"the metadata store {store.url} holds pool {pool_id}, and the join secret given is not that pool's: "
+            "check --prefix (each pool needs its own) and --join-secret-file")
+
+
+class _WatchedStore:
+    """The service's store: a commit that fails (a conflict, lost leadership, an unreachable store)
+    poisons the service, whose in-memory view may now be ahead of the store (see pool/kvstore.py)."""
+
+    def __init__(self, store: KVStore, svc: "MetaService") -> None:
+        self.inner = store
+        self.url = store.url
+        self.svc = svc
+
+    def get(self, key: str) -> Optional[bytes]:
+        return self.inner.get(key)
+
+    def scan(self, prefix: str) -> list[tuple[str, bytes]]:
+        return self.inner.scan(prefix)
+
+    def load_revisions(self) -> None:
+        self.inner.load_revisions()
+
+    def revision(self, key: str) -> int:
+        return self.inner.revision(key)
+
+    def commit(self, puts: Mapping[str, bytes], deletes: Iterable[str] = ()) -> None:
+        if self.svc.failed is not None:
+            raise UnavailableError(f"this metadata service stopped acting: {self.svc.failed}")
+        try:
+            self.inner.commit(puts, deletes)
+        except StoreUnavailable as exc:
+            self.svc.fail(exc)
+            raise
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 class MetaService:
     def __init__(
         self, store: KVStore, agents: AgentLink, heartbeat_interval: float = 1.0, agent_timeout: float = 3.0,
         lease_ttl: float = LEASE_TTL,
     ) -> None:
-        self.store = store
+        #: set when a commit failed: this instance's view may differ from the store; it answers nothing
+        #: more and its host reloads it or steps down (``on_failure``)
+        self.failed: Optional[Exception] = None
+        self.on_failure: Optional[Callable[[Exception], None]] = None
+        self.store: KVStore = _WatchedStore(store, self)
+        #: this service's term: raised at every start (and by every new leader); agents refuse orders
+        #: and heartbeat answers from an older term (a deposed leader's)
+        self.epoch = 0
         self.lease_ttl = lease_ttl
         self.link = agents
         #: the pool's join secrets (first: signs capabilities); empty: no capabilities (unit tests)
@@ -264,7 +356,17 @@ class MetaService:
         self._load()
 
     # ------------------------------------------------------------------ persistence
+    def fail(self, exc: Exception) -> None:
+        if self.failed is None:
+            self.failed = exc
+            logger.error("metadata service stops acting on its view: %s", exc)
+            if self.on_failure is not None:
+                self.on_failure(exc)
+
     def _load(self) -> None:
+        self.store.load_revisions()
+        check_store(self.store, [])
+        raw_pool = self.store.get("pool")
         for _, v in self.store.scan("agent/"):
             a = AgentRec(**json.loads(v))
             self.agents[a.agent_id] = a
@@ -285,6 +387,8 @@ class MetaService:
             self.next_volume_id, self.next_extent_id = c["volume"], c["extent"]
         for a in self.agents.values():
             a.last_seen, a.ready = 0.0, False
+        #: the agents known when this service started (``settle`` waits for them to come back)
+        self._loaded_agents = set(self.agents)
         puts: dict[str, bytes] = {}
         for _, v in self.store.scan("reserved/"):
             r = Reserved(**json.loads(v))
@@ -305,7 +409,9 @@ class MetaService:
                 i, kk = map(int, key.split(":"))
                 recs[(i, kk)] = ReplicaRepair(**{**r, "since_mono": now, "started": 0.0})
             self.repairs[int(k.split("/")[1])] = recs
-        raw = self.store.get("pool")
+        self.epoch = int(json.loads(self.store.get("epoch") or b"0")) + 1
+        puts["epoch"] = _j(self.epoch)
+        raw = raw_pool
         if raw:
             self.pool_id = json.loads(raw)["pool_id"]
         else:
@@ -315,6 +421,20 @@ class MetaService:
         self.store.commit(puts)
         logger.info("pool %s: loaded %d agents, %d drives, %d volumes, %d reserved extents", self.pool_id,
                     len(self.agents), len(self.drives), len(self.volumes), len(self.reserved))
+
+    def check_secret(self, secrets: list[bytes]) -> None:
+        """The store must hold the pool of this join secret: a fingerprint of the secret is kept with the
+        pool id (written at the first start with a secret), so a metadata service given another pool's
+        prefix, or another pool's secret, says so instead of serving a pool its agents cannot join."""
+        self.secrets = secrets
+        if not secrets:
+            return
+        check_store(self.store, secrets)
+        raw = self.store.get("pool")
+        rec = json.loads(raw) if raw else {"pool_id": self.pool_id, "created": time.time()}
+        mine = [secret_id(s, self.pool_id) for s in secrets]
+        if rec.get("secret_id") != mine[0]:
+            self.store.commit({"pool": _j({**rec, "secret_id": mine[0]})})
 
     @staticmethod
     def _rkey(extent_id: int) -> str:
@@ -348,6 +468,17 @@ class MetaService:
         shorter than ``agent_timeout``, so a silent agent has stopped serving them before the
         service counts it as gone (see ``pool/replication.py``)."""
         return self.agent_timeout * 0.75
+
+    async def settle(self) -> None:
+        """Just after this service started (or took over as leader), wait until the agents it knows have
+        heartbeated again, for at most ``agent_timeout``: placing a volume before they have would
+        leave the servers still re-registering out of it."""
+        while time.monotonic() - self.started < self.agent_timeout:
+            now = time.monotonic()
+            if all(a.last_seen > 0 and self.alive(a.agent_id, now) for a in self.agents.values()
+                   if a.drives and a.agent_id in self._loaded_agents):
+                return
+            await asyncio.sleep(0.05)
 
     def surely_silent(self, agent_id: str) -> bool:
         """The agent has not heartbeated for ``agent_timeout`` (nor since this process started): its
@@ -707,6 +838,7 @@ class MetaService:
             raise UsageError(f"replicas must be between 1 and {MAX_REPLICAS} (got {replicas})")
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,31}", failure_domain):
             raise UsageError(f"invalid failure domain {failure_domain!r}: 'host' or an agent label key such as 'rack'")
+        await self.settle()
         async with self.lock:
             if name in self.volumes or name in self._creating:
                 raise AlreadyExistsError(f"a volume named {name!r} already exists")

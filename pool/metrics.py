@@ -11,14 +11,15 @@ from typing import Any, Iterator, Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from nvpool.pool.meta import MetaService
+from nvpool.pool.meta import MetaService, Role
 
 
 class MetaCollector(Collector):
-    def __init__(self, svc: MetaService, rebalancer: Any = None, replication: Any = None) -> None:
-        self.svc = svc
-        self.reb = rebalancer
-        self.repl = replication
+    def __init__(self, svc: "MetaService | Role", rebalancer: Any = None, replication: Any = None) -> None:
+        #: follows the leadership: a standby exports only ``nvpool_meta_leader 0`` and its RPC counts
+        self.role = svc if isinstance(svc, Role) else Role(svc, rebalancer, replication)
+        self.reb: Any = None
+        self.repl: Any = None
         #: RPCs served, by method and gRPC status code name (counted by the gRPC edge)
         self.rpcs: dict[tuple[str, str], int] = {}
 
@@ -27,7 +28,14 @@ class MetaCollector(Collector):
         self.rpcs[key] = self.rpcs.get(key, 0) + 1
 
     def collect(self) -> Iterator[Any]:
-        svc = self.svc
+        role = self.role
+        svc, self.reb, self.repl = role.svc, role.reb, role.repl
+        leader = GaugeMetricFamily("nvpool_meta_leader", "1 on the metadata service that leads the pool")
+        leader.add_metric([], 1 if role.acting() else 0)
+        yield leader
+        if svc is None:
+            yield from self._rpcs()
+            return
         agents = list(svc.agents.values())
         up = GaugeMetricFamily("nvpool_meta_agent_up", "1 when the agent heartbeats", labels=["agent", "host"])
         for a in agents:
@@ -78,6 +86,9 @@ class MetaCollector(Collector):
             left = GaugeMetricFamily("nvpool_meta_repair_bytes_left", "Bytes still to copy by running repairs")
             left.add_metric([], sum(max(0, r["bytes_total"] - r["bytes_done"]) for r in reps))
             yield from (rep, left)
+        yield from self._rpcs()
+
+    def _rpcs(self) -> Iterator[Any]:
         rpc = CounterMetricFamily("nvpool_meta_rpcs", "RPCs served", labels=["method", "code"])
         for (method, code), n in sorted(dict(self.rpcs).items()):
             rpc.add_metric([method, code], n)

@@ -104,6 +104,8 @@ def verify(blob: bytes, secrets: list[bytes]) -> Capability:
 # ---------------------------------------------------------------------- control plane and registration
 #: gRPC metadata key of the metadata service's credential on calls to agents
 AUTH_HEADER = "x-nvpool-auth"
+#: gRPC metadata key: the term (epoch) of the metadata service making a control call
+EPOCH_HEADER = "nvpool-epoch"
 
 
 def control_token(secret: bytes, method: str, now: float) -> str:

@@ -235,16 +235,18 @@ class RegisterAgentRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., control_address: _Optional[str] = ..., unix_path: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., version: _Optional[str] = ..., pool_id: _Optional[str] = ..., instance: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., credential: _Optional[str] = ..., data_tls: _Optional[bool] = ...) -> None: ...
 
 class RegisterAgentResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_ms", "extents", "pool_id", "serve_lease_ms")
+    __slots__ = ("heartbeat_interval_ms", "extents", "pool_id", "serve_lease_ms", "epoch")
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     EXTENTS_FIELD_NUMBER: _ClassVar[int]
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     SERVE_LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_ms: int
     extents: _containers.RepeatedCompositeFieldContainer[ExtentRecord]
     pool_id: str
     serve_lease_ms: int
-    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., pool_id: _Optional[str] = ..., serve_lease_ms: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., pool_id: _Optional[str] = ..., serve_lease_ms: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("agent_id", "drives", "bytes_read", "bytes_written", "commands", "instance", "extents_digest", "released", "credential")
@@ -269,16 +271,18 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., drives: _Optional[_Iterable[_Union[DriveInfo, _Mapping]]] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., commands: _Optional[int] = ..., instance: _Optional[str] = ..., extents_digest: _Optional[bytes] = ..., released: _Optional[_Iterable[int]] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("reregister", "reconcile", "keep", "release")
+    __slots__ = ("reregister", "reconcile", "keep", "release", "epoch")
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     RECONCILE_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     reregister: bool
     reconcile: bool
     keep: _containers.RepeatedCompositeFieldContainer[ExtentRecord]
     release: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, reregister: _Optional[bool] = ..., reconcile: _Optional[bool] = ..., keep: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, reregister: _Optional[bool] = ..., reconcile: _Optional[bool] = ..., keep: _Optional[_Iterable[_Union[ExtentRecord, _Mapping]]] = ..., release: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class CreateVolumeRequest(_message.Message):
     __slots__ = ("name", "size", "stripe_unit", "stripe_width", "replicas", "failure_domain")
@@ -436,7 +440,7 @@ class PoolStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PoolStatusResponse(_message.Message):
-    __slots__ = ("agents", "capacity", "used", "volumes", "health", "rebalance", "pool_id", "releasing_extents", "releasing_bytes", "repairs", "degraded_volumes")
+    __slots__ = ("agents", "capacity", "used", "volumes", "health", "rebalance", "pool_id", "releasing_extents", "releasing_bytes", "repairs", "degraded_volumes", "meta_store", "meta_epoch", "meta_leader")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
@@ -448,6 +452,9 @@ class PoolStatusResponse(_message.Message):
     RELEASING_BYTES_FIELD_NUMBER: _ClassVar[int]
     REPAIRS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    META_STORE_FIELD_NUMBER: _ClassVar[int]
+    META_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    META_LEADER_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[AgentStatus]
     capacity: int
     used: int
@@ -459,7 +466,10 @@ class PoolStatusResponse(_message.Message):
     releasing_bytes: int
     repairs: _containers.RepeatedCompositeFieldContainer[RepairStatus]
     degraded_volumes: int
-    def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., volumes: _Optional[int] = ..., health: _Optional[str] = ..., rebalance: _Optional[_Union[RebalanceStatus, _Mapping]] = ..., pool_id: _Optional[str] = ..., releasing_extents: _Optional[int] = ..., releasing_bytes: _Optional[int] = ..., repairs: _Optional[_Iterable[_Union[RepairStatus, _Mapping]]] = ..., degraded_volumes: _Optional[int] = ...) -> None: ...
+    meta_store: str
+    meta_epoch: int
+    meta_leader: str
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., volumes: _Optional[int] = ..., health: _Optional[str] = ..., rebalance: _Optional[_Union[RebalanceStatus, _Mapping]] = ..., pool_id: _Optional[str] = ..., releasing_extents: _Optional[int] = ..., releasing_bytes: _Optional[int] = ..., repairs: _Optional[_Iterable[_Union[RepairStatus, _Mapping]]] = ..., degraded_volumes: _Optional[int] = ..., meta_store: _Optional[str] = ..., meta_epoch: _Optional[int] = ..., meta_leader: _Optional[str] = ...) -> None: ...
 
 class RepairStatus(_message.Message):
     __slots__ = ("volume", "column", "replica", "state", "reason", "since", "bytes_total", "bytes_done", "eta_s")

@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
 
 from nvpool.client.cluster import LocalCluster  # noqa: E402
 from nvpool.proto import tls as _tls  # noqa: E402
+from tests import etcdcluster  # noqa: E402
 
 #: every pool the tests start runs with TLS on both planes (proto/tls.py), from one test CA; clients
 #: in the test process and the processes it starts find the client certificate through NVPOOL_TLS
@@ -56,9 +57,9 @@ _clusters: list[LocalCluster] = []
 
 
 def make_cluster(tmp: Path, agents: int = 4, drives_per_agent: int = 2, drive_size: str = "256M",
-                 data_tls: bool = True, metrics: bool = False) -> LocalCluster:
+                 data_tls: bool = True, metrics: bool = False, store: str = "", metas: int = 1) -> LocalCluster:
     c = LocalCluster(tmp, agents=agents, drives_per_agent=drives_per_agent, drive_size=drive_size, tls_dir=TLS_DIR,
-                     data_tls=data_tls, metrics=metrics)
+                     data_tls=data_tls, metrics=metrics, store=store, metas=metas)
     _clusters.append(c)
     return c
 
@@ -89,10 +90,44 @@ def no_daemon_tracebacks() -> Iterator[None]:
         pytest.fail("a daemon logged a traceback:\n" + "\n".join(found[:3]))
 
 
+def need_etcd() -> None:
+    """Skip without etcd, except in CI, where the test command installs it and its absence is a failure."""
+    if not etcdcluster.available():
+        if os.environ.get("CI"):
+            pytest.fail("etcd is not installed (deploy/test.sh installs Debian's etcd-server)")
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[etcdcluster.EtcdCluster]:
+    """A real 3-member etcd cluster on loopback, shared by the session (each user takes its own prefix;
+    tests that kill members start their own)."""
+    need_etcd()
+    c = etcdcluster.EtcdCluster(tmp_path_factory.mktemp("etcd")).up()
+    try:
+        yield c
+    finally:
+        c.down()
+
+
+_prefixes = iter(range(1, 1 << 30))
+
+
+def store_url(request: pytest.FixtureRequest, kind: str) -> str:
+    """The --store of a test pool: "" (SQLite in the pool's directory) or a fresh prefix on the session's etcd."""
+    if kind == "sqlite":
+        return ""
+    cluster = request.getfixturevalue("etcd")
+    return str(cluster.url(f"/test{os.getpid()}-{next(_prefixes)}"))
+
+
 @pytest.fixture(scope="module")
-def local_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """A real pool: metadata service + 4 agents x 2 drives of 256 MiB, shared by a test module."""
-    c = LocalCluster(tmp_path_factory.mktemp("pool"), agents=4, drives_per_agent=2, drive_size="256M", tls_dir=TLS_DIR)
+def local_pool(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real pool: metadata service + 4 agents x 2 drives of 256 MiB, shared by a test module. A module
+    parametrises it (``indirect``) with "etcd" to run the metadata service on etcd instead of SQLite."""
+    kind = getattr(request, "param", "sqlite")
+    c = LocalCluster(tmp_path_factory.mktemp("pool"), agents=4, drives_per_agent=2, drive_size="256M", tls_dir=TLS_DIR,
+                     store=store_url(request, kind))
     c.up(timeout=60)
     try:
         yield c

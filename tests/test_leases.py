@@ -20,16 +20,18 @@ import pytest
 from nvpool import client
 from nvpool.client.cluster import LocalCluster
 from nvpool.proto.errors import LeaseError, UsageError
-from tests.conftest import make_cluster
+from tests.conftest import make_cluster, store_url
 
 MiB = 1 << 20
 pytestmark = pytest.mark.slow
 TTL = 2.0
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path_factory.mktemp("leases"), agents=2, drives_per_agent=1)
+@pytest.fixture(scope="module", params=["sqlite", "etcd"])
+def pool(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The lease tests run with the metadata on SQLite and on etcd."""
+    c = make_cluster(tmp_path_factory.mktemp("leases"), agents=2, drives_per_agent=1,
+                     store=store_url(request, request.param))
     c.meta_extra = ["--lease-ttl", str(TTL)]
     c.up()
     try:

@@ -1,4 +1,5 @@
-"""End to end with real processes: metadata service + 4 agents on 127.0.0.1, file-backed drives.
+"""End to end with real processes: metadata service + 4 agents on 127.0.0.1, file-backed drives; the
+metadata on SQLite and, the same tests again, on etcd.
 
 Random unaligned reads and writes crossing stripe boundaries are checked byte for byte against an
 in-memory model; restarts lose nothing; bad input gets a clear error and changes nothing.
@@ -22,7 +23,9 @@ from nvpool.client.cluster import LocalCluster
 from nvpool.proto.errors import AlreadyExistsError, CapacityError, NotFoundError, RemoteError, Status, UsageError
 
 MiB = 1 << 20
-pytestmark = pytest.mark.slow
+# the whole module runs twice: metadata on SQLite, and on a real 3-member etcd cluster (issue 13)
+pytestmark = [pytest.mark.slow,
+              pytest.mark.parametrize("local_pool", ["sqlite", "etcd"], indirect=True, scope="module")]
 
 
 def nvpool(meta: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
