@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -241,6 +242,10 @@ class MetaClient:
             first = False
             try:
                 return await self._call_once(name, request, left)
+            except (AlreadyExistsError, NotFoundError) as exc:
+                # an earlier attempt may have been applied by a leader that died before answering
+                exc.after_failover = bool(failures)
+                raise
             except _Redirect as r:
                 hops += 1
                 if time.monotonic() >= end:
@@ -293,10 +298,18 @@ class MetaClient:
 
     async def create_volume(self, name: str, size: int, stripe_unit: int = 0, stripe_width: int = 0,
                             replicas: int = 1, failure_domain: str = "host") -> VolumeInfo:
-        m = await self._call(
-            "CreateVolume", pb.CreateVolumeRequest(name=name, size=size, stripe_unit=stripe_unit, stripe_width=stripe_width,
-                                                   replicas=replicas, failure_domain=failure_domain)
-        )
+        try:
+            m = await self._call(
+                "CreateVolume", pb.CreateVolumeRequest(name=name, size=size, stripe_unit=stripe_unit,
+                                                       stripe_width=stripe_width, replicas=replicas,
+                                                       failure_domain=failure_domain)
+            )
+        except AlreadyExistsError as exc:
+            if exc.after_failover:  # our own first attempt, applied by a leader that died
+                got = await self.get_volume(name)
+                if got.size >= size and got.replicas == replicas and not got.holders:
+                    return got
+            raise
         return VolumeInfo.from_pb(m)
 
     async def report_replica_failure(self, volume_id: int, generation: int, extent_id: int, reason: str,
@@ -319,7 +332,11 @@ class MetaClient:
         return VolumeInfo.from_pb(await self._call("ResizeVolume", pb.ResizeVolumeRequest(name=name, size=size)))
 
     async def delete_volume(self, name: str, force: bool = False, own_leases: Sequence[str] = ()) -> None:
-        await self._call("DeleteVolume", pb.DeleteVolumeRequest(name=name, force=force, lease_ids=list(own_leases)))
+        try:
+            await self._call("DeleteVolume", pb.DeleteVolumeRequest(name=name, force=force, lease_ids=list(own_leases)))
+        except NotFoundError as exc:
+            if not exc.after_failover:  # else: our first attempt deleted it
+                raise
 
     async def get_layout(self, name: str = "", volume_id: int = 0, lease_id: str = "") -> tuple[Layout, dict[str, Endpoint]]:
         lay, eps, _ = await self.get_layout_cap(name, volume_id, lease_id)
@@ -335,7 +352,8 @@ class MetaClient:
     async def open_volume(self, name: str, write: bool, force: bool = False, holder: str = "") -> tuple[str, float]:
         """Take a lease (writer: exclusive; reader: shared); returns (lease id, seconds it lives unrenewed)."""
         m = await self._call("OpenVolume", pb.OpenVolumeRequest(name=name, write=write, force=force,
-                                                                holder=holder or holder_name()))
+                                                                holder=holder or holder_name(),
+                                                                request_id=uuid.uuid4().hex))
         return m.lease_id, m.ttl_ms / 1000
 
     async def renew_lease(self, lease_id: str) -> tuple[float, bytes]:

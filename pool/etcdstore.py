@@ -56,6 +56,10 @@ T = TypeVar("T")
 DEFAULT_PREFIX = "/nvpool"
 #: the largest transaction we send (etcd refuses requests above 1.5 MiB by default)
 MAX_TXN_BYTES = 1024 * 1024
+#: the leader compacts etcd's history every this many seconds, keeping the last KEEP_REVISIONS revisions
+#: (etcd keeps every old revision until compacted: without it the database only grows)
+COMPACT_EVERY = 600.0
+KEEP_REVISIONS = 10000
 
 
 def parse_url(url: str, prefix: str = "") -> tuple[list[tuple[str, int]], str]:
@@ -316,6 +320,31 @@ class EtcdStore(_Revisions):
             return False
         return bool(r.kvs) and r.kvs[0].create_revision == guard[1]
 
+    async def _compact(self, keep: int) -> int:
+        """Drop etcd's history older than the last ``keep`` revisions (current keys are untouched, so no
+        compare of ours is affected); returns the revision compacted to (0: nothing to do)."""
+        from aetcd import exceptions, rpc
+
+        client = await self._connect()
+        st = await client.kvstub.Range(rpc.RangeRequest(key=self.leader_key), timeout=client._timeout)
+        target = st.header.revision - keep
+        if target <= 0:
+            return 0
+        try:
+            await client.kvstub.Compact(rpc.CompactionRequest(revision=target), timeout=client._timeout)
+        except rpc.AioRpcError as exc:
+            if "compacted" not in (exc.details() or ""):
+                raise
+        except exceptions.RevisionCompactedError:
+            pass
+        logger.info("compacted etcd's history up to revision %d", target)
+        return int(target)
+
+    def compact(self, keep: int = KEEP_REVISIONS) -> int:
+        """``_compact`` from any thread (tests; the leader runs it every ``COMPACT_EVERY`` seconds)."""
+        fut = asyncio.run_coroutine_threadsafe(self._compact(keep), self._loop)
+        return int(fut.result(self.timeout + 5))
+
     def close(self) -> None:
         self._stopping = True
         if self._campaign is not None:
@@ -437,11 +466,18 @@ class EtcdStore(_Revisions):
         from aetcd import rpc
 
         failing = False
+        compacted = time.monotonic()
         while not self._stopping:
             await asyncio.sleep(0.1 if failing else ttl / 4)
             if self._abdicate:
                 self._abdicate = False
                 return
+            if not failing and time.monotonic() - compacted > COMPACT_EVERY:
+                compacted = time.monotonic()
+                try:
+                    await self._compact(KEEP_REVISIONS)
+                except Exception as exc:  # noqa: BLE001 - compaction is housekeeping; next time
+                    logger.warning("compacting etcd's history failed: %s", exc)
             sent = time.monotonic()
             try:
                 client = await self._connect()

@@ -305,7 +305,8 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
 
     async def OpenVolume(self, request: Any, context: Any) -> pb.OpenVolumeResponse:
         lease = await _guard(context, self.svc.open_volume(request.name, request.write,
-                                                           request.holder or who(context), request.force))
+                                                           request.holder or who(context), request.force,
+                                                           request.request_id))
         return pb.OpenVolumeResponse(lease_id=lease.lease_id, ttl_ms=int(self.svc.lease_ttl * 1000),
                                      volume=volume_pb(self.svc.volume_view(self.svc.volume_by_id(lease.volume_id))),
                                      capability=self.svc.capability(lease))

@@ -208,6 +208,8 @@ class Lease:
     holder: str  # who: "host pid N (what)"
     granted: float  # wall clock
     expires: float = field(default=0.0, compare=False)  # monotonic; not persisted
+    #: the opener's request id: a retried open (its first answer lost in a failover) gets this lease back
+    request: str = ""
 
 
 @dataclass
@@ -978,14 +980,21 @@ class MetaService:
         if gone:
             self.store.commit(puts, [f"lease/{lease.lease_id}" for lease in gone])
 
-    async def open_volume(self, name: str, write: bool, holder: str, force: bool = False) -> Lease:
-        """Take a lease: ``write`` is exclusive (see "Writer leases"), readers share."""
+    async def open_volume(self, name: str, write: bool, holder: str, force: bool = False, request: str = "") -> Lease:
+        """Take a lease: ``write`` is exclusive (see "Writer leases"), readers share. A request id seen before
+        (a retry whose first answer was lost) returns the lease that request took."""
         async with self.lock:
             self.expire_leases()
             vol = self.volume(name)
             vid = vol.volume_id
-            lease = Lease(uuid.uuid4().hex, vid, "write" if write else "read", holder or "unknown", time.time(),
-                          time.monotonic() + self.lease_ttl)
+            mode = "write" if write else "read"
+            if request:
+                for got in self._live_leases(vid):
+                    if got.request == request and got.mode == mode:
+                        got.expires = time.monotonic() + self.lease_ttl
+                        return got
+            lease = Lease(uuid.uuid4().hex, vid, mode, holder or "unknown", time.time(),
+                          time.monotonic() + self.lease_ttl, request[:64])
             if write:
                 writers = [w for w in self._live_leases(vid) if w.mode == "write"]
                 if writers and not force:

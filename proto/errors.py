@@ -36,6 +36,10 @@ class Status(enum.IntEnum):
 class NvpoolError(Exception):
     """Root of every error nvpool raises on purpose."""
 
+    #: set by the metadata client when the error came from a retry on another metadata service, after an
+    #: attempt whose answer was lost (that attempt may have been applied)
+    after_failover: bool = False
+
 
 class UsageError(NvpoolError, ValueError):
     """The request is invalid; nothing was changed."""

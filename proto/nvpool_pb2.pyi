@@ -349,16 +349,18 @@ class GetLayoutRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., volume_id: _Optional[int] = ..., lease_id: _Optional[str] = ...) -> None: ...
 
 class OpenVolumeRequest(_message.Message):
-    __slots__ = ("name", "write", "force", "holder")
+    __slots__ = ("name", "write", "force", "holder", "request_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WRITE_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     write: bool
     force: bool
     holder: str
-    def __init__(self, name: _Optional[str] = ..., write: _Optional[bool] = ..., force: _Optional[bool] = ..., holder: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., write: _Optional[bool] = ..., force: _Optional[bool] = ..., holder: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class OpenVolumeResponse(_message.Message):
     __slots__ = ("lease_id", "ttl_ms", "volume", "capability")

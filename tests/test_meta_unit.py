@@ -12,7 +12,7 @@ from nvpool.pool.kvstore import MemoryStore
 from nvpool.proto.layout import Extent
 from nvpool.pool.meta import AgentRec, DriveRec, MetaService
 from nvpool.proto.records import ExtentRecord
-from nvpool.proto.errors import AlreadyExistsError, CapacityError, UnavailableError, UsageError
+from nvpool.proto.errors import AlreadyExistsError, CapacityError, LeaseError, UnavailableError, UsageError
 
 MiB = 1 << 20
 
@@ -261,5 +261,25 @@ def test_slow_agents_do_not_hold_the_metadata_lock_during_resize() -> None:
         assert vol.size == 16 * MiB and svc.layouts[vol.volume_id].size == 16 * MiB
         assert not [r for r in svc.reserved.values() if r.kind == "pending"]
         await svc.resize_volume("g", 24 * MiB)  # free again
+
+    asyncio.run(body())
+
+
+def test_a_retried_open_gets_the_lease_its_first_attempt_took() -> None:
+    """An open whose answer was lost (the leader died after committing the lease) is retried on the new
+    leader with the same request id: it gets that lease back instead of being refused as a second writer."""
+    async def body() -> None:
+        store = MemoryStore()
+        svc = MetaService(store, FakeLink())
+        await register(svc, 2)
+        await svc.create_volume("v", 8 * MiB)
+        first = await svc.open_volume("v", True, "host pid 1 (app)", request="r1")
+        again = MetaService(store, FakeLink())  # the next leader, loaded from the store
+        got = await again.open_volume("v", True, "host pid 1 (app)", request="r1")
+        assert got.lease_id == first.lease_id
+        with pytest.raises(LeaseError):  # without the request id it is a second writer
+            await again.open_volume("v", True, "host pid 1 (app)")
+        other = await again.open_volume("v", False, "host pid 2 (reader)", request="r1")
+        assert other.lease_id != first.lease_id and other.mode == "read"
 
     asyncio.run(body())
