@@ -86,7 +86,8 @@ class MetaConfig:
             return self.join_secret_file
         if self.store.startswith("sqlite:"):
             return self.store[len("sqlite:"):] + ".join-secret"
-        raise UsageError("join_secret_file must be set for this store")
+        raise UsageError("a metadata service on etcd needs --join-secret-file (the same file on every metadata "
+                         "server; the first start creates it)")
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0 or self.agent_timeout < 2.5 * self.heartbeat_interval:
@@ -96,6 +97,12 @@ class MetaConfig:
                 "heartbeat, which must span more than one heartbeat")
         if self.rebuild_after < 0 or self.repair_rate < 0:
             raise UsageError("rebuild_after and repair_rate must not be negative")
+        if self.store.startswith("etcd://"):
+            from nvpool.pool.etcdstore import parse_url
+
+            parse_url(self.store, self.prefix)  # a bad URL or prefix is refused before anything starts
+        elif self.prefix:
+            raise UsageError("--prefix applies to an etcd store only")
         if not 2 <= self.leader_ttl <= 300:
             raise UsageError(f"leader_ttl must be 2..300 seconds, not {self.leader_ttl}")
 

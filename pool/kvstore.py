@@ -252,6 +252,8 @@ def open_store(url: str, prefix: str = "") -> KVStore:
 def migrate(source: str, dest: str, prefix: str = "") -> int:
     """Copy every key of ``source`` into ``dest``, which must hold nothing yet (one transaction per 256
     keys; the pool record goes last, so a half-copied destination is never taken for a pool)."""
+    if source.startswith("sqlite:") and not os.path.exists(source[len("sqlite:"):]):
+        raise UsageError(f"{source[len('sqlite:'):]} does not exist")
     src = open_store(source)
     try:
         items = src.scan("")

@@ -288,3 +288,19 @@ def test_etcd_history_is_compacted_and_commits_go_on(request: pytest.FixtureRequ
         assert s.get("k") == b"after"
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--store", "etcd://a:b"], "bad etcd endpoint 'a:b'"),
+    (["--store", "etcd://127.0.0.1:2379"], "needs --join-secret-file"),
+    (["--store", "sqlite:x.db", "--prefix", "/p"], "etcd store only"),
+    (["--store", "etcd://127.0.0.1:2379", "--prefix", "p"], "bad etcd prefix"),
+])
+def test_meta_cli_refuses_bad_stores_in_one_line(tmp_path: pathlib.Path, args: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "nvpool", "meta", "--listen", "127.0.0.1:0", *args],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode != 0 and message in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
