@@ -243,6 +243,10 @@ def test_migrate_sqlite_to_etcd(request: pytest.FixtureRequest, tmp_path: pathli
         d.close()
     with pytest.raises(UsageError, match="not empty"):
         migrate(f"sqlite:{src}", url)
+    with pytest.raises(UsageError, match="does not exist"):
+        migrate(f"sqlite:{tmp_path / 'missing.db'}", url)
+    assert not (tmp_path / "missing.db").exists()
+    SQLiteStore(str(tmp_path / "empty.db")).close()
     with pytest.raises(UsageError, match="no nvpool pool"):
         migrate(f"sqlite:{tmp_path / 'empty.db'}", url)
 
