@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Callable, Any, Optional
 
 import grpc
 
@@ -33,6 +33,8 @@ class GrpcAgentLink:
         #: the term of the metadata service using this link (``nvpool-epoch``): agents refuse calls of
         #: an older term than they have seen, so a deposed leader cannot order them about
         self.epoch = 0
+        #: whether the metadata service may give orders now (False while its leader term is uncertain)
+        self.may_act: Callable[[], bool] = lambda: True
 
     def _stub(self, address: str) -> Any:
         got = self._channels.get(address)
@@ -45,6 +47,8 @@ class GrpcAgentLink:
     async def _call(self, address: str, method: str, request: Any, timeout: float | None = None) -> Any:
         if not address:
             raise UnavailableError("agent has no control address (not registered yet)")
+        if not self.may_act():
+            raise UnavailableError("this metadata service is not leading (its term lapsed): it orders no agent")
         try:
             meta: tuple[tuple[str, str], ...] = ()
             if self.secrets:

@@ -252,19 +252,29 @@ class EtcdStore(_Revisions):
         with self._rev_lock:
             self._rev = {self._unk(kv.key): kv.mod_revision for kv in kvs}
 
-    def commit(self, puts: Mapping[str, bytes], deletes: Iterable[str] = ()) -> None:
+    def term(self) -> Optional[tuple[bytes, int]]:
+        """The term this process leads in (the leader key and its create revision), None if it does not."""
+        return self._guard
+
+    def commit(self, puts: Mapping[str, bytes], deletes: Iterable[str] = (),
+               term: Optional[tuple[bytes, int]] = None) -> None:
+        """As the contract says; ``term`` (``term()`` when the caller's view was loaded) must still be the
+        term this process leads in, so a view from an earlier term of this same process cannot commit
+        under a later one."""
         from aetcd import rpc
 
         dels = [k for k in deletes if k not in puts]
         if not puts and not dels:
             return
-        if self._campaign is not None and not self.is_leader():
-            raise StoreConflict("this metadata service is not the leader (any more): it changes nothing")
+        guard = self._guard  # read once: the etcd thread may end the term at any moment
+        if self._campaign is not None and (guard is None or not self.is_leader() or
+                                           (term is not None and term != guard)):
+            raise StoreConflict("this metadata service is not the leader (any more), or not in the term its "
+                                "view was loaded in: it changes nothing")
         size = sum(len(k) + len(v) for k, v in puts.items()) + sum(len(k) for k in dels)
         if size > MAX_TXN_BYTES:
             raise StoreUnavailable(f"a metadata change of {size} bytes is above etcd's request limit")
         expected = self._expected([*puts, *dels])
-        guard = self._guard
         compare = [rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=self._k(k), mod_revision=r)
                    for k, r in expected.items()]
         if guard is not None:
@@ -340,6 +350,12 @@ class EtcdStore(_Revisions):
         logger.info("compacted etcd's history up to revision %d", target)
         return int(target)
 
+    async def _compact_quietly(self) -> None:
+        try:
+            await asyncio.wait_for(self._compact(KEEP_REVISIONS), 30)
+        except Exception as exc:  # noqa: BLE001 - compaction is housekeeping; next time
+            logger.warning("compacting etcd's history failed: %s", exc)
+
     def compact(self, keep: int = KEEP_REVISIONS) -> int:
         """``_compact`` from any thread (tests; the leader runs it every ``COMPACT_EVERY`` seconds)."""
         fut = asyncio.run_coroutine_threadsafe(self._compact(keep), self._loop)
@@ -382,12 +398,16 @@ class EtcdStore(_Revisions):
         except ValueError:
             return None
 
-    def step_down(self) -> None:
+    def step_down(self, term: Optional[tuple[bytes, int]] = None) -> None:
         """Give up the term now (after a failed commit): commits fail from here on, the lease is revoked
-        and the election runs again."""
-        if self._guard is not None:
-            self._guard, self._valid_until = None, 0.0
-            self._abdicate = True
+        and the election runs again. With ``term``: only if this process still leads in that term (a
+        failure of a view from an earlier term must not end a later one)."""
+        def act() -> None:
+            if self._guard is not None and (term is None or term == self._guard):
+                self._guard, self._valid_until = None, 0.0
+                self._abdicate = True
+
+        self._loop.call_soon_threadsafe(act)
 
     def campaign(self, value: bytes, ttl: int, on_change: Callable[[bool], None]) -> None:
         """Run for leader in the background; ``on_change(True/False)`` (called on the etcd thread) when
@@ -424,6 +444,7 @@ class EtcdStore(_Revisions):
                     failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))])
                 resp = await self._with_failover(functools.partial(_txn, txn), "run for leader", deadline)
                 if resp.succeeded:
+                    self._abdicate = False
                     self._guard = (key, resp.header.revision)
                     self._valid_until = sent + lease.TTL - margin
                     self._leader_value = value
@@ -444,7 +465,9 @@ class EtcdStore(_Revisions):
                     continue
                 client = await self._connect()
                 try:  # until the leader key changes (deleted when the leader's lease ends)
-                    await client.watch_once(key, timeout=ttl, start_revision=kvs[0].mod_revision + 1)
+                    ev = await client.watch_once(key, timeout=ttl, start_revision=resp.header.revision + 1)
+                    if isinstance(ev, Exception):  # aetcd hands a watch error back as the event
+                        raise ev
                 except exceptions.WatchTimeoutError:
                     pass
             except asyncio.CancelledError:
@@ -474,10 +497,10 @@ class EtcdStore(_Revisions):
                 return
             if not failing and time.monotonic() - compacted > COMPACT_EVERY:
                 compacted = time.monotonic()
-                try:
-                    await self._compact(KEEP_REVISIONS)
-                except Exception as exc:  # noqa: BLE001 - compaction is housekeeping; next time
-                    logger.warning("compacting etcd's history failed: %s", exc)
+                # beside the renewals, never in their way: a slow member must not cost the term
+                task = asyncio.ensure_future(self._compact_quietly())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
             sent = time.monotonic()
             try:
                 client = await self._connect()

@@ -205,7 +205,10 @@ class LeaderGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                                         trailing_metadata=((LEADER_HEADER, leader),))
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     "no metadata leader right now (an election is under way); retry")
-            return await inner(request, context)
+            try:
+                return await inner(request, context)
+            except UnavailableError as exc:  # stepped down during the call (MetaServicer.svc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
         return grpc.unary_unary_rpc_method_handler(gated, handler.request_deserializer, handler.response_serializer)
 
@@ -233,6 +236,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
         return self.role.repl  # type: ignore[no-any-return]
 
     async def RegisterAgent(self, request: Any, context: Any) -> pb.RegisterAgentResponse:
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
         agent = AgentRec(request.agent_id, request.host or request.agent_id, request.rack, request.address,
                          request.control_address, request.unix_path, [], instance=request.instance,
                          labels=dict(request.labels), data_tls=request.data_tls)
@@ -243,14 +247,14 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
         await self._check_agent(context, request.agent_id, request.instance, request.credential, "registration")
         agent.certificate = await self._agent_certificate(context, request.agent_id)
         self._note_drives(request.drives)
-        extents = await _guard(context, self.svc.register_agent(
+        extents = await _guard(context, svc.register_agent(
             agent, drives, request.pool_id, [e.extent_id for e in request.extents]))
         return pb.RegisterAgentResponse(
-            heartbeat_interval_ms=int(self.svc.heartbeat_interval * 1000),
+            heartbeat_interval_ms=int(svc.heartbeat_interval * 1000),
             extents=[extent_record_to_pb(r) for r in extents],
-            pool_id=self.svc.pool_id,
-            serve_lease_ms=int(self.svc.serve_lease * 1000),
-            epoch=self.svc.epoch,
+            pool_id=svc.pool_id,
+            serve_lease_ms=int(svc.serve_lease * 1000),
+            epoch=svc.epoch,
         )
 
     async def _agent_certificate(self, context: Any, agent_id: str) -> str:
@@ -292,72 +296,83 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
                                 f"{what} refused: {why} (give the agent the pool's join secret)")
 
     async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatResponse:
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
         await self._check_agent(context, request.agent_id, request.instance, request.credential, "heartbeat")
         self._note_drives(request.drives)
-        res = self.svc.heartbeat(
+        res = svc.heartbeat(
             request.agent_id, {d.drive_id: d.state or "ok" for d in request.drives}, request.instance,
             request.extents_digest if request.extents_digest else None, request.released,
         )
         return pb.HeartbeatResponse(
             reregister=res.reregister, reconcile=res.keep is not None,
-            keep=[extent_record_to_pb(r) for r in res.keep or ()], release=res.release, epoch=self.svc.epoch,
+            keep=[extent_record_to_pb(r) for r in res.keep or ()], release=res.release, epoch=svc.epoch,
         )
 
     async def CreateVolume(self, request: Any, context: Any) -> pb.Volume:
-        vol = await _guard(context, self.svc.create_volume(request.name, request.size, request.stripe_unit,
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
+        vol = await _guard(context, svc.create_volume(request.name, request.size, request.stripe_unit,
                                                            request.stripe_width, who=who(context),
                                                            replicas=request.replicas or 1,
                                                            failure_domain=request.failure_domain or "host"))
-        return volume_pb(self.svc.volume_view(vol))
+        return volume_pb(svc.volume_view(vol))
 
     async def OpenVolume(self, request: Any, context: Any) -> pb.OpenVolumeResponse:
-        lease = await _guard(context, self.svc.open_volume(request.name, request.write,
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
+        lease = await _guard(context, svc.open_volume(request.name, request.write,
                                                            request.holder or who(context), request.force,
                                                            request.request_id))
-        return pb.OpenVolumeResponse(lease_id=lease.lease_id, ttl_ms=int(self.svc.lease_ttl * 1000),
-                                     volume=volume_pb(self.svc.volume_view(self.svc.volume_by_id(lease.volume_id))),
-                                     capability=self.svc.capability(lease))
+        return pb.OpenVolumeResponse(lease_id=lease.lease_id, ttl_ms=int(svc.lease_ttl * 1000),
+                                     volume=volume_pb(svc.volume_view(svc.volume_by_id(lease.volume_id))),
+                                     capability=svc.capability(lease))
 
     async def RenewLease(self, request: Any, context: Any) -> pb.RenewLeaseResponse:
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
         async def renew() -> pb.RenewLeaseResponse:
-            lease = self.svc.renew_lease(request.lease_id)
-            return pb.RenewLeaseResponse(ttl_ms=int(self.svc.lease_ttl * 1000), capability=self.svc.capability(lease))
+            lease = svc.renew_lease(request.lease_id)
+            return pb.RenewLeaseResponse(ttl_ms=int(svc.lease_ttl * 1000), capability=svc.capability(lease))
         return await _guard(context, renew())
 
     async def CloseVolume(self, request: Any, context: Any) -> pb.CloseVolumeResponse:
-        await _guard(context, self.svc.close_lease(request.lease_id))
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
+        await _guard(context, svc.close_lease(request.lease_id))
         return pb.CloseVolumeResponse()
 
     async def GetVolume(self, request: Any, context: Any) -> pb.Volume:
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
         async def get() -> pb.Volume:
-            return volume_pb(self.svc.volume_view(self.svc.volume(request.name)))
+            return volume_pb(svc.volume_view(svc.volume(request.name)))
         return await _guard(context, get())
 
     async def ListVolumes(self, request: Any, context: Any) -> pb.ListVolumesResponse:
-        vols = sorted(self.svc.volumes.values(), key=lambda v: v.name)
-        return pb.ListVolumesResponse(volumes=[volume_pb(self.svc.volume_view(v)) for v in vols])
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
+        vols = sorted(svc.volumes.values(), key=lambda v: v.name)
+        return pb.ListVolumesResponse(volumes=[volume_pb(svc.volume_view(v)) for v in vols])
 
     async def ResizeVolume(self, request: Any, context: Any) -> pb.Volume:
-        vol = await _guard(context, self.svc.resize_volume(request.name, request.size, who=who(context)))
-        return volume_pb(self.svc.volume_view(vol))
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
+        vol = await _guard(context, svc.resize_volume(request.name, request.size, who=who(context)))
+        return volume_pb(svc.volume_view(vol))
 
     async def DeleteVolume(self, request: Any, context: Any) -> pb.DeleteVolumeResponse:
-        await _guard(context, self.svc.delete_volume(request.name, request.force, who=who(context),
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
+        await _guard(context, svc.delete_volume(request.name, request.force, who=who(context),
                                                           own=list(request.lease_ids)))
         return pb.DeleteVolumeResponse()
 
     async def GetLayout(self, request: Any, context: Any) -> pb.Layout:
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
         async def get() -> pb.Layout:
-            lay, eps = self.svc.layout(request.name, request.volume_id)
+            lay, eps = svc.layout(request.name, request.volume_id)
             msg = layout_to_pb(lay, eps)
             if request.lease_id:
-                self.svc.check_lease(request.lease_id, lay.volume_id)
-                msg.capability = self.svc.capability(self.svc.leases[request.lease_id])
+                svc.check_lease(request.lease_id, lay.volume_id)
+                msg.capability = svc.capability(svc.leases[request.lease_id])
             return msg
         return await _guard(context, get())
 
     async def PoolStatus(self, request: Any, context: Any) -> pb.PoolStatusResponse:
-        st = self.svc.pool_status()
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
+        st = svc.pool_status()
         agents = []
         for a in st["agents"]:
             rec = a["agent"]
@@ -375,7 +390,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
         resp = pb.PoolStatusResponse(agents=agents, capacity=st["capacity"], used=st["used"], volumes=st["volumes"],
                                      health=st["health"], pool_id=st["pool_id"],
                                      releasing_extents=st["releasing_extents"], releasing_bytes=st["releasing_bytes"],
-                                     meta_store=self.role.store_url, meta_epoch=self.svc.epoch,
+                                     meta_store=self.role.store_url, meta_epoch=svc.epoch,
                                      meta_leader=self.role.address)
         if self.reb is not None:
             resp.rebalance.CopyFrom(rebalance_pb(self.reb.status()))
@@ -386,17 +401,19 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
         return resp
 
     async def VolumeUsage(self, request: Any, context: Any) -> pb.VolumeUsageResponse:
-        usage = await _guard(context, self.svc.volume_usage(list(request.names)))
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
+        usage = await _guard(context, svc.volume_usage(list(request.names)))
         return pb.VolumeUsageResponse(volumes=[pb.VolumeUsage(**u) for u in usage])
 
     async def ReportReplicaFailure(self, request: Any, context: Any) -> pb.Layout:
+        svc = self.svc  # one view for the whole call, even if leadership changes during it
         if self.repl is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "replication is not available")
         assert self.repl is not None
         await _guard(context, self.repl.report_failure(request.volume_id, request.generation, request.extent_id,
                                                        request.reason or "unavailable", request.address))
         async def get() -> pb.Layout:
-            lay, eps = self.svc.layout(volume_id=request.volume_id)
+            lay, eps = svc.layout(volume_id=request.volume_id)
             return layout_to_pb(lay, eps)
         return await _guard(context, get())
 
@@ -478,7 +495,17 @@ async def serve(
         logger.info("metadata service on %s (store %s): standing for leader", address, store.url)
     else:
         events.put_nowait(True)
-    leading = asyncio.create_task(_lead(config, store, agent_link, secrets, role, events))
+    took_up = asyncio.Event()
+    leading = asyncio.create_task(_lead(config, store, agent_link, secrets, role, events, took_up))
+    if campaign is None:  # alone on SQLite: ready means serving the pool, as before there were elections
+        waiter = asyncio.create_task(took_up.wait())
+        await asyncio.wait({leading, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if leading.done():
+            store.close()
+            await agent_link.close()
+            await server.stop(grace=0)
+            leading.result()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     http = start_metrics(config.metrics_listen, metrics) if config.metrics_listen else None
     if http is not None and info is not None:
@@ -502,7 +529,7 @@ async def serve(
 
 
 async def _lead(config: MetaConfig, store: KVStore, link: AgentLink, secrets: list[bytes], role: Role,
-                events: "asyncio.Queue[bool]") -> None:
+                events: "asyncio.Queue[bool]", took_up: Optional[asyncio.Event] = None) -> None:
     """Take up and drop the leader's work as the election (or a failed commit) says."""
     loop = asyncio.get_running_loop()
     elected = hasattr(store, "campaign")
@@ -522,29 +549,35 @@ async def _lead(config: MetaConfig, store: KVStore, link: AgentLink, secrets: li
             await _retry_later(store, events, elected)
             continue
 
-        def failed(exc: Exception) -> None:
+        term = service.store.term  # type: ignore[attr-defined]
+
+        def failed(exc: Exception, term: Any = term) -> None:
             loop.call_soon(events.put_nowait, False)
-            loop.call_soon(lambda: asyncio.ensure_future(_retry_later(store, events, elected)))
+            loop.call_soon(lambda: asyncio.ensure_future(_retry_later(store, events, elected, term)))
 
         service.on_failure = failed
         if hasattr(link, "epoch"):
             link.epoch = service.epoch  # agents refuse orders of older terms (agents/control.py)
+        if hasattr(link, "may_act"):
+            link.may_act = role.acting  # no orders to agents while the term is uncertain
         rebalancer = Rebalancer(service)
         replication = Replication(service, rebuild_after=config.rebuild_after, rate=config.repair_rate)
         role.svc, role.reb, role.repl = service, rebalancer, replication
-        role.watch = asyncio.create_task(_watch(service))
+        role.watch = asyncio.create_task(_watch(service, role))
         rebalancer.resume()
         replication.start()
+        if took_up is not None:
+            took_up.set()
         logger.info("metadata service of pool %s leads on %s (store %s, term %d)", service.pool_id, role.address,
                     store.url, service.epoch)
 
 
-async def _retry_later(store: KVStore, events: "asyncio.Queue[bool]", elected: bool) -> None:
-    """After a failed commit: with etcd, give up the term (the election runs again, maybe electing this
-    process, which then reloads); alone on SQLite, reload after a pause."""
+async def _retry_later(store: KVStore, events: "asyncio.Queue[bool]", elected: bool, term: Any = None) -> None:
+    """After a failed commit: with etcd, give up the term the failed view was loaded in (the election runs
+    again, maybe electing this process, which then reloads); alone on SQLite, reload after a pause."""
     step_down = getattr(store, "step_down", None)
     if elected and step_down is not None:
-        step_down()
+        step_down(term)
     else:
         await asyncio.sleep(1.0)
         events.put_nowait(True)
@@ -556,6 +589,11 @@ async def _step_down(role: Role) -> None:
         return
     role.svc = role.reb = role.repl = None
     role.watch = None
+    # this view is over: whatever of it still runs (a create waiting on agents) must not commit, and its
+    # late failure must not end a later term (pool/kvstore.py)
+    svc.on_failure = None
+    if svc.failed is None:
+        svc.failed = UnavailableError("this metadata service stepped down")
     if watch is not None:
         watch.cancel()
     if repl is not None:
@@ -565,12 +603,14 @@ async def _step_down(role: Role) -> None:
     logger.info("metadata service stopped leading (term %d)", svc.epoch)
 
 
-async def _watch(service: MetaService) -> None:
+async def _watch(service: MetaService, role: Optional[Role] = None) -> None:
     """Housekeeping: log agents whose heartbeats stopped, expire leases."""
     while True:
         await asyncio.sleep(service.heartbeat_interval)
         if service.failed is not None:
             return
+        if role is not None and not role.acting():
+            continue  # the term is uncertain: nothing may be decided now
         try:
             service.mark_down()
             service.expire_leases()

@@ -11,10 +11,12 @@ Contract:
 * ``commit(puts, deletes)`` is one transaction that applies every put and delete atomically and
   durably, **only if** every key it writes or deletes still has the revision this process knows
   (a key it believes absent must still be absent), and, on etcd, only while this process still
-  holds the leadership it won (``pool/leader.py``). Otherwise nothing is applied and it raises
-  ``StoreConflict``. A store that cannot be reached raises ``StoreUnavailable``; whether the commit
-  was applied is then settled by ``commit`` itself before it raises (it reads back what it wrote),
-  so a caller never has to guess.
+  holds the leadership it won, in the term the caller's view was loaded in (``pool/etcdstore.py``).
+  Otherwise nothing is applied and it raises ``StoreConflict``. A store that cannot be reached
+  raises ``StoreUnavailable``. On etcd a commit whose answer was lost is retried on another member
+  and settled by reading back what it wrote; when even that runs out of time, whether it was
+  applied is unknown, which is why the metadata service treats every ``StoreUnavailable`` from a
+  commit as the end of its view (it reloads from the store, or steps down).
 
 Why two metadata services can never both win. Every mutation of the metadata service is computed
 under its lock from its in-memory view, then committed in one ``commit``. The in-memory view is a

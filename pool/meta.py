@@ -288,6 +288,9 @@ class _WatchedStore:
         self.inner = store
         self.url = store.url
         self.svc = svc
+        #: the leader term this view is loaded in (etcd; None for SQLite): its commits must stay in it
+        term = getattr(store, "term", None)
+        self.term = term() if term is not None else None
 
     def get(self, key: str) -> Optional[bytes]:
         return self.inner.get(key)
@@ -305,7 +308,10 @@ class _WatchedStore:
         if self.svc.failed is not None:
             raise UnavailableError(f"this metadata service stopped acting: {self.svc.failed}")
         try:
-            self.inner.commit(puts, deletes)
+            if self.term is not None:
+                self.inner.commit(puts, deletes, term=self.term)  # type: ignore[call-arg]
+            else:
+                self.inner.commit(puts, deletes)
         except StoreUnavailable as exc:
             self.svc.fail(exc)
             raise

@@ -308,3 +308,35 @@ def test_meta_cli_refuses_bad_stores_in_one_line(tmp_path: pathlib.Path, args: l
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert p.returncode != 0 and message in p.stderr, p.stderr
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_a_view_from_an_earlier_term_cannot_commit_in_a_later_one(request: pytest.FixtureRequest) -> None:
+    """The same process leads, steps down and is elected again: a metadata service loaded in the first
+    term (a create still waiting on agents, say) must not commit in the second, whose view was reloaded."""
+    url = store_url(request, "etcd")
+    s = open_store(url)
+    try:
+        s.campaign(b'{"address": "a:1"}', 3, lambda won: None)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while not s.is_leader():  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        first = s.term()  # type: ignore[attr-defined]
+        old = MetaService(s, FakeLink())
+        old.store.commit({"note/x": b"1"})
+        s.step_down(first)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 15
+        while not (s.is_leader() and s.term() != first):  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "not elected again"
+            time.sleep(0.02)
+        new = MetaService(s, FakeLink())  # the next term's view, reloaded from the store
+        with pytest.raises(UnavailableError, match="not in the term"):
+            old.store.commit({"note/x": b"stale"})
+        assert old.failed is not None
+        new.store.commit({"note/y": b"1"})
+        assert s.get("note/x") == b"1" and s.get("note/y") == b"1"
+        s.step_down(first)  # type: ignore[attr-defined]  # a late failure of the old view: no effect now
+        time.sleep(1.0)
+        assert s.is_leader() and s.term() != first  # type: ignore[attr-defined]
+    finally:
+        s.close()
