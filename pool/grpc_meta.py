@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 #: trailing metadata of a standby's refusal: where the leader is
 LEADER_HEADER = "nvpool-leader"
+#: metadata of a call a standby forwards to the leader: who asked the standby (for the audit log)
+FORWARDED_HEADER = "nvpool-forwarded"
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,11 @@ def volume_pb(v: dict[str, Any]) -> pb.Volume:
 
 
 def who(context: Any) -> str:
-    """The peer that asked, for the audit log."""
+    """The peer that asked, for the audit log (through a standby: "CALLER via STANDBY")."""
     try:
-        return str(context.peer())
+        peer = str(context.peer())
+        via = dict(context.invocation_metadata() or ()).get(FORWARDED_HEADER)
+        return f"{via} via {peer}" if via else peer
     except Exception:  # noqa: BLE001 - a test double may not have a peer
         return "unknown peer"
 
@@ -183,23 +187,41 @@ class CountRpcs(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 class LeaderGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Only the leading metadata service answers ``Meta`` calls; a standby (or a leader whose term is
-    uncertain) answers UNAVAILABLE naming the leader, in words and in the ``nvpool-leader`` trailer,
-    and callers move there (client/metaclient.py, agents/agent.py)."""
+    """Only the leading metadata service answers ``Meta`` calls. A standby (or a leader whose term is
+    uncertain) *forwards* a caller's call to the leader and relays the answer, so a client that knows
+    only a standby's address still works; an agent's registration and heartbeats (which the leader
+    binds to the caller's own certificate) and a call already forwarded once are *redirected* instead:
+    UNAVAILABLE naming the leader, in words and in the ``nvpool-leader`` trailer, and the caller moves
+    there (client/metaclient.py, agents/agent.py). With no leader known (an election under way) the
+    answer is UNAVAILABLE, and callers retry."""
 
-    def __init__(self, role: Role) -> None:
+    #: calls that are never forwarded (the leader must see the agent's own certificate)
+    REDIRECT_ONLY = frozenset({"RegisterAgent", "Heartbeat"})
+
+    def __init__(self, role: Role, tls: Optional[TlsFiles] = None) -> None:
         self.role = role
+        self.tls = tls
+        self._channels: dict[str, Any] = {}
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None or not details.method.startswith("/nvpool.v1.Meta/"):
             return handler
-        inner = handler.unary_unary
+        inner, method = handler.unary_unary, details.method
+        name = method.rsplit("/", 1)[-1]
 
         async def gated(request: Any, context: Any) -> Any:
             if not self.role.acting():
                 leader = self.role.leader()
                 if leader and leader != self.role.address:
+                    forwarded = dict(context.invocation_metadata() or ()).get(FORWARDED_HEADER)
+                    if name not in self.REDIRECT_ONLY and not forwarded:
+                        return await self._forward(method, request, context, leader)
                     await context.abort(grpc.StatusCode.UNAVAILABLE,
                                         f"not the leader: the metadata leader is at {leader}",
                                         trailing_metadata=((LEADER_HEADER, leader),))
@@ -210,7 +232,31 @@ class LeaderGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except UnavailableError as exc:  # stepped down during the call (MetaServicer.svc)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
-        return grpc.unary_unary_rpc_method_handler(gated, handler.request_deserializer, handler.response_serializer)
+        plain = handler.response_serializer
+
+        def serialize(resp: Any) -> bytes:  # a forwarded answer is relayed as the leader's bytes
+            return bytes(resp) if isinstance(resp, (bytes, bytearray)) else plain(resp)
+
+        return grpc.unary_unary_rpc_method_handler(gated, handler.request_deserializer, serialize)
+
+    async def _forward(self, method: str, request: Any, context: Any, leader: str) -> Any:
+        ch = self._channels.get(leader)
+        if ch is None:
+            ch = self._channels[leader] = grpctls.aio_channel(leader, self.tls)
+        call = ch.unary_unary(method, request_serializer=lambda m: m.SerializeToString(), response_deserializer=None)
+        left = context.time_remaining()
+        try:
+            return await call(request, timeout=min(left, 60.0) if left else 30.0,
+                              metadata=((FORWARDED_HEADER, who(context)),))
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAVAILABLE and not (exc.details() or "").startswith("not the leader"):
+                # the leader did not answer: tell the caller where it is, and let it try there itself
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"not the leader, and the metadata leader at {leader} did not answer: "
+                                    f"{(exc.details() or code.name).splitlines()[0][:200]}",
+                                    trailing_metadata=((LEADER_HEADER, leader),))
+            await context.abort(code, exc.details() or code.name)
 
 
 class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
@@ -473,7 +519,8 @@ async def serve(
                 may_act=getattr(store, "is_leader", lambda: True))
     metrics = MetaCollector(role)
     # no SO_REUSEPORT: a second service on a busy address must fail, not split the connections
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[CountRpcs(metrics), LeaderGate(role)])
+    gate = LeaderGate(role, config.tls())
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[CountRpcs(metrics), gate])
     pbg.add_MetaServicer_to_server(MetaServicer(role=role), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -524,6 +571,7 @@ async def serve(
         if http is not None:
             http.shutdown()
         await server.stop(grace=1.0)
+        await gate.close()
         await agent_link.close()
         store.close()
 

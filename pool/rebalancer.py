@@ -335,6 +335,7 @@ class Rebalancer:
                 await asyncio.sleep(self.retry_interval)
 
     async def _run_queue(self) -> None:
+        abandoned: list[str] = []
         try:
             while self.run.queue:
                 name = self.run.queue[0]
@@ -346,6 +347,7 @@ class Rebalancer:
                     except MigrationAbandoned as exc:
                         logger.warning("rebalance: %s; volume %s keeps its layout (run `nvpool pool rebalance` again "
                                        "once it is fully redundant)", exc, name)
+                        abandoned.append(name)
                         done = True
                     if not done:
                         self.run.state = "cancelled"
@@ -354,7 +356,16 @@ class Rebalancer:
                         return
                 self.run.queue.pop(0)
                 self._persist()
-            self.run.state, self.run.current_volume = "done", ""
+            self.run.current_volume = ""
+            if abandoned:  # the run did not do what was asked (a drained server may still hold data): say so
+                self.run.state = "failed"
+                self.run.error = (f"the move of {', '.join(abandoned)} was abandoned because a replica failed during "
+                                  "it; run it again once the volume is fully redundant (nvpool pool status)")
+                self._persist()
+                logger.warning("rebalance ended with %s not moved: %d bytes moved", ", ".join(abandoned),
+                               self.run.bytes_done)
+                return
+            self.run.state = "done"
             self._persist()
             logger.info("rebalance done: %d bytes moved", self.run.bytes_done)
         except asyncio.CancelledError:

@@ -354,3 +354,21 @@ def _try_create(pool: Any, name: str) -> Any:
         return pool.create_volume(name, 4 * MiB)
     except NvpoolError:
         return None
+
+
+def test_a_client_that_knows_only_a_standby_is_served_through_it(ha: tuple[LocalCluster, EtcdCluster]) -> None:
+    """A standby forwards a client's calls to the leader (an agent's own registration it redirects), so
+    a client given one address that happens to be a standby's works; the leader's audit log names the
+    client and the standby."""
+    c, _ = ha
+    lead = c.leader()
+    standby = (lead + 1) % 3
+    with client.connect(c.metas[standby].address) as pool:
+        pool.create_volume("via", 4 * MiB)
+        vol = pool.open("via")
+        vol.write(0, np.full(65536, 0x5A, dtype=np.uint8))
+        assert (vol.read(0, 65536) == 0x5A).all()
+        assert "via" in {v.name for v in pool.list_volumes()}
+    tag = "meta" if lead == 0 else f"meta{lead}"
+    log = (c.dir / "logs" / f"{tag}.log").read_text()
+    assert "created volume via" in log and " via ipv4:127.0.0.1" in log
