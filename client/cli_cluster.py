@@ -30,9 +30,12 @@ MAX_LOCAL_AGENTS, MAX_LOCAL_DRIVES = 256, 64
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    c = LocalCluster(args.dir, args.agents, args.drives_per_agent, str(args.drive_size), meta_listen=args.meta_listen)
+    c = LocalCluster(args.dir, args.agents, args.drives_per_agent, str(args.drive_size), meta_listen=args.meta_listen,
+                     metas=args.metas)
     if not args.json:
-        print(f"starting a metadata service and {args.agents} agents x {args.drives_per_agent} drives "
+        what = (f"{args.metas} metadata services on a 3-member etcd cluster" if args.metas > 1
+                else "a metadata service")
+        print(f"starting {what} and {args.agents} agents x {args.drives_per_agent} drives "
               f"of {human(args.drive_size)} in {c.dir} ...", file=sys.stderr)
     c.up(timeout=args.timeout)
     st = c.status()
@@ -40,11 +43,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         json.dump(st, sys.stdout, indent=2)
         print()
     else:
-        print(f"pool up: metadata service at {c.meta.address}")
+        print(f"pool up: metadata service{'s' if len(c.metas) > 1 else ''} at {c.meta_addresses}"
+              + (f" (store {c.store})" if c.store else ""))
         for a in st["agents"]:
             print(f"  {a['name']}  {a['address']}  pid {a['pid']}")
         tls = f"\nexport NVPOOL_TLS={c.tls_dir}" if c.tls_dir else ""
-        print(f"\nexport NVPOOL_META={c.meta.address}{tls}\nstop it with: nvpool cluster down --dir {c.dir}")
+        print(f"\nexport NVPOOL_META={c.meta_addresses}{tls}\nstop it with: nvpool cluster down --dir {c.dir}")
     return 0
 
 
@@ -61,7 +65,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(st, sys.stdout, indent=2)
         print()
     else:
-        print(f"meta   {st['meta']['address']}  {'up' if st['meta']['alive'] else 'DOWN'}")
+        for i, m in enumerate(st["metas"]):
+            print(f"{'meta' if i == 0 else f'meta{i}':<6} {m['address']}  {'up' if m['alive'] else 'DOWN'}")
+        for i, e in enumerate(st["etcd"]):
+            print(f"etcd{i:<2} {e['address']}  {'up' if e['alive'] else 'DOWN'}")
         for a in st["agents"]:
             print(f"{a['name']:<6} {a['address']}  {'up' if a['alive'] else 'DOWN'}")
     return 0
@@ -70,7 +77,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_env(args: argparse.Namespace) -> int:
     """Shell lines that point the CLI at the local pool: eval "$(nvpool cluster env)"."""
     c = LocalCluster.load(args.dir)
-    print(f"export NVPOOL_META={c.meta.address}")
+    print(f"export NVPOOL_META={c.meta_addresses}")
     if c.tls_dir:
         print(f"export NVPOOL_TLS={c.tls_dir}")
     return 0
@@ -97,7 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     options = None
     if os.path.exists(os.path.join(args.dir, "cluster.json")):
         local = LocalCluster.load(args.dir)
-        if local.meta.address == meta:  # the local pool: its own certificates
+        if meta in (local.meta.address, local.meta_addresses):  # the local pool: its own certificates
             from nvpool.client.api import ClientOptions
 
             options = ClientOptions(tls=local.client_tls())
@@ -172,6 +179,9 @@ def register(sub: Any) -> None:
                     help=f"size of each sparse drive file, at least {human(MIN_DRIVE_SIZE)}; default 4G")
     up.add_argument("--meta-listen", default="127.0.0.1:0", type=listen_address,
                     help="metadata service address (default: a free port)")
+    up.add_argument("--metas", type=int_arg(1, 5, "number of metadata services"), default=1,
+                    help="metadata services: 1 (SQLite, the default) or 2-5 sharing a local 3-member etcd cluster "
+                         "(needs etcd-server); kill the leader to watch another take over")
     up.add_argument("--timeout", type=seconds_arg, default=60, help="seconds to wait for start-up")
     common(up)
     up.set_defaults(func=cmd_up)

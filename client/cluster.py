@@ -66,9 +66,12 @@ class LocalCluster:
         store: str = "",
         metas: int = 1,
     ) -> None:
-        #: where metadata lives: "" = sqlite:DIR/meta.db; etcd://... runs ``metas`` metadata services
+        #: where metadata lives: "" = sqlite:DIR/meta.db (one metadata service), or an etcd URL; with
+        #: ``metas`` > 1 and no store, ``up`` starts a 3-member etcd cluster in DIR/etcd for them
         self.store = store
         self.n_metas = metas
+        #: the local etcd cluster's state (client/etcdlocal.py), when this pool runs one
+        self.etcd: Optional[dict[str, Any]] = None
         #: every daemon serves Prometheus metrics on a free port (ProcInfo.metrics says which)
         self.metrics = metrics
         #: with TLS: encrypt the agents' TCP data plane too (else only the control plane)
@@ -103,6 +106,7 @@ class LocalCluster:
             "tls_dir": str(self.tls_dir) if self.tls_dir else "", "data_tls": self.data_tls,
             "unix_sockets": self.unix_sockets, "meta_extra": self.meta_extra, "metrics": self.metrics,
             "store": self.store, "standbys": [asdict(m) for m in self.standbys],
+            "etcd": self._etcd.state() if self._etcd is not None else self.etcd,
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -121,6 +125,7 @@ class LocalCluster:
                 metrics=state.get("metrics", False), store=state.get("store", ""),
                 metas=1 + len(state.get("standbys", [])))
         c.standbys = [ProcInfo(**m) for m in state.get("standbys", [])]
+        c.etcd = state.get("etcd")
         c.meta_extra = list(state.get("meta_extra", []))
         c.meta = ProcInfo(**state["meta"])
         c.agents = [ProcInfo(**a) for a in state["agents"]]
@@ -176,6 +181,29 @@ class LocalCluster:
 
         self._tls_args("client", "client")
         return tls.TlsFiles.from_dir(str(self.tls_dir), "client")
+
+    @property
+    def _etcd(self) -> "Optional[Any]":
+        """The local etcd cluster (a client/etcdlocal.py EtcdCluster), if this pool runs one."""
+        got = self.__dict__.get("_etcd_cluster")
+        if got is None and self.etcd:
+            from nvpool.client.etcdlocal import EtcdCluster
+
+            got = self.__dict__["_etcd_cluster"] = EtcdCluster.from_state(self.etcd)
+        return got
+
+    def _start_etcd(self, timeout: float) -> None:
+        from nvpool.client.etcdlocal import EtcdCluster, available
+
+        if not available():
+            raise UsageError("several metadata services keep the metadata in etcd, which is not installed "
+                             "(apt-get install etcd-server)")
+        cluster = self._etcd or EtcdCluster(self.dir / "etcd", 3)
+        self.__dict__["_etcd_cluster"] = cluster
+        cluster.up(timeout)
+        self.etcd = cluster.state()
+        self.store = cluster.url("/nvpool")
+        self.save()
 
     @property
     def metas(self) -> list[ProcInfo]:
@@ -273,7 +301,11 @@ class LocalCluster:
                 raise UsageError(f"a local pool is already running in {self.dir} (meta {old.meta.address})")
             for mine, theirs in zip(self.metas, old.metas):
                 mine.address = theirs.address
+            if old.etcd and self.n_metas > 1 and not self.store:
+                self.etcd = old.etcd  # its members rejoin with their data, on their ports
         try:
+            if self.n_metas > 1 and (not self.store or self.etcd):
+                self._start_etcd(timeout)
             for i in range(len(self.metas)):
                 self.start_meta(timeout, i)
             for i in range(self.n_agents):
@@ -336,12 +368,19 @@ class LocalCluster:
             self.stop_proc(a)
         for m in self.metas:
             self.stop_proc(m)
+        if self._etcd is not None:
+            self._etcd.down()
         if self.state_file.parent.exists():
             self.save()
 
     def status(self) -> dict[str, Any]:
+        etcd = self._etcd
         return {
             "dir": str(self.dir), "meta": {"address": self.meta.address, "pid": self.meta.pid, "alive": _alive(self.meta.pid)},
+            "metas": [{"address": m.address, "pid": m.pid, "alive": _alive(m.pid)} for m in self.metas],
+            "store": self.store or f"sqlite:{self.dir / 'meta.db'}",
+            "etcd": [{"address": a, "pid": etcd.pids[i], "alive": etcd.alive(i)} for i, a in enumerate(etcd.endpoints)]
+            if etcd is not None else [],
             "agents": [{"name": a.name, "address": a.address, "pid": a.pid, "alive": _alive(a.pid)} for a in self.agents],
         }
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.benchlib import daemon_problems, say  # noqa: E402
-from tests.etcdcluster import EtcdCluster  # noqa: E402
+from nvpool.client.etcdlocal import EtcdCluster  # noqa: E402
 from nvpool.client.cluster import LocalCluster  # noqa: E402
 from nvpool.client.metaclient import MetaClient  # noqa: E402
 

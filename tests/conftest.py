@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 
 from nvpool.client.cluster import LocalCluster  # noqa: E402
 from nvpool.proto import tls as _tls  # noqa: E402
-from tests import etcdcluster  # noqa: E402
+from nvpool.client import etcdlocal as etcdcluster  # noqa: E402
 
 #: every pool the tests start runs with TLS on both planes (proto/tls.py), from one test CA; clients
 #: in the test process and the processes it starts find the client certificate through NVPOOL_TLS

@@ -59,3 +59,38 @@ def test_cluster_lifecycle_demo_and_bench(tmp_path: Path) -> None:
         assert [v["name"] for v in vols] == ["demo"]
     finally:
         nv("cluster", "down", "--dir", d)
+
+
+def test_local_pool_with_three_metadata_services_survives_killing_the_leader(tmp_path: Path) -> None:
+    """`nvpool cluster up --metas 3`: a local etcd cluster and three metadata services; kill the leader,
+    the pool goes on through the addresses `cluster env` exports; `cluster down` stops everything, etcd
+    included; `cluster up` again brings the pool back with its data, etcd members rejoining."""
+    from tests.conftest import need_etcd
+
+    need_etcd()
+    d = str(tmp_path / "pool")
+    nv("cluster", "up", "--dir", d, "--metas", "3", "--agents", "2", "--drives-per-agent", "1", "--drive-size", "256M")
+    try:
+        env = pool_env(d)
+        assert env["NVPOOL_META"].count(",") == 2
+        st = json.loads(subprocess.run([sys.executable, "-m", "nvpool", "pool", "status", "--json"], env=env,
+                                       capture_output=True, text=True, timeout=60).stdout)
+        assert st["meta_store"].startswith("etcd://")
+        leader = st["meta_leader"]
+        status = json.loads(nv("cluster", "status", "--dir", d, "--json"))
+        assert len(status["metas"]) == 3 and len(status["etcd"]) == 3 and all(e["alive"] for e in status["etcd"])
+        pid = next(m["pid"] for m in status["metas"] if m["address"] == leader)
+        os.kill(pid, 9)
+        nv("volume", "create", "ha", "--size", "16M", env=env)  # waits for the next leader
+        demo = json.loads(nv("cluster", "demo", "--dir", d, "--size", "16M", "--json", env=env))
+        assert demo["match"]
+    finally:
+        nv("cluster", "down", "--dir", d)
+    status = json.loads(nv("cluster", "status", "--dir", d, "--json"))
+    assert not any(m["alive"] for m in status["metas"]) and not any(e["alive"] for e in status["etcd"])
+    nv("cluster", "up", "--dir", d, "--metas", "3", "--agents", "2", "--drives-per-agent", "1", "--drive-size", "256M")
+    try:
+        vols = json.loads(nv("volume", "list", "--json", env=pool_env(d)))
+        assert {"ha", "demo"} <= {v["name"] for v in vols}
+    finally:
+        nv("cluster", "down", "--dir", d)

@@ -27,7 +27,7 @@ from nvpool import client
 from nvpool.client.cluster import LocalCluster
 from nvpool.proto.errors import LeaseError, NvpoolError
 from tests.conftest import make_cluster, need_etcd
-from tests.etcdcluster import EtcdCluster
+from nvpool.client.etcdlocal import EtcdCluster
 from tests.test_rebalance_e2e import Workload, nvpool, wait_free, wait_rebalance
 from tests.waiting import poll
 

@@ -18,7 +18,7 @@ from nvpool.pool.kvstore import KVStore, MemoryStore, SQLiteStore, StoreConflict
 from nvpool.pool.meta import AgentRec, DriveRec, MetaService, check_store
 import secrets
 from nvpool.proto.errors import UnavailableError, UsageError
-from tests import etcdcluster
+from nvpool.client import etcdlocal as etcdcluster
 from tests.conftest import store_url
 from tests.test_meta_unit import FakeLink
 
@@ -156,7 +156,7 @@ def test_store_urls() -> None:
 
 
 def test_unreachable_etcd_is_a_clear_bounded_error() -> None:
-    from tests.etcdcluster import _free_ports
+    from nvpool.client.etcdlocal import _free_ports
 
     port = _free_ports(1)[0]  # nothing listens there
     t = time.monotonic()

@@ -1,8 +1,10 @@
-"""A real etcd cluster on loopback for the tests: N members as separate processes, each on its own
-client and peer port, data in a temporary directory; members can be killed and restarted.
+"""A local etcd cluster on loopback: N members as separate processes, each on its own client and peer
+port, data in a directory; members can be killed and restarted. ``nvpool cluster up --metas 3`` runs
+the local pool's metadata on one (the tests and benchmarks start their own).
 
-``etcd`` comes from Debian's ``etcd-server`` (deploy/test.sh installs it when missing); tests that
-need it skip where it is absent only outside CI (in CI a missing etcd is a failure).
+``etcd`` comes from Debian's ``etcd-server`` (``deploy/bootstrap.sh`` installs it when missing).
+The cluster's ports and member pids are kept in ``state()``, so another process (``nvpool cluster
+down``) can stop it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -36,6 +38,22 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is dead
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
 class EtcdCluster:
     def __init__(self, directory: Path, members: int = 3) -> None:
         self.dir = Path(directory)
@@ -44,7 +62,23 @@ class EtcdCluster:
         self.client_ports = ports[:members]
         self.peer_ports = ports[members:]
         self.procs: list[Optional[subprocess.Popen[bytes]]] = [None] * members
-        self.token = f"nvpool-test-{os.getpid()}-{int(time.time() * 1000)}"
+        #: member pids (also of members another process started: see ``from_state``)
+        self.pids: list[int] = [0] * members
+        self.token = f"nvpool-local-{os.getpid()}-{int(time.time() * 1000)}"
+
+    def state(self) -> dict[str, Any]:
+        return {"dir": str(self.dir), "client_ports": self.client_ports, "peer_ports": self.peer_ports,
+                "pids": self.pids, "token": self.token}
+
+    @classmethod
+    def from_state(cls, st: dict[str, Any]) -> "EtcdCluster":
+        c = cls(Path(st["dir"]), len(st["client_ports"]))
+        c.client_ports, c.peer_ports = list(st["client_ports"]), list(st["peer_ports"])
+        c.pids, c.token = list(st["pids"]), str(st["token"])
+        return c
+
+    def alive(self, i: int) -> bool:
+        return _pid_alive(self.pids[i])
 
     def name(self, i: int) -> str:
         return f"m{i}"
@@ -58,6 +92,9 @@ class EtcdCluster:
 
     def start_member(self, i: int, state: str = "new") -> None:
         initial = ",".join(f"{self.name(j)}=http://127.0.0.1:{self.peer_ports[j]}" for j in range(self.n))
+        if not available():
+            raise FileNotFoundError(f"etcd is not installed ({ETCD}): apt-get install etcd-server")
+        self.dir.mkdir(parents=True, exist_ok=True)
         log = open(self.dir / f"etcd-{i}.log", "ab")
         self.procs[i] = subprocess.Popen(
             [ETCD, "--name", self.name(i), "--data-dir", str(self.dir / f"etcd-{i}"),
@@ -70,12 +107,14 @@ class EtcdCluster:
              "--listen-metrics-urls", "", "--logger", "zap", "--log-outputs", "stderr"],
             stdout=log, stderr=log, start_new_session=True,
         )
+        self.pids[i] = self.procs[i].pid  # type: ignore[union-attr]
         log.close()
 
     def up(self, timeout: float = 30) -> "EtcdCluster":
         self.dir.mkdir(parents=True, exist_ok=True)
         for i in range(self.n):
-            self.start_member(i)
+            # a member with data from an earlier run rejoins with it (same ports, from ``from_state``)
+            self.start_member(i, state="existing" if (self.dir / f"etcd-{i}" / "member").exists() else "new")
         self.wait_healthy(timeout)
         return self
 
@@ -83,7 +122,8 @@ class EtcdCluster:
         """Until every (given) member answers as part of a cluster with a leader."""
         import urllib.request
 
-        want = members if members is not None else [i for i in range(self.n) if self.procs[i] is not None]
+        want = members if members is not None else [i for i in range(self.n) if self.procs[i] is not None
+                                                    or self.alive(i)]
         deadline = time.monotonic() + timeout
         while True:
             ok = 0
@@ -120,6 +160,9 @@ class EtcdCluster:
     def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
         p = self.procs[i]
         if p is None:
+            if sig == signal.SIGKILL and self.alive(i):  # started by another process
+                os.kill(self.pids[i], sig)
+                _wait_gone(self.pids[i], 10)
             return
         if sig == signal.SIGKILL:
             p.kill()
@@ -142,9 +185,23 @@ class EtcdCluster:
                     p.kill()
                     p.wait(5)
                 self.procs[i] = None
+            elif self.alive(i):  # started by another process (nvpool cluster up)
+                os.kill(self.pids[i], signal.SIGTERM)
+                if not _wait_gone(self.pids[i], 10):
+                    os.kill(self.pids[i], signal.SIGKILL)
+                    _wait_gone(self.pids[i], 5)
 
     def __enter__(self) -> "EtcdCluster":
         return self.up()
 
     def __exit__(self, *exc: object) -> None:
         self.down()
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
