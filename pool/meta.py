@@ -1099,7 +1099,7 @@ class MetaService:
 
     def _volume_health(self, lay: Layout) -> str:
         """"unavailable" when some column has no copy on a live agent with a working drive, else
-        "degraded" when some copy is out of service, else "ok"."""
+        "degraded" when some copy is out of service or on a server that is down, else "ok"."""
         now = time.monotonic()
 
         def up(col: Any) -> bool:
@@ -1109,10 +1109,13 @@ class MetaService:
                     return False
             return True
 
+        degraded = lay.degraded
         for i in range(lay.width):
-            if not any(up(lay.replica_column(i, k)) for k in lay.readable(i) or [0]):
+            ups = [up(lay.replica_column(i, k)) for k in lay.readable(i) or [0]]
+            if not any(ups):
                 return "unavailable"
-        return "degraded" if lay.degraded else "ok"
+            degraded = degraded or not all(ups)  # a copy on a server that is down, not yet taken out
+        return "degraded" if degraded else "ok"
 
     def volume_view(self, vol: VolumeRec) -> dict[str, Any]:
         lay = self.layouts[vol.volume_id]
