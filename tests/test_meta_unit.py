@@ -283,3 +283,21 @@ def test_a_retried_open_gets_the_lease_its_first_attempt_took() -> None:
         assert other.lease_id != first.lease_id and other.mode == "read"
 
     asyncio.run(body())
+
+
+def test_a_copy_on_a_server_that_is_down_makes_the_volume_degraded() -> None:
+    """Before the server is taken out of service, a replicated volume with a copy on it is not "ok": it is
+    "degraded" while another copy of every column is served, "unavailable" once none is."""
+    async def body() -> None:
+        svc = MetaService(MemoryStore(), FakeLink())
+        await register(svc, 3)
+        vol = await svc.create_volume("r", 8 * MiB, replicas=2)
+        assert svc.volume_view(vol)["health"] == "ok"
+        svc.agents["a0"].last_seen -= 10 * svc.agent_timeout  # silent, not yet marked out
+        assert not svc.layouts[vol.volume_id].degraded
+        assert svc.volume_view(vol)["health"] == "degraded"
+        svc.agents["a1"].last_seen -= 10 * svc.agent_timeout
+        svc.agents["a2"].last_seen -= 10 * svc.agent_timeout
+        assert svc.volume_view(vol)["health"] == "unavailable"
+
+    asyncio.run(body())

@@ -112,3 +112,32 @@ def test_copied_data_is_flushed_before_cut_over() -> None:
         assert copies and flushes and max(copies) < min(flushes)
 
     asyncio.run(body())
+
+
+def test_a_run_whose_move_was_abandoned_ends_failed_naming_the_volume() -> None:
+    """A replica failing mid-move abandons the migration (pool/replication.py); the run must not then say
+    "done": a drain would claim a server is empty while it still holds the volume's copies."""
+    from nvpool.pool.replication import Replication
+
+    async def body() -> None:
+        link = Link()
+        svc = await pool(2, link)
+        repl = Replication(svc)
+        plain_copy = link.copy
+
+        async def copy_then_fail(*args: object, **kw: object) -> int:
+            repl.abandon_migration(svc.volumes["v"], "a replica failed (test)")
+            return await plain_copy(*args, **kw)  # type: ignore[arg-type]
+
+        link.copy = copy_then_fail  # type: ignore[method-assign]
+        await svc.create_volume("v", 32 * MiB)
+        vid = svc.volumes["v"].volume_id
+        before = svc.layouts[vid]
+        await pool(2, link, svc, start=2)
+        reb = Rebalancer(svc, retry_interval=0.01)
+        await reb.start()
+        st = await finish(reb)
+        assert st["state"] == "failed" and "v" in str(st["error"]) and "abandoned" in str(st["error"]), st
+        assert svc.layouts[vid].target is None and svc.layouts[vid].columns == before.columns
+
+    asyncio.run(body())
