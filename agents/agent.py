@@ -330,8 +330,9 @@ class StorageAgent:
                     sent_at = time.monotonic()
                     if need_register:
                         resp = await stub.RegisterAgent(self._register_request(), timeout=call_timeout)
-                        if resp.epoch and self.terms.check(resp.epoch):
-                            raise _Deposed(self.terms.check(resp.epoch))
+                        why = self.terms.check(resp.epoch)
+                        if why:
+                            raise _Deposed(why)
                         if not self._adopt_pool(resp.pool_id):
                             await asyncio.sleep(min(backoff * 10, 30.0))
                             backoff = min(backoff * 2, 5.0)
@@ -349,8 +350,9 @@ class StorageAgent:
                     else:
                         req = self._heartbeat_request()
                         hb = await stub.Heartbeat(req, timeout=max(2 * interval, 2.0))
-                        if hb.epoch and self.terms.check(hb.epoch):
-                            raise _Deposed(self.terms.check(hb.epoch))
+                        why = self.terms.check(hb.epoch)
+                        if why:
+                            raise _Deposed(why)
                         need_register = hb.reregister
                         if not need_register:
                             await self._apply_heartbeat(hb, req)

@@ -33,7 +33,8 @@ class ProcInfo:
     metrics: str = ""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (of ours)."""
     if pid <= 0:
         return False
     try:
@@ -155,7 +156,7 @@ class LocalCluster:
                     return dict(json.loads(Path(info.ready_file).read_text()))
                 except ValueError:
                     pass
-            if not _alive(info.pid):
+            if not pid_alive(info.pid):
                 tail = Path(info.log).read_text(errors="replace")[-2000:] if os.path.exists(info.log) else ""
                 raise UnavailableError(f"{info.name} exited during start-up; log {info.log}:\n{tail}")
             time.sleep(0.05)
@@ -249,7 +250,7 @@ class LocalCluster:
                     meta = pool.meta
                     addr = str(pool._run(meta.pool_status()).meta_leader)
                     for i, m in enumerate(self.metas):
-                        if m.address == addr and _alive(m.pid):
+                        if m.address == addr and pid_alive(m.pid):
                             return i
                 except NvpoolError:
                     pass
@@ -297,7 +298,7 @@ class LocalCluster:
         (self.dir / "drives").mkdir(exist_ok=True)
         if self.state_file.exists():
             old = LocalCluster.load(self.dir)
-            if any(_alive(m.pid) for m in old.metas) or any(_alive(a.pid) for a in old.agents):
+            if any(pid_alive(m.pid) for m in old.metas) or any(pid_alive(a.pid) for a in old.agents):
                 raise UsageError(f"a local pool is already running in {self.dir} (meta {old.meta.address})")
             for mine, theirs in zip(self.metas, old.metas):
                 mine.address = theirs.address
@@ -340,18 +341,18 @@ class LocalCluster:
         raise UnavailableError(f"agents did not all register with {self.meta.address} within {timeout:.0f}s")
 
     def stop_proc(self, info: ProcInfo, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
-        if not _alive(info.pid):
+        if not pid_alive(info.pid):
             return
         try:
             os.kill(info.pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _alive(info.pid):
+        while time.monotonic() < deadline and pid_alive(info.pid):
             time.sleep(0.02)
-        if _alive(info.pid):
+        if pid_alive(info.pid):
             os.kill(info.pid, signal.SIGKILL)
-            while _alive(info.pid):
+            while pid_alive(info.pid):
                 time.sleep(0.02)
         proc = self._procs.pop(info.pid, None)
         if proc is not None:
@@ -376,12 +377,12 @@ class LocalCluster:
     def status(self) -> dict[str, Any]:
         etcd = self._etcd
         return {
-            "dir": str(self.dir), "meta": {"address": self.meta.address, "pid": self.meta.pid, "alive": _alive(self.meta.pid)},
-            "metas": [{"address": m.address, "pid": m.pid, "alive": _alive(m.pid)} for m in self.metas],
+            "dir": str(self.dir), "meta": {"address": self.meta.address, "pid": self.meta.pid, "alive": pid_alive(self.meta.pid)},
+            "metas": [{"address": m.address, "pid": m.pid, "alive": pid_alive(m.pid)} for m in self.metas],
             "store": self.store or f"sqlite:{self.dir / 'meta.db'}",
             "etcd": [{"address": a, "pid": etcd.pids[i], "alive": etcd.alive(i)} for i, a in enumerate(etcd.endpoints)]
             if etcd is not None else [],
-            "agents": [{"name": a.name, "address": a.address, "pid": a.pid, "alive": _alive(a.pid)} for a in self.agents],
+            "agents": [{"name": a.name, "address": a.address, "pid": a.pid, "alive": pid_alive(a.pid)} for a in self.agents],
         }
 
     def __enter__(self) -> "LocalCluster":

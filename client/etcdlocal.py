@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from nvpool.client.cluster import pid_alive
+
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
@@ -36,22 +38,6 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours is dead
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
 
 
 class EtcdCluster:
@@ -78,7 +64,7 @@ class EtcdCluster:
         return c
 
     def alive(self, i: int) -> bool:
-        return _pid_alive(self.pids[i])
+        return pid_alive(self.pids[i])
 
     def name(self, i: int) -> str:
         return f"m{i}"
@@ -200,7 +186,7 @@ class EtcdCluster:
 
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)

@@ -253,8 +253,7 @@ class MetaClient:
                                            f"({r.leader}); an election may be under way, retry") from None
                 if r.leader in failures:  # a standby names a leader that just failed: its lease has not run out
                     await asyncio.sleep(min(0.2, max(0.0, end - time.monotonic())))
-                    i = self.addresses.index(self.address) if self.address in self.addresses else -1
-                    self._use(self.addresses[(i + 1) % len(self.addresses)])
+                    self._use(self._next_address())
                     continue
                 self._use(r.leader)
                 continue
@@ -267,11 +266,15 @@ class MetaClient:
                         raise
                     raise UnavailableError("no metadata service answered: " + "; ".join(
                         f"{a}: {why}" for a, why in failures.items())) from None
-                i = self.addresses.index(self.address) if self.address in self.addresses else -1
-                nxt = self.addresses[(i + 1) % len(self.addresses)]
+                nxt = self._next_address()
                 if nxt in failures and len(failures) >= len(self.addresses):
                     await asyncio.sleep(min(0.5, max(0.0, end - time.monotonic())))
                 self._use(nxt)
+
+    def _next_address(self) -> str:
+        """The address after the current one (the first, when the current one is a leader we were sent to)."""
+        i = self.addresses.index(self.address) if self.address in self.addresses else -1
+        return self.addresses[(i + 1) % len(self.addresses)]
 
     async def _call_once(self, name: str, request: Any, deadline: float) -> Any:
         if self._sync_stack:

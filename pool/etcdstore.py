@@ -88,15 +88,6 @@ def parse_url(url: str, prefix: str = "") -> tuple[list[tuple[str, int]], str]:
     return eps, p.rstrip("/")
 
 
-def _range_end(prefix: bytes) -> bytes:
-    end = bytearray(prefix)
-    for i in range(len(end) - 1, -1, -1):
-        if end[i] < 0xFF:
-            end[i] += 1
-            return bytes(end[: i + 1])
-    return b"\0"
-
-
 async def _txn(txn: Any, c: Any) -> Any:
     return await c.kvstub.Txn(txn, timeout=c._timeout)
 
@@ -128,8 +119,10 @@ class EtcdStore(_Revisions):
         self._stopping = False
         self._closing: set[asyncio.Future[None]] = set()
         self._abdicate = False
+        #: the etcd lease of the term this process leads in (0: none)
+        self._lease_id = 0
         try:
-            self._call(lambda c: self._status(c), "connect")
+            self._call(self._status, "connect")
         except StoreUnavailable:
             self.close()
             raise
@@ -226,13 +219,13 @@ class EtcdStore(_Revisions):
         return bytes(r.kvs[0].value)
 
     def _range(self, prefix: str, keys_only: bool = False) -> list[Any]:
-        from aetcd import rpc
+        from aetcd import rpc, utils
 
         start = self._k(prefix)
 
         async def op(c: Any) -> Any:
             return await c.kvstub.Range(rpc.RangeRequest(
-                key=start, range_end=_range_end(start), keys_only=keys_only,
+                key=start, range_end=utils.prefix_range_end(start), keys_only=keys_only,
                 sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.KEY), timeout=c._timeout)
 
         return list(self._call(op, f"scan {prefix or '/'}").kvs)
@@ -300,23 +293,19 @@ class EtcdStore(_Revisions):
 
         resp, readback = self._call(op, "commit")
         if resp.succeeded:
-            rev = resp.header.revision
-            for k in puts:
-                self._saw(k, rev)
-            for k in dels:
-                self._saw(k, 0)
-            return
-        if readback is not None and all(readback[k] is not None and bytes(readback[k].value) == bytes(puts[k])
-                                        for k in puts) and all(readback[k] is None for k in dels):
-            for k in puts:
-                self._saw(k, readback[k].mod_revision)
-            for k in dels:
-                self._saw(k, 0)
-            return
-        if guard is not None and not self._still_leader(guard):
+            revs = {k: resp.header.revision for k in puts}
+        elif readback is not None and all(readback[k] is not None and bytes(readback[k].value) == bytes(puts[k])
+                                          for k in puts) and all(readback[k] is None for k in dels):
+            revs = {k: readback[k].mod_revision for k in puts}  # the lost first attempt was applied
+        elif guard is not None and not self._still_leader(guard):
             raise StoreConflict("this metadata service is no longer the leader (its etcd lease expired); "
                                 "another instance has taken over")
-        raise StoreConflict("the metadata in etcd changed under this service (another metadata instance wrote it)")
+        else:
+            raise StoreConflict("the metadata in etcd changed under this service (another metadata instance wrote it)")
+        for k, rev in revs.items():
+            self._saw(k, rev)
+        for k in dels:
+            self._saw(k, 0)
 
     def _still_leader(self, guard: tuple[bytes, int]) -> bool:
         from aetcd import rpc
@@ -333,7 +322,7 @@ class EtcdStore(_Revisions):
     async def _compact(self, keep: int) -> int:
         """Drop etcd's history older than the last ``keep`` revisions (current keys are untouched, so no
         compare of ours is affected); returns the revision compacted to (0: nothing to do)."""
-        from aetcd import exceptions, rpc
+        from aetcd import rpc
 
         client = await self._connect()
         st = await client.kvstub.Range(rpc.RangeRequest(key=self.leader_key), timeout=client._timeout)
@@ -343,10 +332,8 @@ class EtcdStore(_Revisions):
         try:
             await client.kvstub.Compact(rpc.CompactionRequest(revision=target), timeout=client._timeout)
         except rpc.AioRpcError as exc:
-            if "compacted" not in (exc.details() or ""):
+            if "compacted" not in (exc.details() or ""):  # (already compacted that far: nothing to do)
                 raise
-        except exceptions.RevisionCompactedError:
-            pass
         logger.info("compacted etcd's history up to revision %d", target)
         return int(target)
 
@@ -415,12 +402,11 @@ class EtcdStore(_Revisions):
         self._campaign = asyncio.run_coroutine_threadsafe(self._elect(value, ttl, on_change), self._loop)
 
     async def _resign(self) -> None:
-        lease, self._lease_id = getattr(self, "_lease_id", 0), 0
+        lease, self._lease_id = self._lease_id, 0
         self._guard, self._valid_until = None, 0.0
         if lease and self._client is not None:
-            from aetcd import rpc
             try:
-                await asyncio.wait_for(self._client.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease)), 2)
+                await asyncio.wait_for(_revoke(lease, self._client), 2)
             except Exception:  # noqa: BLE001 - the lease expires by itself
                 pass
 

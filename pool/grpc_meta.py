@@ -501,8 +501,8 @@ async def serve(
     given) gets ``metrics``, the bound metrics address, before that.
 
     With SQLite this process is the pool's only metadata service and leads from the start. With
-    etcd it runs for leader (``pool/etcdstore.py``) and, until it wins, redirects callers to the
-    leader. Winning loads the whole view from the store; losing (or a failed commit) drops it: the
+    etcd it runs for leader (``pool/etcdstore.py``) and, until it wins, forwards callers to the
+    leader (``LeaderGate``). Winning loads the whole view from the store; losing (or a failed commit) drops it: the
     store is the only source of truth a new leader needs."""
     check_bindable(config.listen, "metadata service")
     secrets = keys.create(config.secret_path())
@@ -544,23 +544,21 @@ async def serve(
         events.put_nowait(True)
     took_up = asyncio.Event()
     leading = asyncio.create_task(_lead(config, store, agent_link, secrets, role, events, took_up))
-    if campaign is None:  # alone on SQLite: ready means serving the pool, as before there were elections
-        waiter = asyncio.create_task(took_up.wait())
-        await asyncio.wait({leading, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if leading.done():
-            store.close()
-            await agent_link.close()
-            await server.stop(grace=0)
-            leading.result()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    http = start_metrics(config.metrics_listen, metrics) if config.metrics_listen else None
-    if http is not None and info is not None:
-        info["metrics"] = f"{http.server_address[0]}:{http.server_port}"
-    if on_ready is not None:
-        on_ready(address)
     stopped = asyncio.create_task(server.wait_for_termination())
+    http = None
     try:
+        if campaign is None:  # alone on SQLite: ready means serving the pool, as before there were elections
+            waiter = asyncio.create_task(took_up.wait())
+            await asyncio.wait({leading, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if leading.done():
+                leading.result()  # it could not load the store: the daemon exits with why
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        http = start_metrics(config.metrics_listen, metrics) if config.metrics_listen else None
+        if http is not None and info is not None:
+            info["metrics"] = f"{http.server_address[0]}:{http.server_port}"
+        if on_ready is not None:
+            on_ready(address)
         await asyncio.wait({leading, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if leading.done():
             leading.result()  # a fatal error (another pool's store): the daemon exits with it
@@ -580,7 +578,6 @@ async def _lead(config: MetaConfig, store: KVStore, link: AgentLink, secrets: li
                 events: "asyncio.Queue[bool]", took_up: Optional[asyncio.Event] = None) -> None:
     """Take up and drop the leader's work as the election (or a failed commit) says."""
     loop = asyncio.get_running_loop()
-    elected = hasattr(store, "campaign")
     while True:
         won = await events.get()
         if not won or role.svc is not None:
@@ -594,14 +591,14 @@ async def _lead(config: MetaConfig, store: KVStore, link: AgentLink, secrets: li
             raise  # another pool's data: the daemon stops and says so
         except NvpoolError as exc:
             logger.error("cannot take up the metadata service: %s; retrying", exc)
-            await _retry_later(store, events, elected)
+            await _retry_later(store, events)
             continue
 
         term = service.store.term  # type: ignore[attr-defined]
 
         def failed(exc: Exception, term: Any = term) -> None:
             loop.call_soon(events.put_nowait, False)
-            loop.call_soon(lambda: asyncio.ensure_future(_retry_later(store, events, elected, term)))
+            loop.call_soon(lambda: asyncio.ensure_future(_retry_later(store, events, term)))
 
         service.on_failure = failed
         if hasattr(link, "epoch"):
@@ -620,11 +617,11 @@ async def _lead(config: MetaConfig, store: KVStore, link: AgentLink, secrets: li
                     store.url, service.epoch)
 
 
-async def _retry_later(store: KVStore, events: "asyncio.Queue[bool]", elected: bool, term: Any = None) -> None:
+async def _retry_later(store: KVStore, events: "asyncio.Queue[bool]", term: Any = None) -> None:
     """After a failed commit: with etcd, give up the term the failed view was loaded in (the election runs
     again, maybe electing this process, which then reloads); alone on SQLite, reload after a pause."""
-    step_down = getattr(store, "step_down", None)
-    if elected and step_down is not None:
+    step_down = getattr(store, "step_down", None)  # an elected store (etcd)
+    if step_down is not None:
         step_down(term)
     else:
         await asyncio.sleep(1.0)
@@ -651,13 +648,13 @@ async def _step_down(role: Role) -> None:
     logger.info("metadata service stopped leading (term %d)", svc.epoch)
 
 
-async def _watch(service: MetaService, role: Optional[Role] = None) -> None:
+async def _watch(service: MetaService, role: Role) -> None:
     """Housekeeping: log agents whose heartbeats stopped, expire leases."""
     while True:
         await asyncio.sleep(service.heartbeat_interval)
         if service.failed is not None:
             return
-        if role is not None and not role.acting():
+        if not role.acting():
             continue  # the term is uncertain: nothing may be decided now
         try:
             service.mark_down()

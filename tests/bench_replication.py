@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import uvloop  # noqa: E402
 
-from tests.benchlib import say, daemon_problems, rand_read, seq_write  # noqa: E402
+from tests.benchlib import say, daemon_problems, rand_read, seq_timed, seq_write  # noqa: E402
 from nvpool.client.api import AsyncPool  # noqa: E402
 from nvpool.client.cluster import LocalCluster  # noqa: E402
 from nvpool.client.metaclient import MetaClient, VolumeInfo  # noqa: E402
@@ -97,23 +97,7 @@ def pct(xs: list[float], q: float) -> float:
 # ---------------------------------------------------------------------------------------------- I/O loops
 async def seq_read(vol: AsyncVolume, seconds: float, io: int = MiB, qd: int = 8) -> float:
     """Sequential reads (wrapping at the end of the volume) for ``seconds``; MB/s."""
-    span = vol.size - vol.size % io
-    nxt = 0
-    done = 0
-    end = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal nxt, done
-        buf = memoryview(bytearray(io))
-        while time.perf_counter() < end:
-            off = nxt
-            nxt = (nxt + io) % span
-            await vol.readinto(buf, off)
-            done += io
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(qd)))
-    return done / (time.perf_counter() - t0) / 1e6
+    return (await seq_timed(vol, seconds, io, qd))[0]
 
 
 class Reader:

@@ -20,10 +20,8 @@ c, b, a; each figure is the best of its two rounds (the machine is noisy).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -37,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import uvloop  # noqa: E402
 
-from tests.benchlib import say, daemon_problems, rand_read, seq_write  # noqa: E402
+from tests.benchlib import say, daemon_problems, rand_read, seq_timed, seq_write  # noqa: E402
 from nvpool.client.api import AsyncPool, ClientOptions  # noqa: E402
 from nvpool.client.cluster import LocalCluster  # noqa: E402
 from nvpool.client.transport_shm import ShmConnection  # noqa: E402
@@ -90,44 +88,12 @@ class Table:
 # ---------------------------------------------------------------------------------------------- I/O loops
 async def seq_overwrite(vol: AsyncVolume, seconds: float, io: int = MiB, qd: int = 8, seed: int = 1) -> float:
     """Sequential writes (wrapping at the end of the volume) for ``seconds``; MB/s."""
-    data = random.Random(seed).randbytes(io)
-    span = vol.size - vol.size % io
-    nxt = 0
-    done = 0
-    end = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal nxt, done
-        while time.perf_counter() < end:
-            off = nxt
-            nxt = (nxt + io) % span
-            await vol.write(off, data)
-            done += io
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(qd)))
-    return done / (time.perf_counter() - t0) / 1e6
+    return (await seq_timed(vol, seconds, io, qd, write=True, seed=seed))[0]
 
 
 async def seq_read(vol: AsyncVolume, seconds: float, io: int = MiB, qd: int = 8) -> tuple[float, int]:
     """Sequential reads (wrapping at the end of the volume) for ``seconds``; (MB/s, bytes read)."""
-    span = vol.size - vol.size % io
-    nxt = 0
-    done = 0
-    end = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal nxt, done
-        buf = memoryview(bytearray(io))
-        while time.perf_counter() < end:
-            off = nxt
-            nxt = (nxt + io) % span
-            await vol.readinto(buf, off)
-            done += io
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(qd)))
-    return done / (time.perf_counter() - t0) / 1e6, done
+    return await seq_timed(vol, seconds, io, qd)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -62,3 +62,30 @@ async def seq_write(vol: Any, total: int, io: int = MiB, qd: int = 8, seed: int 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(qd)))
     return total / (time.perf_counter() - t0) / 1e6
+
+
+async def seq_timed(vol: Any, seconds: float, io: int = MiB, qd: int = 8, write: bool = False,
+                    seed: int = 1) -> tuple[float, int]:
+    """Sequential reads (or writes of one random ``io`` buffer), wrapping at the end of the volume, ``qd``
+    at a time, for ``seconds``; (MB/s, bytes moved)."""
+    data = random.Random(seed).randbytes(io) if write else b""
+    span = vol.size - vol.size % io
+    nxt = 0
+    done = 0
+    end = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal nxt, done
+        buf = memoryview(bytearray(0 if write else io))
+        while time.perf_counter() < end:
+            off = nxt
+            nxt = (nxt + io) % span
+            if write:
+                await vol.write(off, data)
+            else:
+                await vol.readinto(buf, off)
+            done += io
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(qd)))
+    return done / (time.perf_counter() - t0) / 1e6, done

@@ -33,11 +33,8 @@ def pool(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     c = make_cluster(tmp_path_factory.mktemp("leases"), agents=2, drives_per_agent=1,
                      store=store_url(request, request.param))
     c.meta_extra = ["--lease-ttl", str(TTL)]
-    c.up()
-    try:
+    with c.up():  # down() when the module is done
         yield c
-    finally:
-        c.down()
 
 
 def nv(meta: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -23,11 +23,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     from tests.conftest import make_cluster
 
     c = make_cluster(tmp_path_factory.mktemp("metrics"), agents=2, drives_per_agent=1, drive_size="128M", metrics=True)
-    c.up()
-    try:
+    with c.up():  # down() when the module is done
         yield c
-    finally:
-        c.down()
 
 
 def scrape(address: str) -> dict[str, list[tuple[dict[str, str], float]]]:

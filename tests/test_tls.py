@@ -31,11 +31,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     from tests.conftest import make_cluster
 
     c = make_cluster(tmp_path_factory.mktemp("tls"), agents=2, drives_per_agent=1, drive_size="128M")
-    c.up()
-    try:
+    with c.up():  # down() when the module is done
         yield c
-    finally:
-        c.down()
 
 
 def test_tcp_data_plane_over_tls_round_trips(pool: LocalCluster) -> None:
@@ -181,22 +178,16 @@ def test_a_client_certificate_cannot_register_and_agent_ids_are_bound(pool: Loca
     another agent certificate of the pool: refused (the id is bound to the certificate's name)."""
     assert pool.tls_dir is not None
     d = str(pool.tls_dir)
-    client_cert = tls.issue(d, "mallory-client", "client")
-    log = tmp_path / "m1.log"
-    p = spawn_agent(pool, tmp_path, "mallory", client_cert, log)
-    try:
-        wait_log(log, "not an agent's")
-    finally:
-        p.kill()
-        p.wait()
-    other_agent = tls.issue(d, "mallory-agent", "agent", ("127.0.0.1",))
-    log = tmp_path / "m2.log"
-    p = spawn_agent(pool, tmp_path, "agent0", other_agent, log)
-    try:
-        wait_log(log, "bound to another certificate")
-    finally:
-        p.kill()
-        p.wait()
+    attempts = [("mallory", tls.issue(d, "mallory-client", "client"), "not an agent's"),
+                ("agent0", tls.issue(d, "mallory-agent", "agent", ("127.0.0.1",)), "bound to another certificate")]
+    for i, (name, cert, refusal) in enumerate(attempts):
+        log = tmp_path / f"m{i + 1}.log"
+        p = spawn_agent(pool, tmp_path, name, cert, log)
+        try:
+            wait_log(log, refusal)
+        finally:
+            p.kill()
+            p.wait()
 
     async def agent0() -> str:
         m = MetaClient(pool.meta.address)
