@@ -49,10 +49,19 @@ from typing import Any, Callable, Optional
 from nvpool.agents.core import AgentCore
 from nvpool.proto import capability
 from nvpool.proto.capability import Capability
+from nvpool.proto.compiled import load as load_compiled
 from nvpool.proto import dataplane as dp
 from nvpool.proto.errors import DriveError, ProtocolError, RemoteError, Status
 
 logger = logging.getLogger(__name__)
+
+#: the compiled command loop (None: pure Python, see proto/compiled.py)
+_cserve: Any = load_compiled("nvpool.agents._cserve")
+if _cserve is not None:
+    from nvpool.agents.core import LATENCY_BUCKETS
+    from nvpool.agents.drive import Drive
+
+    _cserve.configure(Drive, LATENCY_BUCKETS)
 
 MiB = 1024 * 1024
 #: reads at least this large use sendfile (smaller ones: one pread + writelines is cheaper)
@@ -145,8 +154,21 @@ class AgentConnection(asyncio.BufferedProtocol):
         return self.decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        dec = self.decoder
         try:
-            commands = self.decoder.advance(nbytes)
+            if _cserve is not None and not self._pending and not self._write_paused and dec.received_raw(nbytes):
+                # the compiled loop serves the plain reads and writes at the front of this receive;
+                # the Python decoder and execute() take the first frame it leaves, and all after it
+                try:
+                    self._serve_compiled()
+                except Exception as exc:  # a bug must cost this connection, not the agent
+                    self._drop("internal error %r", exc)
+                    return
+                if self.transport is None or self.transport.is_closing():
+                    return
+                commands = dec.parse()
+            else:
+                commands = dec.advance(nbytes)
         except ProtocolError as exc:
             self._drop("%s", exc)
             return
@@ -160,6 +182,19 @@ class AgentConnection(asyncio.BufferedProtocol):
                 self._drop("internal error %r", exc)
                 return
         self._gate_reading()
+
+    def _serve_compiled(self) -> None:
+        """Serve the receive buffer's leading plain READs and WRITEs in C (``agents/_cserve.c``: the
+        same checks as ``execute``, the same completions), sending each ``BATCH_BYTES`` of replies."""
+        assert _cserve is not None
+        dec, out, core, caps = self.decoder, self._out, self.core, self.caps
+        small = SENDFILE_MIN if self._use_sendfile and self._sock_fd >= 0 else dp.MAX_IO + 1
+        while True:
+            pos, stop = _cserve.serve(dec.scratch, dec.pos, dec.end, core, caps, out, small, BATCH_BYTES)
+            dec.pos = pos
+            self._send()
+            if stop != _cserve.STOP_FULL or self._write_paused or self.transport is None:
+                return
 
     def _defer_flush(self, cmd: dp.Command, drives: list[Any]) -> bool:
         """A FLUSH waits for fdatasync on each drive's worker thread, never on the event loop (one slow

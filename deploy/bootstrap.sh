@@ -26,7 +26,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.nvpool-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# Rebuild when the project's metadata or any compiled hot-path source (C, built by this install with the
+# machine's compiler) is newer than the last install.
+stale=0
+[ -f "$stamp" ] || stale=1
+for src in pyproject.toml agents/*.c proto/*.c client/*.c; do
+  [ -f "$src" ] && [ "$src" -nt "$stamp" ] && stale=1
+done
+if [ "$stale" -eq 1 ]; then
   echo "bootstrap: installing nvpool and its dependencies into .venv" >&2
   log=$(mktemp)
   if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[test,etcd]'; } >"$log" 2>&1; then

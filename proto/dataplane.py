@@ -296,6 +296,46 @@ class _Reader:
             out.extend(self.advance(k))
         return out
 
+    # -- for a consumer that serves whole frames straight from the receive buffer (agents/_cserve.c)
+    def received_raw(self, n: int) -> bool:
+        """Like ``advance(n)``, but parse nothing, when the reader is between frames: the bytes stay in
+        ``scratch[pos:end]`` for a consumer that serves whole frames itself and moves ``pos`` past
+        them; ``parse()`` then decodes what it left. False (and nothing done) otherwise."""
+        if self._state != _HEADER or self._direct or self.failed is not None or n <= 0:
+            return False
+        self._end += n
+        return True
+
+    @property
+    def scratch(self) -> bytearray:
+        return self._scratch
+
+    @property
+    def pos(self) -> int:
+        return self._start
+
+    @pos.setter
+    def pos(self, value: int) -> None:
+        if not self._start <= value <= self._end or self._state != _HEADER:
+            raise ValueError(f"pos {value} outside the unparsed bytes [{self._start}, {self._end}]")
+        self._start = value
+
+    @property
+    def end(self) -> int:
+        return self._end
+
+    def parse(self) -> list[Union[Command, Completion]]:
+        """Decode what is in the buffer (after ``received_raw``); the events completed."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            self._process()
+        except ProtocolError as exc:
+            self.failed = exc
+            raise
+        out, self._events = self._events, []
+        return out
+
     @property
     def idle(self) -> bool:
         """True when no partial frame is buffered (a clean place to close the connection)."""

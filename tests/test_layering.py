@@ -27,7 +27,8 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
     # the wire package on its own
     (["nvpool.proto.dataplane", "nvpool.proto.layout", "nvpool.proto.records", "nvpool.proto.units",
       "nvpool.proto.capability", "nvpool.proto.keys", "nvpool.proto.tls", "nvpool.proto.metrics",
-      "nvpool.proto.errors", "nvpool.proto.transport", "nvpool.proto.config", "nvpool.proto.addresses"],
+      "nvpool.proto.errors", "nvpool.proto.transport", "nvpool.proto.config", "nvpool.proto.addresses",
+      "nvpool.proto.compiled"],
      ("nvpool.pool", "nvpool.agents", "nvpool.client", *GENERATED)),
     (["nvpool.proto.convert", "nvpool.proto.generate", "nvpool.proto.grpctls"],
      ("nvpool.pool", "nvpool.agents", "nvpool.client")),

@@ -20,7 +20,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A non-editable install of a copy of the tree (building in place would leave build/ behind)."""
     src = tmp_path_factory.mktemp("src") / "nvpool"
     shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", ".nvpool", "build", "*.egg-info", "__pycache__", ".mypy_cache", ".ruff_cache"))
+        ".git", ".venv", ".nvpool", "build", "*.egg-info", "__pycache__", ".mypy_cache", ".ruff_cache", "*.so"))
     target = tmp_path_factory.mktemp("site")
     p = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-compile",
@@ -49,6 +49,23 @@ def test_only_nvpool_is_installed(installed: pathlib.Path) -> None:
         assert (installed / "nvpool" / layer / "py.typed").is_file()
     assert (installed / "nvpool" / "proto" / "nvpool.proto").is_file()
     assert (installed / "bin" / "nvpool").is_file()
+
+
+def test_install_builds_the_compiled_hot_path(installed: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """The install compiles the C hot path with the machine's compiler (the copy carried no .so), and
+    the installed agent's command loop uses it unless NVPOOL_PURE_PYTHON says otherwise."""
+    assert list((installed / "nvpool" / "agents").glob("_cserve*.so")), "the C extension was not built"
+    code = (
+        "import nvpool.agents.dataplane as d, nvpool.proto.compiled as c\n"
+        "print(d._cserve is not None, c.status()['nvpool.agents._cserve'])\n"
+    )
+    p = run_isolated(installed, tmp_path, code)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["True", "compiled"], p.stdout
+    env_code = "import os; os.environ['NVPOOL_PURE_PYTHON'] = '1'\n" + code
+    p = run_isolated(installed, tmp_path, env_code)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[0] == "False", p.stdout
 
 
 def test_installed_package_imports_and_old_names_do_not(installed: pathlib.Path, tmp_path: pathlib.Path) -> None:
