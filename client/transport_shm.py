@@ -123,6 +123,8 @@ class ShmConnection(AgentConnection):
         self.bounce = bounce
         self.user_regions = list(user_regions)
         self.slots = SlotAllocator(bounce.size)
+        #: start()'s futures -> the region command's own future
+        self._outer: dict[asyncio.Future[dp.Completion], asyncio.Future[dp.Completion]] = {}
 
     def _user_region(self, buf: Optional[Buffer]) -> Optional[tuple[int, int]]:
         if buf is None or not self.user_regions:
@@ -136,25 +138,41 @@ class ShmConnection(AgentConnection):
 
     def start(
         self, opcode: int, extent_id: int, offset: int, length: int, generation: int,
-        dest: Optional[memoryview] = None,
+        dest: Optional[memoryview] = None, payload: Optional[Buffer] = None, flags: int = 0,
+        deadline: float = math.inf,
     ) -> "Optional[asyncio.Future[dp.Completion]]":
-        """Callback-style READ through the bounce region; None if it would have to wait."""
-        if opcode != dp.READ or dest is None or self.closed:
+        """A READ or WRITE through the bounce region, posted now; None if it would have to wait (or
+        uses registered memory or digests: ``submit`` handles those). A READ's data is copied out of
+        the region when it completes, and never once the caller has stopped waiting (``outer`` is
+        done: cancelled, or abandoned by a hedged read that lost)."""
+        is_read = opcode == dp.READ
+        buf = dest if is_read else payload if opcode == dp.WRITE else None
+        if buf is None or length == 0 or flags & ~dp.FUA or self.closed or (
+            self._drain is not None and not self._drain.done()
+        ) or self._user_region(buf) is not None:
             return None
         off = self.slots.try_alloc(length)
         if off is None:
             return None
-        inner = self._post(dp.Opcode.READ_REGION, extent_id, offset, length, generation, None, None, 0, BOUNCE_ID, off, 0)
+        if not is_read:
+            self.bounce.view[off : off + length] = buf
+        op = dp.Opcode.READ_REGION if is_read else dp.Opcode.WRITE_REGION
+        inner = self._post(op, extent_id, offset, length, generation, None, None, flags, BOUNCE_ID, off, 0, deadline)
         outer: asyncio.Future[dp.Completion] = self._loop.create_future()
+        self._outer[outer] = inner
 
         def done(f: "asyncio.Future[dp.Completion]") -> None:
+            self._outer.pop(outer, None)
             try:
+                if outer.done():
+                    return
                 exc = f.exception()
                 if exc is not None:
                     outer.set_exception(exc)
                     return
                 comp = f.result()
-                if comp.status == 0:
+                if comp.status == 0 and is_read:
+                    assert dest is not None
                     dest[:] = self.bounce.view[off : off + length]
                     comp.length = length  # the payload went through the region, not the socket
                 outer.set_result(comp)
@@ -163,6 +181,13 @@ class ShmConnection(AgentConnection):
 
         inner.add_done_callback(done)
         return outer
+
+    def abandon(self, fut: "asyncio.Future[dp.Completion]") -> None:
+        inner = self._outer.pop(fut, None)
+        if inner is None:
+            super().abandon(fut)
+        elif not fut.done():
+            fut.cancel()  # its completion then copies nothing into the caller's buffer
 
     async def submit(
         self,

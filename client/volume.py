@@ -389,15 +389,61 @@ class AsyncVolume:
         (default ``options.io_deadline``)."""
         t0, failed = time.perf_counter(), True
         try:
-            await self._readinto(buf, offset, timeout)
+            view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
+            if view.readonly:
+                raise UsageError("readinto needs a writable buffer")
+            deadline = time.monotonic() + (self.options.io_deadline if timeout is None else timeout)
+            errors = await self._one_piece(dp.READ, offset, view, deadline)
+            if errors is not None:
+                await self._readinto(view, offset, timeout, deadline, errors)
             failed = False
         finally:
             COUNTERS.record("read", memoryview(buf).nbytes, time.perf_counter() - t0, failed)
 
-    async def _readinto(self, buf: memoryview, offset: int, timeout: Optional[float]) -> None:
-        buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
-        if buf.readonly:
-            raise UsageError("readinto needs a writable buffer")
+    async def _one_piece(self, opcode: int, offset: int, view: memoryview, deadline: float,
+                         fua: bool = False) -> Optional[list[BaseException]]:
+        """The small-I/O fast path: when ``[offset, offset+len(view))`` is one piece of an unreplicated
+        layout on an agent we are connected to, post it at once (no gather, no closures) and wait for
+        it. None: done. Otherwise the errors of the attempt ([] when there was none) for the general
+        path (``_run``), which maps, retries and reports within the same ``deadline``."""
+        lay = self.layout
+        if self._closed or lay.mirrors or self.options.digests:
+            return []
+        write = opcode == dp.WRITE
+        p = lay.single_piece(offset, len(view), write)
+        if p is None:
+            return []
+        conn = self._peek(self.endpoints.get(p.extent.drive_id))
+        if conn is None:
+            return []
+        n = len(view)
+        if write:
+            fut = conn.start(dp.WRITE, p.extent.extent_id, p.extent_offset, n, lay.generation, None, view,
+                             dp.FUA if fua else 0, deadline)
+        else:
+            fut = conn.start(dp.READ, p.extent.extent_id, p.extent_offset, n, lay.generation, view, None, 0, deadline)
+        if fut is None:
+            return []  # the window is full or the socket congested: the general path waits for room
+        try:
+            try:
+                comp = await fut
+            except asyncio.CancelledError:
+                conn.abandon(fut)
+                raise
+            conn.check(comp, opcode, n, None if write else view)
+            return None
+        except DigestError as exc:
+            self.stats["digest_errors"] += 1
+            return [exc]
+        except (StaleLayoutError, UnavailableError) as exc:
+            return [exc]
+        except RemoteError as exc:
+            if exc.status not in (Status.NO_EXTENT, Status.DENIED):
+                raise
+            return [exc]
+
+    async def _readinto(self, buf: memoryview, offset: int, timeout: Optional[float], deadline: float,
+                        errors: list[BaseException]) -> None:
         flags = dp.HDGST | dp.DDGST if self.options.digests else 0
 
         async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int, dl: float) -> None:
@@ -406,7 +452,7 @@ class AsyncVolume:
         if self.layout.replicas > 1:
             await self._run_replicated(offset, len(buf), None, buf, flags, timeout)
             return
-        await self._run(offset, len(buf), send, target=False, timeout=timeout)
+        await self._run(offset, len(buf), send, target=False, timeout=timeout, deadline=deadline, errors=errors)
 
     async def readv(self, requests: "list[tuple[int, memoryview]]", *, timeout: Optional[float] = None) -> None:
         """Read many ``(offset, buffer)`` pairs, all in flight together (a batch of samples)."""
@@ -444,14 +490,19 @@ class AsyncVolume:
     async def write(self, offset: int, data: Buffer, fua: bool = False, *, timeout: Optional[float] = None) -> None:
         t0, failed = time.perf_counter(), True
         try:
-            await self._write(offset, data, fua, timeout)
+            self._check_writable()
+            view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+            deadline = time.monotonic() + (self.options.io_deadline if timeout is None else timeout)
+            errors = await self._one_piece(dp.WRITE, offset, view, deadline, fua)
+            if errors is not None:
+                await self._write(offset, view, fua, timeout, deadline, errors)
             failed = False
         finally:
             COUNTERS.record("write", memoryview(data).nbytes, time.perf_counter() - t0, failed)
 
-    async def _write(self, offset: int, data: Buffer, fua: bool, timeout: Optional[float]) -> None:
-        self._check_writable()
-        view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+    async def _write(self, offset: int, view: memoryview, fua: bool, timeout: Optional[float], deadline: float,
+                     errors: list[BaseException]) -> None:
+        self._check_writable()  # (again: a failed fast attempt may have learnt that the lease is gone)
         flags = (dp.HDGST | dp.DDGST if self.options.digests else 0) | (dp.FUA if fua else 0)
 
         async def send(conn: AgentConnection, ext: int, eoff: int, n: int, gen: int, boff: int, dl: float) -> None:
@@ -460,7 +511,7 @@ class AsyncVolume:
         if self.layout.replicas > 1:
             await self._run_replicated(offset, len(view), send, None, 0, timeout)
             return
-        await self._run(offset, len(view), send, target=True, timeout=timeout)
+        await self._run(offset, len(view), send, target=True, timeout=timeout, deadline=deadline, errors=errors)
 
     async def write_zeroes(self, offset: int, length: int, *, timeout: Optional[float] = None) -> None:
         self._check_writable()
@@ -617,9 +668,12 @@ class AsyncVolume:
         except NvpoolError as meta_exc:  # metadata service down: keep the layout we have
             logger.info("cannot refresh layout (%s); retrying with the one we have", meta_exc)
 
-    async def _run(self, offset: int, length: int, send: Sender, target: bool, timeout: Optional[float] = None) -> None:
+    async def _run(self, offset: int, length: int, send: Sender, target: bool, timeout: Optional[float] = None,
+                   deadline: Optional[float] = None, errors: Optional[list[BaseException]] = None) -> None:
         """Map [offset, offset+length) onto the layout, send every piece, retry failed pieces, all
-        within the time budget (``timeout`` or ``options.io_deadline``)."""
+        within the time budget (``timeout`` or ``options.io_deadline``, ending at ``deadline`` when
+        the caller started the clock). ``errors``: what a fast attempt of the caller's
+        (``_one_piece``) already met; given, this skips its own."""
         if self._closed:
             raise UsageError("volume is closed")
         lay = self.layout
@@ -627,9 +681,10 @@ class AsyncVolume:
         if length == 0:
             return
         budget = self.options.io_deadline if timeout is None else timeout
-        deadline = time.monotonic() + budget
-        errors: list[BaseException] = []
-        p = lay.single_piece(offset, length, target)
+        if deadline is None:
+            deadline = time.monotonic() + budget
+        p = lay.single_piece(offset, length, target) if errors is None else None
+        errors = [] if errors is None else list(errors)
         if p is not None:
             # fast path: one piece on one agent, no gather; any trouble takes the general path below
             ep = self.endpoints.get(p.extent.drive_id)

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 #: every compiled module, by the pure-Python module whose hot path it serves
 MODULES = {
     "nvpool.agents._cserve": "nvpool.agents.dataplane (the agent's command loop)",
+    "nvpool.proto._ccomplete": "nvpool.proto.transport (the client's completion path)",
 }
 
 

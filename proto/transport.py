@@ -29,9 +29,10 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Optional, TypeVar, Union
+from typing import Any, Awaitable, Optional, TypeVar, Union
 
 from nvpool.proto import dataplane as dp
+from nvpool.proto.compiled import load as load_compiled
 from nvpool.proto.tls import SERVER_NAME
 from nvpool.proto.errors import AgentTimeoutError, DigestError, ProtocolError, UnavailableError, remote_error
 
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 Buffer = Union[bytes, bytearray, memoryview]
 T = TypeVar("T")
+
+#: proto/_ccomplete.c: delivers the plain successful completions of a receive in C (None: pure Python)
+_ccomplete: Any = load_compiled("nvpool.proto._ccomplete")
 
 
 @dataclass(slots=True)
@@ -169,8 +173,17 @@ class AgentConnection(asyncio.BufferedProtocol):
         return self.decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        dec = self.decoder
         try:
-            events = self.decoder.advance(nbytes)
+            if _ccomplete is not None and dec.received_raw(nbytes):
+                # the plain successes at the front of the receive, in C (proto/_ccomplete.c); the
+                # decoder parses whatever it left (an error, a digest, a partial frame)
+                dec.pos, released = _ccomplete.complete(dec.scratch, dec.pos, dec.end, self.pending, dp.Completion)
+                if released:
+                    self._release(released)
+                events = dec.parse()
+            else:
+                events = dec.advance(nbytes)
         except ProtocolError as exc:
             logger.warning("agent %s sent a malformed completion: %s", self.address, exc)
             if self.transport is not None:
@@ -279,15 +292,16 @@ class AgentConnection(asyncio.BufferedProtocol):
 
     def start(
         self, opcode: int, extent_id: int, offset: int, length: int, generation: int,
-        dest: Optional[memoryview] = None,
+        dest: Optional[memoryview] = None, payload: Optional[Buffer] = None, flags: int = 0,
+        deadline: float = math.inf,
     ) -> "Optional[asyncio.Future[dp.Completion]]":
-        """Post a READ without awaiting (callback-style callers); None if it would have to wait.
-        The caller passes the completion to ``check``."""
+        """Post a READ or WRITE without awaiting (the small-I/O fast paths and callback-style callers);
+        None if it would have to wait for room. The caller passes the completion to ``check``."""
         if self.closed or (self._inflight > 0 and self._inflight + length > self._window) or (
             self._drain is not None and not self._drain.done()
         ):
             return None
-        return self._post(opcode, extent_id, offset, length, generation, None, dest, 0, 0, 0, length)
+        return self._post(opcode, extent_id, offset, length, generation, payload, dest, flags, 0, 0, length, deadline)
 
     def _post(
         self, opcode: int, extent_id: int, offset: int, length: int, generation: int, payload: Optional[Buffer],
@@ -302,7 +316,13 @@ class AgentConnection(asyncio.BufferedProtocol):
             self._arm(deadline, now)  # only when the budget is shorter than the watchdog's tick
         self._inflight += moving
         hdr = dp.encode_command(opcode, tag, extent_id, offset, length, generation, flags, region, region_offset)
-        self._out.extend(dp.command_frames(hdr, payload, flags))
+        frames = dp.command_frames(hdr, payload, flags)
+        if not self._flush_scheduled and len(self.pending) == 1 and self.transport is not None:
+            # the only command in flight (QD1): send it now rather than a loop turn later; commands
+            # posted after it in this turn are corked as usual, and nothing queued is overtaken
+            self.transport.writelines(frames)
+            return fut
+        self._out.extend(frames)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
