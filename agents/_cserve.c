@@ -4,12 +4,16 @@
  * specification; this module serves exactly the commands whose outcome that path would give as a
  * plain success, and hands everything else back to it *before touching anything*:
  *
- *   serve(scratch, pos, end, core, caps, out, small_read_max, batch_bytes) -> (pos, stop)
+ *   serve(scratch, pos, end, core, caps, regions, out, small_read_max, batch_bytes) -> (pos, stop)
  *
  * reads whole command frames from ``scratch[pos:end)`` (the decoder's receive buffer, the reader
  * being between frames), and for each one, in order:
  *
  *   - READ of 1..small_read_max-1 bytes and WRITE (payload wholly in ``scratch``), without digests;
+ *   - READ_REGION and WRITE_REGION (the same-host transport, agents/shm.py): the data moves between
+ *     the drive and the connection's registered region (``regions``: id -> writable buffer), checked
+ *     as ``dataplane._region`` checks it (registered, the range inside the region), then as a READ or
+ *     WRITE; their completion carries no payload;
  *   - checked exactly as the Python path checks them: framing (magic, flag bits, MAX_IO), then, when
  *     the core holds secrets, the connection's capability for the extent's volume (expiry, access,
  *     generation bound), then the core's checks (extent held, generation fence, serve lease of a
@@ -47,6 +51,8 @@
 #define KNOWN_FLAGS 7
 #define OP_READ 1
 #define OP_WRITE 2
+#define OP_READ_REGION 0x10
+#define OP_WRITE_REGION 0x11
 #define OP_AUTH 0x20
 #define MAX_IO (16u * 1024u * 1024u)
 #define ACCESS_WRITE 2
@@ -63,7 +69,7 @@ static PyObject *s_extents, *s_drives, *s_secrets, *s_serve_until, *s_copies, *s
 static PyObject *s_volume_id, *s_min_generation, *s_replicas, *s_length, *s_drive_id, *s_drive_offset;
 static PyObject *s_failed, *s_fd, *s_expires, *s_access, *s_max_generation;
 static PyObject *s_commands, *s_bytes_read, *s_bytes_written, *s_drives_stats, *s_volumes, *s_latency;
-static PyObject *s_read, *s_write;
+static PyObject *s_read, *s_write, *s_read_region, *s_write_region;
 
 static inline uint16_t ld16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint32_t ld32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -289,14 +295,17 @@ typedef struct {
 } Ctx;
 
 /* 1: served (completion appended); 0: for the Python path; -1: a Python error (bug or memory) */
-static int serve_one(Ctx *c, const unsigned char *h, const unsigned char *payload, PyObject *out,
-                     long long *nread, long long *nwritten, size_t *outbytes) {
+static int serve_one(Ctx *c, const unsigned char *h, const unsigned char *payload, unsigned char *region,
+                     PyObject *out, long long *nread, long long *nwritten, size_t *outbytes) {
     double t0 = now_clock(CLOCK_MONOTONIC);
     unsigned op = h[2], flags = h[3];
     uint32_t tag = ld32(h + 4);
     uint64_t extent_id = ld64(h + 8), offset = ld64(h + 16), generation = ld64(h + 40);
     uint32_t length = ld32(h + 24);
-    int write = (op == OP_WRITE);
+    int write = (op == OP_WRITE || op == OP_WRITE_REGION);
+    int in_region = (op == OP_READ_REGION || op == OP_WRITE_REGION); /* data through ``region``, not the socket */
+    PyObject *op_name = op == OP_READ ? s_read : op == OP_WRITE ? s_write : op == OP_READ_REGION ? s_read_region
+                                                                                                 : s_write_region;
 
     PyObject *key = PyLong_FromUnsignedLongLong(extent_id);
     if (key == NULL) return -1;
@@ -346,7 +355,19 @@ static int serve_one(Ctx *c, const unsigned char *h, const unsigned char *payloa
     if (fd < 0) goto python;
     off_t at = (off_t)(drive_offset + (long long)offset);
 
-    if (write) {
+    if (in_region) {
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = write ? full_pwrite((int)fd, region, length, at) : full_pread((int)fd, region, length, at);
+        if (rc == 0 && write && (flags & F_FUA)) rc = fdatasync((int)fd);
+        Py_END_ALLOW_THREADS
+        if (rc < 0) goto python;
+        bytes = PyBytes_FromStringAndSize(NULL, COMP_SIZE);
+        if (bytes == NULL) goto error;
+        encode_completion((unsigned char *)PyBytes_AS_STRING(bytes), tag, 0);
+        if (write) *nwritten += length; else *nread += length;
+        *outbytes += COMP_SIZE;
+    } else if (write) {
         int rc;
         Py_BEGIN_ALLOW_THREADS
         rc = full_pwrite((int)fd, payload, length, at);
@@ -369,7 +390,7 @@ static int serve_one(Ctx *c, const unsigned char *h, const unsigned char *payloa
     }
     if (PyList_Append(out, bytes) < 0) goto error;
     if (stats_io(c->stats_drives, c->stats_volumes, drive_id, volume_id, write, length) < 0) goto error;
-    if (stats_observe(c->latency, write ? s_write : s_read, now_clock(CLOCK_MONOTONIC) - t0) < 0) goto error;
+    if (stats_observe(c->latency, op_name, now_clock(CLOCK_MONOTONIC) - t0) < 0) goto error;
     result = 1;
     goto done;
 python:
@@ -387,17 +408,17 @@ done:
 }
 
 static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8) {
+    if (nargs != 9) {
         PyErr_SetString(PyExc_TypeError,
-                        "serve(scratch, pos, end, core, caps, out, small_read_max, batch_bytes)");
+                        "serve(scratch, pos, end, core, caps, regions, out, small_read_max, batch_bytes)");
         return NULL;
     }
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
-    Py_ssize_t small_read_max = PyLong_AsSsize_t(args[6]), batch_bytes = PyLong_AsSsize_t(args[7]);
+    Py_ssize_t small_read_max = PyLong_AsSsize_t(args[7]), batch_bytes = PyLong_AsSsize_t(args[8]);
     if (PyErr_Occurred()) return NULL;
-    PyObject *core = args[3], *caps = args[4], *out = args[5];
-    if (!PyDict_Check(caps) || !PyList_Check(out)) {
-        PyErr_SetString(PyExc_TypeError, "caps must be a dict and out a list");
+    PyObject *core = args[3], *caps = args[4], *regions = args[5], *out = args[6];
+    if (!PyDict_Check(caps) || !PyDict_Check(regions) || !PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "caps and regions must be dicts and out a list");
         return NULL;
     }
     Py_buffer view;
@@ -451,6 +472,8 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         if (flags & (F_HDGST | F_DDGST) || length == 0) break;
         Py_ssize_t frame = CMD_SIZE;
         const unsigned char *payload = NULL;
+        Py_buffer rv;
+        int have_region = 0;
         if (op == OP_READ) {
             if ((Py_ssize_t)length >= small_read_max) break;
         } else if (op == OP_WRITE) {
@@ -458,10 +481,27 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
             frame += length;
             if (end - pos < frame) break; /* the Python decoder takes the partial frame */
             payload = h + CMD_SIZE;
+        } else if (op == OP_READ_REGION || op == OP_WRITE_REGION) {
+            /* dataplane._region: a region registered on this connection, the range inside it */
+            if (op == OP_WRITE_REGION && !c.writes_ok) break;
+            uint64_t roff = ld64(h + 32);
+            PyObject *rkey = PyLong_FromUnsignedLong(ld32(h + 28));
+            if (rkey == NULL) goto fail;
+            PyObject *region = PyDict_GetItemWithError(regions, rkey); /* borrowed */
+            Py_DECREF(rkey);
+            if (region == NULL) { if (PyErr_Occurred()) goto fail; break; }
+            if (PyObject_GetBuffer(region, &rv, PyBUF_WRITABLE) < 0) { PyErr_Clear(); break; }
+            have_region = 1;
+            if (roff > (uint64_t)rv.len || (uint64_t)length > (uint64_t)rv.len - roff) {
+                PyBuffer_Release(&rv);
+                break;
+            }
         } else {
             break;
         }
-        int r = serve_one(&c, h, payload, out, &nread, &nwritten, &outbytes);
+        int r = serve_one(&c, h, payload, have_region ? (unsigned char *)rv.buf + ld64(h + 32) : NULL, out,
+                          &nread, &nwritten, &outbytes);
+        if (have_region) PyBuffer_Release(&rv);
         if (r < 0) goto fail;
         if (r == 0) break;
         ncommands++;
@@ -556,6 +596,8 @@ PyMODINIT_FUNC PyInit__cserve(void) {
     INTERN(s_commands, "commands"); INTERN(s_bytes_read, "bytes_read"); INTERN(s_bytes_written, "bytes_written");
     INTERN(s_drives_stats, "drives"); INTERN(s_volumes, "volumes"); INTERN(s_latency, "latency");
     INTERN(s_read, "read"); INTERN(s_write, "write");
+    INTERN(s_read_region, "read_region");
+    INTERN(s_write_region, "write_region");
     crc_init();
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

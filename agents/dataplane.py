@@ -184,13 +184,14 @@ class AgentConnection(asyncio.BufferedProtocol):
         self._gate_reading()
 
     def _serve_compiled(self) -> None:
-        """Serve the receive buffer's leading plain READs and WRITEs in C (``agents/_cserve.c``: the
+        """Serve the receive buffer's leading plain READs and WRITEs (and their region variants) in C (``agents/_cserve.c``: the
         same checks as ``execute``, the same completions), sending each ``BATCH_BYTES`` of replies."""
         assert _cserve is not None
         dec, out, core, caps = self.decoder, self._out, self.core, self.caps
         small = SENDFILE_MIN if self._use_sendfile and self._sock_fd >= 0 else dp.MAX_IO + 1
         while True:
-            pos, stop = _cserve.serve(dec.scratch, dec.pos, dec.end, core, caps, out, small, BATCH_BYTES)
+            pos, stop = _cserve.serve(dec.scratch, dec.pos, dec.end, core, caps, self.regions, out, small,
+                                      BATCH_BYTES)
             dec.pos = pos
             self._send()
             if stop != _cserve.STOP_FULL or self._write_paused or self.transport is None:

@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from nvpool import __version__
 from nvpool.client.cli_common import BadArgument, Parser, one_line
@@ -53,6 +53,18 @@ def humanize_sizes(message: str) -> str:
     return re.sub(r"\b(\d+) bytes\b", repl, message)
 
 
+class _Version(argparse.Action):
+    """``--version``: the version, then the data plane's implementation (looked up only when asked)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        from nvpool.proto import compiled
+
+        print(f"nvpool {__version__}")
+        print("data plane: " + ", ".join(f"{k.removeprefix('nvpool.')} {v}" for k, v in compiled.status().items()))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="nvpool",
@@ -65,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    p.add_argument("--version", action="version", version=f"nvpool {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show the version and which data-plane "
+                   "implementation this process uses (compiled C, or the pure-Python reference), then exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

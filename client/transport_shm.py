@@ -117,6 +117,8 @@ class SlotAllocator:
 
 
 class ShmConnection(AgentConnection):
+    posts_directly = False
+
     def __init__(self, address: str, window: int, bounce: Region, user_regions: Sequence[Region],
                  io_timeout: float = 30.0) -> None:
         super().__init__(address, window, io_timeout)

@@ -417,20 +417,26 @@ class AsyncVolume:
         if conn is None:
             return []
         n = len(view)
-        if write:
-            fut = conn.start(dp.WRITE, p.extent.extent_id, p.extent_offset, n, lay.generation, None, view,
-                             dp.FUA if fua else 0, deadline)
-        else:
-            fut = conn.start(dp.READ, p.extent.extent_id, p.extent_offset, n, lay.generation, view, None, 0, deadline)
-        if fut is None:
-            return []  # the window is full or the socket congested: the general path waits for room
         try:
-            try:
-                comp = await fut
-            except asyncio.CancelledError:
-                conn.abandon(fut)
-                raise
-            conn.check(comp, opcode, n, None if write else view)
+            if conn.posts_directly:
+                if write:
+                    fut = conn.start(dp.WRITE, p.extent.extent_id, p.extent_offset, n, lay.generation, None, view,
+                                     dp.FUA if fua else 0, deadline)
+                else:
+                    fut = conn.start(dp.READ, p.extent.extent_id, p.extent_offset, n, lay.generation, view, None, 0,
+                                     deadline)
+                if fut is None:
+                    return []  # the window is full or the socket congested: the general path waits for room
+                try:
+                    comp = await fut
+                except asyncio.CancelledError:
+                    conn.abandon(fut)
+                    raise
+                conn.check(comp, opcode, n, None if write else view)
+            else:  # the same-host transport places the data itself (registered memory or its bounce region)
+                await conn.submit(opcode, p.extent.extent_id, p.extent_offset, n, lay.generation,
+                                  payload=view if write else None, dest=None if write else view,
+                                  flags=dp.FUA if fua else 0, deadline=deadline)
             return None
         except DigestError as exc:
             self.stats["digest_errors"] += 1

@@ -276,13 +276,7 @@ class _Reader:
                 self._payload_done()
         else:
             self._end += n
-        try:
-            self._process()
-        except ProtocolError as exc:
-            self.failed = exc
-            raise
-        out, self._events = self._events, []
-        return out
+        return self.parse()
 
     def feed(self, data: Union[bytes, bytearray, memoryview]) -> list[Union[Command, Completion]]:
         """Push bytes we already hold; returns the events completed."""
@@ -325,7 +319,7 @@ class _Reader:
         return self._end
 
     def parse(self) -> list[Union[Command, Completion]]:
-        """Decode what is in the buffer (after ``received_raw``); the events completed."""
+        """Decode what is in the buffer (after ``advance``, or ``received_raw``); the events completed."""
         if self.failed is not None:
             raise self.failed
         try:

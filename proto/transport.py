@@ -59,6 +59,10 @@ class _Pending:
 class AgentConnection(asyncio.BufferedProtocol):
     """One connection to one agent (TCP or Unix socket)."""
 
+    #: the small-I/O fast path may post with ``start`` and place the data itself (the socket carries
+    #: it); False for the same-host transport, whose ``submit`` moves data through shared memory
+    posts_directly = True
+
     def __init__(self, address: str, window: int = 4 * 1024 * 1024, io_timeout: float = 30.0) -> None:
         self.address = address
         self.io_timeout = io_timeout

@@ -2,12 +2,20 @@
 """Data-plane benchmark (run by hand; not collected by pytest). Everything side by side in one run:
 
 1. sequential 1 MiB reads of a 4-agent striped volume through the library (TCP and shm) vs fio reading
-   the same backing drive files locally (psync, 1 MiB): the local limit;
+   the same backing drive files locally (psync, 1 MiB): the local limit; and vs the machine's limits
+   measured in the same run: loopback TCP (an iperf3-style stream between two processes) for TCP,
+   single-thread memcpy for shm (one copy is the floor);
 2. 4 KiB random reads at QD32 (IOPS) and QD1 (p50, p99) through the library vs
    ``fio --ioengine=nbd`` against ``nbdkit file`` serving a file of the same size: a C peer;
+   and the CPU per 4 KiB I/O on the client and on the agents (process accounting: getrusage and
+   /proc/PID/stat), against the issue-17 bound of 15 us a side;
 3. the same with writes;
 4. client CPU per GB read with 1, 2 and 4 agents;
 5. client and agent resident memory after reading ``--rss-gib`` GiB.
+
+The first line says which data-plane implementation ran (``NVPOOL_PURE_PYTHON=1`` runs the pure-Python
+reference: agents inherit the environment), so the compiled path and the reference can be compared run
+against run.
 
     .venv/bin/python tests/bench_dataplane.py [--size 1G] [--seconds 4] [--rss-gib 16] [--json]
 """
@@ -34,6 +42,8 @@ from nvpool.agents.drive import DATA_OFFSET  # noqa: E402
 from nvpool.proto.units import parse_size  # noqa: E402
 from nvpool.client.cli_bench import run_bench  # noqa: E402
 from nvpool.client.cluster import LocalCluster  # noqa: E402
+from nvpool.proto import compiled  # noqa: E402
+from tests.benchlib import loopback_tcp_MBps, memcpy_MBps  # noqa: E402
 
 MiB = 1 << 20
 
@@ -51,6 +61,11 @@ def fio_figures(job: dict[str, Any], kind: str) -> dict[str, float]:
     pct = d.get("clat_ns", {}).get("percentile", {})
     return {"MBps": d["bw_bytes"] / 1e6, "iops": d["iops"],
             "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000}
+
+
+def proc_cpu_s(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
@@ -77,6 +92,7 @@ def main() -> int:
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="nvpool-bench-"))
     rows: list[dict[str, Any]] = []
+    print("data plane: " + ", ".join(f"{k.rsplit('.', 1)[1]} {v}" for k, v in compiled.status().items()), file=sys.stderr)
 
     def row(what: str, ours: float, ref: float, ref_name: str, goal: str, higher_better: bool = True) -> None:
         ratio = ours / ref if ref else 0.0
@@ -107,9 +123,12 @@ def main() -> int:
         local = fio_figures(fio(["--name=local", "--ioengine=psync", "--rw=read", "--bs=1M", f"--offset={DATA_OFFSET}",
                                  f"--size={col}", "--filename=" + ":".join(str(d) for d in drives), "--numjobs=1",
                                  f"--runtime={args.seconds}", "--time_based"]), "read")
-        for t, goal in (("tcp", ">= 0.5"), ("shm", ">= 0.7")):
+        limits = {"tcp": (loopback_tcp_MBps(args.seconds), "loopback TCP stream"),
+                  "shm": (memcpy_MBps(args.seconds), "memcpy, 1 thread")}
+        for t in ("tcp", "shm"):
             r = bench(meta, "seq", io_type="read", io_size=MiB, io_depth=8, seconds=args.seconds, transport=t)
-            row(f"seq 1M read MB/s, 4 agents, {t}", r.MBps, local["MBps"], "fio psync local", goal)
+            row(f"seq 1M read MB/s, 4 agents, {t}", r.MBps, local["MBps"], "fio psync local", ">= 0.7")
+            row(f"seq 1M read MB/s, 4 agents, {t}", r.MBps, limits[t][0], limits[t][1], ">= 0.8")
         # 2./3. small I/O vs nbdkit
         peer = work / "peer.img"
         with open(peer, "wb") as f:
@@ -125,13 +144,18 @@ def main() -> int:
         for io_type, rw in (("read", "randread"), ("write", "randwrite")):
             kind = "read" if io_type == "read" else "write"
             for t in ("tcp", "shm"):
+                a0 = sum(proc_cpu_s(a.pid) for a in c.agents)
                 q32 = bench(meta, "seq", io_type=io_type, io_size=4096, io_depth=32, pattern="rand", seconds=args.seconds, transport=t)
+                agent_us = 1e6 * (sum(proc_cpu_s(a.pid) for a in c.agents) - a0) / max(1, q32.ops)
+                client_us = 1e6 * (q32.cpu_percent / 100 * q32.seconds) / max(1, q32.ops)
                 q1 = bench(meta, "seq", io_type=io_type, io_size=4096, io_depth=1, pattern="rand", seconds=args.seconds, transport=t)
                 p32 = fio_figures(fio(["--name=p", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
                                        "--iodepth=32", f"--runtime={args.seconds}", "--time_based", f"--size={size}"]), kind)
                 p1 = fio_figures(fio(["--name=p", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
                                       "--iodepth=1", f"--runtime={args.seconds}", "--time_based", f"--size={size}"]), kind)
-                row(f"4K rand {io_type} IOPS QD32, {t}", q32.iops, p32["iops"], "fio nbd -> nbdkit", ">= 0.5")
+                row(f"4K rand {io_type} IOPS QD32, {t}", q32.iops, p32["iops"], "fio nbd -> nbdkit", ">= 0.8")
+                row(f"4K rand {io_type} CPU us/IO QD32 client, {t}", client_us, 15.0, "bound", "< 1.0", False)
+                row(f"4K rand {io_type} CPU us/IO QD32 agents, {t}", agent_us, 15.0, "bound", "< 1.0", False)
                 row(f"4K rand {io_type} p50 us QD1, {t}", q1.lat_p50_us, p1["p50_us"], "fio nbd -> nbdkit", "<= 1.5", False)
                 row(f"4K rand {io_type} p99 us QD1, {t}", q1.lat_p99_us, p1["p99_us"], "fio nbd -> nbdkit", "report", False)
         # 4. CPU per GB read, 1/2/4 agents

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from nvpool.proto.units import parse_size  # noqa: E402
 from nvpool.client.cluster import LocalCluster  # noqa: E402
+from nvpool.proto import compiled  # noqa: E402
 from tests.bench_dataplane import fio, fio_figures  # noqa: E402
 
 
@@ -103,6 +104,11 @@ def main() -> int:
                 print(f"{'  ratio to nbdkit':<42} {r['iops_qd32'] / ref['iops_qd32']:>13.2f} "
                       f"{r['p50_us_qd1'] / ref['p50_us_qd1']:>11.2f} {r['p99_us_qd1'] / ref['p99_us_qd1']:>11.2f} "
                       f"{r['seq_MBps'] / ref['seq_MBps']:>12.2f} {r['iops_4conn'] / ref['iops_4conn']:>16.2f}")
+        pool_r = results["nvpool export (pool volume, 4 agents)"]
+        q, lat = pool_r["iops_qd32"] / ref["iops_qd32"], pool_r["p50_us_qd1"] / ref["p50_us_qd1"]
+        print(f"\ngoals (issue 17), nvpool export of a pool volume vs nbdkit: 4K QD32 IOPS {q:.2f}x (goal >= 0.7: "
+              f"{'met' if q >= 0.7 else 'NOT met'}), QD1 p50 {lat:.2f}x (goal <= 2: {'met' if lat <= 2 else 'NOT met'})")
+        print("data plane: " + ", ".join(f"{k.rsplit('.', 1)[1]} {v}" for k, v in compiled.status().items()))
         if args.json:
             print(json.dumps(results, indent=2))
         return 0

@@ -89,3 +89,55 @@ async def seq_timed(vol: Any, seconds: float, io: int = MiB, qd: int = 8, write:
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(qd)))
     return done / (time.perf_counter() - t0) / 1e6, done
+
+
+# ------------------------------------------------------------------ the machine's own limits, same run
+def memcpy_MBps(seconds: float = 1.0, size: int = 64 * MiB) -> float:
+    """Single-thread memory copy bandwidth (numpy's copy is libc memcpy), ``size`` bytes at a time:
+    the floor of a one-copy read through shared memory."""
+    import numpy as np
+
+    src = np.ones(size, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        np.copyto(dst, src)
+        n += size
+    return n / (time.perf_counter() - t0) / 1e6
+
+
+def _tcp_sink(port_q: Any, chunk: int) -> None:
+    import socket
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port_q.put(srv.getsockname()[1])
+    conn, _ = srv.accept()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    while conn.recv_into(view):
+        pass
+    conn.close()
+    srv.close()
+
+
+def loopback_tcp_MBps(seconds: float = 2.0, chunk: int = MiB) -> float:
+    """The loopback TCP limit, iperf3-style: one stream between two processes on 127.0.0.1, ``chunk``
+    bytes per send and per receive (the receiver copies into one reused buffer, as a reader would)."""
+    import multiprocessing
+    import socket
+
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_tcp_sink, args=(q, chunk), daemon=True)
+    p.start()
+    port = q.get(timeout=30)
+    s = socket.create_connection(("127.0.0.1", port))
+    data = b"\0" * chunk
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        s.sendall(data)
+        n += chunk
+    s.close()
+    p.join(timeout=30)
+    return n / (time.perf_counter() - t0) / 1e6

@@ -35,7 +35,7 @@ def run_isolated(target: pathlib.Path, cwd: pathlib.Path, code: str) -> subproce
     """Run ``code`` seeing only the installed copy and the dependencies: no site hooks (so no editable
     finder of the development checkout), the checkout not on the path, a clean working directory."""
     deps = sysconfig.get_paths()["purelib"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "NVPOOL_PURE_PYTHON"}
     env["PYTHONPATH"] = os.pathsep.join([str(target), deps])
     return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=120)
@@ -101,5 +101,14 @@ def test_beside_proto_plus_and_a_local_client_module(installed: pathlib.Path, tm
 def test_version_flag() -> None:
     import nvpool
 
-    p = subprocess.run([sys.executable, "-m", "nvpool", "--version"], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0 and p.stdout.strip() == f"nvpool {nvpool.__version__}", p.stdout + p.stderr
+    env = {k: v for k, v in os.environ.items() if k != "NVPOOL_PURE_PYTHON"}
+    p = subprocess.run([sys.executable, "-m", "nvpool", "--version"], capture_output=True, text=True, timeout=60,
+                       env=env)
+    lines = p.stdout.splitlines()
+    assert p.returncode == 0 and lines[0] == f"nvpool {nvpool.__version__}", p.stdout + p.stderr
+    # the second line names the data plane's implementation: compiled here (the test command builds it)
+    assert lines[1] == "data plane: agents._cserve compiled, proto._ccomplete compiled", p.stdout
+    env = {**os.environ, "NVPOOL_PURE_PYTHON": "1"}
+    p = subprocess.run([sys.executable, "-m", "nvpool", "--version"], capture_output=True, text=True, timeout=60,
+                       env=env)
+    assert p.returncode == 0 and "disabled (NVPOOL_PURE_PYTHON)" in p.stdout.splitlines()[1], p.stdout
