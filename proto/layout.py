@@ -271,6 +271,17 @@ class Layout:
             return None
         if write and (self.target is not None or self.mirrors):
             return None
+        if not self.mirrors:
+            # map()'s first step, without the generator (this runs once per small I/O)
+            su = self.stripe_unit
+            s, within = divmod(offset, su)
+            col = s % len(self.columns)
+            column = self.columns[col]
+            i, ext_off = column.locate((s // len(self.columns)) * su + within)
+            ext = column.extents[i]
+            if ext_off + length > ext.length:  # the range straddles two extents of the column
+                return None
+            return Piece(col, ext, ext_off, length, 0)
         p = next(self.map(offset, length))
         if p.length != length or (self.mirrors and not self.readable(p.column)):
             return None

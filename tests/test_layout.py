@@ -57,6 +57,21 @@ def test_map_matches_naive_model(lay: Layout, data: st.DataObject) -> None:
         pos += p.length
 
 
+@given(layouts(), st.data())
+def test_single_piece_is_map_when_map_gives_one_piece(lay: Layout, data: st.DataObject) -> None:
+    """The fast-path rule computes the piece directly; it must be exactly what ``map`` yields when
+    ``map`` yields one piece of the whole range, and None otherwise."""
+    off = data.draw(st.integers(-1, lay.size + 1))
+    length = data.draw(st.integers(0, max(0, lay.size - off) + 1))
+    if off < 0 or length <= 0 or off + length > lay.size:
+        assert lay.single_piece(off, length, write=False) is None
+        return
+    pieces = list(lay.map(off, length))
+    want = pieces[0] if len(pieces) == 1 and pieces[0].length == length else None
+    assert lay.single_piece(off, length, write=False) == want
+    assert lay.single_piece(off, length, write=True) == want
+
+
 @given(layouts())
 def test_roundtrip_dict(lay: Layout) -> None:
     assert Layout.from_dict(lay.to_dict()) == lay
