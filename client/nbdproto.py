@@ -314,6 +314,24 @@ class ServerConnection:
             return req
         return Request(req.command, req.flags, req.handle, req.offset, req.length, payload)
 
+    def take_buffered(self) -> bytes:
+        """Hand over the bytes received and not yet parsed (transmission only, between requests): the
+        compiled engine (``client/_cnbd.c``) goes on from there."""
+        if self._state != _TRANSMISSION or self._pending is not None:
+            raise NBDProtocolError("the connection is not between requests")
+        out, self._buf = bytes(self._buf), bytearray()
+        self._verdict = None
+        return out
+
+    def judge(self, cmd: int, flags: int, handle: int, offset: int, length: int,
+              data: Optional[Union[bytes, bytearray]] = None) -> Request:
+        """The ``Request`` ``next_event`` makes of a header (and a WRITE's payload) framed elsewhere (the
+        compiled engine): the same validation, so the same answer."""
+        error, message = self._validate(cmd, flags, offset, length)
+        if error:
+            return Request(cmd, flags, handle, offset, length, None, error, message)
+        return Request(cmd, flags, handle, offset, length, data if cmd == CMD_WRITE else None)
+
     def _validate(self, cmd: int, flags: int, offset: int, length: int) -> tuple[int, str]:
         """(NBD error, reason) for a request, (0, "") when it may be served; nbdkit's checks and order."""
         exp = self.export

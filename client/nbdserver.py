@@ -8,6 +8,12 @@ export (multi-conn): they share the same device, so FLUSH on any connection make
 write durable. Invalid requests are refused by the codec with nbdkit's error codes (``nbdproto``);
 any failure below (agent unreachable, drive error) -> EIO for that request only; the connection and
 the server go on. Input that cannot be answered drops only that connection, with one log line.
+
+Compiled transmission: once a client of a pool volume enters transmission, the connection is handed to
+the compiled engine (``client/_cnbd.c`` through ``client/nbdengine.py``): native threads frame,
+validate and answer requests within the same budget, post small reads and writes straight to the agents
+and hand everything else back to ``_serve`` here. With ``NVPOOL_PURE_PYTHON=1``, when the module is not
+built, or for ``--file`` exports, this module serves the whole connection itself.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import socket
 from typing import Any, Optional, Union
 
 from nvpool.client.blockdev import BlockDevice, check_range
+from nvpool.client import nbdengine
 from nvpool.client import nbdproto as nbd
+from nvpool.client.nbdengine import EngineLink
 from nvpool.proto.errors import NvpoolError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -111,6 +119,9 @@ class _Connection(asyncio.Protocol):
         self._out_requests = 0
         self._out_bytes = 0
         self._flush_scheduled = False
+        #: the compiled engine serving this connection's transmission phase (client/nbdengine.py), if any
+        self._link: Optional[EngineLink] = None
+        self._handing_off = False
 
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -126,6 +137,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.transport = None
         self.server.connections.discard(self)
+        if self._link is not None:
+            self._link.close()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -141,7 +154,7 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ admission (the budget)
     def _pump(self) -> None:
         """Pull and start every request the budget admits; pause or resume reading accordingly."""
-        if self._pumping or self.transport is None:
+        if self._pumping or self.transport is None or self._handing_off:
             return
         self._pumping = True
         blocked = False
@@ -165,6 +178,8 @@ class _Connection(asyncio.Protocol):
                 if ev is None:
                     break
                 self._event(ev)
+                if self._handing_off:
+                    return
         except nbd.NBDProtocolError as exc:
             self._drop(str(exc))
             return
@@ -210,6 +225,38 @@ class _Connection(asyncio.Protocol):
             self._close_if_idle()
         elif isinstance(ev, nbd.Ready):
             logger.info("NBD client %s opened export %r", self.peer, ev.export.name)
+            if self.server.use_engine and nbdengine.usable(self.server.device):
+                self._begin_handoff()
+
+    def _begin_handoff(self) -> None:
+        """Serve the transmission phase from the compiled engine (client/nbdengine.py): stop reading here
+        (the engine reads the socket from now on); if the engine cannot start, go on in Python."""
+        assert self.transport is not None
+        self._handing_off = True
+        self.transport.pause_reading()
+        self._pumping = False
+
+        async def handoff() -> None:
+            link = nbdengine.EngineLink(self, self.server.device)
+            try:
+                ok = await link.start()
+            except Exception as exc:  # noqa: BLE001 - the Python path serves the connection instead
+                logger.warning("NBD client %s: the compiled engine did not start (%s); serving it in Python",
+                               self.peer, exc)
+                link.close()
+                ok = False
+            if ok:
+                self._link = link
+                return
+            self._handing_off = False
+            if self.transport is not None:
+                self.transport.resume_reading()
+                self._reading_paused = False
+                self._pump()
+
+        task = asyncio.ensure_future(handoff())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _fast_read(self, req: nbd.Request) -> bool:
         """Small reads of a pool volume: posted straight to the agent, answered from a callback
@@ -243,6 +290,9 @@ class _Connection(asyncio.Protocol):
 
     def _send(self, frames: list[Union[bytes, bytearray, memoryview]], req: nbd.Request) -> None:
         """Queue a request's whole reply; replies finished in one event-loop turn go out in one writelines."""
+        if self._link is not None:  # a request the compiled engine handed to Python: the reply goes back to it
+            self._link.reply(req, frames)
+            return
         self._out.extend(frames)
         self._out_requests += 1
         if req.command <= nbd.CMD_WRITE and not req.error:
@@ -263,19 +313,21 @@ class _Connection(asyncio.Protocol):
         if self._reading_paused:
             self._pump()
 
-    async def _serve(self, req: nbd.Request) -> None:
-        """Serve a request the codec validated (range, flags, size); device errors map to EINVAL/EIO."""
+    async def _serve(self, req: nbd.Request, timeout: Optional[float] = None) -> None:
+        """Serve a request the codec validated (range, flags, size); device errors map to EINVAL/EIO.
+        ``timeout``: what is left of the I/O's budget (a request the compiled engine handed back late)."""
         dev = self.server.device
         codec = self.codec
+        kw: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
             if req.command == nbd.CMD_READ:
                 buf = bytearray(req.length)
                 view = memoryview(buf)
                 if req.length <= nbd.MAX_REQUEST:
-                    await dev.readinto(view, req.offset)
+                    await dev.readinto(view, req.offset, **kw)
                 else:
                     for pos in range(0, req.length, nbd.MAX_REQUEST):  # above 32 MiB: in pieces, one reply
-                        await dev.readinto(view[pos : pos + nbd.MAX_REQUEST], req.offset + pos)
+                        await dev.readinto(view[pos : pos + nbd.MAX_REQUEST], req.offset + pos, **kw)
                 self._send(codec.read_reply(req.handle, req.offset, buf), req)
                 return
             if req.command in (nbd.CMD_WRITE, nbd.CMD_TRIM, nbd.CMD_WRITE_ZEROES) and self.server.read_only:
@@ -286,9 +338,9 @@ class _Connection(asyncio.Protocol):
                 assert req.data is not None
                 data = memoryview(req.data)
                 for pos in range(0, req.length, nbd.MAX_REQUEST):
-                    await dev.write(req.offset + pos, data[pos : pos + nbd.MAX_REQUEST], fua)
+                    await dev.write(req.offset + pos, data[pos : pos + nbd.MAX_REQUEST], fua, **kw)
             elif req.command == nbd.CMD_FLUSH:
-                await dev.flush()
+                await dev.flush(**kw)
             elif req.command == nbd.CMD_TRIM:
                 check_range(dev.size, req.offset, req.length)
                 await dev.discard(req.offset, req.length)
@@ -320,8 +372,11 @@ class _Connection(asyncio.Protocol):
 
 
 class NBDServer:
-    def __init__(self, device: BlockDevice, name: str, read_only: bool = False, description: str = "") -> None:
+    def __init__(self, device: BlockDevice, name: str, read_only: bool = False, description: str = "",
+                 use_engine: bool = True) -> None:
         self.device = device
+        #: hand pool-volume connections to the compiled engine once they transmit (client/nbdengine.py)
+        self.use_engine = use_engine
         self.name = name
         self.read_only = read_only or device.read_only
         self.description = description
@@ -364,6 +419,8 @@ class NBDServer:
         for srv in self._servers:
             srv.close()
         for c in list(self.connections):
+            if c._link is not None:
+                c._link.close()
             if c.transport is not None:
                 c.transport.close()
         for srv in self._servers:

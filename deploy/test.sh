@@ -9,7 +9,7 @@ echo "test: ruff check" >&2
 echo "test: mypy (strict, whole tree, tests included)" >&2
 .venv/bin/mypy --no-incremental
 .venv/bin/python -m pytest -p no:cacheprovider "$@"
-# The data plane has a compiled hot path (agents/_cserve.c, proto/_ccomplete.c) and a pure-Python
+# The data plane has a compiled hot path (agents/_cserve.c, proto/_ccomplete.c, client/_cnbd.c) and a pure-Python
 # reference; the run above used the compiled one. Without arguments, the data-plane tests run once more
 # on the reference (NVPOOL_PURE_PYTHON=1, which agents started by the tests inherit).
 if [ $# -eq 0 ]; then
@@ -17,5 +17,5 @@ if [ $# -eq 0 ]; then
   NVPOOL_PURE_PYTHON=1 exec .venv/bin/python -m pytest -p no:cacheprovider -q \
     tests/test_dataplane_codec.py tests/test_agent.py tests/test_agent_hostile.py tests/test_transports.py \
     tests/test_client_faults.py tests/test_capabilities.py tests/test_data_safety.py tests/test_full_drive.py \
-    tests/test_nbd_hostile.py
+    tests/test_nbd_hostile.py tests/test_nbd.py tests/test_nbd_engine.py
 fi

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 MODULES = {
     "nvpool.agents._cserve": "nvpool.agents.dataplane (the agent's command loop)",
     "nvpool.proto._ccomplete": "nvpool.proto.transport (the client's completion path)",
+    "nvpool.client._cnbd": "nvpool.client.nbdserver (the NBD export's transmission loop)",
 }
 
 

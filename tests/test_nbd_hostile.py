@@ -138,11 +138,16 @@ class Server:
 
 
 def start_export(workdir: Path, image: Path) -> Server:
-    sock, log = str(workdir / "export.sock"), workdir / "export.log"
+    return spawn_export(workdir, "export", ["export", "--file", str(image)])
+
+
+def spawn_export(workdir: Path, name: str, args: list[str]) -> Server:
+    """``nvpool ARGS --socket workdir/NAME.sock``, logging to workdir/NAME.log, once it is ready."""
+    sock, log = str(workdir / f"{name}.sock"), workdir / f"{name}.log"
     ready = sock + ".ready"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "nvpool", "export", "--file", str(image), "--socket", sock,
-                                 "--ready-file", ready], stderr=out, cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, "-m", "nvpool", *args, "--socket", sock, "--ready-file", ready],
+                                stderr=out, cwd=ROOT)
     deadline = time.monotonic() + 30
     while not os.path.exists(ready):
         assert proc.poll() is None, log.read_text()
