@@ -179,7 +179,7 @@ typedef struct engine {
     char **old_caps;            /* replaced capabilities: the reader may still be sending one */
     int nold_caps;
     uint64_t cap_version;
-    int stop, reading_done, finished, nbd_broken, started, closed;
+    int stop, finished, nbd_broken, started, closed;
     char reason[256];
     pthread_t reader, writer;
     int reader_started, writer_started;
@@ -540,7 +540,6 @@ out:
     free(buf);
     /* wait for every admitted request to be answered (bounded: agents time out, Python answers) */
     pthread_mutex_lock(&e->mu);
-    e->reading_done = 1;
     while (!e->stop && e->in_flight) pthread_cond_wait(&e->cv, &e->mu);
     e->finished = 1;
     pthread_mutex_unlock(&e->mu);
@@ -756,20 +755,16 @@ static PyObject *Engine_add_agent(Engine *self, PyObject *args) {
     return PyLong_FromLong(n);
 }
 
-/* set_layout(generation, stripe_unit, reads, writes, columns): columns = [[(start, length, extent_id, agent), ...], ...] */
-static PyObject *Engine_set_layout(Engine *self, PyObject *args) {
-    unsigned long long gen, su;
-    int reads, writes;
-    PyObject *cols;
-    if (!PyArg_ParseTuple(args, "KKppO", &gen, &su, &reads, &writes, &cols)) return NULL;
+/* columns = [[(start, length, extent_id, agent), ...], ...] -> a layout_t (NULL with an exception set) */
+static layout_t *parse_layout(PyObject *cols, uint64_t gen, uint64_t su, int reads, int writes) {
     PyObject *seq = PySequence_Fast(cols, "columns must be a sequence");
     if (!seq) return NULL;
     layout_t *l = calloc(1, sizeof *l);
-    if (!l) { Py_DECREF(seq); return PyErr_NoMemory(); }
+    if (!l) { Py_DECREF(seq); PyErr_NoMemory(); return NULL; }
     l->generation = gen; l->su = su; l->reads = reads; l->writes = writes;
     l->width = (int)PySequence_Fast_GET_SIZE(seq);
     l->cols = calloc(l->width ? (size_t)l->width : 1, sizeof(column_t));
-    if (!l->cols) { free(l); Py_DECREF(seq); return PyErr_NoMemory(); }
+    if (!l->cols) { free(l); Py_DECREF(seq); PyErr_NoMemory(); return NULL; }
     for (int c = 0; c < l->width; c++) {
         PyObject *col = PySequence_Fast(PySequence_Fast_GET_ITEM(seq, c), "a column must be a sequence");
         if (!col) goto fail;
@@ -792,16 +787,27 @@ static PyObject *Engine_set_layout(Engine *self, PyObject *args) {
         Py_DECREF(col);
     }
     Py_DECREF(seq);
+    return l;
+fail:
+    Py_DECREF(seq);
+    free_layout(l);
+    return NULL;
+}
+
+/* set_layout(generation, stripe_unit, reads, writes, columns) */
+static PyObject *Engine_set_layout(Engine *self, PyObject *args) {
+    unsigned long long gen, su;
+    int reads, writes;
+    PyObject *cols;
+    if (!PyArg_ParseTuple(args, "KKppO", &gen, &su, &reads, &writes, &cols)) return NULL;
+    layout_t *l = parse_layout(cols, gen, su, reads, writes);
+    if (!l) return NULL;
     pthread_mutex_lock(&self->mu);
     layout_t *old = self->layout;
     self->layout = l;
     pthread_mutex_unlock(&self->mu);
     free_layout(old); /* only ever read under mu */
     Py_RETURN_NONE;
-fail:
-    Py_DECREF(seq);
-    free_layout(l);
-    return NULL;
 }
 
 static PyObject *Engine_set_cap(Engine *self, PyObject *args) {
@@ -938,15 +944,6 @@ static PyObject *Engine_stats(Engine *self, PyObject *unused) {
     return d;
 }
 
-static PyObject *Engine_agent_dead(Engine *self, PyObject *args) {
-    int i;
-    if (!PyArg_ParseTuple(args, "i", &i)) return NULL;
-    pthread_mutex_lock(&self->mu);
-    int dead = i < 0 || i >= self->nagents || !self->agents[i] || self->agents[i]->dead;
-    pthread_mutex_unlock(&self->mu);
-    return PyBool_FromLong(dead);
-}
-
 static void engine_close(Engine *self) {
     if (self->closed || !self->started) return;
     self->closed = 1;
@@ -1007,7 +1004,6 @@ static PyMethodDef Engine_methods[] = {
     {"take", (PyCFunction)Engine_take, METH_NOARGS, "take() -> (requests for Python, finished, reason, lost agent indices)"},
     {"reply", (PyCFunction)Engine_reply, METH_VARARGS, "reply(token, data): the reply to a request taken"},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "counters"},
-    {"agent_dead", (PyCFunction)Engine_agent_dead, METH_VARARGS, "agent_dead(index) -> bool"},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "stop every thread and close the sockets"},
     {NULL, NULL, 0, NULL},
 };
@@ -1036,18 +1032,11 @@ static PyObject *py_map_piece(PyObject *mod, PyObject *args) {
     unsigned long long su, offset, length;
     PyObject *cols;
     if (!PyArg_ParseTuple(args, "KOKK", &su, &cols, &offset, &length)) return NULL;
-    Engine tmp;
-    memset(&tmp, 0, sizeof tmp);
-    PyObject *a = Py_BuildValue("(KKiiO)", 0ULL, su, 1, 1, cols);
-    if (!a) return NULL;
-    pthread_mutex_init(&tmp.mu, NULL);
-    PyObject *r = Engine_set_layout(&tmp, a);
-    Py_DECREF(a);
-    if (!r) return NULL;
-    Py_DECREF(r);
+    layout_t *l = parse_layout(cols, 0, su, 1, 1);
+    if (!l) return NULL;
     uint64_t ext = 0, off = 0;
-    int ai = length ? map_piece(tmp.layout, offset, length, &ext, &off) : -1;
-    free_layout(tmp.layout);
+    int ai = length ? map_piece(l, offset, length, &ext, &off) : -1;
+    free_layout(l);
     if (ai < 0) Py_RETURN_NONE;
     return Py_BuildValue("(iKK)", ai, (unsigned long long)ext, (unsigned long long)off);
 }

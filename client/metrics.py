@@ -28,9 +28,7 @@ class Counters:
 
     def add(self, op: str, calls: int, nbytes: int) -> None:
         """Calls counted elsewhere (the compiled NBD engine: no latency histogram for those)."""
-        o = self.ops.get(op)
-        if o is None:
-            o = self.ops[op] = [0, 0, 0]
+        o = self.ops.setdefault(op, [0, 0, 0])
         o[0] += calls
         o[1] += nbytes
 

@@ -32,11 +32,12 @@ import asyncio
 import logging
 import os
 import socket
-import struct
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from nvpool.client.metrics import COUNTERS
+from nvpool.client.syncpath import connect_agent
+from nvpool.client import nbdproto as nbd
 from nvpool.client.volume import AsyncVolume
 from nvpool.proto import compiled
 from nvpool.proto.records import Endpoint
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _cnbd: Any = compiled.load("nvpool.client._cnbd")
-_HELLO_NO_REGIONS = struct.pack("<4sII", b"NVSH", 1, 0)
 #: how often the link re-checks the volume (layout, capability, fence) and retries lost agents
 SYNC_INTERVAL = 1.0
 
@@ -59,30 +59,12 @@ def usable(device: Any) -> bool:
 
 
 def _open_channel(ep: Endpoint, transport: str, timeout: float) -> Optional[socket.socket]:
-    """A blocking socket to ``ep``'s agent for the engine (no TLS: None when the agent needs it)."""
-    if ep.unix_path and transport != "tcp" and os.path.exists(ep.unix_path):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.settimeout(timeout)
-            s.connect(ep.unix_path)
-            s.sendall(_HELLO_NO_REGIONS)  # same-host socket: no registered regions
-            got = b""
-            while len(got) < 8:
-                chunk = s.recv(8 - len(got))
-                if not chunk:
-                    raise OSError("agent closed the connection")
-                got += chunk
-            if got[:4] != b"NVOK":
-                raise OSError("agent refused the same-host connection")
-        except BaseException:
-            s.close()
-            raise
-    elif ep.tls:
+    """A blocking socket to ``ep``'s agent for the engine; None when only TLS reaches it (the engine
+    speaks plain sockets)."""
+    unix = ep.unix_path if transport != "tcp" and ep.unix_path and os.path.exists(ep.unix_path) else ""
+    if not unix and ep.tls:
         return None
-    else:
-        host, _, port = ep.address.rpartition(":")
-        s = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s = connect_agent(ep.address, unix, timeout)
     s.settimeout(None)
     return s
 
@@ -189,8 +171,9 @@ class EngineLink:
             self._cap = cap
         reads = not lay.mirrors
         writes = reads and lay.target is None and not vol.read_only and not vol.closed and vol.writable
-        agents = tuple(sorted(self._agent_of.items()))
-        key = (lay.generation, id(lay), reads, writes, agents, id(vol.endpoints))
+        # the objects themselves (a refresh replaces both): compared by identity first, and never
+        # confused with a later object that reuses a freed one's id
+        key = (lay, vol.endpoints, reads, writes, tuple(sorted(self._agent_of.items())))
         if key == self._pushed:
             return
         columns = []
@@ -257,11 +240,11 @@ class EngineLink:
                verdict: int, astatus: int, age: float) -> None:
         conn = self.conn
         req = conn.codec.judge(cmd, flags, handle, offset, length, data)
-        if req.error != verdict:  # the two validations differ: a bug; answer safely, say so once
+        if req.error != verdict:  # the two validations differ: a bug; answer safely, say so
             logger.error("NBD engine: request %s at %d+%d judged %d by the engine, %d by the codec",
                          cmd, offset, length, verdict, req.error)
-            if not req.error and cmd == 1 and data is None:
-                self.reply_frames(token, [conn.codec.reply(handle, 5, "internal error")])  # EIO
+            if not req.error and cmd == nbd.CMD_WRITE and data is None:  # its payload was skipped
+                self.reply_frames(token, [conn.codec.reply(handle, nbd.EIO, "internal error")])
                 return
         if req.error:
             self.reply_frames(token, [conn.codec.reply(handle, req.error, req.message)])

@@ -27,7 +27,6 @@ from typing import Any, Optional, Union
 from nvpool.client.blockdev import BlockDevice, check_range
 from nvpool.client import nbdengine
 from nvpool.client import nbdproto as nbd
-from nvpool.client.nbdengine import EngineLink
 from nvpool.proto.errors import NvpoolError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -120,7 +119,7 @@ class _Connection(asyncio.Protocol):
         self._out_bytes = 0
         self._flush_scheduled = False
         #: the compiled engine serving this connection's transmission phase (client/nbdengine.py), if any
-        self._link: Optional[EngineLink] = None
+        self._link: Optional[nbdengine.EngineLink] = None
         self._handing_off = False
 
     # ------------------------------------------------------------------ transport callbacks
@@ -234,7 +233,6 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._handing_off = True
         self.transport.pause_reading()
-        self._pumping = False
 
         async def handoff() -> None:
             link = nbdengine.EngineLink(self, self.server.device)

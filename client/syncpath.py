@@ -59,24 +59,35 @@ def _sendmsg_all(sock: socket.socket, buffers: list[Buffer]) -> None:
             views.pop(0)
 
 
-class _Channel:
-    def __init__(self, address: str, unix_path: str, timeout: float,
-                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
-        if unix_path and os.path.exists(unix_path):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def connect_agent(address: str, unix_path: str, timeout: float,
+                  ssl_context: Optional[ssl.SSLContext] = None) -> socket.socket:
+    """A blocking connection to an agent's data plane (timeout ``timeout``): its Unix socket when
+    ``unix_path`` exists (no registered regions), else TCP (TLS with ``ssl_context``). Also used by the
+    NBD export's compiled engine (client/nbdengine.py)."""
+    if unix_path and os.path.exists(unix_path):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
             s.settimeout(timeout)
             s.connect(unix_path)
             s.sendall(_HELLO_NO_REGIONS)  # same-host socket: register no regions
-            if self._recv_exact(s, 8)[:4] != b"NVOK":
-                s.close()
+            if _Channel._recv_exact(s, 8)[:4] != b"NVOK":
                 raise OSError("agent refused the same-host connection")
-        else:
-            host, _, port = address.rpartition(":")
-            s = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if ssl_context is not None:  # a TLS data plane (proto/tls.py)
-                s = ssl_context.wrap_socket(s, server_hostname=SERVER_NAME)
-        self.sock = s
+        except BaseException:
+            s.close()
+            raise
+        return s
+    host, _, port = address.rpartition(":")
+    s = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if ssl_context is not None:  # a TLS data plane (proto/tls.py)
+        return ssl_context.wrap_socket(s, server_hostname=SERVER_NAME)
+    return s
+
+
+class _Channel:
+    def __init__(self, address: str, unix_path: str, timeout: float,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
+        self.sock = connect_agent(address, unix_path, timeout, ssl_context)
         self.hdr = bytearray(dp.COMPLETION.size)
         self.tag = 0
         #: volume id -> capability presented on this connection
