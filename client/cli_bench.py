@@ -62,9 +62,12 @@ async def run_bench(
     seed: int = 1,
     progress: bool = False,
     meta_timeout: float = 30.0,
+    registered: bool = False,
 ) -> BenchResult:
     """Run one benchmark on the calling event loop (ends at ``total`` bytes or ``seconds``).
-    ``meta_timeout``: seconds to wait for each answer of the metadata service."""
+    ``meta_timeout``: seconds to wait for each answer of the metadata service. ``registered``: the
+    workers' buffers are memory registered with same-host agents (``AsyncPool.alloc``), so the shm
+    transport's agents place and take the data there themselves (no copy in this process)."""
     from nvpool.client.api import AsyncPool
     from nvpool.client.metaclient import MetaClient, default_meta
     from nvpool.client.volume import ClientOptions
@@ -77,12 +80,16 @@ async def run_bench(
     pool = AsyncPool(MetaClient(meta or default_meta(), timeout=meta_timeout),
                      ClientOptions(transport=transport, digests=digests))
     try:
+        arena = pool.alloc(io_size * io_depth) if registered else None  # (before any connection opens)
         vol = await pool.open(volume, read_only=(io_type == "read"))
         size = vol.size // io_size * io_size
         if size <= 0:
             raise UsageError(f"volume {volume} ({human(vol.size)}) is smaller than one I/O of {human(io_size)}")
         rng = np.random.default_rng(seed)
         payload = memoryview(rng.integers(0, 256, io_size, dtype=np.uint8).tobytes())
+        if arena is not None:
+            for w in range(io_depth):
+                arena[w * io_size : (w + 1) * io_size] = np.frombuffer(payload, dtype=np.uint8)
         lat: list[int] = []
         state = {"next": 0, "bytes": 0, "ops": 0}
         deadline = time.monotonic() + seconds if seconds else float("inf")
@@ -90,7 +97,8 @@ async def run_bench(
         slots = size // io_size
 
         async def worker(wid: int) -> None:
-            buf = memoryview(bytearray(io_size))
+            buf = memoryview(bytearray(io_size)) if arena is None else memoryview(arena[wid * io_size : (wid + 1) * io_size].data)
+            data = payload if arena is None else buf
             wr = random.Random(seed + wid + 1)  # (numpy's scalar draws cost microseconds per I/O)
             while state["bytes"] < limit and time.monotonic() < deadline:
                 if pattern == "seq":
@@ -102,7 +110,7 @@ async def run_bench(
                 is_write = io_type == "write" or (io_type == "rw" and wr.random() < 0.5)
                 t0 = time.perf_counter_ns()
                 if is_write:
-                    await vol.write(off, payload)
+                    await vol.write(off, data)
                 else:
                     await vol.readinto(buf, off)
                 lat.append(time.perf_counter_ns() - t0)
@@ -139,6 +147,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_bench(
             resolve_meta(args), args.volume, args.io_type, args.io_size, args.io_depth, args.pattern,
             args.total or 0, args.seconds or 0.0, args.transport, args.digests, meta_timeout=args.timeout,
+            registered=args.registered,
         )
     )
     if args.json:
@@ -171,6 +180,8 @@ def register(sub: Any) -> None:
     p.add_argument("--seconds", type=seconds_arg, help="stop after this many seconds (default 10 if no --total)")
     p.add_argument("--transport", choices=["auto", "tcp", "shm"], default="auto")
     p.add_argument("--digests", action="store_true", help="CRC32C header and data digests")
+    p.add_argument("--registered", action="store_true",
+                   help="use buffers registered with same-host agents (the shm transport's zero-copy path)")
     p.add_argument("--meta", type=meta_address, help="metadata service HOST:PORT (default $NVPOOL_META or 127.0.0.1:7400)")
     add_timeout(p)
     p.add_argument("--json", action="store_true")

@@ -10,6 +10,12 @@ any error raises ``FastPathMiss`` and the caller takes the full asyncio path, wh
 layouts and maps errors. Each connection carries one command at a time, so a stale or broken
 connection is simply closed.
 
+The round trip itself is compiled where ``client/_csync.c`` is built (one ``writev`` for the command
+and payload, one ``readv`` for the completion and a READ's data, the GIL released meanwhile; the
+socket blocking with the timeout as the kernel's send/receive timeouts); ``_Channel.call``'s Python
+path is the reference, used for TLS sockets and with ``NVPOOL_PURE_PYTHON=1``, and
+``tests/test_syncpath.py`` runs every case on both.
+
 Every send has ``sendall`` semantics: a blocking ``sendmsg`` may send only part of the header and
 payload (a Unix socket takes about 208 KiB at once), so ``_sendmsg_all`` sends the rest from where it
 stopped, slicing memoryviews (no copy of the payload).
@@ -24,8 +30,12 @@ import struct
 import threading
 from typing import Optional, Union
 
+from nvpool.proto import compiled
 from nvpool.proto import dataplane as dp
 from nvpool.proto.tls import SERVER_NAME
+
+#: the compiled round trip (client/_csync.c; None: the pure-Python ``_Channel.call`` below)
+_csync = compiled.load("nvpool.client._csync")
 
 MAX_FAST = 256 * 1024
 _HELLO_NO_REGIONS = struct.pack("<4sII", b"NVSH", 1, 0)
@@ -87,11 +97,27 @@ def connect_agent(address: str, unix_path: str, timeout: float,
 class _Channel:
     def __init__(self, address: str, unix_path: str, timeout: float,
                  ssl_context: Optional[ssl.SSLContext] = None) -> None:
-        self.sock = connect_agent(address, unix_path, timeout, ssl_context)
+        self._adopt(connect_agent(address, unix_path, timeout, ssl_context), timeout, _csync is not None)
+
+    def _adopt(self, sock: socket.socket, timeout: float, compiled: bool) -> None:
+        """Use ``sock`` (connected, greeted) with the compiled round trip if ``compiled`` and it is a
+        plaintext socket, else with the pure-Python one (the reference)."""
+        self.sock = sock
         self.hdr = bytearray(dp.COMPLETION.size)
         self.tag = 0
         #: volume id -> capability presented on this connection
         self.authorized: dict[int, bytes] = {}
+        #: the compiled round trip serves this channel (plaintext sockets): the socket is made
+        #: blocking, with the timeout as the kernel's per-call send and receive timeouts
+        self.compiled = compiled and not isinstance(sock, ssl.SSLSocket)
+        if self.compiled:
+            tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+            self.sock.settimeout(None)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            self.fd = self.sock.fileno()
+        else:
+            self.fd = -1
 
     def authorize(self, volume_id: int, cap: bytes) -> None:
         """Present a capability (data-plane AUTH) once per connection and capability."""
@@ -121,6 +147,13 @@ class _Channel:
              payload: Optional[Buffer], dest: Optional[memoryview]) -> None:
         self.tag = (self.tag + 1) & 0xFFFFFFFF or 1
         hdr = dp.encode_command(opcode, self.tag, extent_id, offset, length, generation)
+        if self.compiled:
+            assert _csync is not None
+            status, _n, _info, _msg = _csync.exchange(self.fd, hdr, payload, dest if opcode == dp.READ else None,
+                                                       self.tag)
+            if status != 0:
+                raise FastPathMiss(f"status {status}")
+            return
         if payload is not None and isinstance(self.sock, ssl.SSLSocket):
             self.sock.sendall(hdr)  # (TLS sockets have no sendmsg)
             self.sock.sendall(payload)
@@ -133,6 +166,8 @@ class _Channel:
         if magic != dp.COMPLETION_MAGIC or tag != self.tag or flags:
             raise OSError("unexpected completion")
         if status != 0:
+            if n > dp.MAX_MESSAGE:
+                raise OSError("unexpected completion")
             if n:
                 self._recv_into(memoryview(bytearray(n)))  # the error message; the full path reports it
             raise FastPathMiss(f"status {status}")
@@ -179,6 +214,11 @@ class SyncChannels:
             if bad is not None:
                 bad.sock.close()
             raise FastPathMiss(str(exc), timed_out=isinstance(exc, TimeoutError)) from exc
+        except BaseException:  # (a signal handler's exception mid-command: the channel is out of step)
+            bad = chans.pop(address, None)
+            if bad is not None:
+                bad.sock.close()
+            raise
 
     def close(self) -> None:
         for ch in self._channels().values():

@@ -118,6 +118,11 @@ class SlotAllocator:
 
 class ShmConnection(AgentConnection):
     posts_directly = False
+    #: READs and WRITEs of at most this many bytes whose buffer is not registered travel inline on the
+    #: Unix socket (plain READ/WRITE: the kernel's one copy each way), not through the bounce region;
+    #: for small I/O the slot bookkeeping and our memcpy cost more than the socket's copy (measured:
+    #: tests/bench_dataplane.py, 4K shm rows). Registered buffers always go through their region.
+    inline_max = 64 * 1024
 
     def __init__(self, address: str, window: int, bounce: Region, user_regions: Sequence[Region],
                  io_timeout: float = 30.0) -> None:
@@ -153,6 +158,8 @@ class ShmConnection(AgentConnection):
             self._drain is not None and not self._drain.done()
         ) or self._user_region(buf) is not None:
             return None
+        if length <= self.inline_max:  # small: inline on the socket, as over TCP
+            return super().start(opcode, extent_id, offset, length, generation, dest, payload, flags, deadline)
         off = self.slots.try_alloc(length)
         if off is None:
             return None
@@ -210,10 +217,13 @@ class ShmConnection(AgentConnection):
             await super().submit(opcode, extent_id, offset, length, generation, payload, dest, flags, region, region_offset,
                                  deadline=deadline)
             return
-        flags &= ~dp.DDGST  # no payload on the wire to digest
         is_read = opcode == dp.READ
         op = dp.Opcode.READ_REGION if is_read else dp.Opcode.WRITE_REGION
         direct = self._user_region(dest if is_read else payload)
+        if direct is None and length <= self.inline_max:  # small: inline on the socket, as over TCP
+            await super().submit(opcode, extent_id, offset, length, generation, payload, dest, flags, deadline=deadline)
+            return
+        flags &= ~dp.DDGST  # no payload on the wire to digest
         if direct is not None:  # zero-copy: the agent uses the caller's (registered) memory
             await super().submit(op, extent_id, offset, length, generation, None, None, flags, *direct, deadline=deadline)
             return

@@ -24,6 +24,7 @@ MODULES = {
     "nvpool.agents._cserve": "nvpool.agents.dataplane (the agent's command loop)",
     "nvpool.proto._ccomplete": "nvpool.proto.transport (the client's completion path)",
     "nvpool.client._cnbd": "nvpool.client.nbdserver (the NBD export's transmission loop)",
+    "nvpool.client._csync": "nvpool.client.syncpath (the blocking API's round trip)",
 }
 
 

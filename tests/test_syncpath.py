@@ -1,0 +1,213 @@
+"""The blocking API's round trip (``client/syncpath.py``'s ``_Channel.call``): the compiled one
+(``client/_csync.c``) against the pure-Python reference, on the same scripted agent.
+
+Each case runs a scripted agent on the far end of a socketpair (a thread that reads the command and
+answers with exactly the bytes the case gives, in the pieces and with the pauses it gives) and checks
+that both implementations end the same way: the caller's buffer holding the payload, the same
+exception class, the channel still aligned (a second command works) where the reference keeps it so,
+and a silent agent costing one bounded wait.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from typing import Callable, Optional
+
+import pytest
+
+from nvpool.client import syncpath
+from nvpool.client.syncpath import FastPathMiss, _Channel
+from nvpool.proto import dataplane as dp
+from nvpool.proto.errors import Status
+
+IMPLS = ["python"] + (["compiled"] if syncpath._csync is not None else [])
+KiB = 1024
+Cmd = tuple[int, ...]
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed")
+        out += chunk
+    return out
+
+
+class Agent:
+    """Reads commands (and WRITE/AUTH payloads) and answers with ``script(command, payload)``: a list
+    of byte pieces, each sent after a short pause; None closes the connection."""
+
+    def __init__(self, sock: socket.socket, script: Callable[[Cmd, bytes], Optional[list[bytes]]]) -> None:
+        self.sock, self.script = sock, script
+        self.received: list[tuple[Cmd, bytes]] = []
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        try:
+            while True:
+                cmd = dp.COMMAND.unpack(recv_exact(self.sock, dp.COMMAND.size))
+                payload = recv_exact(self.sock, cmd[6]) if cmd[1] in (dp.WRITE, dp.Opcode.AUTH) else b""
+                self.received.append((cmd, payload))
+                pieces = self.script(cmd, payload)
+                if pieces is None:
+                    self.sock.close()
+                    return
+                for p in pieces:
+                    time.sleep(0.002)
+                    self.sock.sendall(p)
+        except OSError:
+            pass
+
+
+def channel(impl: str, script: Callable[[Cmd, bytes], Optional[list[bytes]]], timeout: float = 5.0,
+            sndbuf: int = 0) -> tuple[_Channel, Agent]:
+    a, b = socket.socketpair()
+    if sndbuf:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
+    a.settimeout(timeout)
+    ch = _Channel.__new__(_Channel)
+    ch._adopt(a, timeout, impl == "compiled")
+    assert ch.compiled == (impl == "compiled")
+    return ch, Agent(b, script)
+
+
+def ok(cmd: Cmd, payload: bytes) -> list[bytes]:
+    """A well-behaved agent: READ answers with bytes derived from the offset, in three pieces."""
+    tag, offset, length = cmd[3], cmd[5], cmd[6]
+    if cmd[1] == dp.READ:
+        data = (struct.pack("<Q", offset) * (length // 8 + 1))[:length]
+        frame = dp.encode_completion(tag, length=length) + data
+        return [frame[:10], frame[10:30], frame[30:]]
+    return [dp.encode_completion(tag)]
+
+
+def expect_data(offset: int, length: int) -> bytes:
+    return (struct.pack("<Q", offset) * (length // 8 + 1))[:length]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reads_and_writes_arrive_whole_whatever_the_pieces(impl: str) -> None:
+    ch, agent = channel(impl, ok, sndbuf=16 * KiB)
+    for size in (1, 512, 4 * KiB, 100 * KiB, 256 * KiB):
+        dest = bytearray(size)
+        ch.call(dp.READ, 3, 8 * size, size, 9, None, memoryview(dest))
+        assert bytes(dest) == expect_data(8 * size, size)
+    payload = bytes(range(256)) * (1024 * 4)  # 1 MiB through a 16 KiB socket buffer: many partial writes
+    ch.call(dp.WRITE, 3, 0, len(payload), 9, memoryview(payload), None)
+    cmd, got = agent.received[-1]
+    assert got == payload and cmd[1] == dp.WRITE and cmd[4] == 3 and cmd[9] == 9
+    ch.call(dp.Opcode.AUTH, 0, 0, 5, 0, b"token", None)
+    assert agent.received[-1][1] == b"token"
+
+
+def error(status: int, message: bytes) -> Callable[[Cmd, bytes], Optional[list[bytes]]]:
+    state = {"n": 0}
+
+    def script(cmd: Cmd, payload: bytes) -> list[bytes]:
+        state["n"] += 1
+        if state["n"] == 1:
+            frame = dp.COMPLETION.pack(dp.COMPLETION_MAGIC, status, 0, cmd[3], len(message), 0, 0) + message
+            return [frame[:20], frame[20:]]
+        return ok(cmd, payload)
+
+    return script
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("message", [b"", b"stale layout", b"x" * 100, b"y" * dp.MAX_MESSAGE])
+def test_an_error_status_is_a_miss_and_the_channel_stays_aligned(impl: str, message: bytes) -> None:
+    ch, _ = channel(impl, error(Status.STALE_LAYOUT, message))
+    dest = bytearray(16)  # shorter than most messages: the message must not overrun it
+    with pytest.raises(FastPathMiss, match=f"status {int(Status.STALE_LAYOUT)}"):
+        ch.call(dp.READ, 3, 0, 16, 9, None, memoryview(dest))
+    dest = bytearray(4 * KiB)
+    ch.call(dp.READ, 3, 4096, 4 * KiB, 9, None, memoryview(dest))  # the next command works
+    assert bytes(dest) == expect_data(4096, 4 * KiB)
+
+
+def bad(kind: str) -> Callable[[Cmd, bytes], Optional[list[bytes]]]:
+    def script(cmd: Cmd, payload: bytes) -> Optional[list[bytes]]:
+        tag, length = cmd[3], cmd[6]
+        if kind == "wrong tag":
+            return [dp.encode_completion(tag + 1, length=length) + bytes(length)]
+        if kind == "bad magic":
+            return [b"\x00\x00" + dp.encode_completion(tag, length=length)[2:] + bytes(length)]
+        if kind == "flags":
+            return [dp.COMPLETION.pack(dp.COMPLETION_MAGIC, 0, dp.DDGST, tag, length, 0, 0) + bytes(length)]
+        if kind == "short payload length":
+            return [dp.encode_completion(tag, length=length - 1) + bytes(length - 1)]
+        if kind == "payload on a write":
+            return [dp.encode_completion(tag, length=8) + bytes(8)]
+        if kind == "huge error message":
+            return [dp.COMPLETION.pack(dp.COMPLETION_MAGIC, 1, 0, tag, dp.MAX_MESSAGE + 1, 0, 0)]
+        if kind == "closed before the completion":
+            return None
+        if kind == "closed mid-payload":
+            return [dp.encode_completion(tag, length=length) + bytes(length // 2), b""]
+        raise AssertionError(kind)
+
+    return script
+
+
+KINDS = ["wrong tag", "bad magic", "flags", "short payload length", "payload on a write", "huge error message",
+         "closed before the completion", "closed mid-payload"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_malformed_or_cut_answer_is_an_oserror(impl: str, kind: str) -> None:
+    script = bad(kind)
+    if kind == "closed mid-payload":
+        inner = script
+
+        def script(cmd: Cmd, payload: bytes) -> Optional[list[bytes]]:
+            pieces = inner(cmd, payload)
+            assert pieces is not None
+            return pieces[:1] + [None]  # type: ignore[list-item]
+
+    def run(cmd: Cmd, payload: bytes) -> Optional[list[bytes]]:
+        pieces = script(cmd, payload)
+        if pieces and pieces[-1] is None:
+            agent.sock.sendall(pieces[0])
+            return None
+        return pieces
+
+    ch, agent = channel(impl, run)
+    if kind == "payload on a write":
+        with pytest.raises(OSError):
+            ch.call(dp.WRITE, 3, 0, 4 * KiB, 9, bytes(4 * KiB), None)
+    else:
+        with pytest.raises(OSError):
+            ch.call(dp.READ, 3, 0, 4 * KiB, 9, None, memoryview(bytearray(4 * KiB)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_silent_agent_costs_one_bounded_wait(impl: str) -> None:
+    ch, _ = channel(impl, lambda cmd, payload: [], timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        ch.call(dp.READ, 3, 0, 4 * KiB, 9, None, memoryview(bytearray(4 * KiB)))
+    assert 0.25 <= time.monotonic() - t0 < 3.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_an_agent_that_never_reads_costs_one_bounded_wait(impl: str) -> None:
+    """A WRITE larger than the socket buffers to an agent that reads nothing: the send times out."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * KiB)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * KiB)
+    a.settimeout(0.3)
+    ch = _Channel.__new__(_Channel)
+    ch._adopt(a, 0.3, impl == "compiled")
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        ch.call(dp.WRITE, 3, 0, 4 << 20, 9, bytes(4 << 20), None)
+    assert time.monotonic() - t0 < 3.0
+    b.close()
