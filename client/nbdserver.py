@@ -19,6 +19,7 @@ built, or for ``--file`` exports, this module serves the whole connection itself
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
@@ -43,6 +44,10 @@ MAX_BYTES_IN_FLIGHT = 16 * 1024 * 1024
 #: an 8 MiB mark, +48 MiB with this one; nbdkit: +17 MiB).
 WRITE_HIGH_WATER = 32 * 1024 * 1024
 WRITE_LOW_WATER = 8 * 1024 * 1024
+
+
+#: numbers for Unix-socket NBD clients in log lines (they have no peer address)
+_UNIX_PEERS = itertools.count(1)
 
 
 class FileBlockDevice:
@@ -125,7 +130,8 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.peer = transport.get_extra_info("peername") or "unix"
+        # a Unix-socket peer has no address: number it, so each connection's log lines can be told apart
+        self.peer = transport.get_extra_info("peername") or f"unix#{next(_UNIX_PEERS)}"
         try:
             self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)  # type: ignore[union-attr]
         except (AttributeError, NotImplementedError):  # pragma: no cover - every stream transport has it

@@ -105,26 +105,39 @@ def start_pool_export(cluster: LocalCluster, work: Path, volume: str) -> Server:
     return spawn_export(work, volume, ["-vv", "export", volume, "--meta", cluster.meta.address])
 
 
-SUMMARY = re.compile(r"compiled engine served (?P<reads>\d+) reads and (?P<writes>\d+) writes, Python (?P<python>\d+) "
-                     r"requests \((?P<handed_back>\d+) handed back by agents\), (?P<lost>\d+) agent connections lost")
+SUMMARY = re.compile(r"NBD client (?P<peer>\S+): compiled engine served (?P<reads>\d+) reads and (?P<writes>\d+) writes, "
+                     r"Python (?P<python>\d+) requests \((?P<handed_back>\d+) handed back by agents\), (?P<lost>\d+) agent "
+                     r"connections lost")
+OPENED = re.compile(r"NBD client (?P<peer>\S+) opened export")
 
 
-def engine_summaries(server: Server, since: int = 0) -> list[dict[str, int]]:
-    """The per-connection summaries the export logs when an engine connection ends."""
+def engine_summaries(server: Server, since: int = 0, peer: Optional[str] = None) -> list[dict[str, int]]:
+    """The per-connection summaries the export logs when an engine connection ends (``peer``: only that
+    connection's)."""
     out = []
     for line in server.log_text()[since:].splitlines():
         m = SUMMARY.search(line)
-        if m:
-            out.append({k: int(v) for k, v in m.groupdict().items()})
+        if m and (peer is None or m["peer"] == peer):
+            out.append({k: int(v) for k, v in m.groupdict().items() if k != "peer"})
     return out
 
 
-def wait_summaries(server: Server, n: int, since: int = 0) -> list[dict[str, int]]:
+def wait_summaries(server: Server, n: int, since: int = 0, peer: Optional[str] = None) -> list[dict[str, int]]:
     deadline = time.monotonic() + 10
-    while len(got := engine_summaries(server, since)) < n:
+    while len(got := engine_summaries(server, since, peer)) < n:
         assert time.monotonic() < deadline, server.log_text()[-3000:]
         time.sleep(0.02)
     return got
+
+
+def opened_peer(server: Server, since: int) -> str:
+    """The export's name for the first connection opened after log position ``since`` (the export
+    numbers Unix-socket clients, so an earlier test's connection that ends late is not mistaken for it)."""
+    deadline = time.monotonic() + 10
+    while (m := OPENED.search(server.log_text()[since:])) is None:
+        assert time.monotonic() < deadline, server.log_text()[-3000:]
+        time.sleep(0.02)
+    return m["peer"]
 
 
 def reply_any(p: Peer, want: dict[int, Optional[bytes]]) -> tuple[int, int, bytes]:
@@ -150,6 +163,7 @@ def test_engine_reads_and_writes_match_a_model(engine_export: Server, structured
     base = 48 * MiB if structured else 56 * MiB  # each run its own 8 MiB
     model = bytearray(os.urandom(8 * MiB))
     p = Peer(engine_export.sock, structured=structured)
+    peer = opened_peer(engine_export, since)
     p.send(nbd.CMD_WRITE, 1, 0, base, len(model), bytes(model))  # 8 MiB: one request, served by Python
     assert p.reply()[:2] == (0, 1)
     handle = 10
@@ -188,7 +202,7 @@ def test_engine_reads_and_writes_match_a_model(engine_export: Server, structured
     assert p.reply(len(model)) == (0, 7, bytes(model))
     p.send(nbd.CMD_DISC, 8)
     p.close()
-    (summary,) = wait_summaries(engine_export, 1, since)
+    (summary,) = wait_summaries(engine_export, 1, since, peer)
     assert summary["reads"] > 500 and summary["writes"] > 300 and summary["python"] > 20, summary
 
 
@@ -250,6 +264,7 @@ def test_engine_loses_nothing_when_an_agent_is_killed_and_restarted(local_pool: 
     since = len(engine_export.log_text())
     content = os.urandom(4 * MiB)
     p = Peer(engine_export.sock, structured=True)
+    peer = opened_peer(engine_export, since)
     p.send(nbd.CMD_WRITE, 1, 0, 0, len(content), content)
     assert p.reply()[:2] == (0, 1)
     handle, rng = 10, random.Random(3)
@@ -281,7 +296,7 @@ def test_engine_loses_nothing_when_an_agent_is_killed_and_restarted(local_pool: 
         round_of_reads(64)
     p.send(nbd.CMD_DISC, 2)
     p.close()
-    (summary,) = wait_summaries(engine_export, 1, since)
+    (summary,) = wait_summaries(engine_export, 1, since, peer)
     assert summary["lost"] >= 1 and summary["python"] >= 1, summary
     assert summary["reads"] >= 64 + 200, summary  # served from C again after the reconnect
 
