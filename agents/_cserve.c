@@ -36,8 +36,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -287,25 +294,109 @@ static int framing_ok(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end) 
 }
 
 typedef struct {
-    PyObject *extents, *drives, *caps, *stats_drives, *stats_volumes, *latency;
+    PyObject *extents, *drives, *caps, *stats, *stats_drives, *stats_volumes, *latency;
     int check_caps;
     int writes_ok;       /* no migration copy or dirty tracking on the core */
     double serve_until;  /* monotonic */
     double wall_now;     /* time.time() for capability expiry, once per call */
+    int threaded;        /* a native connection thread (see "Native connections"): keep the GIL across
+                            each command's checks and I/O, so no control call runs in between */
+    long long nread, nwritten, ncommands;
 } Ctx;
 
-/* 1: served (completion appended); 0: for the Python path; -1: a Python error (bug or memory) */
-static int serve_one(Ctx *c, const unsigned char *h, const unsigned char *payload, unsigned char *region,
-                     PyObject *out, long long *nread, long long *nwritten, size_t *outbytes) {
-    double t0 = now_clock(CLOCK_MONOTONIC);
-    unsigned op = h[2], flags = h[3];
-    uint32_t tag = ld32(h + 4);
+static void ctx_clear(Ctx *c) {
+    Py_CLEAR(c->latency);
+    Py_CLEAR(c->stats_volumes);
+    Py_CLEAR(c->stats_drives);
+    Py_CLEAR(c->stats);
+    Py_CLEAR(c->drives);
+    Py_CLEAR(c->extents);
+}
+
+/* Read the core's state for one batch (the GIL is held from here to ctx_close): 0, or -1 with an
+ * exception set (then ctx_clear). */
+static int ctx_open(Ctx *c, PyObject *core, PyObject *caps, int threaded) {
+    PyObject *secrets = NULL, *copies = NULL, *dirty = NULL, *su = NULL;
+    memset(c, 0, sizeof(*c));
+    c->caps = caps;
+    c->threaded = threaded;
+    if ((c->extents = PyObject_GetAttr(core, s_extents)) == NULL) goto fail;
+    if ((c->drives = PyObject_GetAttr(core, s_drives)) == NULL) goto fail;
+    if ((c->stats = PyObject_GetAttr(core, s_stats)) == NULL) goto fail;
+    if ((c->stats_drives = PyObject_GetAttr(c->stats, s_drives_stats)) == NULL) goto fail;
+    if ((c->stats_volumes = PyObject_GetAttr(c->stats, s_volumes)) == NULL) goto fail;
+    if ((c->latency = PyObject_GetAttr(c->stats, s_latency)) == NULL) goto fail;
+    if (!PyDict_Check(c->extents) || !PyDict_Check(c->drives) || !PyDict_Check(c->stats_drives) ||
+        !PyDict_Check(c->stats_volumes) || !PyDict_Check(c->latency)) {
+        PyErr_SetString(PyExc_TypeError, "the core's tables must be dicts");
+        goto fail;
+    }
+    if ((secrets = PyObject_GetAttr(core, s_secrets)) == NULL) goto fail;
+    if ((c->check_caps = PyObject_IsTrue(secrets)) < 0) goto fail;
+    if ((copies = PyObject_GetAttr(core, s_copies)) == NULL || (dirty = PyObject_GetAttr(core, s_dirty)) == NULL)
+        goto fail;
+    {
+        int a = PyObject_IsTrue(copies), b = PyObject_IsTrue(dirty);
+        if (a < 0 || b < 0) goto fail;
+        c->writes_ok = !a && !b;
+    }
+    if ((su = PyObject_GetAttr(core, s_serve_until)) == NULL) goto fail;
+    c->serve_until = PyFloat_AsDouble(su);
+    if (c->serve_until == -1.0 && PyErr_Occurred()) goto fail;
+    c->wall_now = now_clock(CLOCK_REALTIME);
+    Py_DECREF(secrets);
+    Py_DECREF(copies);
+    Py_DECREF(dirty);
+    Py_DECREF(su);
+    return 0;
+fail:
+    Py_XDECREF(secrets);
+    Py_XDECREF(copies);
+    Py_XDECREF(dirty);
+    Py_XDECREF(su);
+    return -1;
+}
+
+/* Add what the batch served to the core's counters and drop the references; -1 if that failed (an
+ * exception already set is kept). */
+static int ctx_close(Ctx *c) {
+    int bad = 0;
+    if (c->stats != NULL) { /* the counters of what was served, also when a later command raised */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        bad = attr_add(c->stats, s_commands, c->ncommands) < 0 || attr_add(c->stats, s_bytes_read, c->nread) < 0 ||
+              attr_add(c->stats, s_bytes_written, c->nwritten) < 0;
+        if (et != NULL) {
+            if (bad) PyErr_Clear();
+            PyErr_Restore(et, ev, tb);
+        }
+    }
+    ctx_clear(c);
+    return bad ? -1 : 0;
+}
+
+/* Where a command's bytes are, once every check of the Python path passed. */
+typedef struct {
+    int fd;
+    off_t at;
+    PyObject *drive_id, *volume_id; /* owned */
+} Located;
+
+static void located_clear(Located *L) {
+    Py_CLEAR(L->drive_id);
+    Py_CLEAR(L->volume_id);
+}
+
+/* The checks of dataplane._authorize (the connection's capability for the extent's volume: expiry,
+ * access, generation bound) and AgentCore.locate (extent held, generation fence, serve lease of a
+ * replicated extent, range, a plain Drive present and not failed). 1: passed (``L`` filled);
+ * 0: for the Python path (a refusal it words itself); -1: a Python error (bug or memory). */
+static int locate(Ctx *c, const unsigned char *h, Located *L) {
+    unsigned op = h[2];
     uint64_t extent_id = ld64(h + 8), offset = ld64(h + 16), generation = ld64(h + 40);
     uint32_t length = ld32(h + 24);
     int write = (op == OP_WRITE || op == OP_WRITE_REGION);
-    int in_region = (op == OP_READ_REGION || op == OP_WRITE_REGION); /* data through ``region``, not the socket */
-    PyObject *op_name = op == OP_READ ? s_read : op == OP_WRITE ? s_write : op == OP_READ_REGION ? s_read_region
-                                                                                                 : s_write_region;
+    memset(L, 0, sizeof(*L));
 
     PyObject *key = PyLong_FromUnsignedLongLong(extent_id);
     if (key == NULL) return -1;
@@ -314,13 +405,13 @@ static int serve_one(Ctx *c, const unsigned char *h, const unsigned char *payloa
     if (rec == NULL) return PyErr_Occurred() ? -1 : 0;
     Py_INCREF(rec);
     int result = 0;
-    PyObject *volume_id = NULL, *drive_id = NULL, *drive = NULL, *bytes = NULL;
+    PyObject *drive = NULL;
     long long min_gen, replicas, rlength, drive_offset, fd;
 
-    volume_id = PyObject_GetAttr(rec, s_volume_id);
-    if (volume_id == NULL) goto error;
+    L->volume_id = PyObject_GetAttr(rec, s_volume_id);
+    if (L->volume_id == NULL) goto error;
     if (c->check_caps) { /* dataplane._authorize */
-        PyObject *cap = PyDict_GetItemWithError(c->caps, volume_id);
+        PyObject *cap = PyDict_GetItemWithError(c->caps, L->volume_id);
         if (cap == NULL) { if (PyErr_Occurred()) goto error; goto python; }
         long long expires, access;
         unsigned long long maxgen;
@@ -337,9 +428,9 @@ static int serve_one(Ctx *c, const unsigned char *h, const unsigned char *payloa
     if (replicas > 1 && now_clock(CLOCK_MONOTONIC) > c->serve_until) goto python;
     if (attr_ll(rec, s_length, &rlength) < 0) goto error;
     if (offset + (uint64_t)length > (uint64_t)rlength || offset + (uint64_t)length < offset) goto python;
-    drive_id = PyObject_GetAttr(rec, s_drive_id);
-    if (drive_id == NULL) goto error;
-    drive = PyDict_GetItemWithError(c->drives, drive_id);
+    L->drive_id = PyObject_GetAttr(rec, s_drive_id);
+    if (L->drive_id == NULL) goto error;
+    drive = PyDict_GetItemWithError(c->drives, L->drive_id);
     if (drive == NULL) { if (PyErr_Occurred()) goto error; goto python; }
     Py_INCREF(drive);
     if ((PyObject *)Py_TYPE(drive) != drive_type) goto python;
@@ -352,45 +443,88 @@ static int serve_one(Ctx *c, const unsigned char *h, const unsigned char *payloa
         if (is_failed) goto python;
     }
     if (attr_ll(drive, s_fd, &fd) < 0 || attr_ll(rec, s_drive_offset, &drive_offset) < 0) goto error;
-    if (fd < 0) goto python;
-    off_t at = (off_t)(drive_offset + (long long)offset);
+    if (fd < 0 || fd > INT32_MAX) goto python;
+    L->fd = (int)fd;
+    L->at = (off_t)(drive_offset + (long long)offset);
+    result = 1;
+    goto done;
+python:
+    result = 0;
+    goto done;
+error:
+    result = -1;
+done:
+    if (result != 1) located_clear(L);
+    Py_XDECREF(drive);
+    Py_DECREF(rec);
+    return result;
+}
+
+static PyObject *op_name_of(unsigned op) {
+    return op == OP_READ ? s_read : op == OP_WRITE ? s_write : op == OP_READ_REGION ? s_read_region : s_write_region;
+}
+
+/* 1: served (completion appended); 0: for the Python path; -1: a Python error (bug or memory) */
+static int serve_one(Ctx *c, const unsigned char *h, const unsigned char *payload, unsigned char *region,
+                     PyObject *out, size_t *outbytes) {
+    double t0 = now_clock(CLOCK_MONOTONIC);
+    unsigned op = h[2], flags = h[3];
+    uint32_t tag = ld32(h + 4);
+    uint32_t length = ld32(h + 24);
+    int write = (op == OP_WRITE || op == OP_WRITE_REGION);
+    int in_region = (op == OP_READ_REGION || op == OP_WRITE_REGION); /* data through ``region``, not the socket */
+    Located L;
+    int result = locate(c, h, &L);
+    if (result != 1) return result;
+    PyObject *bytes = NULL;
+    int fd = L.fd;
+    off_t at = L.at;
 
     if (in_region) {
         int rc;
-        Py_BEGIN_ALLOW_THREADS
-        rc = write ? full_pwrite((int)fd, region, length, at) : full_pread((int)fd, region, length, at);
-        if (rc == 0 && write && (flags & F_FUA)) rc = fdatasync((int)fd);
-        Py_END_ALLOW_THREADS
+        if (c->threaded) { /* (FUA never reaches here in a thread: see serve_core) */
+            rc = write ? full_pwrite(fd, region, length, at) : full_pread(fd, region, length, at);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            rc = write ? full_pwrite(fd, region, length, at) : full_pread(fd, region, length, at);
+            if (rc == 0 && write && (flags & F_FUA)) rc = fdatasync(fd);
+            Py_END_ALLOW_THREADS
+        }
         if (rc < 0) goto python;
         bytes = PyBytes_FromStringAndSize(NULL, COMP_SIZE);
         if (bytes == NULL) goto error;
         encode_completion((unsigned char *)PyBytes_AS_STRING(bytes), tag, 0);
-        if (write) *nwritten += length; else *nread += length;
+        if (write) c->nwritten += length; else c->nread += length;
         *outbytes += COMP_SIZE;
     } else if (write) {
         int rc;
-        Py_BEGIN_ALLOW_THREADS
-        rc = full_pwrite((int)fd, payload, length, at);
-        if (rc == 0 && (flags & F_FUA)) rc = fdatasync((int)fd);
-        Py_END_ALLOW_THREADS
+        if (c->threaded) {
+            rc = full_pwrite(fd, payload, length, at);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            rc = full_pwrite(fd, payload, length, at);
+            if (rc == 0 && (flags & F_FUA)) rc = fdatasync(fd);
+            Py_END_ALLOW_THREADS
+        }
         if (rc < 0) goto python; /* the Python path writes again and reports the drive's error */
         bytes = PyBytes_FromStringAndSize(NULL, COMP_SIZE);
         if (bytes == NULL) goto error;
         encode_completion((unsigned char *)PyBytes_AS_STRING(bytes), tag, 0);
-        *nwritten += length;
+        c->nwritten += length;
         *outbytes += COMP_SIZE;
     } else {
         bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)COMP_SIZE + length);
         if (bytes == NULL) goto error;
         unsigned char *p = (unsigned char *)PyBytes_AS_STRING(bytes);
-        if (full_pread((int)fd, p + COMP_SIZE, length, at) < 0) goto python;
+        if (full_pread(fd, p + COMP_SIZE, length, at) < 0) goto python;
         encode_completion(p, tag, length);
-        *nread += length;
+        c->nread += length;
         *outbytes += COMP_SIZE + length;
     }
     if (PyList_Append(out, bytes) < 0) goto error;
-    if (stats_io(c->stats_drives, c->stats_volumes, drive_id, volume_id, write, length) < 0) goto error;
-    if (stats_observe(c->latency, op_name, now_clock(CLOCK_MONOTONIC) - t0) < 0) goto error;
+    if (stats_io(c->stats_drives, c->stats_volumes, L.drive_id, L.volume_id, write, length) < 0) goto error;
+    if (stats_observe(c->latency, op_name_of(op), now_clock(CLOCK_MONOTONIC) - t0) < 0) goto error;
+    c->ncommands++;
     result = 1;
     goto done;
 python:
@@ -400,67 +534,28 @@ error:
     result = -1;
 done:
     Py_XDECREF(bytes);
-    Py_XDECREF(drive);
-    Py_XDECREF(drive_id);
-    Py_XDECREF(volume_id);
-    Py_DECREF(rec);
+    located_clear(&L);
     return result;
 }
 
-static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError,
-                        "serve(scratch, pos, end, core, caps, regions, out, small_read_max, batch_bytes)");
-        return NULL;
-    }
-    Py_ssize_t pos = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
-    Py_ssize_t small_read_max = PyLong_AsSsize_t(args[7]), batch_bytes = PyLong_AsSsize_t(args[8]);
-    if (PyErr_Occurred()) return NULL;
-    PyObject *core = args[3], *caps = args[4], *regions = args[5], *out = args[6];
-    if (!PyDict_Check(caps) || !PyDict_Check(regions) || !PyList_Check(out)) {
-        PyErr_SetString(PyExc_TypeError, "caps and regions must be dicts and out a list");
-        return NULL;
-    }
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
-    if (pos < 0 || end < pos || end > view.len) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "pos/end outside the scratch buffer");
-        return NULL;
-    }
-    const unsigned char *buf = (const unsigned char *)view.buf;
-    Ctx c = {0};
-    PyObject *stats = NULL, *secrets = NULL, *copies = NULL, *dirty = NULL, *su = NULL;
-    long long nread = 0, nwritten = 0, ncommands = 0;
+/* The loop over the frames of [pos, end): serves the plain ones at the front, stops at the first frame
+ * for Python (or an incomplete one) or when ``batch_bytes`` of replies are in ``out``. The GIL is held
+ * throughout, so the table state read at the start stays valid for the whole call. *pos is moved past
+ * what was served; returns STOP_NEED_PYTHON / STOP_FULL, or -1 with an exception set. In a native
+ * thread (``threaded``), a FUA write goes to Python too (its fdatasync must not hold the GIL, and
+ * releasing it would let a control call run between the write and its completion). */
+static int serve_core(const unsigned char *buf, Py_ssize_t *pos_io, Py_ssize_t end, PyObject *core, PyObject *caps,
+                      PyObject *regions, PyObject *out, Py_ssize_t small_read_max, Py_ssize_t batch_bytes,
+                      int threaded, long long *served) {
+    Py_ssize_t pos = *pos_io;
+    Ctx c;
     size_t outbytes = 0;
     int stop = STOP_NEED_PYTHON, failed = 0;
 
-    c.caps = caps;
-    if ((c.extents = PyObject_GetAttr(core, s_extents)) == NULL) goto fail;
-    if ((c.drives = PyObject_GetAttr(core, s_drives)) == NULL) goto fail;
-    if ((stats = PyObject_GetAttr(core, s_stats)) == NULL) goto fail;
-    if ((c.stats_drives = PyObject_GetAttr(stats, s_drives_stats)) == NULL) goto fail;
-    if ((c.stats_volumes = PyObject_GetAttr(stats, s_volumes)) == NULL) goto fail;
-    if ((c.latency = PyObject_GetAttr(stats, s_latency)) == NULL) goto fail;
-    if (!PyDict_Check(c.extents) || !PyDict_Check(c.drives) || !PyDict_Check(c.stats_drives) ||
-        !PyDict_Check(c.stats_volumes) || !PyDict_Check(c.latency)) {
-        PyErr_SetString(PyExc_TypeError, "the core's tables must be dicts");
-        goto fail;
+    if (ctx_open(&c, core, caps, threaded) < 0) {
+        ctx_clear(&c);
+        return -1;
     }
-    if ((secrets = PyObject_GetAttr(core, s_secrets)) == NULL) goto fail;
-    if ((c.check_caps = PyObject_IsTrue(secrets)) < 0) goto fail;
-    if ((copies = PyObject_GetAttr(core, s_copies)) == NULL || (dirty = PyObject_GetAttr(core, s_dirty)) == NULL)
-        goto fail;
-    {
-        int a = PyObject_IsTrue(copies), b = PyObject_IsTrue(dirty);
-        if (a < 0 || b < 0) goto fail;
-        c.writes_ok = !a && !b;
-    }
-    if ((su = PyObject_GetAttr(core, s_serve_until)) == NULL) goto fail;
-    c.serve_until = PyFloat_AsDouble(su);
-    if (c.serve_until == -1.0 && PyErr_Occurred()) goto fail;
-    c.wall_now = now_clock(CLOCK_REALTIME);
-
     if (!framing_ok(buf, pos, end)) goto finish; /* the Python decoder raises; nothing here runs */
     while (pos < end) {
         if (outbytes >= (size_t)batch_bytes) { stop = STOP_FULL; break; }
@@ -470,6 +565,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         uint32_t length = ld32(h + 24);
         if (ld16(h) != COMMAND_MAGIC || (flags & ~KNOWN_FLAGS) || length > MAX_IO) break; /* ProtocolError there */
         if (flags & (F_HDGST | F_DDGST) || length == 0) break;
+        if (threaded && (flags & F_FUA)) break;
         Py_ssize_t frame = CMD_SIZE;
         const unsigned char *payload = NULL;
         Py_buffer rv;
@@ -500,43 +596,714 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
             break;
         }
         int r = serve_one(&c, h, payload, have_region ? (unsigned char *)rv.buf + ld64(h + 32) : NULL, out,
-                          &nread, &nwritten, &outbytes);
+                          &outbytes);
         if (have_region) PyBuffer_Release(&rv);
         if (r < 0) goto fail;
         if (r == 0) break;
-        ncommands++;
         pos += frame;
     }
     goto finish;
 fail:
     failed = 1;
 finish:
-    if (stats != NULL) { /* the counters of what was served, also when a later command raised */
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        int bad = attr_add(stats, s_commands, ncommands) < 0 || attr_add(stats, s_bytes_read, nread) < 0 ||
-                  attr_add(stats, s_bytes_written, nwritten) < 0;
-        if (et != NULL) {
-            if (bad) PyErr_Clear();
-            PyErr_Restore(et, ev, tb);
-        } else if (bad) {
-            failed = 1;
-        }
+    if (served != NULL) *served += c.ncommands;
+    if (ctx_close(&c) < 0) failed = 1;
+    *pos_io = pos;
+    return failed ? -1 : stop;
+}
+
+static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError,
+                        "serve(scratch, pos, end, core, caps, regions, out, small_read_max, batch_bytes)");
+        return NULL;
     }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t small_read_max = PyLong_AsSsize_t(args[7]), batch_bytes = PyLong_AsSsize_t(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *core = args[3], *caps = args[4], *regions = args[5], *out = args[6];
+    if (!PyDict_Check(caps) || !PyDict_Check(regions) || !PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "caps and regions must be dicts and out a list");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    if (pos < 0 || end < pos || end > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "pos/end outside the scratch buffer");
+        return NULL;
+    }
+    int stop = serve_core((const unsigned char *)view.buf, &pos, end, core, caps, regions, out, small_read_max,
+                          batch_bytes, 0, NULL);
     PyBuffer_Release(&view);
-    Py_XDECREF(su);
-    Py_XDECREF(dirty);
-    Py_XDECREF(copies);
-    Py_XDECREF(secrets);
-    Py_XDECREF(c.latency);
-    Py_XDECREF(c.stats_volumes);
-    Py_XDECREF(c.stats_drives);
-    Py_XDECREF(stats);
-    Py_XDECREF(c.drives);
-    Py_XDECREF(c.extents);
-    if (failed) return NULL;
+    if (stop < 0) return NULL;
     return Py_BuildValue("(ni)", pos, stop);
 }
+
+/* ====================================================================== native connections
+ *
+ * Conn(fd, core, caps, regions, on_event, small_read_max, batch_bytes): one data-plane connection
+ * served by a thread of its own, off the event loop (agents/dataplane.py, "Native connections", says
+ * when and why). The thread owns the socket in both directions:
+ *
+ *   - it receives into a buffer of its own (grown to the frame at its front, at most one MAX_IO frame;
+ *     memory is committed only as bytes arrive), and sends with blocking sendmsg, so a peer that does
+ *     not read its replies stops the thread in send and the commands it sends wait in the kernel;
+ *   - each time the buffer holds a complete frame it takes the GIL and runs serve_core over
+ *     [pos, end) (threaded: the GIL is kept across each command's checks and its pread/pwrite, so a
+ *     fence, a release or a capability change made by Python can never fall between the two), then
+ *     releases the GIL and sends the replies;
+ *   - a plain READ of small_read_max bytes or more (no digest) is sent in steps of COPY_STEP bytes from a
+ *     buffer of the connection's: before each step, with the GIL held, the command is checked again
+ *     exactly as serve_one checks it and the step is read with pread under that same GIL hold; the
+ *     send (blocking) runs without the GIL. A check that fails before the completion header went out
+ *     hands the command to Python (which words the refusal); after it, the connection is closed (the
+ *     peer can only learn of it that way). Never sendfile: it queues references to page-cache pages,
+ *     whose bytes are copied only when the peer reads them, so bytes written after the check (after
+ *     the extent was released and its space given to another volume, say) could reach this peer;
+ *   - every other complete frame (another opcode, digests, FUA, any refusal) is handed to Python with
+ *     the complete frames behind it (up to HANDOFF_BUDGET bytes of frames and read lengths):
+ *     on_event(EV_FRAMES, bytes) (or EV_BAD_FRAMING when framing_ok failed: Python drops the
+ *     connection) and the thread waits, without the GIL, until Python calls answer(frames, close),
+ *     sends those frames, and goes on (or closes). Execution stays in order: nothing behind a handed
+ *     frame runs before Python has answered it;
+ *   - post(frames) queues completions Python finishes later (a FLUSH waits for fdatasync on the drives'
+ *     worker threads while the connection goes on, as on the Python path); the thread sends them when
+ *     it is woken through an eventfd (it waits for the socket and that eventfd with poll) or after its
+ *     next batch, never in the middle of another frame;
+ *   - when the peer closes, the socket fails or stop() is called, the thread shuts the socket down,
+ *     calls on_event(EV_ENDED, reason) (not after stop()) and ends. The descriptor is closed by stop()
+ *     after the thread ended, or when the object goes away: never while the thread may still use it.
+ *
+ * on_event runs on the thread (with the GIL): it must only hand the event to the event loop
+ * (call_soon_threadsafe). An exception from it ends the connection.
+ */
+
+#define RECV_INITIAL (256 * 1024)
+#define RECV_KEEP (1024 * 1024)
+#define HANDOFF_BUDGET (1024 * 1024)
+#define EV_FRAMES 1
+#define EV_ENDED 2
+#define EV_BAD_FRAMING 3
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    PyObject *core, *caps, *regions, *on_event;
+    Py_ssize_t small_read_max, batch_bytes;
+    pthread_t thread;
+    int started, joined;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int stopping;  /* under mu */
+    int waiting;   /* frames handed to Python and not answered (under mu) */
+    int answered;  /* under mu */
+    PyObject *reply; /* answer()'s frames (set and taken with the GIL held) */
+    int reply_close;
+    int efd;           /* eventfd: post() wakes the thread with it */
+    PyObject *posted;  /* post()'s frames not yet sent (a list; with the GIL held) */
+    int n_posted;      /* under mu: post() calls not yet taken by the thread */
+    unsigned char *buf;
+    size_t cap, pos, end;
+    unsigned char *sbuf; /* large_read's buffer (COMP_SIZE + COPY_STEP bytes, made on first use) */
+    /* counters, written by the thread with the GIL held */
+    long long batches, served, handoffs, handed_bytes, large_reads;
+} Conn;
+
+static PyTypeObject ConnType;
+
+static int conn_stopping(Conn *c) {
+    pthread_mutex_lock(&c->mu);
+    int s = c->stopping;
+    pthread_mutex_unlock(&c->mu);
+    return s;
+}
+
+/* 1 if the header at h is well framed (the checks that make the Python decoder raise otherwise) */
+static int header_sound(const unsigned char *h) {
+    return ld16(h) == COMMAND_MAGIC && !(h[3] & ~KNOWN_FLAGS) && ld32(h + 24) <= MAX_IO;
+}
+
+/* the whole frame's size for a sound header (header, header digest, payload, data digest) */
+static size_t frame_size(const unsigned char *h) {
+    unsigned op = h[2], flags = h[3];
+    uint32_t length = ld32(h + 24);
+    size_t f = CMD_SIZE + ((flags & F_HDGST) ? 4 : 0);
+    if ((op == OP_WRITE || op == OP_AUTH) && length) f += length + ((flags & F_DDGST) ? 4 : 0);
+    return f;
+}
+
+/* bytes the frame at the buffer's front needs in all (a header that is not sound counts as complete:
+ * the serving step finds the framing error and hands it to Python) */
+static size_t front_need(Conn *c) {
+    size_t avail = c->end - c->pos;
+    if (avail < CMD_SIZE) return CMD_SIZE;
+    const unsigned char *h = c->buf + c->pos;
+    if (!header_sound(h)) return CMD_SIZE;
+    return frame_size(h);
+}
+
+/* room to receive the rest of a frame of ``need`` bytes from pos: 0, or -1 (out of memory) */
+static int ensure_room(Conn *c, size_t need) {
+    if (c->pos == c->end) {
+        c->pos = c->end = 0;
+        if (c->cap > RECV_KEEP) { /* a large frame went through: give its memory back */
+            unsigned char *nb = malloc(RECV_INITIAL);
+            if (nb == NULL) return -1;
+            free(c->buf);
+            c->buf = nb;
+            c->cap = RECV_INITIAL;
+        }
+    }
+    if (c->cap - c->pos >= need && c->end < c->cap) return 0;
+    if (c->pos > 0) {
+        memmove(c->buf, c->buf + c->pos, c->end - c->pos);
+        c->end -= c->pos;
+        c->pos = 0;
+    }
+    if (c->cap >= need && c->end < c->cap) return 0;
+    size_t ncap = c->cap;
+    while (ncap < need || ncap <= c->end) ncap *= 2;
+    /* (malloc maps large blocks lazily: pages are committed as the bytes arrive) */
+    unsigned char *nb = realloc(c->buf, ncap);
+    if (nb == NULL) return -1;
+    c->buf = nb;
+    c->cap = ncap;
+    return 0;
+}
+
+/* send all of iov[0..cnt) with blocking sendmsg; 0, or an errno */
+static int send_all(int fd, struct iovec *v, int left) {
+    while (left > 0) {
+        struct msghdr m;
+        memset(&m, 0, sizeof(m));
+        m.msg_iov = v;
+        m.msg_iovlen = (size_t)left;
+        ssize_t k = sendmsg(fd, &m, MSG_NOSIGNAL);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return errno;
+        }
+        size_t done = (size_t)k;
+        while (left > 0 && done >= v->iov_len) {
+            done -= v->iov_len;
+            v++;
+            left--;
+        }
+        if (left > 0) {
+            v->iov_base = (char *)v->iov_base + done;
+            v->iov_len -= done;
+        }
+    }
+    return 0;
+}
+
+/* send every bytes object of ``frames`` (a list the caller owns and shares with nobody, so it is read
+ * without the GIL); 0, or an errno */
+static int send_frames(int fd, PyObject *frames) {
+    Py_ssize_t n = PyList_GET_SIZE(frames), i = 0;
+    struct iovec iov[64];
+    while (i < n) {
+        int cnt = 0;
+        while (i + cnt < n && cnt < 64) {
+            PyObject *b = PyList_GET_ITEM(frames, i + cnt);
+            iov[cnt].iov_base = PyBytes_AS_STRING(b);
+            iov[cnt].iov_len = (size_t)PyBytes_GET_SIZE(b);
+            cnt++;
+        }
+        i += cnt;
+        int err = send_all(fd, iov, cnt);
+        if (err) return err;
+    }
+    return 0;
+}
+
+/* send what post() queued; 0, or an errno. Called without the GIL. */
+static int send_posted(Conn *c, PyThreadState *ts) {
+    pthread_mutex_lock(&c->mu);
+    int n = c->n_posted;
+    c->n_posted = 0;
+    pthread_mutex_unlock(&c->mu);
+    if (!n) return 0;
+    PyEval_RestoreThread(ts);
+    PyObject *frames = c->posted;
+    c->posted = PyList_New(0);
+    if (c->posted == NULL) { /* no memory: put them back and let the caller end the connection */
+        c->posted = frames;
+        PyErr_Clear();
+        PyEval_SaveThread();
+        return ENOMEM;
+    }
+    PyEval_SaveThread();
+    int err = send_frames(c->fd, frames);
+    PyEval_RestoreThread(ts);
+    Py_DECREF(frames);
+    PyEval_SaveThread();
+    return err;
+}
+
+/* The end of the frames handed to Python from pos: every complete frame, up to HANDOFF_BUDGET bytes of
+ * frames and read lengths (at least one frame). The frame at pos is complete and framing_ok passed. */
+static size_t handoff_cut(Conn *c) {
+    size_t cut = c->pos, budget = 0;
+    while (cut < c->end && budget < HANDOFF_BUDGET) {
+        if (c->end - cut < CMD_SIZE) break;
+        const unsigned char *h = c->buf + cut;
+        if (!header_sound(h)) break;
+        size_t f = frame_size(h);
+        if (c->end - cut < f) break;
+        budget += f + ((h[2] == OP_READ) ? ld32(h + 24) : 0);
+        cut += f;
+    }
+    return cut;
+}
+
+/* A plain READ of small_read_max bytes or more (see the header): in steps of COPY_STEP bytes, each
+ * checked again and read with pread under one GIL hold, then sent (blocking, without the GIL) from the
+ * connection's own buffer. 0 served; 1 for Python (nothing sent yet); -1 end the connection (*why).
+ * Called without the GIL. */
+#define COPY_STEP (1024 * 1024)
+static int large_read(Conn *c, PyThreadState *ts, const unsigned char *h, const char **why) {
+    uint32_t tag = ld32(h + 4), n = ld32(h + 24);
+    size_t done = 0;
+    double t0 = now_clock(CLOCK_MONOTONIC);
+    if (c->sbuf == NULL && (c->sbuf = malloc(COMP_SIZE + COPY_STEP)) == NULL) {
+        *why = "out of memory";
+        return -1;
+    }
+    while (done < n) {
+        size_t step = n - done < COPY_STEP ? n - done : COPY_STEP;
+        size_t head = done == 0 ? COMP_SIZE : 0;
+        PyEval_RestoreThread(ts);
+        if (conn_stopping(c)) {
+            PyEval_SaveThread();
+            *why = "stopped";
+            return -1;
+        }
+        Ctx cx;
+        Located L;
+        int r = -1;
+        if (ctx_open(&cx, c->core, c->caps, 1) == 0) r = locate(&cx, h, &L);
+        if (r == 1 && full_pread(L.fd, c->sbuf + head, step, L.at + (off_t)done) < 0) {
+            located_clear(&L);
+            r = 0;
+        }
+        if (r != 1) {
+            ctx_close(&cx);
+            PyErr_Clear();
+            PyEval_SaveThread();
+            if (done == 0) return 1;
+            *why = "a read failed its checks after its completion was sent";
+            return -1;
+        }
+        if (head) encode_completion(c->sbuf, tag, n);
+        if (done + step == n) {
+            cx.nread += n;
+            cx.ncommands++;
+            if (stats_io(cx.stats_drives, cx.stats_volumes, L.drive_id, L.volume_id, 0, n) < 0 ||
+                stats_observe(cx.latency, s_read, now_clock(CLOCK_MONOTONIC) - t0) < 0)
+                PyErr_Clear();
+            c->large_reads++;
+        }
+        located_clear(&L);
+        if (ctx_close(&cx) < 0) PyErr_Clear();
+        PyEval_SaveThread();
+        struct iovec v = {c->sbuf, head + step};
+        int err = send_all(c->fd, &v, 1);
+        if (err) {
+            *why = strerror(err);
+            return -1;
+        }
+        done += step;
+    }
+    return 0;
+}
+
+/* Hand [pos, cut) to Python and wait for its answer; then send it. 0 go on; -1 end (*why). Called
+ * without the GIL. */
+static int handoff(Conn *c, PyThreadState *ts, size_t cut, int kind, const char **why) {
+    pthread_mutex_lock(&c->mu);
+    c->waiting = 1; /* before Python can see the frames: its answer may come at once */
+    c->answered = 0;
+    pthread_mutex_unlock(&c->mu);
+    PyEval_RestoreThread(ts);
+    PyObject *data = PyBytes_FromStringAndSize((const char *)c->buf + c->pos, (Py_ssize_t)(cut - c->pos));
+    PyObject *r = data == NULL ? NULL : PyObject_CallFunction(c->on_event, "iO", kind, data);
+    Py_XDECREF(data);
+    if (r == NULL) {
+        PyErr_Clear(); /* no event loop to hand it to (it closed): nobody can answer */
+        PyEval_SaveThread();
+        *why = "the event loop is gone";
+        return -1;
+    }
+    Py_DECREF(r);
+    c->handoffs++;
+    c->handed_bytes += (long long)(cut - c->pos);
+    PyEval_SaveThread();
+    pthread_mutex_lock(&c->mu);
+    while (!c->answered && !c->stopping) pthread_cond_wait(&c->cv, &c->mu);
+    int stopped = !c->answered;
+    c->waiting = 0;
+    pthread_mutex_unlock(&c->mu);
+    if (stopped) {
+        *why = "stopped";
+        return -1;
+    }
+    PyEval_RestoreThread(ts);
+    PyObject *reply = c->reply;
+    c->reply = NULL;
+    int close_after = c->reply_close;
+    PyEval_SaveThread();
+    int err = reply != NULL ? send_frames(c->fd, reply) : 0;
+    PyEval_RestoreThread(ts);
+    Py_XDECREF(reply);
+    PyEval_SaveThread();
+    if (err) {
+        *why = strerror(err);
+        return -1;
+    }
+    c->pos = cut;
+    if (close_after || kind == EV_BAD_FRAMING) {
+        *why = "";
+        return -1;
+    }
+    return 0;
+}
+
+static void *conn_main(void *arg) {
+    Conn *c = (Conn *)arg;
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyThreadState *ts = PyEval_SaveThread(); /* this thread's state, kept for every batch */
+    const char *why = "";
+    char whybuf[160];
+    for (;;) {
+        size_t need = front_need(c);
+        if (c->end - c->pos < need) { /* receive */
+            if (ensure_room(c, need) < 0) {
+                why = "out of memory";
+                break;
+            }
+            ssize_t k = recv(c->fd, c->buf + c->end, c->cap - c->end, MSG_DONTWAIT);
+            if (k == 0) {
+                why = c->end > c->pos ? "closed in the middle of a command" : "";
+                break;
+            }
+            if (k < 0) {
+                if (errno == EINTR) continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) { /* nothing yet: wait for it or for post() */
+                    struct pollfd p[2] = {{c->fd, POLLIN, 0}, {c->efd, POLLIN, 0}};
+                    if (poll(p, 2, -1) < 0 && errno != EINTR) {
+                        why = strerror(errno);
+                        break;
+                    }
+                    if (p[1].revents & POLLIN) {
+                        uint64_t v;
+                        if (read(c->efd, &v, sizeof(v)) < 0 && errno != EAGAIN) {
+                            why = strerror(errno);
+                            break;
+                        }
+                        int err = send_posted(c, ts);
+                        if (err) {
+                            why = strerror(err);
+                            break;
+                        }
+                    }
+                    if (conn_stopping(c)) {
+                        why = "stopped";
+                        break;
+                    }
+                    continue;
+                }
+                why = conn_stopping(c) ? "stopped" : strerror(errno);
+                break;
+            }
+            c->end += (size_t)k;
+            continue;
+        }
+        /* a complete frame at pos: serve what can be served here */
+        PyEval_RestoreThread(ts);
+        if (conn_stopping(c)) {
+            PyEval_SaveThread();
+            why = "stopped";
+            break;
+        }
+        PyObject *out = PyList_New(0);
+        Py_ssize_t pos = (Py_ssize_t)c->pos;
+        int stop = out == NULL ? -1 : serve_core(c->buf, &pos, (Py_ssize_t)c->end, c->core, c->caps, c->regions,
+                                                 out, c->small_read_max, c->batch_bytes, 1, &c->served);
+        if (stop < 0) {
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            PyObject *text = ev != NULL ? PyObject_Repr(ev) : NULL;
+            snprintf(whybuf, sizeof(whybuf), "internal error %s",
+                     text != NULL && PyUnicode_Check(text) ? PyUnicode_AsUTF8(text) : "(unknown)");
+            PyErr_Clear();
+            Py_XDECREF(text);
+            Py_XDECREF(et);
+            Py_XDECREF(ev);
+            Py_XDECREF(tb);
+            Py_XDECREF(out);
+            PyEval_SaveThread();
+            why = whybuf;
+            break;
+        }
+        c->batches++;
+        c->pos = (size_t)pos;
+        int kind = 0, large = 0;
+        size_t cut = c->pos;
+        if (stop == STOP_NEED_PYTHON && c->pos < c->end && front_need(c) <= c->end - c->pos) {
+            const unsigned char *h = c->buf + c->pos;
+            if (!framing_ok(c->buf, (Py_ssize_t)c->pos, (Py_ssize_t)c->end)) {
+                kind = EV_BAD_FRAMING;
+                cut = c->end;
+            } else if (h[2] == OP_READ && !(h[3] & (F_HDGST | F_DDGST)) && ld32(h + 24) >= c->small_read_max) {
+                large = 1;
+            } else {
+                kind = EV_FRAMES;
+                cut = handoff_cut(c);
+            }
+        }
+        PyEval_SaveThread();
+        int err = send_frames(c->fd, out);
+        PyEval_RestoreThread(ts);
+        Py_DECREF(out);
+        PyEval_SaveThread();
+        if (!err) err = send_posted(c, ts);
+        if (err) {
+            why = strerror(err);
+            break;
+        }
+        if (large) {
+            int r = large_read(c, ts, c->buf + c->pos, &why);
+            if (r < 0) break;
+            if (r == 0) {
+                c->pos += CMD_SIZE;
+                continue;
+            }
+            kind = EV_FRAMES; /* the checks refused it: Python words the refusal */
+            cut = handoff_cut(c);
+        }
+        if (kind && handoff(c, ts, cut, kind, &why) < 0) break;
+    }
+    shutdown(c->fd, SHUT_RDWR); /* the peer sees the end now; the descriptor is closed by stop() */
+    PyEval_RestoreThread(ts);
+    if (!conn_stopping(c)) {
+        PyObject *r = PyObject_CallFunction(c->on_event, "is", EV_ENDED, why);
+        if (r == NULL) PyErr_Clear();
+        Py_XDECREF(r);
+    }
+    free(c->buf);
+    c->buf = NULL;
+    free(c->sbuf);
+    c->sbuf = NULL;
+    c->cap = c->pos = c->end = 0;
+    Py_DECREF((PyObject *)c); /* the thread's reference */
+    PyGILState_Release(g);
+    (void)ts;
+    return NULL;
+}
+
+static PyObject *Conn_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    int fd;
+    PyObject *core, *caps, *regions, *on_event;
+    Py_ssize_t small_read_max, batch_bytes;
+    if (!PyArg_ParseTuple(args, "iOO!O!Onn", &fd, &core, &PyDict_Type, &caps, &PyDict_Type, &regions, &on_event,
+                          &small_read_max, &batch_bytes))
+        return NULL;
+    if (fd < 0 || small_read_max < 1 || batch_bytes < 1) {
+        PyErr_SetString(PyExc_ValueError, "Conn: bad descriptor or sizes");
+        return NULL;
+    }
+    Conn *c = (Conn *)type->tp_alloc(type, 0);
+    if (c == NULL) return NULL;
+    c->fd = -1;
+    c->efd = -1;
+    if (pthread_mutex_init(&c->mu, NULL) != 0 || pthread_cond_init(&c->cv, NULL) != 0) {
+        Py_DECREF(c);
+        return PyErr_NoMemory();
+    }
+    c->buf = malloc(RECV_INITIAL);
+    if (c->buf == NULL) {
+        Py_DECREF(c);
+        return PyErr_NoMemory();
+    }
+    c->cap = RECV_INITIAL;
+    c->efd = -1;
+    c->posted = PyList_New(0);
+    if (c->posted == NULL) {
+        Py_DECREF(c);
+        return NULL;
+    }
+    c->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (c->efd < 0) {
+        Py_DECREF(c);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    c->fd = fd; /* owned from here on */
+    Py_INCREF(core); c->core = core;
+    Py_INCREF(caps); c->caps = caps;
+    Py_INCREF(regions); c->regions = regions;
+    Py_INCREF(on_event); c->on_event = on_event;
+    c->small_read_max = small_read_max;
+    c->batch_bytes = batch_bytes;
+    return (PyObject *)c;
+}
+
+static PyObject *Conn_start(Conn *c, PyObject *unused) {
+    if (c->started) {
+        PyErr_SetString(PyExc_RuntimeError, "already started");
+        return NULL;
+    }
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 512 * 1024);
+    Py_INCREF(c); /* the thread's reference */
+    int rc = pthread_create(&c->thread, &attr, conn_main, c);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        Py_DECREF(c);
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    c->started = 1;
+    Py_RETURN_NONE;
+}
+
+/* answer(frames: list[bytes], close: bool) -> bool: Python's answer to the frames it was handed */
+static PyObject *Conn_answer(Conn *c, PyObject *args) {
+    PyObject *frames;
+    int close_after;
+    if (!PyArg_ParseTuple(args, "O!p", &PyList_Type, &frames, &close_after)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(frames);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyBytes_Check(PyList_GET_ITEM(frames, i))) {
+            PyErr_SetString(PyExc_TypeError, "answer: frames must be bytes");
+            return NULL;
+        }
+    }
+    PyObject *copy = PyList_GetSlice(frames, 0, n); /* ours alone: the thread reads it without the GIL */
+    if (copy == NULL) return NULL;
+    pthread_mutex_lock(&c->mu);
+    if (!c->waiting || c->answered) {
+        pthread_mutex_unlock(&c->mu);
+        Py_DECREF(copy);
+        Py_RETURN_FALSE;
+    }
+    Py_XSETREF(c->reply, copy);
+    c->reply_close = close_after;
+    c->answered = 1;
+    pthread_cond_signal(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    Py_RETURN_TRUE;
+}
+
+/* post(frames: list[bytes]): completions to send when the thread next can (see the header) */
+static PyObject *Conn_post(Conn *c, PyObject *args) {
+    PyObject *frames;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &frames)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(frames);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyBytes_Check(PyList_GET_ITEM(frames, i))) {
+            PyErr_SetString(PyExc_TypeError, "post: frames must be bytes");
+            return NULL;
+        }
+    }
+    if (c->posted == NULL || c->efd < 0) Py_RETURN_FALSE;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyList_Append(c->posted, PyList_GET_ITEM(frames, i)) < 0) return NULL;
+    pthread_mutex_lock(&c->mu);
+    c->n_posted++;
+    int stopping = c->stopping;
+    pthread_mutex_unlock(&c->mu);
+    if (!stopping) {
+        uint64_t one = 1;
+        if (write(c->efd, &one, sizeof(one)) < 0 && errno != EAGAIN) return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_TRUE;
+}
+
+/* stop(): end the thread (the peer's socket is shut down) and wait for it; idempotent */
+static PyObject *Conn_stop(Conn *c, PyObject *unused) {
+    pthread_mutex_lock(&c->mu);
+    c->stopping = 1;
+    pthread_cond_signal(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    if (c->fd >= 0) shutdown(c->fd, SHUT_RDWR);
+    if (c->started && !c->joined && !pthread_equal(pthread_self(), c->thread)) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(c->thread, NULL);
+        Py_END_ALLOW_THREADS
+        c->joined = 1;
+    }
+    if (c->joined || !c->started) {
+        if (c->fd >= 0) {
+            close(c->fd);
+            c->fd = -1;
+        }
+        if (c->efd >= 0) {
+            close(c->efd);
+            c->efd = -1;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Conn_stats(Conn *c, PyObject *unused) {
+    return Py_BuildValue("{sLsLsLsLsL}", "batches", c->batches, "served", c->served, "handoffs", c->handoffs,
+                         "handed_bytes", c->handed_bytes, "large_reads", c->large_reads);
+}
+
+static PyObject *Conn_waiting(Conn *c, void *closure) {
+    pthread_mutex_lock(&c->mu);
+    int w = c->waiting && !c->answered;
+    pthread_mutex_unlock(&c->mu);
+    return PyBool_FromLong(w);
+}
+
+static void Conn_dealloc(Conn *c) {
+    /* the thread holds a reference while it runs: here it has ended, or is this thread (its last step) */
+    if (c->started && !c->joined) pthread_detach(c->thread);
+    if (c->fd >= 0) close(c->fd);
+    if (c->efd >= 0) close(c->efd);
+    free(c->buf);
+    free(c->sbuf);
+    Py_XDECREF(c->reply);
+    Py_XDECREF(c->posted);
+    Py_XDECREF(c->core);
+    Py_XDECREF(c->caps);
+    Py_XDECREF(c->regions);
+    Py_XDECREF(c->on_event);
+    pthread_mutex_destroy(&c->mu);
+    pthread_cond_destroy(&c->cv);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyMethodDef Conn_methods[] = {
+    {"start", (PyCFunction)Conn_start, METH_NOARGS, "start the connection's thread"},
+    {"answer", (PyCFunction)Conn_answer, METH_VARARGS,
+     "answer(frames, close) -> bool: the completions of the frames handed to Python (False: none wait)"},
+    {"stop", (PyCFunction)Conn_stop, METH_NOARGS, "end the thread and wait for it (idempotent)"},
+    {"post", (PyCFunction)Conn_post, METH_VARARGS, "post(frames): completions to send when the thread next can"},
+    {"stats", (PyCFunction)Conn_stats, METH_NOARGS, "what the thread did: batches, served, handoffs, ..."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Conn_getset[] = {
+    {"waiting", (getter)Conn_waiting, NULL, "frames are handed to Python and not yet answered", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ConnType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nvpool.agents._cserve.Conn",
+    .tp_basicsize = sizeof(Conn),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A data-plane connection served by a native thread (see the module's header).",
+    .tp_new = Conn_new,
+    .tp_dealloc = (destructor)Conn_dealloc,
+    .tp_methods = Conn_methods,
+    .tp_getset = Conn_getset,
+};
 
 static PyObject *configure(PyObject *self, PyObject *args) {
     PyObject *dtype, *bounds;
@@ -601,8 +1368,16 @@ PyMODINIT_FUNC PyInit__cserve(void) {
     crc_init();
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddIntConstant(m, "STOP_NEED_PYTHON", STOP_NEED_PYTHON) < 0 ||
-        PyModule_AddIntConstant(m, "STOP_FULL", STOP_FULL) < 0) {
+    if (PyType_Ready(&ConnType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&ConnType);
+    if (PyModule_AddObject(m, "Conn", (PyObject *)&ConnType) < 0 ||
+        PyModule_AddIntConstant(m, "STOP_NEED_PYTHON", STOP_NEED_PYTHON) < 0 ||
+        PyModule_AddIntConstant(m, "STOP_FULL", STOP_FULL) < 0 ||
+        PyModule_AddIntConstant(m, "EV_FRAMES", EV_FRAMES) < 0 || PyModule_AddIntConstant(m, "EV_ENDED", EV_ENDED) < 0 ||
+        PyModule_AddIntConstant(m, "EV_BAD_FRAMING", EV_BAD_FRAMING) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -36,7 +36,7 @@ from nvpool.agents.control import AgentServicer, ControlAuth, Terms
 from nvpool.agents.copy import Copier
 from nvpool.agents.metrics import AgentCollector
 from nvpool.agents.core import AgentCore
-from nvpool.agents.dataplane import start_tcp
+from nvpool.agents.dataplane import close_connections, start_tcp
 from nvpool.agents.shm import start_unix
 from nvpool import __version__
 from nvpool.agents.drive import DATA_OFFSET, LABEL_MAGIC, Drive, DriveSpec
@@ -105,7 +105,7 @@ class AgentConfig:
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
-    #: with TLS: encrypt the TCP data plane too (costs sendfile); control calls are always TLS then
+    #: with TLS: encrypt the TCP data plane too (costs CPU on both ends); control calls are always TLS then
     data_tls: bool = True
     #: HOST:PORT of a Prometheus metrics endpoint ("" = none)
     metrics_listen: str = ""
@@ -421,6 +421,7 @@ class StorageAgent:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         self.copier.close()
+        close_connections(self.core)  # (native connection threads end before the drives close)
         self.core.close()
         if self.config.unix_path:
             try:

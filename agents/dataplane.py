@@ -2,9 +2,11 @@
 
 One ``AgentConnection`` per client connection (TCP or Unix socket). Bytes go into the sans-IO
 ``CommandDecoder`` (WRITE payloads are received straight into one buffer each); each command is
-executed in order and answered with one completion. Reads without a data digest go out with
-``os.sendfile`` from the drive's page cache whenever the transport has nothing queued (the header
-through the transport, the payload from the kernel); otherwise one ``pread`` and ``writelines``.
+executed in order and answered with one completion; a READ's data is read with ``pread`` when the
+command is served and goes out with ``writelines``. Never ``sendfile``: it queues references to
+page-cache pages whose bytes are copied only when the peer reads them, so bytes written after the
+command's checks (after its extent was released and the space given to another volume, say) could
+reach a peer that reads slowly; a ``pread`` copies the bytes the checks were made for.
 
 A peer's bad bytes never take the agent down: framing errors (bad magic, unknown flag bits, a
 length above ``MAX_IO``, a header digest mismatch) drop that connection with one log line; a
@@ -33,6 +35,44 @@ operations per command.
 
 One-sided ("RDMA-style") opcodes work on memory regions that the client registered for this
 connection (``regions``: region id -> writable memoryview); see ``agents/shm.py``.
+
+Native connections
+------------------
+Where the compiled module is built (``native_enabled()``), each plaintext connection (TCP, or the
+same-host Unix socket after its hello) is served by a thread of its own in C (``agents/_cserve.c``,
+``Conn``; its header is the contract) and a ``NativeConnection`` here, instead of an
+``AgentConnection`` on the event loop. TLS connections stay on the event loop. The thread receives
+and sends with blocking calls and runs the compiled command loop over what it received; frames it does
+not serve itself (AUTH, FLUSH, zeroing, digests, FUA, any refusal, anything unusual) are handed to
+``NativeConnection`` on the event loop, which answers them in order with ``execute`` (the same code as
+the Python path), and the thread waits for that answer before it serves anything behind them. A
+FLUSH's completion is posted later, when its drives' worker threads are done, as on the Python path.
+
+Why a thread may serve commands while the event loop changes the tables (the safety argument):
+
+1. Every change that can make a command unservable (a fence raised, an extent released or assigned,
+   ``keep_only``, the serve lease, a capability replaced, a migration copy or dirty tracking started)
+   is made by Python code, so with the GIL held.
+2. The thread holds the GIL from the moment it reads the tables for a command until that command's
+   ``pread``/``pwrite`` has returned (``serve_core`` with ``threaded``; FUA writes, whose fdatasync
+   must not hold the GIL, go to Python). So each command's checks and its I/O happen together between
+   two Python steps, exactly as on the single-threaded event loop: a change made before them is seen
+   by the checks; a change made after them comes after the I/O. In particular, once the control call
+   that raised a fence or released an extent has returned, no command of the old generation or on
+   the old extent is in flight anywhere in the agent.
+3. Reads are copied (``pread``) under that same GIL hold, never ``sendfile``d (see the top). A read
+   larger than ``LARGE_READ_MIN`` goes out in steps of 1 MiB, each step checked again and read under
+   one GIL hold: if the checks fail after the completion header went out, the connection is closed,
+   the only way to tell its peer (which then retries on another connection and is refused properly).
+4. Commands of one connection run in order: the thread serves nothing behind a frame it handed over
+   until Python has answered it. Completions may leave in another order only for FLUSH, as before.
+
+What a peer can cost is bounded as on the Python path: the thread's receive buffer holds at most the
+frame at its front (``MAX_IO`` plus header; memory is committed as bytes arrive), it sends its replies
+with blocking calls before it reads more (so a peer that does not read stops its own thread in
+``send``, and what it sends next waits in the kernel), Python is handed at most about 1 MiB of frames
+and read lengths at a time, and at most ``MAX_DEFERRED_FLUSHES`` FLUSH completions wait to be posted.
+``NVPOOL_NATIVE_CONNECTIONS=0`` keeps every connection on the event loop.
 """
 
 from __future__ import annotations
@@ -44,7 +84,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from nvpool.agents.core import AgentCore
 from nvpool.proto import capability
@@ -64,8 +104,9 @@ if _cserve is not None:
     _cserve.configure(Drive, LATENCY_BUCKETS)
 
 MiB = 1024 * 1024
-#: reads at least this large use sendfile (smaller ones: one pread + writelines is cheaper)
-SENDFILE_MIN = 64 * 1024
+#: native connections send reads at least this large in steps from a buffer of their own, each step
+#: checked again (smaller ones are built into the batch of replies)
+LARGE_READ_MIN = 64 * 1024
 #: replies queued in the transport above which a connection stops executing and reading commands
 REPLY_HIGH_WATER = 8 * MiB
 #: completions and read data produced by one receive go to the transport whenever they reach this size
@@ -82,9 +123,7 @@ class AgentConnection(asyncio.BufferedProtocol):
         self.regions: dict[int, memoryview] = regions if regions is not None else {}
         self.decoder = dp.CommandDecoder()
         self.transport: Optional[asyncio.Transport] = None
-        self._sock_fd = -1
         self._peer: Any = None
-        self._use_sendfile = True
         #: the transport's queue is above REPLY_HIGH_WATER: execute nothing until it drains
         self._write_paused = False
         #: transport.pause_reading() is in effect
@@ -116,10 +155,7 @@ class AgentConnection(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
         self._peer = transport.get_extra_info("peername") or "unix"
         sock = transport.get_extra_info("socket")
-        if transport.get_extra_info("sslcontext") is not None:
-            self._use_sendfile = False  # the payload must go through TLS, not around it
         if sock is not None:
-            self._sock_fd = sock.fileno()
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=REPLY_HIGH_WATER)  # type: ignore[attr-defined]
@@ -188,9 +224,8 @@ class AgentConnection(asyncio.BufferedProtocol):
         same checks as ``execute``, the same completions), sending each ``BATCH_BYTES`` of replies."""
         assert _cserve is not None
         dec, out, core, caps = self.decoder, self._out, self.core, self.caps
-        small = SENDFILE_MIN if self._use_sendfile and self._sock_fd >= 0 else dp.MAX_IO + 1
         while True:
-            pos, stop = _cserve.serve(dec.scratch, dec.pos, dec.end, core, caps, self.regions, out, small,
+            pos, stop = _cserve.serve(dec.scratch, dec.pos, dec.end, core, caps, self.regions, out, dp.MAX_IO + 1,
                                       BATCH_BYTES)
             dec.pos = pos
             self._send()
@@ -203,16 +238,10 @@ class AgentConnection(asyncio.BufferedProtocol):
         if len(self._flushes) >= MAX_DEFERRED_FLUSHES or self.transport is None:
             return False
         loop = asyncio.get_running_loop()
-        futs = [loop.run_in_executor(d.worker, d.flush) for d in drives]
-        tag, flags = cmd.tag, cmd.flags & (dp.HDGST | dp.DDGST)
+        flushing = flush_frames(self.core, cmd, drives)
 
         async def finish() -> None:
-            try:
-                await asyncio.gather(*futs)
-                frames = [dp.encode_completion(tag, 0, 0, 0, flags & dp.HDGST)]
-            except DriveError as exc:
-                self.core.stats.error(Status.IO_ERROR)
-                frames = [dp.error_completion(tag, Status.IO_ERROR, str(exc), 0, flags)]
+            frames = await flushing
             transport = self.transport
             if transport is not None and not transport.is_closing():
                 transport.writelines(frames)
@@ -331,52 +360,227 @@ class AgentConnection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ commands
     def _read(self, cmd: dp.Command, out: list[bytes]) -> None:
-        transport = self.transport
-        assert transport is not None
-        flags = cmd.flags & (dp.HDGST | dp.DDGST)
-        n = cmd.length
-        if self._use_sendfile and n >= SENDFILE_MIN and not flags & dp.DDGST and self._sock_fd >= 0:
-            drive, off, rec = self.core.locate(cmd)
-            self._send()  # completions batched before this one go first
-            if transport.get_write_buffer_size() == 0:
-                transport.write(dp.encode_completion(cmd.tag, 0, n, 0, flags))
-                # header sent and nothing queued: the payload may go straight from the page cache
-                sent = self._sendfile(drive.fd, off, n) if transport.get_write_buffer_size() == 0 else 0
-                self.core.stats.io(rec, False, sent)
-                if sent < n:  # socket full: the rest through the transport, which keeps the order
-                    cmd.offset += sent
-                    cmd.length = n - sent
-                    try:
-                        data = self.core.read(cmd)
-                    except RemoteError as exc:  # the OK header is out: only closing can tell the peer
-                        self._drop("read failed after its completion was sent: %s", exc)
-                        return
-                    transport.write(data)
-                return
-        self._out_bytes += n
+        self._out_bytes += cmd.length
         read_frames(self.core, cmd, out)
 
-    def _sendfile(self, file_fd: int, offset: int, count: int) -> int:
-        sent = 0
-        while sent < count:
+
+def native_enabled() -> bool:
+    """Whether plaintext connections are served by native threads: the compiled module is built and
+    neither ``NVPOOL_PURE_PYTHON`` nor ``NVPOOL_NATIVE_CONNECTIONS=0`` says otherwise."""
+    flag = os.environ.get("NVPOOL_NATIVE_CONNECTIONS", "").strip().lower()
+    return _cserve is not None and flag not in ("0", "no", "false", "off")
+
+
+class NativeConnection:
+    """A data-plane connection served by a native thread (``_cserve.Conn``; see "Native connections"
+    in the module docstring). This object keeps the connection's capabilities and regions, answers the
+    frames the thread hands over (on the event loop, in order, with ``execute``) and does the
+    bookkeeping an ``AgentConnection`` does."""
+
+    def __init__(self, core: AgentCore, sock: socket.socket, regions: Optional[dict[int, memoryview]] = None,
+                 maps: Optional[list[Any]] = None) -> None:
+        assert _cserve is not None
+        self.core = core
+        self.regions: dict[int, memoryview] = regions if regions is not None else {}
+        self.caps: dict[int, Capability] = {}
+        self._maps = maps or []
+        self._loop = asyncio.get_running_loop()
+        self._busy = False
+        self._closed = False
+        self._tasks: set["asyncio.Task[None]"] = set()
+        #: FLUSHes waiting on drive worker threads (their completions are posted when done)
+        self._flushes: set["asyncio.Task[None]"] = set()
+        self._conn: Any = None
+        try:
+            self._peer: Any = sock.getpeername() or "unix"
+        except OSError:
+            self._peer = "unix"
+        core.stats.connections += 1
+        core.stats.live.add(self)
+        if core.stats.connections > core.max_connections:  # agent-wide bound on peers
+            logger.warning("refusing a connection from %s: %d open (max_connections)", self._peer,
+                           core.stats.connections - 1)
+            sock.close()
+            self.close()
+            return
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(True)
+        fd = sock.detach()
+        try:
+            self._conn = _cserve.Conn(fd, core, self.caps, self.regions, self._event, LARGE_READ_MIN, BATCH_BYTES)
+        except BaseException:
+            os.close(fd)
+            self.close()
+            raise
+        self._conn.start()
+
+    @property
+    def inflight(self) -> int:
+        """Commands handed to Python and not yet answered (the thread's own are answered as it serves)."""
+        return (1 if self._busy else 0) + len(self._flushes)
+
+    def native_stats(self) -> dict[str, int]:
+        return dict(self._conn.stats()) if self._conn is not None else {}
+
+    def _event(self, kind: int, payload: Any) -> None:
+        """Runs on the connection's thread (holding the GIL): hand the event to the event loop."""
+        self._loop.call_soon_threadsafe(self._on_event, kind, payload)
+
+    def _on_event(self, kind: int, payload: Any) -> None:
+        if kind == _cserve.EV_ENDED:
+            if payload and payload != "stopped":
+                logger.info("client %s went away: %s", self._peer, payload)
+            self.close()
+            return
+        self._busy = True
+        task = self._loop.create_task(self._answer(payload, kind == _cserve.EV_BAD_FRAMING))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, data: bytes, bad_framing: bool) -> None:
+        frames: list[bytes] = []
+        close = False
+        try:
+            commands = dp.CommandDecoder().next_commands(data)
+            if bad_framing:  # (the compiled framing check and the decoder agree; this is a backstop)
+                raise ProtocolError("framing error")
+            frames, close = await execute_in_order(self.core, commands, self.regions, self.caps, self._peer,
+                                                   self._later)
+        except ProtocolError as exc:
+            logger.warning("dropping client %s: %s", self._peer, exc)
+            frames, close = [], True
+        except Exception as exc:  # a bug must cost this connection, not the agent
+            logger.warning("dropping client %s: internal error %r", self._peer, exc)
+            frames, close = [], True
+        finally:
+            self._busy = False
+        if self._conn is not None and not self._closed:
+            self._conn.answer([f if isinstance(f, bytes) else bytes(f) for f in frames], close)
+
+    def _later(self, completion: Awaitable[list[bytes]]) -> bool:
+        """Send a FLUSH's completion when its fdatasync is done, while the connection goes on (at most
+        ``MAX_DEFERRED_FLUSHES`` at once; past that the connection waits for each, as back-pressure)."""
+        if len(self._flushes) >= MAX_DEFERRED_FLUSHES:
+            return False
+
+        async def send_when_done() -> None:
+            frames = await completion
+            if self._conn is not None and not self._closed:
+                self._conn.post(frames)
+
+        task = self._loop.create_task(send_when_done())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+        return True
+
+    def abort(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the thread (waits for it) and forget the connection; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._conn is not None:
+            self._conn.stop()
+        for task in (*self._tasks, *self._flushes):
+            task.cancel()
+        self.core.stats.connections -= 1
+        self.core.stats.live.discard(self)
+        for view in self.regions.values():
+            view.release()
+        self.regions.clear()
+        for m in self._maps:
             try:
-                k = os.sendfile(self._sock_fd, file_fd, offset + sent, count - sent)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                logger.info("sendfile to %s failed (%s); using pread", self._peer, exc)
-                self._use_sendfile = False
-                break
-            if k == 0:
-                break
-            sent += k
-        return sent
+                m.close()
+            except BufferError:  # a view still exported: the GC closes it later
+                pass
+
+
+async def execute_in_order(core: AgentCore, commands: list[dp.Command], regions: dict[int, memoryview],
+                           caps: dict[int, Capability], peer: Any,
+                           later: Optional[Callable[[Awaitable[list[bytes]]], bool]] = None,
+                           ) -> tuple[list[bytes], bool]:
+    """Run commands in order as the Python path does; the completion frames, and whether to close the
+    connection afterwards (a data command from a connection without any capability: answered DENIED,
+    then closed). A FLUSH's fdatasync runs on its drives' worker threads; ``later(completion)`` may take
+    its completion to send when it is done (True), else the next command waits for it."""
+    out: list[bytes] = []
+    deferred: list[list[Any]] = []  # a FLUSH's drives, from execute
+
+    def defer(_cmd: dp.Command, drives: list[Any]) -> bool:
+        deferred.append(drives)
+        return True
+
+    for cmd in commands:
+        if core.secrets and not caps and cmd.opcode not in _FREE_OPS:
+            execute(core, cmd, regions, out, None, None, caps)
+            logger.info("closing client %s: a data command without a capability", peer)
+            return out, True
+        execute(core, cmd, regions, out, None, defer, caps)
+        if deferred:
+            flushing = flush_frames(core, cmd, deferred.pop())
+            if later is None or not later(flushing):
+                out.extend(await flushing)
+    return out, False
+
+
+class NativeServer:
+    """A plaintext TCP listener whose connections are served by native threads (``start_tcp``)."""
+
+    def __init__(self, core: AgentCore, sock: socket.socket) -> None:
+        self.core = core
+        self.sock = sock
+        self.sockets = [sock]
+        self._task: Optional["asyncio.Task[None]"] = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:  # out of descriptors, a connection reset before accept: wait, go on
+                logger.warning("accepting a data-plane connection failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                NativeConnection(self.core, conn)
+            except Exception as exc:  # (no memory, no thread): that client only, one line
+                logger.warning("cannot serve a data-plane connection: %s", exc)
+                conn.close()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.sock.close()
+
+
+def close_connections(core: AgentCore) -> None:
+    """Close every data-plane connection of ``core`` (native threads are stopped and waited for): before
+    the drives close, so no thread can use a drive's descriptor after it."""
+    for conn in list(core.stats.live):
+        if isinstance(conn, NativeConnection):
+            conn.close()
+        elif conn.transport is not None:
+            conn.transport.abort()
 
 
 async def start_tcp(core: AgentCore, host: str, port: int,
-                    ssl_context: Optional[ssl.SSLContext] = None) -> asyncio.base_events.Server:
-    """Serve the data plane on TCP; with ``ssl_context``, TLS with client certificates required
-    (``sendfile`` is then off: the bytes must pass through the TLS layer)."""
+                    ssl_context: Optional[ssl.SSLContext] = None) -> Any:
+    """Serve the data plane on TCP; with ``ssl_context``, TLS with client certificates required.
+    Plaintext connections are served by native threads where ``native_enabled()``; the result has
+    ``sockets`` and ``close()``."""
+    if ssl_context is None and native_enabled():
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=256)
+        sock.setblocking(False)
+        server = NativeServer(core, sock)
+        server.start()
+        return server
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: AgentConnection(core), host, port, reuse_address=True, backlog=256,
                                     ssl=ssl_context, ssl_handshake_timeout=10 if ssl_context else None)
@@ -459,6 +663,23 @@ def _accept_capability(core: AgentCore, cmd: dp.Command, caps: dict[int, Capabil
     if cap.volume_id not in caps and len(caps) >= MAX_CAPS:
         raise RemoteError(Status.DENIED, f"a connection holds at most {MAX_CAPS} capabilities")
     caps[cap.volume_id] = cap
+
+
+def flush_frames(core: AgentCore, cmd: dp.Command, drives: list[Any]) -> Awaitable[list[bytes]]:
+    """Start a FLUSH's fdatasync on each drive's worker thread now; the awaitable gives its completion."""
+    loop = asyncio.get_running_loop()
+    futs = [loop.run_in_executor(d.worker, d.flush) for d in drives]
+    tag, flags = cmd.tag, cmd.flags & (dp.HDGST | dp.DDGST)
+
+    async def finish() -> list[bytes]:
+        try:
+            await asyncio.gather(*futs)
+            return [dp.encode_completion(tag, 0, 0, 0, flags & dp.HDGST)]
+        except DriveError as exc:
+            core.stats.error(Status.IO_ERROR)
+            return [dp.error_completion(tag, Status.IO_ERROR, str(exc), 0, flags)]
+
+    return finish()
 
 
 def execute(core: AgentCore, cmd: dp.Command, regions: dict[int, memoryview], out: list[bytes],

@@ -4,8 +4,8 @@ Contract of a ``Drive`` (the agent's only way to touch storage):
 
 * ``readinto(buf, offset)`` / ``write(data, offset)`` move bytes at absolute drive offsets with
   ``preadv``/``pwritev`` through the page cache (no O_DIRECT: client buffers arrive at any alignment,
-  and reads are served with ``sendfile`` from the cache); ``flush()`` makes writes durable (fdatasync).
-* ``fd`` is also the descriptor ``os.sendfile`` reads from.
+  and reads are served from the cache); ``flush()`` makes writes durable (fdatasync).
+* ``fd`` is also the descriptor the compiled command loop (``agents/_cserve.c``) reads and writes.
 * ``zero(offset, length)`` makes a range read as zeros (hole punch / BLKZEROOUT).
 * ``reserve(offset, length)`` zeroes a newly assigned extent and makes it own its space (a sparse
   file drive then cannot hit ENOSPC in the middle of a client's write); ``release(offset, length)``

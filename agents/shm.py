@@ -26,7 +26,7 @@ import struct
 from typing import Any, Optional
 
 from nvpool.agents.core import AgentCore
-from nvpool.agents.dataplane import AgentConnection
+from nvpool.agents.dataplane import AgentConnection, NativeConnection, native_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,13 @@ class ShmServer:
             except OSError:
                 pass
             conn.close()
+            return
+        if native_enabled():
+            try:
+                NativeConnection(self.core, conn, regions, maps)
+            except Exception as exc:  # (no memory, no thread): this client only, one line
+                logger.warning("cannot serve a same-host client: %s", exc)
+                conn.close()
             return
         await loop.connect_accepted_socket(lambda: RegionConnection(self.core, maps, regions), conn)
 
