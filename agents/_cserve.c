@@ -706,6 +706,7 @@ typedef struct {
     unsigned char *buf;
     size_t cap, pos, end;
     unsigned char *sbuf; /* large_read's buffer (COMP_SIZE + COPY_STEP bytes, made on first use) */
+    PyObject *sent;      /* the last batch's replies, sent: released at the next GIL hold */
     /* counters, written by the thread with the GIL held */
     long long batches, served, handoffs, handed_bytes, large_reads;
 } Conn;
@@ -1027,6 +1028,7 @@ static void *conn_main(void *arg) {
             why = "stopped";
             break;
         }
+        Py_CLEAR(c->sent);
         PyObject *out = PyList_New(0);
         Py_ssize_t pos = (Py_ssize_t)c->pos;
         int stop = out == NULL ? -1 : serve_core(c->buf, &pos, (Py_ssize_t)c->end, c->core, c->caps, c->regions,
@@ -1065,9 +1067,7 @@ static void *conn_main(void *arg) {
         }
         PyEval_SaveThread();
         int err = send_frames(c->fd, out);
-        PyEval_RestoreThread(ts);
-        Py_DECREF(out);
-        PyEval_SaveThread();
+        c->sent = out; /* (no GIL needed to keep a reference; it is dropped at the next GIL hold) */
         if (!err) err = send_posted(c, ts);
         if (err) {
             why = strerror(err);
@@ -1087,6 +1087,7 @@ static void *conn_main(void *arg) {
     }
     shutdown(c->fd, SHUT_RDWR); /* the peer sees the end now; the descriptor is closed by stop() */
     PyEval_RestoreThread(ts);
+    Py_CLEAR(c->sent);
     if (!conn_stopping(c)) {
         PyObject *r = PyObject_CallFunction(c->on_event, "is", EV_ENDED, why);
         if (r == NULL) PyErr_Clear();
@@ -1267,6 +1268,7 @@ static void Conn_dealloc(Conn *c) {
     if (c->efd >= 0) close(c->efd);
     free(c->buf);
     free(c->sbuf);
+    Py_XDECREF(c->sent);
     Py_XDECREF(c->reply);
     Py_XDECREF(c->posted);
     Py_XDECREF(c->core);

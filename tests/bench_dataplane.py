@@ -10,7 +10,8 @@
    through the blocking API, which takes the thread's own socket) vs ``fio --ioengine=nbd`` against
    ``nbdkit file`` serving a fully allocated file of the same size and page-cache state: a C peer;
    and the CPU per 4 KiB I/O on the client and on the agents (process accounting: getrusage and
-   /proc/PID/stat), against the issue-17 bound of 15 us a side;
+   /proc/PID/stat), against the issue-17 bound of 15 us a side and against fio's and nbdkit's own CPU
+   per I/O in the same run; each figure the median of ``--rounds`` rounds, ours and the peer alternately;
 3. the same with writes;
 4. client CPU per GB read with 1, 2 and 4 agents;
 5. client and agent resident memory after reading ``--rss-gib`` GiB.
@@ -19,7 +20,7 @@ The first line says which data-plane implementation ran (``NVPOOL_PURE_PYTHON=1`
 reference: agents inherit the environment), so the compiled path and the reference can be compared run
 against run.
 
-    .venv/bin/python tests/bench_dataplane.py [--size 1G] [--seconds 4] [--rss-gib 16] [--json]
+    .venv/bin/python tests/bench_dataplane.py [--size 1G] [--seconds 4] [--rounds 3] [--rss-gib 16] [--json]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,6 +116,8 @@ def main() -> int:
     ap.add_argument("--size", default="1G", help="volume size")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--rss-gib", type=float, default=16.0, help="GiB to read before measuring RSS")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="small-I/O figures: rounds of ours and the C peer, alternately (medians are printed)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     for tool in ("fio", "nbdkit"):
@@ -188,24 +192,45 @@ def main() -> int:
         for io_type, rw in (("read", "randread"), ("write", "randwrite")):
             kind = "read" if io_type == "read" else "write"
             for t in ("tcp", "shm"):
-                a0 = sum(proc_cpu_s(a.pid) for a in c.agents)
-                q32 = bench(meta, "seq", io_type=io_type, io_size=4096, io_depth=32, pattern="rand", seconds=args.seconds, transport=t)
-                agent_us = 1e6 * (sum(proc_cpu_s(a.pid) for a in c.agents) - a0) / max(1, q32.ops)
-                client_us = 1e6 * (q32.cpu_percent / 100 * q32.seconds) / max(1, q32.ops)
-                q1 = bench(meta, "seq", io_type=io_type, io_size=4096, io_depth=1, pattern="rand", seconds=args.seconds, transport=t)
-                p32 = fio_figures(fio(["--name=p", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
-                                       "--iodepth=32", f"--runtime={args.seconds}", "--time_based", f"--size={size}"]), kind)
-                p1 = fio_figures(fio(["--name=p", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
-                                      "--iodepth=1", f"--runtime={args.seconds}", "--time_based", f"--size={size}"]), kind)
-                row(f"4K rand {io_type} IOPS QD32, {t}", q32.iops, p32["iops"], "fio nbd -> nbdkit", ">= 0.8")
-                row(f"4K rand {io_type} CPU us/IO QD32 client, {t}", client_us, 15.0, "bound", "< 1.0", False)
-                row(f"4K rand {io_type} CPU us/IO QD32 agents, {t}", agent_us, 15.0, "bound", "< 1.0", False)
-                row(f"4K rand {io_type} p50 us QD1, {t}", q1.lat_p50_us, p1["p50_us"], "fio nbd -> nbdkit", "<= 1.5", False)
-                row(f"4K rand {io_type} p99 us QD1, {t}", q1.lat_p99_us, p1["p99_us"], "fio nbd -> nbdkit", "report", False)
-                s50, s99 = sync_qd1(meta, "seq", io_type, args.seconds, t)
+                got: dict[str, list[float]] = {}
+                for _ in range(args.rounds):  # ours and the C peer alternately; the medians are reported
+                    a0 = sum(proc_cpu_s(a.pid) for a in c.agents)
+                    q32 = bench(meta, "seq", io_type=io_type, io_size=4096, io_depth=32, pattern="rand",
+                                seconds=args.seconds, transport=t)
+                    agent_us = 1e6 * (sum(proc_cpu_s(a.pid) for a in c.agents) - a0) / max(1, q32.ops)
+                    client_us = 1e6 * (q32.cpu_percent / 100 * q32.seconds) / max(1, q32.ops)
+                    q1 = bench(meta, "seq", io_type=io_type, io_size=4096, io_depth=1, pattern="rand",
+                               seconds=args.seconds, transport=t)
+                    s50, s99 = sync_qd1(meta, "seq", io_type, args.seconds, t)
+                    k0 = proc_cpu_s(nbdkit.pid)
+                    j32 = fio(["--name=p", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k", "--iodepth=32",
+                               f"--runtime={args.seconds}", "--time_based", f"--size={size}"])
+                    p32 = fio_figures(j32, kind)
+                    ios = max(1, j32[kind]["total_ios"])
+                    nbdkit_us = 1e6 * (proc_cpu_s(nbdkit.pid) - k0) / ios
+                    fio_us = 1e6 * (j32["usr_cpu"] + j32["sys_cpu"]) / 100 * j32["job_runtime"] / 1000 / ios
+                    p1 = fio_figures(fio(["--name=p", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+                                          "--iodepth=1", f"--runtime={args.seconds}", "--time_based",
+                                          f"--size={size}"]), kind)
+                    for k, v in dict(q32=q32.iops, client_us=client_us, agent_us=agent_us, q1_50=q1.lat_p50_us,
+                                     q1_99=q1.lat_p99_us, s50=s50, s99=s99, p32=p32["iops"], nbdkit_us=nbdkit_us,
+                                     fio_us=fio_us, p1_50=p1["p50_us"], p1_99=p1["p99_us"]).items():
+                        got.setdefault(k, []).append(v)
+                m = {k: statistics.median(v) for k, v in got.items()}
                 how = "tcp" if t == "tcp" else "unix socket"
-                row(f"4K rand {io_type} p50 us QD1, blocking API, {how}", s50, p1["p50_us"], "fio nbd -> nbdkit", "<= 1.5", False)
-                row(f"4K rand {io_type} p99 us QD1, blocking API, {how}", s99, p1["p99_us"], "fio nbd -> nbdkit", "report", False)
+                row(f"4K rand {io_type} IOPS QD32, {t}", m["q32"], m["p32"], "fio nbd -> nbdkit", ">= 0.8")
+                row(f"4K rand {io_type} CPU us/IO QD32 client, {t}", m["client_us"], 15.0, "bound", "< 1.0", False)
+                row(f"4K rand {io_type} CPU us/IO QD32 client, {t}", m["client_us"], m["fio_us"], "fio's own",
+                    "report", False)
+                row(f"4K rand {io_type} CPU us/IO QD32 agents, {t}", m["agent_us"], 15.0, "bound", "< 1.0", False)
+                row(f"4K rand {io_type} CPU us/IO QD32 agents, {t}", m["agent_us"], m["nbdkit_us"], "nbdkit's own",
+                    "report", False)
+                row(f"4K rand {io_type} p50 us QD1, {t}", m["q1_50"], m["p1_50"], "fio nbd -> nbdkit", "<= 1.5", False)
+                row(f"4K rand {io_type} p99 us QD1, {t}", m["q1_99"], m["p1_99"], "fio nbd -> nbdkit", "report", False)
+                row(f"4K rand {io_type} p50 us QD1, blocking API, {how}", m["s50"], m["p1_50"], "fio nbd -> nbdkit",
+                    "<= 1.5", False)
+                row(f"4K rand {io_type} p99 us QD1, blocking API, {how}", m["s99"], m["p1_99"], "fio nbd -> nbdkit",
+                    "report", False)
         # 4. CPU per GB read, 1/2/4 agents
         cpu = {}
         for w, name in ((1, "w1"), (2, "w2"), (4, "seq")):

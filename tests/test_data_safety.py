@@ -129,8 +129,11 @@ def test_agent_refuses_another_pools_or_an_older_metadata_service(tmp_path: Path
         c.down()
 
 
-def test_deleted_volume_space_is_not_reused_while_a_stopped_agent_still_serves_it(tmp_path: Path) -> None:
-    c = make_cluster(tmp_path / "pool", agents=2, drives_per_agent=1, drive_size="128M").up()
+@pytest.mark.parametrize("data_tls", [True, False], ids=["tls", "plaintext"])
+def test_deleted_volume_space_is_not_reused_while_a_stopped_agent_still_serves_it(tmp_path: Path,
+                                                                                  data_tls: bool) -> None:
+    # plaintext: the agents serve TCP connections with native threads (agents/dataplane.py)
+    c = make_cluster(tmp_path / "pool", agents=2, drives_per_agent=1, drive_size="128M", data_tls=data_tls).up()
     try:
         size = 64 * MiB
         stale_pool = client.connect(c.meta.address)
