@@ -668,9 +668,10 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
  *     sends those frames, and goes on (or closes). Execution stays in order: nothing behind a handed
  *     frame runs before Python has answered it;
  *   - post(frames) queues completions Python finishes later (a FLUSH waits for fdatasync on the drives'
- *     worker threads while the connection goes on, as on the Python path); the thread sends them when
- *     it is woken through an eventfd (it waits for the socket and that eventfd with poll) or after its
- *     next batch, never in the middle of another frame;
+ *     worker threads while the connection goes on, as on the Python path), announced by expect() before
+ *     the answer they follow; the thread sends them when it is woken through an eventfd or after its
+ *     next batch, never in the middle of another frame. It waits in one blocking recv while no post is
+ *     announced or queued, and for the socket and the eventfd together (poll) otherwise;
  *   - when the peer closes, the socket fails or stop() is called, the thread shuts the socket down,
  *     calls on_event(EV_ENDED, reason) (not after stop()) and ends. The descriptor is closed by stop()
  *     after the thread ended, or when the object goes away: never while the thread may still use it.
@@ -703,6 +704,7 @@ typedef struct {
     int efd;           /* eventfd: post() wakes the thread with it */
     PyObject *posted;  /* post()'s frames not yet sent (a list; with the GIL held) */
     int n_posted;      /* under mu: post() calls not yet taken by the thread */
+    int expected;      /* under mu: posts announced by expect() and not yet made */
     unsigned char *buf;
     size_t cap, pos, end;
     unsigned char *sbuf; /* large_read's buffer (COMP_SIZE + COPY_STEP bytes, made on first use) */
@@ -984,7 +986,12 @@ static void *conn_main(void *arg) {
                 why = "out of memory";
                 break;
             }
-            ssize_t k = recv(c->fd, c->buf + c->end, c->cap - c->end, MSG_DONTWAIT);
+            /* no post() can come (none announced, none queued): one blocking recv; else recv without
+             * waiting, then poll for the socket or the eventfd */
+            pthread_mutex_lock(&c->mu);
+            int may_post = c->expected > 0 || c->n_posted > 0;
+            pthread_mutex_unlock(&c->mu);
+            ssize_t k = recv(c->fd, c->buf + c->end, c->cap - c->end, may_post ? MSG_DONTWAIT : 0);
             if (k == 0) {
                 why = c->end > c->pos ? "closed in the middle of a command" : "";
                 break;
@@ -1198,6 +1205,15 @@ static PyObject *Conn_answer(Conn *c, PyObject *args) {
     Py_RETURN_TRUE;
 }
 
+/* expect(): a post() will follow (called before answer() returns the frames it belongs to): until it
+ * comes, the thread waits for the socket and the eventfd together instead of in a blocking recv */
+static PyObject *Conn_expect(Conn *c, PyObject *unused) {
+    pthread_mutex_lock(&c->mu);
+    c->expected++;
+    pthread_mutex_unlock(&c->mu);
+    Py_RETURN_NONE;
+}
+
 /* post(frames: list[bytes]): completions to send when the thread next can (see the header) */
 static PyObject *Conn_post(Conn *c, PyObject *args) {
     PyObject *frames;
@@ -1214,6 +1230,7 @@ static PyObject *Conn_post(Conn *c, PyObject *args) {
         if (PyList_Append(c->posted, PyList_GET_ITEM(frames, i)) < 0) return NULL;
     pthread_mutex_lock(&c->mu);
     c->n_posted++;
+    if (c->expected > 0) c->expected--;
     int stopping = c->stopping;
     pthread_mutex_unlock(&c->mu);
     if (!stopping) {
@@ -1286,6 +1303,7 @@ static PyMethodDef Conn_methods[] = {
      "answer(frames, close) -> bool: the completions of the frames handed to Python (False: none wait)"},
     {"stop", (PyCFunction)Conn_stop, METH_NOARGS, "end the thread and wait for it (idempotent)"},
     {"post", (PyCFunction)Conn_post, METH_VARARGS, "post(frames): completions to send when the thread next can"},
+    {"expect", (PyCFunction)Conn_expect, METH_NOARGS, "expect(): announce a post() (before the answer it follows)"},
     {"stats", (PyCFunction)Conn_stats, METH_NOARGS, "what the thread did: batches, served, handoffs, ..."},
     {NULL, NULL, 0, NULL},
 };

@@ -472,6 +472,7 @@ class NativeConnection:
         task = self._loop.create_task(send_when_done())
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
+        self._conn.expect()  # (before the answer: the thread must not sleep where the post cannot wake it)
         return True
 
     def abort(self) -> None:
