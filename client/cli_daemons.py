@@ -228,7 +228,7 @@ def register(sub: Any) -> None:
     a.add_argument("--max-connections", type=int, metavar="N",
                    help="data-plane connections kept open at once; more are closed as they arrive (default 4096)")
     a.add_argument("--no-data-tls", action="store_true",
-                   help="with TLS: leave the TCP data plane unencrypted (keeps sendfile; capabilities are still "
+                   help="with TLS: leave the TCP data plane unencrypted (served by connection threads; capabilities are still "
                         "checked); control calls stay TLS")
     a.add_argument("--config", help="TOML config file (see deploy/agent.toml.sample)")
     a.add_argument("--ready-file", help="write {address, control_address, drives, pid} as JSON once serving")

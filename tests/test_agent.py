@@ -220,7 +220,8 @@ class _CongestedTransport:
 
 
 def test_large_read_while_congested_is_still_answered(tmp_path: Path) -> None:
-    """Regression: a sendfile-sized read that must fall back to the queue was once never answered."""
+    """Regression: a large read while the transport is congested (it once went through sendfile and fell
+    back to the queue) was once never answered."""
     from nvpool.agents.dataplane import AgentConnection
 
     d = new_drive(tmp_path)
