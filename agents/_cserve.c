@@ -709,6 +709,7 @@ typedef struct {
     size_t cap, pos, end;
     unsigned char *sbuf; /* large_read's buffer (COMP_SIZE + COPY_STEP bytes, made on first use) */
     PyObject *sent;      /* the last batch's replies, sent: released at the next GIL hold */
+    char why_buf[160];   /* the thread's reason for ending, when it is a system error's text */
     /* counters, written by the thread with the GIL held */
     long long batches, served, handoffs, handed_bytes, large_reads;
 } Conn;
@@ -720,6 +721,11 @@ static int conn_stopping(Conn *c) {
     int s = c->stopping;
     pthread_mutex_unlock(&c->mu);
     return s;
+}
+
+/* a system error's text, in the connection's own buffer (strerror is not thread-safe) */
+static const char *conn_err(Conn *c, int err) {
+    return strerror_r(err, c->why_buf, sizeof(c->why_buf));
 }
 
 /* 1 if the header at h is well framed (the checks that make the Python decoder raise otherwise) */
@@ -914,7 +920,7 @@ static int large_read(Conn *c, PyThreadState *ts, const unsigned char *h, const 
         struct iovec v = {c->sbuf, head + step};
         int err = send_all(c->fd, &v, 1);
         if (err) {
-            *why = strerror(err);
+            *why = conn_err(c, err);
             return -1;
         }
         done += step;
@@ -962,7 +968,7 @@ static int handoff(Conn *c, PyThreadState *ts, size_t cut, int kind, const char 
     Py_XDECREF(reply);
     PyEval_SaveThread();
     if (err) {
-        *why = strerror(err);
+        *why = conn_err(c, err);
         return -1;
     }
     c->pos = cut;
@@ -1001,18 +1007,18 @@ static void *conn_main(void *arg) {
                 if (errno == EAGAIN || errno == EWOULDBLOCK) { /* nothing yet: wait for it or for post() */
                     struct pollfd p[2] = {{c->fd, POLLIN, 0}, {c->efd, POLLIN, 0}};
                     if (poll(p, 2, -1) < 0 && errno != EINTR) {
-                        why = strerror(errno);
+                        why = conn_err(c, errno);
                         break;
                     }
                     if (p[1].revents & POLLIN) {
                         uint64_t v;
                         if (read(c->efd, &v, sizeof(v)) < 0 && errno != EAGAIN) {
-                            why = strerror(errno);
+                            why = conn_err(c, errno);
                             break;
                         }
                         int err = send_posted(c, ts);
                         if (err) {
-                            why = strerror(err);
+                            why = conn_err(c, err);
                             break;
                         }
                     }
@@ -1022,7 +1028,7 @@ static void *conn_main(void *arg) {
                     }
                     continue;
                 }
-                why = conn_stopping(c) ? "stopped" : strerror(errno);
+                why = conn_stopping(c) ? "stopped" : conn_err(c, errno);
                 break;
             }
             c->end += (size_t)k;
@@ -1044,8 +1050,8 @@ static void *conn_main(void *arg) {
             PyObject *et, *ev, *tb;
             PyErr_Fetch(&et, &ev, &tb);
             PyObject *text = ev != NULL ? PyObject_Repr(ev) : NULL;
-            snprintf(whybuf, sizeof(whybuf), "internal error %s",
-                     text != NULL && PyUnicode_Check(text) ? PyUnicode_AsUTF8(text) : "(unknown)");
+            const char *utf8 = text != NULL && PyUnicode_Check(text) ? PyUnicode_AsUTF8(text) : NULL;
+            snprintf(whybuf, sizeof(whybuf), "internal error %s", utf8 != NULL ? utf8 : "(unknown)");
             PyErr_Clear();
             Py_XDECREF(text);
             Py_XDECREF(et);
@@ -1077,7 +1083,7 @@ static void *conn_main(void *arg) {
         c->sent = out; /* (no GIL needed to keep a reference; it is dropped at the next GIL hold) */
         if (!err) err = send_posted(c, ts);
         if (err) {
-            why = strerror(err);
+            why = conn_err(c, err);
             break;
         }
         if (large) {
