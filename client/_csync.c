@@ -32,7 +32,11 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define COMPLETION_MAGIC 0x434E
@@ -191,10 +195,417 @@ out:
     return result;
 }
 
+/* ---------------------------------------------------------------------- batched reads
+ *
+ *   reads(fds, jobs, timeout) -> (results, failed)
+ *
+ * ``fds``: the blocking agent sockets taking part; ``jobs``: (fd index, tag, extent id, offset,
+ * generation, dest) for READ commands of len(dest) bytes, encoded here as proto/dataplane.encode_command
+ * encodes them (no flags: no digests); each completion must carry its ``tag`` (tags unique per socket)
+ * and, on success, exactly len(dest) bytes. Every command
+ * is sent and every completion received with the GIL released, on all sockets at once: non-blocking
+ * sends and receives driven by poll(), so a socket whose commands are not all sent yet is still read
+ * (an agent never waits for us to read while we wait for it to read). Completions are received
+ * through a 64 KiB staging buffer per socket and copied into their ``dest`` (a payload of 64 KiB or
+ * more still missing goes straight into ``dest``), so many completions cost one recv.
+ *
+ * ``results[i]`` is (status, length, info, message) as exchange() returns it; a job on a socket that
+ * failed is (-1, 0, 0, reason). ``failed``: the indices (into ``fds``) of the sockets that failed (closed,
+ * a system error, a completion that is not one of its jobs' or breaks the framing, or ``timeout``
+ * seconds without any progress on any socket): the caller drops them, their connections being out of
+ * step. A failed read leaves its ``dest`` undefined (as pread(2) does), and so does an error status:
+ * its message may have been staged there. A signal handler's exception aborts the whole call (every
+ * socket is then out of step).
+ */
+#define STAGE 65536
+#define CMD_SIZE 48
+#define COMMAND_MAGIC 0x564E
+#define OP_READ 1
+#define MAX_IO (16u * 1024u * 1024u)
+
+static inline void st16(unsigned char *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void st32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void st64(unsigned char *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* a READ command as proto/dataplane.encode_command encodes it (no flags, no region) */
+static void encode_read(unsigned char *h, uint32_t tag, uint64_t extent_id, uint64_t offset, uint32_t length,
+                        uint64_t generation) {
+    memset(h, 0, CMD_SIZE);
+    st16(h, COMMAND_MAGIC);
+    h[2] = OP_READ;
+    st32(h + 4, tag);
+    st64(h + 8, extent_id);
+    st64(h + 16, offset);
+    st32(h + 24, length);
+    st64(h + 40, generation);
+}
+#define DIRECT_MIN 65536
+
+typedef struct {
+    int fd;
+    unsigned char *out;   /* the commands to send, back to back */
+    size_t out_len, out_sent;
+    unsigned char *stage; /* received bytes not yet placed */
+    size_t s_pos, s_end;
+    Py_ssize_t first, count; /* its jobs: order[first .. first+count) */
+    Py_ssize_t pending;
+    Py_ssize_t cur;          /* the job whose payload or message is arriving, or -1 */
+    size_t remaining;        /* of that payload or message */
+    int ready;               /* the last poll() said it has something (or it was not polled yet) */
+    const char *error;       /* set when the socket failed */
+    char errbuf[96];
+} Sock;
+
+typedef struct {
+    Py_ssize_t sock;
+    uint32_t tag;
+    unsigned char hdr[CMD_SIZE];
+    Py_buffer dst;
+    int have_dst;
+    int done;
+    int status;
+    uint32_t length;
+    uint64_t info;
+    size_t placed;          /* payload bytes in dst */
+    const char *error;
+    unsigned char *message; /* an error status's message (malloc'd) */
+    size_t message_len;
+} Job;
+
+static void sock_fail(Sock *s, Job *jobs, Py_ssize_t *order, const char *why) {
+    if (s->error) return;
+    s->error = why;
+    for (Py_ssize_t k = s->first; k < s->first + s->count; k++) {
+        Job *j = &jobs[order[k]];
+        if (!j->done) {
+            j->done = 1;
+            j->status = -1;
+            j->error = why;
+        }
+    }
+    s->pending = 0;
+}
+
+/* the job of ``s`` with ``tag`` that is not done, or -1 (hint: completions usually come in order) */
+static Py_ssize_t find_job(Sock *s, Job *jobs, Py_ssize_t *order, uint32_t tag, Py_ssize_t *hint) {
+    for (Py_ssize_t n = 0; n < s->count; n++) {
+        Py_ssize_t k = s->first + (*hint + n) % s->count;
+        Job *j = &jobs[order[k]];
+        if (j->tag == tag && !j->done) {
+            *hint = (k - s->first + 1) % s->count;
+            return order[k];
+        }
+    }
+    return -1;
+}
+
+/* place what the stage holds; 0, or -1 when the socket failed (framing) */
+static int sock_parse(Sock *s, Job *jobs, Py_ssize_t *order, Py_ssize_t *hint) {
+    for (;;) {
+        size_t avail = s->s_end - s->s_pos;
+        if (s->cur < 0) {
+            if (avail < COMPLETION_SIZE) break;
+            const unsigned char *c = s->stage + s->s_pos;
+            unsigned status = c[2], flags = c[3];
+            uint32_t tag = ld32(c + 4), length = ld32(c + 8);
+            Py_ssize_t ji = ld16(c) == COMPLETION_MAGIC && !flags ? find_job(s, jobs, order, tag, hint) : -1;
+            if (ji < 0) {
+                sock_fail(s, jobs, order, "unexpected completion");
+                return -1;
+            }
+            Job *j = &jobs[ji];
+            if (status == 0 ? length != (uint32_t)j->dst.len : length > MAX_MESSAGE) {
+                sock_fail(s, jobs, order, status == 0 ? "unexpected payload length" : "unexpected completion");
+                return -1;
+            }
+            if (status != 0 && (j->message = malloc(length ? length : 1)) == NULL) {
+                sock_fail(s, jobs, order, "out of memory");
+                return -1;
+            }
+            j->status = (int)status;
+            j->length = length;
+            j->info = ld64(c + 16);
+            s->s_pos += COMPLETION_SIZE;
+            s->cur = ji;
+            s->remaining = length;
+        }
+        Job *j = &jobs[s->cur];
+        size_t k = avail = s->s_end - s->s_pos;
+        if (k > s->remaining) k = s->remaining;
+        if (k) {
+            if (j->status == 0) {
+                memcpy((unsigned char *)j->dst.buf + j->placed, s->stage + s->s_pos, k);
+                j->placed += k;
+            } else {
+                memcpy(j->message + j->message_len, s->stage + s->s_pos, k);
+                j->message_len += k;
+            }
+            s->s_pos += k;
+            s->remaining -= k;
+        }
+        if (s->remaining) break;
+        j->done = 1;
+        s->pending--;
+        s->cur = -1;
+    }
+    if (s->s_pos == s->s_end) s->s_pos = s->s_end = 0;
+    return 0;
+}
+
+/* receive what the socket has (never blocking); 0, or -1 when it failed */
+static int sock_recv(Sock *s, Job *jobs, Py_ssize_t *order, Py_ssize_t *hint) {
+    for (;;) {
+        ssize_t k;
+        if (s->cur >= 0 && jobs[s->cur].status == 0 && s->s_pos == s->s_end && s->remaining >= DIRECT_MIN) {
+            Job *j = &jobs[s->cur]; /* a large payload: straight into its buffer */
+            k = recv(s->fd, (unsigned char *)j->dst.buf + j->placed, s->remaining, MSG_DONTWAIT);
+            if (k > 0) {
+                j->placed += (size_t)k;
+                s->remaining -= (size_t)k;
+                if (!s->remaining) {
+                    j->done = 1;
+                    s->pending--;
+                    s->cur = -1;
+                }
+                continue;
+            }
+        } else {
+            if (s->s_pos > 0 && s->s_pos == s->s_end) s->s_pos = s->s_end = 0;
+            if (s->s_end == STAGE) { /* compact */
+                memmove(s->stage, s->stage + s->s_pos, s->s_end - s->s_pos);
+                s->s_end -= s->s_pos;
+                s->s_pos = 0;
+            }
+            k = recv(s->fd, s->stage + s->s_end, STAGE - s->s_end, MSG_DONTWAIT);
+            if (k > 0) {
+                s->s_end += (size_t)k;
+                if (sock_parse(s, jobs, order, hint) < 0) return -1;
+                if (!s->pending) return 0;
+                continue;
+            }
+        }
+        if (k == 0) {
+            sock_fail(s, jobs, order, "connection closed");
+            return -1;
+        }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        sock_fail(s, jobs, order, strerror_r(errno, s->errbuf, sizeof(s->errbuf)));
+        return -1;
+    }
+}
+
+static double mono_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static PyObject *reads(PyObject *self, PyObject *args) {
+    PyObject *fds, *jobl;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "O!O!d", &PyList_Type, &fds, &PyList_Type, &jobl, &timeout)) return NULL;
+    Py_ssize_t nf = PyList_GET_SIZE(fds), nj = PyList_GET_SIZE(jobl);
+    if (nf < 1 || nf > 1024 || nj < 1 || nj > 65536 || !(timeout > 0)) {
+        PyErr_SetString(PyExc_ValueError, "reads: 1..1024 sockets, 1..65536 jobs and a positive timeout");
+        return NULL;
+    }
+    Sock *socks = calloc((size_t)nf, sizeof(Sock));
+    Job *jobs = calloc((size_t)nj, sizeof(Job));
+    Py_ssize_t *order = calloc((size_t)nj, sizeof(Py_ssize_t));
+    struct pollfd *pfd = calloc((size_t)nf, sizeof(struct pollfd));
+    Py_ssize_t *pidx = calloc((size_t)nf, sizeof(Py_ssize_t));
+    Py_ssize_t *hints = calloc((size_t)nf, sizeof(Py_ssize_t));
+    PyObject *result = NULL;
+    int sig_err = 0;
+    if (!socks || !jobs || !order || !pfd || !pidx || !hints) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < nf; i++) {
+        socks[i].fd = (int)PyLong_AsLong(PyList_GET_ITEM(fds, i));
+        socks[i].cur = -1;
+        socks[i].ready = 1;
+        if (PyErr_Occurred()) goto out;
+    }
+    for (Py_ssize_t i = 0; i < nj; i++) {
+        PyObject *t = PyList_GET_ITEM(jobl, i), *dst;
+        Py_ssize_t si;
+        unsigned long tag;
+        unsigned long long extent_id, offset, generation;
+        if (!PyTuple_Check(t)) {
+            PyErr_SetString(PyExc_TypeError, "reads: jobs are tuples");
+            goto out;
+        }
+        if (!PyArg_ParseTuple(t, "nkKKKO", &si, &tag, &extent_id, &offset, &generation, &dst)) goto out;
+        if (si < 0 || si >= nf || tag > 0xFFFFFFFFul) {
+            PyErr_SetString(PyExc_ValueError, "reads: a job names no socket, or a tag beyond 32 bits");
+            goto out;
+        }
+        Job *j = &jobs[i];
+        j->sock = si;
+        j->tag = (uint32_t)tag;
+        if (PyObject_GetBuffer(dst, &j->dst, PyBUF_WRITABLE) < 0) goto out;
+        j->have_dst = 1;
+        if (j->dst.len < 1 || j->dst.len > MAX_IO) {
+            PyErr_SetString(PyExc_ValueError, "reads: a destination of 1 byte to MAX_IO bytes");
+            goto out;
+        }
+        encode_read(j->hdr, j->tag, extent_id, offset, (uint32_t)j->dst.len, generation);
+        socks[si].count++;
+        socks[si].out_len += CMD_SIZE;
+    }
+    { /* jobs grouped by socket, in their order */
+        Py_ssize_t pos = 0;
+        for (Py_ssize_t i = 0; i < nf; i++) {
+            socks[i].first = pos;
+            pos += socks[i].count;
+            socks[i].count = 0;
+        }
+        for (Py_ssize_t i = 0; i < nj; i++) {
+            Sock *s = &socks[jobs[i].sock];
+            order[s->first + s->count++] = i;
+        }
+    }
+    for (Py_ssize_t i = 0; i < nf; i++) {
+        Sock *s = &socks[i];
+        s->pending = s->count;
+        if (!s->count) continue;
+        s->out = malloc(s->out_len);
+        s->stage = malloc(STAGE);
+        if (!s->out || !s->stage) {
+            PyErr_NoMemory();
+            goto out;
+        }
+        size_t at = 0;
+        for (Py_ssize_t k = s->first; k < s->first + s->count; k++) {
+            Job *j = &jobs[order[k]];
+            memcpy(s->out + at, j->hdr, CMD_SIZE);
+            at += CMD_SIZE;
+        }
+    }
+    for (;;) {
+        int err = 0, rc = 0, np = 0;
+        Py_BEGIN_ALLOW_THREADS
+        double deadline = mono_now() + timeout;
+        for (;;) {
+            np = 0;
+            for (Py_ssize_t i = 0; i < nf; i++) {
+                Sock *s = &socks[i];
+                if (!s->pending || s->error) continue;
+                /* send what the socket takes */
+                while (s->ready && s->out_sent < s->out_len) {
+                    ssize_t k = send(s->fd, s->out + s->out_sent, s->out_len - s->out_sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+                    if (k > 0) { s->out_sent += (size_t)k; deadline = mono_now() + timeout; continue; }
+                    if (k < 0 && errno == EINTR) continue;
+                    if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+                    sock_fail(s, jobs, order, k < 0 ? strerror_r(errno, s->errbuf, sizeof(s->errbuf)) : "send failed");
+                    break;
+                }
+                if (s->error) continue;
+                Py_ssize_t before = s->pending;
+                if (s->ready && sock_recv(s, jobs, order, &hints[i]) < 0) continue;
+                if (s->pending != before) deadline = mono_now() + timeout;
+                if (!s->pending) continue;
+                pfd[np].fd = s->fd;
+                pfd[np].events = POLLIN | (s->out_sent < s->out_len ? POLLOUT : 0);
+                pfd[np].revents = 0;
+                pidx[np++] = i;
+            }
+            if (!np) break;
+            double left = deadline - mono_now();
+            if (left <= 0) { rc = 0; break; }
+            rc = poll(pfd, (nfds_t)np, (int)(left * 1000) + 1);
+            for (int q = 0; q < np && rc >= 0; q++) socks[pidx[q]].ready = pfd[q].revents != 0;
+            if (rc < 0) {
+                err = errno;
+                if (err == EINTR) break; /* run the signal handlers (with the GIL), then go on */
+                break;
+            }
+            if (rc == 0 && mono_now() >= deadline) break;
+        }
+        Py_END_ALLOW_THREADS
+        if (np && rc < 0 && err == EINTR) {
+            if (PyErr_CheckSignals() < 0) { sig_err = 1; goto out; }
+            continue;
+        }
+        if (np && rc < 0) {
+            for (Py_ssize_t q = 0; q < np; q++) {
+                Sock *f = &socks[pidx[q]];
+                sock_fail(f, jobs, order, strerror_r(err, f->errbuf, sizeof(f->errbuf)));
+            }
+        } else if (np) { /* no progress for ``timeout`` seconds */
+            for (Py_ssize_t q = 0; q < np; q++) sock_fail(&socks[pidx[q]], jobs, order, "timeout");
+        }
+        break;
+    }
+    {
+        PyObject *res = PyList_New(nj), *failed = PyList_New(0);
+        if (!res || !failed) {
+            Py_XDECREF(res);
+            Py_XDECREF(failed);
+            goto out;
+        }
+        for (Py_ssize_t i = 0; i < nj; i++) {
+            Job *j = &jobs[i];
+            PyObject *t;
+            if (j->status < 0)
+                t = Py_BuildValue("iIKs", -1, 0u, 0ull, j->error ? j->error : "failed");
+            else if (j->status)
+                t = Py_BuildValue("iIKy#", j->status, (unsigned)j->length, (unsigned long long)j->info,
+                                  j->message ? (const char *)j->message : "", (Py_ssize_t)j->message_len);
+            else
+                t = Py_BuildValue("iIKO", 0, (unsigned)j->length, (unsigned long long)j->info, Py_None);
+            if (t == NULL) {
+                Py_DECREF(res);
+                Py_DECREF(failed);
+                goto out;
+            }
+            PyList_SET_ITEM(res, i, t);
+        }
+        for (Py_ssize_t i = 0; i < nf; i++) {
+            if (!socks[i].error) continue;
+            PyObject *v = PyLong_FromSsize_t(i);
+            if (v == NULL || PyList_Append(failed, v) < 0) {
+                Py_XDECREF(v);
+                Py_DECREF(res);
+                Py_DECREF(failed);
+                goto out;
+            }
+            Py_DECREF(v);
+        }
+        result = Py_BuildValue("(NN)", res, failed);
+    }
+out:
+    (void)sig_err;
+    if (jobs) {
+        for (Py_ssize_t i = 0; i < nj; i++) {
+            if (jobs[i].have_dst) PyBuffer_Release(&jobs[i].dst);
+            free(jobs[i].message);
+        }
+    }
+    if (socks) {
+        for (Py_ssize_t i = 0; i < nf; i++) {
+            free(socks[i].out);
+            free(socks[i].stage);
+        }
+    }
+    free(socks);
+    free(jobs);
+    free(order);
+    free(pfd);
+    free(pidx);
+    free(hints);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"exchange", exchange, METH_VARARGS,
      "exchange(fd, header, payload, dest, tag) -> (status, length, info, message): one command's "
      "round trip on a blocking agent socket (see the module's header comment)."},
+    {"reads", reads, METH_VARARGS,
+     "reads(fds, jobs, timeout) -> (results, failed): many READs on many agent sockets at once (see "
+     "'batched reads' in the source)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from nvpool.client.metaclient import MetaClient, VolumeInfo, default_meta
 from nvpool.client.metrics import COUNTERS
-from nvpool.client.syncpath import MAX_FAST, FastPathMiss, SyncChannels
+from nvpool.client.syncpath import MAX_FAST, BatchRead, FastPathMiss, SyncChannels
 from nvpool.client.volume import AsyncVolume, ClientOptions, Connections, Lease
 from nvpool.proto import dataplane as dp
 from nvpool.proto.errors import AgentTimeoutError, UsageError
@@ -52,6 +52,10 @@ T = TypeVar("T")
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 
 __all__ = ["AgentTimeoutError", "AsyncPool", "Pool", "Volume", "ClientOptions", "VolumeInfo", "connect", "default_meta"]
+
+#: the largest request ``Volume.readv`` reads on the thread's own connections (larger ones take the
+#: normal path, which keeps a window of bytes in flight per agent)
+MAX_BATCH_REQUEST = 4 * 1024 * 1024
 
 _forks = 0  # fork() calls that led to this process; objects made before the last one reconnect
 _reconnect_lock = threading.Lock()
@@ -290,8 +294,59 @@ class Volume:
         views = [(off, _as_view(buf, writable=True)) for off, buf in requests]
         if not views:
             return 0
-        self._pool._run(self._av().readv(views))
+        av = self._av()
+        rest = self._fast_batch(av, views, time.monotonic())
+        if rest:
+            self._pool._run(av.readv(rest))
         return sum(len(v) for _, v in views)
+
+    def _fast_batch(self, av: AsyncVolume, views: "list[tuple[int, memoryview]]",
+                    t0: float) -> "list[tuple[int, memoryview]]":
+        """Read what can be read on this thread's own connections, all at once (client/syncpath.py,
+        ``read_batch``): every request whose pieces (one per stripe unit) each have an agent, at most
+        ``MAX_BATCH_REQUEST`` bytes. Returns the requests left for the normal path (which reads, retries
+        and reports them in full)."""
+        if av.options.digests:
+            return views
+        lay = av.layout
+        su, size, single = lay.stripe_unit, lay.size, lay.single_piece
+        eps = av.endpoints
+        tcp_only = av.options.transport == "tcp"
+        reads: list[BatchRead] = []
+        owner: list[int] = []
+        rest: list[int] = []
+        conns: dict[str, tuple[str, Any]] = {}
+        for i, (off, view) in enumerate(views):
+            n = len(view)
+            if not 0 < n <= MAX_BATCH_REQUEST or off < 0 or off + n > size:
+                rest.append(i)
+                continue
+            start, pos = len(reads), 0
+            while pos < n:
+                k = min(su - (off + pos) % su, n - pos)
+                p = single(off + pos, k, False)
+                ep = eps.get(p.extent.drive_id) if p is not None else None
+                if p is None or ep is None:
+                    del reads[start:], owner[start:]
+                    rest.append(i)
+                    break
+                if ep.address not in conns:
+                    unix = "" if tcp_only else ep.unix_path
+                    ctx = av.connections.ssl_for(ep) if ep.tls and not (unix and os.path.exists(unix)) else None
+                    conns[ep.address] = (unix, ctx)
+                reads.append((ep.address, p.extent.extent_id, p.extent_offset, view if k == n else view[pos : pos + k]))
+                owner.append(i)
+                pos += k
+        if reads:
+            got = self._pool._sync.read_batch(reads, lay.generation, lay.volume_id,
+                                              av.lease.cap if av.lease is not None else b"", conns)
+            missed = {owner[j] for j, good in enumerate(got) if not good}
+            rest.extend(missed)
+            done = set(owner) - missed
+            if done:
+                COUNTERS.record("read", sum(len(views[i][1]) for i in done), time.monotonic() - t0, False,
+                                count=len(done))
+        return [views[i] for i in sorted(set(rest))]
 
     def pread(self, buf: Buffer, offset: int) -> "Future[int]":
         """Start reading ``len(buf)`` bytes at ``offset`` into ``buf``; a ``concurrent.futures.Future``

@@ -42,20 +42,21 @@ class Counters:
                 o[1] += nbytes
         return out
 
-    def record(self, op: str, nbytes: int, seconds: float, failed: bool) -> None:
+    def record(self, op: str, nbytes: int, seconds: float, failed: bool, count: int = 1) -> None:
+        """``count`` calls (a batch: ``nbytes`` in all, each taking ``seconds``)."""
         o = self.ops.get(op)
         if o is None:
             o = self.ops[op] = [0, 0, 0]
-        o[0] += 1
+        o[0] += count
         if failed:
-            o[2] += 1
+            o[2] += count
         else:
             o[1] += nbytes
         h = self.latency.get(op)
         if h is None:
             h = self.latency[op] = ([0] * (len(BUCKETS) + 1), [0.0])
-        h[0][bisect.bisect_left(BUCKETS, seconds)] += 1
-        h[1][0] += seconds
+        h[0][bisect.bisect_left(BUCKETS, seconds)] += count
+        h[1][0] += seconds * count
 
 
 COUNTERS = Counters()

@@ -16,6 +16,12 @@ socket blocking with the timeout as the kernel's send/receive timeouts); ``_Chan
 path is the reference, used for TLS sockets and with ``NVPOOL_PURE_PYTHON=1``, and
 ``tests/test_syncpath.py`` runs every case on both.
 
+Batches (``SyncChannels.read_batch``, used by ``Volume.readv``): many READ pieces on the thread's
+connections to many agents at once. ``client/_csync.c``'s ``reads`` sends every command and receives
+every completion with the GIL released, all sockets driven together by poll(); the reference (and the
+path for TLS sockets) sends them one ``_Channel.call`` at a time. Either way each piece is read or
+reported missed, and a connection that failed is dropped.
+
 Every send has ``sendall`` semantics: a blocking ``sendmsg`` may send only part of the header and
 payload (a Unix socket takes about 208 KiB at once), so ``_sendmsg_all`` sends the rest from where it
 stopped, slicing memoryviews (no copy of the payload).
@@ -41,6 +47,10 @@ MAX_FAST = 256 * 1024
 _HELLO_NO_REGIONS = struct.pack("<4sII", b"NVSH", 1, 0)
 
 Buffer = Union[bytes, bytearray, memoryview]
+
+
+#: one piece of a batched read: (agent address, extent id, offset in the extent, destination)
+BatchRead = tuple[str, int, int, memoryview]
 
 
 class FastPathMiss(Exception):
@@ -219,6 +229,83 @@ class SyncChannels:
             if bad is not None:
                 bad.sock.close()
             raise
+
+    def _drop(self, address: str) -> None:
+        bad = self._channels().pop(address, None)
+        if bad is not None:
+            bad.sock.close()
+
+    def read_batch(self, reads: list[BatchRead], generation: int, volume_id: int, cap: bytes,
+                   endpoints: dict[str, tuple[str, Optional[ssl.SSLContext]]]) -> list[bool]:
+        """Read every piece (of one volume's layout ``generation``), all in flight together on this
+        thread's connections; for each, True if it was read, False if the caller must read it the normal
+        way (a refusal, a lost connection, no answer within ``timeout``: then the connection is dropped).
+        ``endpoints``: address -> (unix path, TLS context) for the connections to open."""
+        chans = self._channels()
+        ok = [False] * len(reads)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(reads):
+            g = groups.get(r[0])
+            if g is None:
+                groups[r[0]] = [i]
+            else:
+                g.append(i)
+        batched: list[tuple[str, _Channel, list[int]]] = []
+        for address, idxs in groups.items():
+            try:
+                ch = chans.get(address)
+                if ch is None:
+                    unix, ctx = endpoints[address]
+                    ch = chans[address] = _Channel(address, unix, self.timeout, ctx)
+                ch.authorize(volume_id, cap)
+            except FastPathMiss:
+                continue
+            except (OSError, ValueError, struct.error):
+                self._drop(address)
+                continue
+            except BaseException:
+                self._drop(address)
+                raise
+            if ch.compiled and _csync is not None:
+                batched.append((address, ch, idxs))
+                continue
+            for i in idxs:  # the reference: one round trip at a time
+                _a, extent_id, offset, dest = reads[i]
+                try:
+                    ch.call(dp.READ, extent_id, offset, len(dest), generation, None, dest)
+                    ok[i] = True
+                except FastPathMiss:
+                    pass
+                except (OSError, ValueError, struct.error):
+                    self._drop(address)
+                    break
+                except BaseException:
+                    self._drop(address)
+                    raise
+        if batched:
+            assert _csync is not None
+            jobs: list[tuple[int, int, int, int, int, memoryview]] = []
+            owners: list[int] = []
+            for si, (_addr, ch, idxs) in enumerate(batched):
+                tag = ch.tag
+                for i in idxs:
+                    _a, extent_id, offset, dest = reads[i]
+                    tag = (tag + 1) & 0xFFFFFFFF or 1
+                    jobs.append((si, tag, extent_id, offset, generation, dest))
+                owners.extend(idxs)
+                ch.tag = tag
+            try:
+                results, failed = _csync.reads([ch.fd for _a, ch, _i in batched], jobs, self.timeout)
+            except BaseException:  # (a signal handler's exception: every connection is out of step)
+                for addr, _ch, _i in batched:
+                    self._drop(addr)
+                raise
+            for res, i in zip(results, owners):
+                ok[i] = res[0] == 0
+            for si in failed:
+                self._drop(batched[si][0])
+        self.misses += ok.count(False)
+        return ok
 
     def close(self) -> None:
         for ch in self._channels().values():

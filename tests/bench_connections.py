@@ -79,7 +79,8 @@ def main() -> int:
                 for fig in ("QD32 IOPS", "QD32 agents CPU us/IO", "QD1 p50 us, blocking API"):
                     loop_v = statistics.median(got[(t, io, fig, "loop")])
                     thr_v = statistics.median(got[(t, io, fig, "threads")])
-                    what = f"4K {io} {fig}, {'tcp' if t == 'tcp' else 'unix socket'}"
+                    how = "tcp" if t == "tcp" else ("unix socket" if "blocking" in fig else "shm")
+                    what = f"4K {io} {fig}, {how}"
                     print(f"{what:<48} {loop_v:>10.1f} {thr_v:>10.1f} {thr_v / loop_v:>13.2f}", file=sys.stderr)
                     rows.append({"what": what, "loop": round(loop_v, 1), "threads": round(thr_v, 1),
                                  "ratio": round(thr_v / loop_v, 2)})

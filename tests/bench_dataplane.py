@@ -7,7 +7,8 @@
    measured in the same run: loopback TCP (an iperf3-style stream between two processes) for TCP,
    single-thread memcpy for shm (one copy is the floor);
 2. 4 KiB random reads at QD32 (IOPS) and QD1 (p50, p99) through the library (asyncio API; QD1 also
-   through the blocking API, which takes the thread's own socket) vs ``fio --ioengine=nbd`` against
+   through the blocking API, which takes the thread's own socket; and batches of 32 through the
+   blocking API's ``readv``, all in flight together on the thread's own sockets) vs ``fio --ioengine=nbd`` against
    ``nbdkit file`` serving a fully allocated file of the same size and page-cache state: a C peer;
    and the CPU per 4 KiB I/O on the client and on the agents (process accounting: getrusage and
    /proc/PID/stat), against the issue-17 bound of 15 us a side and against fio's and nbdkit's own CPU
@@ -111,6 +112,28 @@ def sync_qd1(meta: str, vol: str, io_type: str, seconds: float, transport: str) 
     return lat[len(lat) // 2] / 1000, lat[len(lat) * 99 // 100] / 1000
 
 
+def sync_readv(meta: str, vol: str, seconds: float, transport: str, batch: int = 32) -> tuple[float, float]:
+    """4 KiB random reads through the blocking API, ``batch`` at a time with ``Volume.readv`` (what a
+    DataLoader worker reading a batch of samples calls): (IOPS, client CPU us per I/O)."""
+    import random
+
+    import numpy as np
+
+    from nvpool import client
+    from nvpool.client.volume import ClientOptions
+
+    with client.connect(meta, ClientOptions(transport=transport)) as pool, pool.open(vol, read_only=True) as v:
+        slots = v.size // 4096
+        rng = random.Random(7)
+        bufs = [np.empty(4096, dtype=np.uint8) for _ in range(batch)]
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - t0 < seconds:
+            v.readv([(rng.randrange(slots) * 4096, b) for b in bufs])
+            n += batch
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return n / wall, 1e6 * cpu / n
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1G", help="volume size")
@@ -202,6 +225,10 @@ def main() -> int:
                     q1 = bench(meta, "seq", io_type=io_type, io_size=4096, io_depth=1, pattern="rand",
                                seconds=args.seconds, transport=t)
                     s50, s99 = sync_qd1(meta, "seq", io_type, args.seconds, t)
+                    if io_type == "read":
+                        rv_iops, rv_us = sync_readv(meta, "seq", args.seconds, t)
+                        got.setdefault("rv_iops", []).append(rv_iops)
+                        got.setdefault("rv_us", []).append(rv_us)
                     k0 = proc_cpu_s(nbdkit.pid)
                     j32 = fio(["--name=p", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k", "--iodepth=32",
                                f"--runtime={args.seconds}", "--time_based", f"--size={size}"])
@@ -225,6 +252,9 @@ def main() -> int:
                 row(f"4K rand {io_type} CPU us/IO QD32 agents, {t}", m["agent_us"], 15.0, "bound", "< 1.0", False)
                 row(f"4K rand {io_type} CPU us/IO QD32 agents, {t}", m["agent_us"], m["nbdkit_us"], "nbdkit's own",
                     "report", False)
+                if io_type == "read":
+                    row(f"4K rand read IOPS, blocking readv x32, {how}", m["rv_iops"], m["p32"], "nbdkit QD32", ">= 0.8")
+                    row(f"4K rand read CPU us/IO, blocking readv x32, {how}", m["rv_us"], 15.0, "bound", "< 1.0", False)
                 row(f"4K rand {io_type} p50 us QD1, {t}", m["q1_50"], m["p1_50"], "fio nbd -> nbdkit", "<= 1.5", False)
                 row(f"4K rand {io_type} p99 us QD1, {t}", m["q1_99"], m["p1_99"], "fio nbd -> nbdkit", "report", False)
                 row(f"4K rand {io_type} p50 us QD1, blocking API, {how}", m["s50"], m["p1_50"], "fio nbd -> nbdkit",

@@ -20,7 +20,8 @@ import uvloop
 from nvpool import client
 from nvpool.client.api import AsyncPool
 from nvpool.client.cluster import LocalCluster
-from nvpool.proto.errors import AlreadyExistsError, CapacityError, NotFoundError, RemoteError, Status, UsageError
+from nvpool.proto.errors import (AlreadyExistsError, CapacityError, NotFoundError, NvpoolError, RemoteError, Status,
+                                 UsageError)
 
 MiB = 1 << 20
 # the whole module runs twice: metadata on SQLite, and on a real 3-member etcd cluster (issue 13)
@@ -219,6 +220,51 @@ def test_sync_fast_path_agrees_with_the_full_path(local_pool: LocalCluster) -> N
         pool.delete_volume("fast")
         with pytest.raises(RemoteError):
             vol.read(0, 4096)  # a deleted volume: the fast path misses, the full path reports NO_EXTENT
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+def test_readv_batches_agree_with_the_model_and_fall_back_when_stale(local_pool: LocalCluster,
+                                                                    transport: str) -> None:
+    """``Volume.readv`` reads a batch on the thread's own connections, all in flight together (the
+    compiled batch over the agents' Unix sockets with "auto"; over TLS, one round trip at a time, with
+    "tcp"): requests of 1 byte to 5 MiB, crossing stripe units and columns, byte for byte. After a
+    forced writer takeover raised the volume's generation, the reader's batch is refused (STALE_LAYOUT)
+    and the normal path refreshes the layout and reads the same bytes."""
+    from nvpool.client.volume import ClientOptions
+
+    rng = np.random.default_rng(11)
+    size = 24 * MiB
+    model = rng.integers(0, 256, size, dtype=np.uint8)
+    name = f"batch-{transport}"
+    with client.connect(local_pool.meta.address, ClientOptions(transport=transport)) as pool:
+        pool.create_volume(name, size, stripe_unit="256K")
+        writer = pool.open(name)
+        writer.write(0, model)
+        reader = pool.open(name, read_only=True)
+
+        def check_batch() -> None:
+            reqs = []
+            for _ in range(300):
+                n = int(rng.choice([1, 4096, 4096, 65536, 300_000, 1 << 20, 5 << 20]))
+                off = int(rng.integers(0, size - n))
+                reqs.append((off, np.empty(n, dtype=np.uint8)))
+            assert reader.readv(reqs) == sum(len(b) for _, b in reqs)
+            for off, b in reqs:
+                assert np.array_equal(b, model[off : off + len(b)]), (off, len(b))
+
+        check_batch()
+        assert pool._sync.misses == 0, "a batch of a healthy volume missed"
+        assert pool._sync._channels(), "readv did not use the thread's own connections"
+        with client.connect(local_pool.meta.address) as other, other.open(name, force=True) as taker:
+            taker.write(0, model[:4096])  # (the takeover raised the generation on every agent)
+            check_batch()
+        assert pool._sync.misses > 0, "the stale batch was not refused"
+        reader.close()
+        try:
+            writer.close()
+        except NvpoolError:  # (its lease was taken over)
+            pass
+        pool.delete_volume(name, force=True)
 
 
 def test_dead_agent_clear_errors_degraded_health_nothing_lost(local_pool: LocalCluster) -> None:

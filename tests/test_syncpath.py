@@ -211,3 +211,164 @@ def test_an_agent_that_never_reads_costs_one_bounded_wait(impl: str) -> None:
         ch.call(dp.WRITE, 3, 0, 4 << 20, 9, bytes(4 << 20), None)
     assert time.monotonic() - t0 < 3.0
     b.close()
+
+
+# ---------------------------------------------------------------------- batched reads (read_batch)
+class PipelinedAgent:
+    """Reads commands as they come and answers them: in batches of whatever has arrived within a few
+    milliseconds, in an order and in pieces chosen by a seeded RNG; ``answer(cmd)`` gives a command's
+    completion frame (None: close the connection instead)."""
+
+    def __init__(self, sock: socket.socket, answer: Callable[[Cmd], Optional[bytes]], seed: int) -> None:
+        import random
+
+        self.sock, self.answer, self.rng = sock, answer, random.Random(seed)
+        self.received: list[Cmd] = []
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        buf = b""
+        try:
+            while True:
+                self.sock.settimeout(0.003)
+                try:
+                    chunk = self.sock.recv(1 << 16)
+                except TimeoutError:
+                    chunk = None
+                if chunk == b"":
+                    return
+                if chunk:
+                    buf += chunk
+                    continue
+                cmds = []
+                while len(buf) >= dp.COMMAND.size:
+                    cmds.append(dp.COMMAND.unpack(buf[: dp.COMMAND.size]))
+                    buf = buf[dp.COMMAND.size :]
+                self.rng.shuffle(cmds)
+                self.sock.settimeout(None)
+                for cmd in cmds:
+                    self.received.append(cmd)
+                    frame = self.answer(cmd)
+                    if frame is None:
+                        self.sock.close()
+                        return
+                    while frame:
+                        k = self.rng.choice((7, 24, 100, 4096, 1 << 20))
+                        self.sock.sendall(frame[:k])
+                        frame = frame[k:]
+        except OSError:
+            pass
+
+
+def data_for(cmd: Cmd) -> bytes:
+    return expect_data(cmd[5] + cmd[4], cmd[6])  # derived from extent id and offset
+
+
+def answer_ok(cmd: Cmd) -> Optional[bytes]:
+    """READ only, plain (the batch sends nothing else); extent 66 is refused with a message."""
+    magic, op, flags, tag, ext, off, length, region, roff, gen = cmd
+    assert (magic, op, flags, region, roff) == (dp.COMMAND_MAGIC, dp.READ, 0, 0, 0), cmd
+    if ext == 66:
+        msg = b"stale layout: generation %d" % gen
+        return dp.COMPLETION.pack(dp.COMPLETION_MAGIC, Status.STALE_LAYOUT, 0, tag, len(msg), 0, 7) + msg
+    return dp.encode_completion(tag, length=length) + data_for(cmd)
+
+
+def batch_channels(impl: str, answers: list[Callable[[Cmd], Optional[bytes]]], timeout: float = 5.0,
+                   small_buffers: bool = False) -> tuple[syncpath.SyncChannels, list[PipelinedAgent]]:
+    chans = syncpath.SyncChannels(timeout)
+    agents = []
+    for i, answer in enumerate(answers):
+        a, b = socket.socketpair()
+        if small_buffers:
+            for s in (a, b):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 * KiB)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * KiB)
+        a.settimeout(timeout)
+        ch = _Channel.__new__(_Channel)
+        ch._adopt(a, timeout, impl == "compiled")
+        chans._channels()[f"agent{i}"] = ch
+        agents.append(PipelinedAgent(b, answer, i))
+    return chans, agents
+
+
+def batch_of(n: int, seed: int, agents: int) -> list[tuple[str, int, int, memoryview]]:
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        size = rng.choice((1, 512, 4 * KiB, 4 * KiB, 60 * KiB, 64 * KiB, 300 * KiB, 1 << 20))
+        ext = 66 if rng.random() < 0.05 else rng.randrange(1, 9)
+        out.append((f"agent{rng.randrange(agents)}", ext, rng.randrange(0, 1 << 30) & ~7, memoryview(bytearray(size))))
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seed", range(4))
+def test_a_batch_reads_every_piece_whatever_the_order_and_pieces(impl: str, seed: int) -> None:
+    chans, agents = batch_channels(impl, [answer_ok] * 3)
+    reads = batch_of(200, seed, 3)
+    got = chans.read_batch(reads, 9, 0, b"", {})
+    for (addr, ext, off, dest), ok_ in zip(reads, got):
+        assert ok_ == (ext != 66), (addr, ext)
+        if ok_:
+            assert bytes(dest) == expect_data(off + ext, len(dest))
+    assert all(cmd[9] == 9 for a in agents for cmd in a.received)  # the layout generation
+    assert chans.misses == got.count(False)
+    # every connection is still aligned: a second batch works
+    again = batch_of(50, seed + 100, 3)
+    assert chans.read_batch(again, 9, 0, b"", {}) == [r[1] != 66 for r in again]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_batch_keeps_reading_while_it_sends(impl: str) -> None:
+    """Small socket buffers, 400 pipelined reads: the agent blocks sending answers unless they are read
+    while the rest of the commands are still being sent."""
+    chans, _ = batch_channels(impl, [answer_ok], small_buffers=True)
+    reads = [("agent0", 1, i * 4096, memoryview(bytearray(4 * KiB))) for i in range(400)]
+    assert all(chans.read_batch(reads, 9, 0, b"", {}))
+    assert all(bytes(d) == expect_data(o + 1, 4 * KiB) for _a, _e, o, d in reads)
+
+
+def broken(kind: str) -> Callable[[Cmd], Optional[bytes]]:
+    state = {"n": 0}
+
+    def answer(cmd: Cmd) -> Optional[bytes]:
+        state["n"] += 1
+        if state["n"] < 5:
+            return answer_ok(cmd)
+        tag, length = cmd[3], cmd[6]
+        if kind == "closed":
+            return None
+        if kind == "closed mid-payload":
+            frame = dp.encode_completion(tag, length=length) + data_for(cmd)
+            return frame[: len(frame) // 2] if length > 2 else None
+        if kind == "unknown tag":
+            return dp.encode_completion(tag + 100000, length=length) + data_for(cmd)
+        if kind == "bad magic":
+            return b"\x00\x00" + (dp.encode_completion(tag, length=length) + data_for(cmd))[2:]
+        if kind == "wrong length":
+            return dp.encode_completion(tag, length=length + 1) + data_for(cmd) + b"!"
+        if kind == "silent":
+            return b""
+        raise AssertionError(kind)
+
+    return answer
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["closed", "closed mid-payload", "unknown tag", "bad magic", "wrong length", "silent"])
+def test_a_broken_agent_costs_only_its_own_pieces_and_its_connection(impl: str, kind: str) -> None:
+    chans, _ = batch_channels(impl, [answer_ok, broken(kind), answer_ok], timeout=0.5)
+    reads = [(f"agent{i % 3}", 1 + i % 3, i * 8192, memoryview(bytearray(4 * KiB))) for i in range(60)]
+    t0 = time.monotonic()
+    got = chans.read_batch(reads, 9, 0, b"", {})
+    assert time.monotonic() - t0 < 5.0
+    for (addr, ext, off, dest), ok_ in zip(reads, got):
+        if addr != "agent1":
+            assert ok_ and bytes(dest) == expect_data(off + ext, 4 * KiB)
+    assert not all(ok_ for (addr, *_), ok_ in zip(reads, got) if addr == "agent1")
+    assert "agent1" not in chans._channels(), "the broken connection was kept"
+    assert {"agent0", "agent2"} <= set(chans._channels())
