@@ -34,7 +34,8 @@ import socket
 import ssl
 import struct
 import threading
-from typing import Optional, Union
+from functools import partial
+from typing import Callable, Optional, Union
 
 from nvpool.proto import compiled
 from nvpool.proto import dataplane as dp
@@ -230,6 +231,21 @@ class SyncChannels:
                 bad.sock.close()
             raise
 
+    def _guarded(self, address: str, step: Callable[[], None]) -> int:
+        """Run one step on the connection to ``address``: 1 done, 0 a miss (the connection stays),
+        -1 the connection failed (dropped). Any other exception drops it and propagates."""
+        try:
+            step()
+            return 1
+        except FastPathMiss:
+            return 0
+        except (OSError, ValueError, struct.error):
+            self._drop(address)
+            return -1
+        except BaseException:
+            self._drop(address)
+            raise
+
     def _drop(self, address: str) -> None:
         bad = self._channels().pop(address, None)
         if bad is not None:
@@ -252,36 +268,27 @@ class SyncChannels:
                 g.append(i)
         batched: list[tuple[str, _Channel, list[int]]] = []
         for address, idxs in groups.items():
-            try:
+
+            def ready(address: str = address) -> None:
                 ch = chans.get(address)
                 if ch is None:
                     unix, ctx = endpoints[address]
                     ch = chans[address] = _Channel(address, unix, self.timeout, ctx)
                 ch.authorize(volume_id, cap)
-            except FastPathMiss:
+
+            if self._guarded(address, ready) <= 0:
                 continue
-            except (OSError, ValueError, struct.error):
-                self._drop(address)
-                continue
-            except BaseException:
-                self._drop(address)
-                raise
+            ch = chans[address]
             if ch.compiled and _csync is not None:
                 batched.append((address, ch, idxs))
                 continue
             for i in idxs:  # the reference: one round trip at a time
                 _a, extent_id, offset, dest = reads[i]
-                try:
-                    ch.call(dp.READ, extent_id, offset, len(dest), generation, None, dest)
-                    ok[i] = True
-                except FastPathMiss:
-                    pass
-                except (OSError, ValueError, struct.error):
-                    self._drop(address)
+                got = self._guarded(address, partial(ch.call, dp.READ, extent_id, offset, len(dest), generation,
+                                                     None, dest))
+                if got < 0:
                     break
-                except BaseException:
-                    self._drop(address)
-                    raise
+                ok[i] = got > 0
         if batched:
             assert _csync is not None
             jobs: list[tuple[int, int, int, int, int, memoryview]] = []
