@@ -315,46 +315,54 @@ static void ctx_clear(Ctx *c) {
 
 /* Read the core's state for one batch (the GIL is held from here to ctx_close): 0, or -1 with an
  * exception set (then ctx_clear). */
-static int ctx_open(Ctx *c, PyObject *core, PyObject *caps, int threaded) {
+/* The core's flags a command's checks depend on besides its extent and capability (secrets, migration
+ * copies and dirty tracking, the serve lease): read at the start of a batch and, in a native thread,
+ * again before every command. (A native thread holds the GIL through a batch, but Python code can still
+ * run inside it: a first-time stats entry is a container allocation, which may start a collection,
+ * whose finalizers run bytecode, during which the GIL can pass to the event loop. Re-reading the flags
+ * before each command, and making no container allocation between a command's checks and its I/O,
+ * keeps every command's checks and I/O together.) 0, or -1 with an exception set. */
+static int ctx_flags(Ctx *c, PyObject *core) {
     PyObject *secrets = NULL, *copies = NULL, *dirty = NULL, *su = NULL;
-    memset(c, 0, sizeof(*c));
-    c->caps = caps;
-    c->threaded = threaded;
-    if ((c->extents = PyObject_GetAttr(core, s_extents)) == NULL) goto fail;
-    if ((c->drives = PyObject_GetAttr(core, s_drives)) == NULL) goto fail;
-    if ((c->stats = PyObject_GetAttr(core, s_stats)) == NULL) goto fail;
-    if ((c->stats_drives = PyObject_GetAttr(c->stats, s_drives_stats)) == NULL) goto fail;
-    if ((c->stats_volumes = PyObject_GetAttr(c->stats, s_volumes)) == NULL) goto fail;
-    if ((c->latency = PyObject_GetAttr(c->stats, s_latency)) == NULL) goto fail;
-    if (!PyDict_Check(c->extents) || !PyDict_Check(c->drives) || !PyDict_Check(c->stats_drives) ||
-        !PyDict_Check(c->stats_volumes) || !PyDict_Check(c->latency)) {
-        PyErr_SetString(PyExc_TypeError, "the core's tables must be dicts");
-        goto fail;
-    }
-    if ((secrets = PyObject_GetAttr(core, s_secrets)) == NULL) goto fail;
-    if ((c->check_caps = PyObject_IsTrue(secrets)) < 0) goto fail;
+    int rc = -1;
+    if ((secrets = PyObject_GetAttr(core, s_secrets)) == NULL) goto done;
+    if ((c->check_caps = PyObject_IsTrue(secrets)) < 0) goto done;
     if ((copies = PyObject_GetAttr(core, s_copies)) == NULL || (dirty = PyObject_GetAttr(core, s_dirty)) == NULL)
-        goto fail;
+        goto done;
     {
         int a = PyObject_IsTrue(copies), b = PyObject_IsTrue(dirty);
-        if (a < 0 || b < 0) goto fail;
+        if (a < 0 || b < 0) goto done;
         c->writes_ok = !a && !b;
     }
-    if ((su = PyObject_GetAttr(core, s_serve_until)) == NULL) goto fail;
+    if ((su = PyObject_GetAttr(core, s_serve_until)) == NULL) goto done;
     c->serve_until = PyFloat_AsDouble(su);
-    if (c->serve_until == -1.0 && PyErr_Occurred()) goto fail;
+    if (c->serve_until == -1.0 && PyErr_Occurred()) goto done;
     c->wall_now = now_clock(CLOCK_REALTIME);
-    Py_DECREF(secrets);
-    Py_DECREF(copies);
-    Py_DECREF(dirty);
-    Py_DECREF(su);
-    return 0;
-fail:
+    rc = 0;
+done:
     Py_XDECREF(secrets);
     Py_XDECREF(copies);
     Py_XDECREF(dirty);
     Py_XDECREF(su);
-    return -1;
+    return rc;
+}
+
+static int ctx_open(Ctx *c, PyObject *core, PyObject *caps, int threaded) {
+    memset(c, 0, sizeof(*c));
+    c->caps = caps;
+    c->threaded = threaded;
+    if ((c->extents = PyObject_GetAttr(core, s_extents)) == NULL) return -1;
+    if ((c->drives = PyObject_GetAttr(core, s_drives)) == NULL) return -1;
+    if ((c->stats = PyObject_GetAttr(core, s_stats)) == NULL) return -1;
+    if ((c->stats_drives = PyObject_GetAttr(c->stats, s_drives_stats)) == NULL) return -1;
+    if ((c->stats_volumes = PyObject_GetAttr(c->stats, s_volumes)) == NULL) return -1;
+    if ((c->latency = PyObject_GetAttr(c->stats, s_latency)) == NULL) return -1;
+    if (!PyDict_Check(c->extents) || !PyDict_Check(c->drives) || !PyDict_Check(c->stats_drives) ||
+        !PyDict_Check(c->stats_volumes) || !PyDict_Check(c->latency)) {
+        PyErr_SetString(PyExc_TypeError, "the core's tables must be dicts");
+        return -1;
+    }
+    return ctx_flags(c, core);
 }
 
 /* Add what the batch served to the core's counters and drop the references; -1 if that failed (an
@@ -560,6 +568,7 @@ static int serve_core(const unsigned char *buf, Py_ssize_t *pos_io, Py_ssize_t e
     while (pos < end) {
         if (outbytes >= (size_t)batch_bytes) { stop = STOP_FULL; break; }
         if (end - pos < CMD_SIZE) break;
+        if (threaded && pos > *pos_io && ctx_flags(&c, core) < 0) goto fail; /* (see ctx_flags) */
         const unsigned char *h = buf + pos;
         unsigned op = h[2], flags = h[3];
         uint32_t length = ld32(h + 24);
@@ -650,9 +659,11 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
  *     memory is committed only as bytes arrive), and sends with blocking sendmsg, so a peer that does
  *     not read its replies stops the thread in send and the commands it sends wait in the kernel;
  *   - each time the buffer holds a complete frame it takes the GIL and runs serve_core over
- *     [pos, end) (threaded: the GIL is kept across each command's checks and its pread/pwrite, so a
- *     fence, a release or a capability change made by Python can never fall between the two), then
- *     releases the GIL and sends the replies;
+ *     [pos, end) (threaded: the GIL is kept through the batch, each command checked against the
+ *     tables and flags read afresh right before its pread/pwrite, so a fence, a release or a
+ *     capability change made by Python can never fall between the two; see ctx_flags), then releases
+ *     the GIL and sends the replies (a large batch of replies is released before the thread waits for
+ *     the peer again);
  *   - a plain READ of small_read_max bytes or more (no digest) is sent in steps of COPY_STEP bytes from a
  *     buffer of the connection's: before each step, with the GIL held, the command is checked again
  *     exactly as serve_one checks it and the step is read with pread under that same GIL hold; the
@@ -693,7 +704,7 @@ typedef struct {
     PyObject *core, *caps, *regions, *on_event;
     Py_ssize_t small_read_max, batch_bytes;
     pthread_t thread;
-    int started, joined;
+    int started, joined, sync_init;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int stopping;  /* under mu */
@@ -709,6 +720,7 @@ typedef struct {
     size_t cap, pos, end;
     unsigned char *sbuf; /* large_read's buffer (COMP_SIZE + COPY_STEP bytes, made on first use) */
     PyObject *sent;      /* the last batch's replies, sent: released at the next GIL hold */
+    size_t sent_bytes;   /* their size (a large one is released before the thread waits for the peer) */
     char why_buf[160];   /* the thread's reason for ending, when it is a system error's text */
     /* counters, written by the thread with the GIL held */
     long long batches, served, handoffs, handed_bytes, large_reads;
@@ -809,7 +821,7 @@ static int send_all(int fd, struct iovec *v, int left) {
 
 /* send every bytes object of ``frames`` (a list the caller owns and shares with nobody, so it is read
  * without the GIL); 0, or an errno */
-static int send_frames(int fd, PyObject *frames) {
+static int send_frames(int fd, PyObject *frames, size_t *total) {
     Py_ssize_t n = PyList_GET_SIZE(frames), i = 0;
     struct iovec iov[64];
     while (i < n) {
@@ -818,6 +830,7 @@ static int send_frames(int fd, PyObject *frames) {
             PyObject *b = PyList_GET_ITEM(frames, i + cnt);
             iov[cnt].iov_base = PyBytes_AS_STRING(b);
             iov[cnt].iov_len = (size_t)PyBytes_GET_SIZE(b);
+            if (total != NULL) *total += iov[cnt].iov_len;
             cnt++;
         }
         i += cnt;
@@ -844,7 +857,7 @@ static int send_posted(Conn *c, PyThreadState *ts) {
         return ENOMEM;
     }
     PyEval_SaveThread();
-    int err = send_frames(c->fd, frames);
+    int err = send_frames(c->fd, frames, NULL);
     PyEval_RestoreThread(ts);
     Py_DECREF(frames);
     PyEval_SaveThread();
@@ -963,7 +976,7 @@ static int handoff(Conn *c, PyThreadState *ts, size_t cut, int kind, const char 
     c->reply = NULL;
     int close_after = c->reply_close;
     PyEval_SaveThread();
-    int err = reply != NULL ? send_frames(c->fd, reply) : 0;
+    int err = reply != NULL ? send_frames(c->fd, reply, NULL) : 0;
     PyEval_RestoreThread(ts);
     Py_XDECREF(reply);
     PyEval_SaveThread();
@@ -997,6 +1010,11 @@ static void *conn_main(void *arg) {
             pthread_mutex_lock(&c->mu);
             int may_post = c->expected > 0 || c->n_posted > 0;
             pthread_mutex_unlock(&c->mu);
+            if (c->sent != NULL && c->sent_bytes > 64 * 1024) { /* not held while the peer thinks */
+                PyEval_RestoreThread(ts);
+                Py_CLEAR(c->sent);
+                PyEval_SaveThread();
+            }
             ssize_t k = recv(c->fd, c->buf + c->end, c->cap - c->end, may_post ? MSG_DONTWAIT : 0);
             if (k == 0) {
                 why = c->end > c->pos ? "closed in the middle of a command" : "";
@@ -1079,8 +1097,10 @@ static void *conn_main(void *arg) {
             }
         }
         PyEval_SaveThread();
-        int err = send_frames(c->fd, out);
+        size_t out_bytes = 0;
+        int err = send_frames(c->fd, out, &out_bytes);
         c->sent = out; /* (no GIL needed to keep a reference; it is dropped at the next GIL hold) */
+        c->sent_bytes = out_bytes;
         if (!err) err = send_posted(c, ts);
         if (err) {
             why = conn_err(c, err);
@@ -1102,10 +1122,18 @@ static void *conn_main(void *arg) {
     PyEval_RestoreThread(ts);
     Py_CLEAR(c->sent);
     if (!conn_stopping(c)) {
-        PyObject *r = PyObject_CallFunction(c->on_event, "is", EV_ENDED, why);
+        PyObject *text = PyUnicode_DecodeUTF8(why, (Py_ssize_t)strlen(why), "replace");
+        PyObject *r = text == NULL ? NULL : PyObject_CallFunction(c->on_event, "iO", EV_ENDED, text);
         if (r == NULL) PyErr_Clear();
         Py_XDECREF(r);
+        Py_XDECREF(text);
     }
+    /* the thread is done with them; on_event (a bound method of the Python side, which holds this
+     * object) would otherwise keep a reference cycle that no collector sees */
+    Py_CLEAR(c->on_event);
+    Py_CLEAR(c->core);
+    Py_CLEAR(c->caps);
+    Py_CLEAR(c->regions);
     free(c->buf);
     c->buf = NULL;
     free(c->sbuf);
@@ -1132,10 +1160,16 @@ static PyObject *Conn_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     if (c == NULL) return NULL;
     c->fd = -1;
     c->efd = -1;
-    if (pthread_mutex_init(&c->mu, NULL) != 0 || pthread_cond_init(&c->cv, NULL) != 0) {
+    if (pthread_mutex_init(&c->mu, NULL) != 0) {
         Py_DECREF(c);
         return PyErr_NoMemory();
     }
+    if (pthread_cond_init(&c->cv, NULL) != 0) {
+        pthread_mutex_destroy(&c->mu);
+        Py_DECREF(c);
+        return PyErr_NoMemory();
+    }
+    c->sync_init = 1;
     c->buf = malloc(RECV_INITIAL);
     if (c->buf == NULL) {
         Py_DECREF(c);
@@ -1170,7 +1204,7 @@ static PyObject *Conn_start(Conn *c, PyObject *unused) {
     }
     pthread_attr_t attr;
     pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, 512 * 1024);
+    pthread_attr_setstacksize(&attr, 2 * 1024 * 1024); /* (Python code can run here: finalizers, repr) */
     Py_INCREF(c); /* the thread's reference */
     int rc = pthread_create(&c->thread, &attr, conn_main, c);
     pthread_attr_destroy(&attr);
@@ -1260,6 +1294,10 @@ static PyObject *Conn_stop(Conn *c, PyObject *unused) {
         c->joined = 1;
     }
     if (c->joined || !c->started) {
+        Py_CLEAR(c->on_event); /* (see the end of conn_main) */
+        Py_CLEAR(c->core);
+        Py_CLEAR(c->caps);
+        Py_CLEAR(c->regions);
         if (c->fd >= 0) {
             close(c->fd);
             c->fd = -1;
@@ -1298,8 +1336,10 @@ static void Conn_dealloc(Conn *c) {
     Py_XDECREF(c->caps);
     Py_XDECREF(c->regions);
     Py_XDECREF(c->on_event);
-    pthread_mutex_destroy(&c->mu);
-    pthread_cond_destroy(&c->cv);
+    if (c->sync_init) {
+        pthread_mutex_destroy(&c->mu);
+        pthread_cond_destroy(&c->cv);
+    }
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 

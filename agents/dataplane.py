@@ -53,13 +53,17 @@ Why a thread may serve commands while the event loop changes the tables (the saf
 1. Every change that can make a command unservable (a fence raised, an extent released or assigned,
    ``keep_only``, the serve lease, a capability replaced, a migration copy or dirty tracking started)
    is made by Python code, so with the GIL held.
-2. The thread holds the GIL from the moment it reads the tables for a command until that command's
-   ``pread``/``pwrite`` has returned (``serve_core`` with ``threaded``; FUA writes, whose fdatasync
-   must not hold the GIL, go to Python). So each command's checks and its I/O happen together between
-   two Python steps, exactly as on the single-threaded event loop: a change made before them is seen
-   by the checks; a change made after them comes after the I/O. In particular, once the control call
-   that raised a fence or released an extent has returned, no command of the old generation or on
-   the old extent is in flight anywhere in the agent.
+2. The thread holds the GIL through each batch it serves (``serve_core`` with ``threaded``; FUA
+   writes, whose fdatasync must not hold the GIL, go to Python), and makes each command's checks
+   right before that command's ``pread``/``pwrite``, reading the tables and the core's flags afresh
+   (Python code can run inside a batch: a collection started by a first-time stats entry runs
+   finalizers, during which the GIL can pass to the event loop; so the flags are re-read per command,
+   and nothing that can start a collection happens between a command's checks and its I/O). So each
+   command's checks and its I/O happen together between two Python steps, exactly as on the
+   single-threaded event loop: a change made before them is seen by the checks; a change made after
+   them comes after the I/O. In particular, once the control call that raised a fence or released an
+   extent has returned, no command of the old generation or on the old extent is in flight anywhere
+   in the agent.
 3. Reads are copied (``pread``) under that same GIL hold, never ``sendfile``d (see the top). A read
    larger than ``LARGE_READ_MIN`` goes out in steps of 1 MiB, each step checked again and read under
    one GIL hold: if the checks fail after the completion header went out, the connection is closed,
@@ -408,12 +412,17 @@ class NativeConnection:
         sock.setblocking(True)
         fd = sock.detach()
         try:
-            self._conn = _cserve.Conn(fd, core, self.caps, self.regions, self._event, LARGE_READ_MIN, BATCH_BYTES)
+            conn = _cserve.Conn(fd, core, self.caps, self.regions, self._event, LARGE_READ_MIN, BATCH_BYTES)
         except BaseException:
             os.close(fd)
             self.close()
             raise
-        self._conn.start()
+        self._conn = conn  # (it owns the descriptor now: close() closes it)
+        try:
+            conn.start()
+        except BaseException:  # no thread (out of threads or memory): nothing held stays behind
+            self.close()
+            raise
 
     @property
     def inflight(self) -> int:

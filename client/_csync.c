@@ -210,14 +210,15 @@ out:
  * more still missing goes straight into ``dest``), so many completions cost one recv.
  *
  * ``results[i]`` is (status, length, info, message) as exchange() returns it; a job on a socket that
- * failed is (-1, 0, 0, reason). ``failed``: the indices (into ``fds``) of the sockets that failed (closed,
- * a system error, a completion that is not one of its jobs' or breaks the framing, or ``timeout``
- * seconds without any progress on any socket): the caller drops them, their connections being out of
- * step. A failed read leaves its ``dest`` undefined (as pread(2) does), and so does an error status:
- * its message may have been staged there. A signal handler's exception aborts the whole call (every
- * socket is then out of step).
+ * failed is (-1, 0, 0, reason). ``failed``: the indices (into ``fds``) of the sockets that failed
+ * (closed, a system error, a completion that is not one of its jobs' or breaks the framing, bytes after
+ * the last completion, or ``timeout`` seconds in which no byte moved on any socket still waited for):
+ * the caller drops them, their connections being out of step. A failed read leaves its ``dest``
+ * undefined (as pread(2) does). A signal handler's exception aborts the whole call (every socket is
+ * then out of step); handlers do not extend the timeout.
  */
 #define STAGE 65536
+#define MAX_JOBS 65536 /* per call (syncpath.read_batch sends larger batches in parts) */
 #define CMD_SIZE 48
 #define COMMAND_MAGIC 0x564E
 #define OP_READ 1
@@ -352,14 +353,15 @@ static int sock_parse(Sock *s, Job *jobs, Py_ssize_t *order, Py_ssize_t *hint) {
     return 0;
 }
 
-/* receive what the socket has (never blocking); 0, or -1 when it failed */
-static int sock_recv(Sock *s, Job *jobs, Py_ssize_t *order, Py_ssize_t *hint) {
+/* receive what the socket has (never blocking; *progress set when bytes arrived); 0, or -1 when it failed */
+static int sock_recv(Sock *s, Job *jobs, Py_ssize_t *order, Py_ssize_t *hint, int *progress) {
     for (;;) {
         ssize_t k;
         if (s->cur >= 0 && jobs[s->cur].status == 0 && s->s_pos == s->s_end && s->remaining >= DIRECT_MIN) {
             Job *j = &jobs[s->cur]; /* a large payload: straight into its buffer */
             k = recv(s->fd, (unsigned char *)j->dst.buf + j->placed, s->remaining, MSG_DONTWAIT);
             if (k > 0) {
+                *progress = 1;
                 j->placed += (size_t)k;
                 s->remaining -= (size_t)k;
                 if (!s->remaining) {
@@ -378,6 +380,7 @@ static int sock_recv(Sock *s, Job *jobs, Py_ssize_t *order, Py_ssize_t *hint) {
             }
             k = recv(s->fd, s->stage + s->s_end, STAGE - s->s_end, MSG_DONTWAIT);
             if (k > 0) {
+                *progress = 1;
                 s->s_end += (size_t)k;
                 if (sock_parse(s, jobs, order, hint) < 0) return -1;
                 if (!s->pending) return 0;
@@ -406,8 +409,8 @@ static PyObject *reads(PyObject *self, PyObject *args) {
     double timeout;
     if (!PyArg_ParseTuple(args, "O!O!d", &PyList_Type, &fds, &PyList_Type, &jobl, &timeout)) return NULL;
     Py_ssize_t nf = PyList_GET_SIZE(fds), nj = PyList_GET_SIZE(jobl);
-    if (nf < 1 || nf > 1024 || nj < 1 || nj > 65536 || !(timeout > 0)) {
-        PyErr_SetString(PyExc_ValueError, "reads: 1..1024 sockets, 1..65536 jobs and a positive timeout");
+    if (nf < 1 || nf > MAX_JOBS || nj < 1 || nj > MAX_JOBS || !(timeout > 0)) {
+        PyErr_SetString(PyExc_ValueError, "reads: 1..MAX_JOBS sockets and jobs, and a positive timeout");
         return NULL;
     }
     Sock *socks = calloc((size_t)nf, sizeof(Sock));
@@ -484,28 +487,28 @@ static PyObject *reads(PyObject *self, PyObject *args) {
             at += CMD_SIZE;
         }
     }
+    double deadline = mono_now() + timeout; /* (kept across signal handlers: they do not extend it) */
     for (;;) {
         int err = 0, rc = 0, np = 0;
         Py_BEGIN_ALLOW_THREADS
-        double deadline = mono_now() + timeout;
         for (;;) {
             np = 0;
             for (Py_ssize_t i = 0; i < nf; i++) {
                 Sock *s = &socks[i];
                 if (!s->pending || s->error) continue;
+                int progress = 0;
                 /* send what the socket takes */
                 while (s->ready && s->out_sent < s->out_len) {
                     ssize_t k = send(s->fd, s->out + s->out_sent, s->out_len - s->out_sent, MSG_DONTWAIT | MSG_NOSIGNAL);
-                    if (k > 0) { s->out_sent += (size_t)k; deadline = mono_now() + timeout; continue; }
+                    if (k > 0) { s->out_sent += (size_t)k; progress = 1; continue; }
                     if (k < 0 && errno == EINTR) continue;
                     if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
                     sock_fail(s, jobs, order, k < 0 ? strerror_r(errno, s->errbuf, sizeof(s->errbuf)) : "send failed");
                     break;
                 }
                 if (s->error) continue;
-                Py_ssize_t before = s->pending;
-                if (s->ready && sock_recv(s, jobs, order, &hints[i]) < 0) continue;
-                if (s->pending != before) deadline = mono_now() + timeout;
+                if (s->ready && sock_recv(s, jobs, order, &hints[i], &progress) < 0) continue;
+                if (progress) deadline = mono_now() + timeout; /* no progress for ``timeout``: the end */
                 if (!s->pending) continue;
                 pfd[np].fd = s->fd;
                 pfd[np].events = POLLIN | (s->out_sent < s->out_len ? POLLOUT : 0);
@@ -519,8 +522,7 @@ static PyObject *reads(PyObject *self, PyObject *args) {
             for (int q = 0; q < np && rc >= 0; q++) socks[pidx[q]].ready = pfd[q].revents != 0;
             if (rc < 0) {
                 err = errno;
-                if (err == EINTR) break; /* run the signal handlers (with the GIL), then go on */
-                break;
+                break; /* EINTR: run the signal handlers (with the GIL), then go on */
             }
             if (rc == 0 && mono_now() >= deadline) break;
         }
@@ -538,6 +540,10 @@ static PyObject *reads(PyObject *self, PyObject *args) {
             for (Py_ssize_t q = 0; q < np; q++) sock_fail(&socks[pidx[q]], jobs, order, "timeout");
         }
         break;
+    }
+    for (Py_ssize_t i = 0; i < nf; i++) { /* bytes beyond the last completion: the socket is out of step */
+        Sock *s = &socks[i];
+        if (!s->error && s->count && s->s_end > s->s_pos) s->error = "bytes after the last completion";
     }
     {
         PyObject *res = PyList_New(nj), *failed = PyList_New(0);

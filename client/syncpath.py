@@ -45,6 +45,8 @@ from nvpool.proto.tls import SERVER_NAME
 _csync = compiled.load("nvpool.client._csync")
 
 MAX_FAST = 256 * 1024
+#: pieces sent in one compiled batch call (larger batches go in parts of this many)
+MAX_BATCH = 16384
 _HELLO_NO_REGIONS = struct.pack("<4sII", b"NVSH", 1, 0)
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -257,6 +259,9 @@ class SyncChannels:
         thread's connections; for each, True if it was read, False if the caller must read it the normal
         way (a refusal, a lost connection, no answer within ``timeout``: then the connection is dropped).
         ``endpoints``: address -> (unix path, TLS context) for the connections to open."""
+        if len(reads) > MAX_BATCH:  # (the compiled call takes at most MAX_BATCH commands)
+            return [good for at in range(0, len(reads), MAX_BATCH)
+                    for good in self.read_batch(reads[at : at + MAX_BATCH], generation, volume_id, cap, endpoints)]
         chans = self._channels()
         ok = [False] * len(reads)
         groups: dict[str, list[int]] = {}

@@ -360,3 +360,37 @@ def test_a_connection_without_a_capability_is_answered_denied_and_closed(
     (comp,) = dp.CompletionDecoder().next_completions(asyncio.run(go()))
     assert comp.tag == 5 and comp.status == Status.DENIED
     core.close()
+
+
+def test_ended_connections_leave_nothing_behind(tmp_path: Path, template: Path) -> None:  # noqa: F811
+    """Connections that come and go: each one's objects are freed when it ends (the thread's callback
+    into its Python side once made a reference cycle no collector could see), and the agent's count
+    of connections goes back to zero."""
+    import gc
+    import weakref
+
+    core = make_core(tmp_path, "g", template, True)
+
+    async def go() -> list[weakref.ref[adp.NativeConnection]]:
+        refs = []
+        for _ in range(40):
+            ours, theirs = socket.socketpair()
+            conn = adp.NativeConnection(core, ours)
+            theirs.sendall(caps_frames(1)[0] + dp.encode_command(dp.READ, 9, 1, 0, 4 * KiB, 1))
+            await asyncio.get_running_loop().run_in_executor(None, recv_exact, theirs, 24 + 24 + 4 * KiB)
+            theirs.close()
+            refs.append(weakref.ref(conn))
+            del conn
+        for _ in range(300):
+            if core.stats.connections == 0:
+                break
+            await asyncio.sleep(0.01)
+        return refs
+
+    refs = asyncio.run(go())
+    gc.collect()
+    assert core.stats.connections == 0
+    alive = sum(r() is not None for r in refs)
+    assert alive == 0, f"{alive} of 40 ended connections are still alive"
+    core.close()
+

@@ -372,3 +372,32 @@ def test_a_broken_agent_costs_only_its_own_pieces_and_its_connection(impl: str, 
     assert not all(ok_ for (addr, *_), ok_ in zip(reads, got) if addr == "agent1")
     assert "agent1" not in chans._channels(), "the broken connection was kept"
     assert {"agent0", "agent2"} <= set(chans._channels())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_batch_larger_than_one_compiled_call_is_read_in_parts(impl: str) -> None:
+    chans, _ = batch_channels(impl, [answer_ok, answer_ok])
+    n = syncpath.MAX_BATCH + 1500 if impl == "compiled" else 3000
+    reads = [(f"agent{i % 2}", 1, i * 8, memoryview(bytearray(8))) for i in range(n)]
+    assert all(chans.read_batch(reads, 9, 0, b"", {}))
+    assert all(bytes(d) == expect_data(o + 1, 8) for _a, _e, o, d in reads[:: n // 50])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_slow_but_steady_answer_is_not_a_timeout(impl: str) -> None:
+    """A 1 MiB answer trickling in over about 1.5 s, with a 0.5 s timeout: bytes keep arriving, so the
+    wait is not over (the timeout is for an agent that sends nothing at all)."""
+
+    def trickle(cmd: Cmd) -> Optional[bytes]:
+        frame = dp.encode_completion(cmd[3], length=cmd[6]) + data_for(cmd)
+        step = len(frame) // 10
+        while len(frame) > step:
+            agent.sock.sendall(frame[:step])
+            frame = frame[step:]
+            time.sleep(0.15)
+        return frame
+
+    chans, (agent,) = batch_channels(impl, [trickle], timeout=0.5)
+    dest = memoryview(bytearray(1 << 20))
+    assert chans.read_batch([("agent0", 2, 0, dest)], 9, 0, b"", {}) == [True]
+    assert bytes(dest) == expect_data(2, 1 << 20)
