@@ -275,7 +275,10 @@ static uint32_t crc32c(const unsigned char *p, size_t n) {
 /* The Python decoder parses a whole receive before anything in it runs, so a framing error anywhere
  * in it (bad magic, unknown flag bits, a length above MAX_IO, a header digest mismatch) means none of
  * its commands run: the connection is dropped. 1 if every complete header in [pos, end) is sound. */
-static int framing_ok(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end) {
+static int framing_ok(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t *checked) {
+    /* ``checked`` (optional): [pos, *checked) is already known sound (whole frames), so the scan starts
+     * there; it is moved to the end of the last whole frame scanned */
+    if (checked != NULL && *checked > pos && *checked <= end) pos = *checked;
     while (end - pos >= CMD_SIZE) {
         const unsigned char *h = buf + pos;
         unsigned op = h[2], flags = h[3];
@@ -283,13 +286,15 @@ static int framing_ok(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end) 
         if (ld16(h) != COMMAND_MAGIC || (flags & ~KNOWN_FLAGS) || length > MAX_IO) return 0;
         Py_ssize_t frame = CMD_SIZE;
         if (flags & F_HDGST) {
-            if (end - pos < CMD_SIZE + 4) return 1; /* the digest has not arrived: nothing to judge yet */
+            if (end - pos < CMD_SIZE + 4) break; /* the digest has not arrived: nothing to judge yet */
             if (ld32(h + CMD_SIZE) != crc32c(h, CMD_SIZE)) return 0;
             frame += 4;
         }
         if ((op == OP_WRITE || op == OP_AUTH) && length) frame += (Py_ssize_t)length + ((flags & F_DDGST) ? 4 : 0);
+        if (frame > end - pos) break; /* (its header is sound; the rest has not arrived) */
         pos += frame;
     }
+    if (checked != NULL) *checked = pos;
     return 1;
 }
 
@@ -554,7 +559,7 @@ done:
  * releasing it would let a control call run between the write and its completion). */
 static int serve_core(const unsigned char *buf, Py_ssize_t *pos_io, Py_ssize_t end, PyObject *core, PyObject *caps,
                       PyObject *regions, PyObject *out, Py_ssize_t small_read_max, Py_ssize_t batch_bytes,
-                      int threaded, long long *served) {
+                      int threaded, long long *served, Py_ssize_t *checked) {
     Py_ssize_t pos = *pos_io;
     Ctx c;
     size_t outbytes = 0;
@@ -564,7 +569,7 @@ static int serve_core(const unsigned char *buf, Py_ssize_t *pos_io, Py_ssize_t e
         ctx_clear(&c);
         return -1;
     }
-    if (!framing_ok(buf, pos, end)) goto finish; /* the Python decoder raises; nothing here runs */
+    if (!framing_ok(buf, pos, end, checked)) goto finish; /* the Python decoder raises; nothing here runs */
     while (pos < end) {
         if (outbytes >= (size_t)batch_bytes) { stop = STOP_FULL; break; }
         if (end - pos < CMD_SIZE) break;
@@ -643,7 +648,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         return NULL;
     }
     int stop = serve_core((const unsigned char *)view.buf, &pos, end, core, caps, regions, out, small_read_max,
-                          batch_bytes, 0, NULL);
+                          batch_bytes, 0, NULL, NULL);
     PyBuffer_Release(&view);
     if (stop < 0) return NULL;
     return Py_BuildValue("(ni)", pos, stop);
@@ -718,6 +723,7 @@ typedef struct {
     int expected;      /* under mu: posts announced by expect() and not yet made */
     unsigned char *buf;
     size_t cap, pos, end;
+    size_t checked;      /* [pos, checked) holds whole frames whose framing is known sound */
     unsigned char *sbuf; /* large_read's buffer (COMP_SIZE + COPY_STEP bytes, made on first use) */
     PyObject *sent;      /* the last batch's replies, sent: released at the next GIL hold */
     size_t sent_bytes;   /* their size (a large one is released before the thread waits for the peer) */
@@ -767,7 +773,7 @@ static size_t front_need(Conn *c) {
 /* room to receive the rest of a frame of ``need`` bytes from pos: 0, or -1 (out of memory) */
 static int ensure_room(Conn *c, size_t need) {
     if (c->pos == c->end) {
-        c->pos = c->end = 0;
+        c->pos = c->end = c->checked = 0;
         if (c->cap > RECV_KEEP) { /* a large frame went through: give its memory back */
             unsigned char *nb = malloc(RECV_INITIAL);
             if (nb == NULL) return -1;
@@ -780,6 +786,7 @@ static int ensure_room(Conn *c, size_t need) {
     if (c->pos > 0) {
         memmove(c->buf, c->buf + c->pos, c->end - c->pos);
         c->end -= c->pos;
+        c->checked = c->checked > c->pos ? c->checked - c->pos : 0;
         c->pos = 0;
     }
     if (c->cap >= need && c->end < c->cap) return 0;
@@ -1061,9 +1068,9 @@ static void *conn_main(void *arg) {
         }
         Py_CLEAR(c->sent);
         PyObject *out = PyList_New(0);
-        Py_ssize_t pos = (Py_ssize_t)c->pos;
+        Py_ssize_t pos = (Py_ssize_t)c->pos, checked = (Py_ssize_t)c->checked;
         int stop = out == NULL ? -1 : serve_core(c->buf, &pos, (Py_ssize_t)c->end, c->core, c->caps, c->regions,
-                                                 out, c->small_read_max, c->batch_bytes, 1, &c->served);
+                                                 out, c->small_read_max, c->batch_bytes, 1, &c->served, &checked);
         if (stop < 0) {
             PyObject *et, *ev, *tb;
             PyErr_Fetch(&et, &ev, &tb);
@@ -1086,7 +1093,7 @@ static void *conn_main(void *arg) {
         size_t cut = c->pos;
         if (stop == STOP_NEED_PYTHON && c->pos < c->end && front_need(c) <= c->end - c->pos) {
             const unsigned char *h = c->buf + c->pos;
-            if (!framing_ok(c->buf, (Py_ssize_t)c->pos, (Py_ssize_t)c->end)) {
+            if (!framing_ok(c->buf, (Py_ssize_t)c->pos, (Py_ssize_t)c->end, &checked)) {
                 kind = EV_BAD_FRAMING;
                 cut = c->end;
             } else if (h[2] == OP_READ && !(h[3] & (F_HDGST | F_DDGST)) && ld32(h + 24) >= c->small_read_max) {
@@ -1096,6 +1103,7 @@ static void *conn_main(void *arg) {
                 cut = handoff_cut(c);
             }
         }
+        c->checked = (size_t)checked > c->pos ? (size_t)checked : c->pos;
         PyEval_SaveThread();
         size_t out_bytes = 0;
         int err = send_frames(c->fd, out, &out_bytes);

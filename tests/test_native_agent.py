@@ -394,3 +394,42 @@ def test_ended_connections_leave_nothing_behind(tmp_path: Path, template: Path) 
     assert alive == 0, f"{alive} of 40 ended connections are still alive"
     core.close()
 
+
+
+def test_a_framing_error_deep_in_a_pipeline_closes_the_connection(tmp_path: Path, template: Path) -> None:  # noqa: F811
+    """3000 pipelined reads, a bad header, then more reads, in one send: the thread serves the reads in
+    many batches (remembering how far the framing was already checked), never answers anything after
+    the bad header, and closes the connection."""
+    core = make_core(tmp_path, "f", template, True)
+    drive = next(iter(core.drives.values()))
+
+    async def go() -> bytes:
+        ours, theirs = socket.socketpair()
+        adp.NativeConnection(core, ours)
+        good = b"".join(dp.encode_command(dp.READ, 100 + i, 1, (i % 256) * 4 * KiB, 4 * KiB, 1) for i in range(3000))
+        after = b"".join(dp.encode_command(dp.READ, 9000 + i, 1, 0, 4 * KiB, 1) for i in range(10))
+        theirs.sendall(caps_frames(1)[0])
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, recv_exact, theirs, 24)
+
+        def exchange() -> bytes:
+            out = bytearray()
+            t = threading.Thread(target=theirs.sendall, args=(good + b"\xde\xad" + bytes(46) + after,), daemon=True)
+            t.start()
+            while chunk := theirs.recv(1 << 20):
+                out += chunk
+            return bytes(out)
+
+        got = await loop.run_in_executor(None, exchange)
+        theirs.close()
+        return got
+
+    comps = dp.CompletionDecoder().next_completions(asyncio.run(go()))
+    tags = [c.tag for c in comps]
+    assert tags == list(range(100, 100 + len(tags))), "answers out of order, or after the bad header"
+    assert all(c.status == 0 for c in comps)
+    for c in comps[:: max(1, len(comps) // 20)]:
+        off = ((c.tag - 100) % 256) * 4 * KiB
+        assert bytes(c.payload or b"") == os.pread(drive.fd, 4 * KiB, DATA_OFFSET + off)
+    assert len(tags) <= 3000
+    core.close()
