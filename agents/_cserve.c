@@ -1149,7 +1149,6 @@ static void *conn_main(void *arg) {
     c->cap = c->pos = c->end = 0;
     Py_DECREF((PyObject *)c); /* the thread's reference */
     PyGILState_Release(g);
-    (void)ts;
     return NULL;
 }
 
@@ -1323,13 +1322,6 @@ static PyObject *Conn_stats(Conn *c, PyObject *unused) {
                          "handed_bytes", c->handed_bytes, "large_reads", c->large_reads);
 }
 
-static PyObject *Conn_waiting(Conn *c, void *closure) {
-    pthread_mutex_lock(&c->mu);
-    int w = c->waiting && !c->answered;
-    pthread_mutex_unlock(&c->mu);
-    return PyBool_FromLong(w);
-}
-
 static void Conn_dealloc(Conn *c) {
     /* the thread holds a reference while it runs: here it has ended, or is this thread (its last step) */
     if (c->started && !c->joined) pthread_detach(c->thread);
@@ -1362,11 +1354,6 @@ static PyMethodDef Conn_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyGetSetDef Conn_getset[] = {
-    {"waiting", (getter)Conn_waiting, NULL, "frames are handed to Python and not yet answered", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
 static PyTypeObject ConnType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "nvpool.agents._cserve.Conn",
@@ -1376,7 +1363,6 @@ static PyTypeObject ConnType = {
     .tp_new = Conn_new,
     .tp_dealloc = (destructor)Conn_dealloc,
     .tp_methods = Conn_methods,
-    .tp_getset = Conn_getset,
 };
 
 static PyObject *configure(PyObject *self, PyObject *args) {

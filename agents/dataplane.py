@@ -438,7 +438,7 @@ class NativeConnection:
 
     def _on_event(self, kind: int, payload: Any) -> None:
         if kind == _cserve.EV_ENDED:
-            if payload and payload != "stopped":
+            if payload:  # (a connection this side stopped sends no EV_ENDED)
                 logger.info("client %s went away: %s", self._peer, payload)
             self.close()
             return
@@ -484,9 +484,6 @@ class NativeConnection:
         self._conn.expect()  # (before the answer: the thread must not sleep where the post cannot wake it)
         return True
 
-    def abort(self) -> None:
-        self.close()
-
     def close(self) -> None:
         """Stop the thread (waits for it) and forget the connection; idempotent."""
         if self._closed:
@@ -498,14 +495,19 @@ class NativeConnection:
             task.cancel()
         self.core.stats.connections -= 1
         self.core.stats.live.discard(self)
-        for view in self.regions.values():
-            view.release()
-        self.regions.clear()
-        for m in self._maps:
-            try:
-                m.close()
-            except BufferError:  # a view still exported: the GC closes it later
-                pass
+        release_regions(self.regions, self._maps)
+
+
+def release_regions(regions: dict[int, memoryview], maps: list[Any]) -> None:
+    """Drop a connection's registered regions and their mappings (agents/shm.py)."""
+    for view in regions.values():
+        view.release()
+    regions.clear()
+    for m in maps:
+        try:
+            m.close()
+        except BufferError:  # a view still exported: the GC closes it later
+            pass
 
 
 async def execute_in_order(core: AgentCore, commands: list[dp.Command], regions: dict[int, memoryview],

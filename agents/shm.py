@@ -26,7 +26,7 @@ import struct
 from typing import Any, Optional
 
 from nvpool.agents.core import AgentCore
-from nvpool.agents.dataplane import AgentConnection, NativeConnection, native_enabled
+from nvpool.agents.dataplane import AgentConnection, NativeConnection, native_enabled, release_regions
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +47,7 @@ class RegionConnection(AgentConnection):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         super().connection_lost(exc)
-        for view in self.regions.values():
-            view.release()
-        self.regions.clear()
-        for m in self._maps:
-            try:
-                m.close()
-            except BufferError:  # a view still exported: the GC closes it later
-                pass
+        release_regions(self.regions, self._maps)
 
 
 def _recv_exact_with_fds(sock: socket.socket, n: int, max_fds: int) -> tuple[bytes, list[int]]:

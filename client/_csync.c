@@ -197,7 +197,7 @@ out:
 
 /* ---------------------------------------------------------------------- batched reads
  *
- *   reads(fds, jobs, timeout) -> (results, failed)
+ *   reads(fds, jobs, timeout) -> (statuses, failed)
  *
  * ``fds``: the blocking agent sockets taking part; ``jobs``: (fd index, tag, extent id, offset,
  * generation, dest) for READ commands of len(dest) bytes, encoded here as proto/dataplane.encode_command
@@ -209,8 +209,8 @@ out:
  * through a 64 KiB staging buffer per socket and copied into their ``dest`` (a payload of 64 KiB or
  * more still missing goes straight into ``dest``), so many completions cost one recv.
  *
- * ``results[i]`` is (status, length, info, message) as exchange() returns it; a job on a socket that
- * failed is (-1, 0, 0, reason). ``failed``: the indices (into ``fds``) of the sockets that failed
+ * ``statuses[i]`` is job i's completion status (0: its ``dest`` holds the data; an error's message is
+ * skipped), or -1 when its socket failed. ``failed``: the indices (into ``fds``) of the sockets that failed
  * (closed, a system error, a completion that is not one of its jobs' or breaks the framing, bytes after
  * the last completion, or ``timeout`` seconds in which no byte moved on any socket still waited for):
  * the caller drops them, their connections being out of step. A failed read leaves its ``dest``
@@ -253,8 +253,7 @@ typedef struct {
     Py_ssize_t cur;          /* the job whose payload or message is arriving, or -1 */
     size_t remaining;        /* of that payload or message */
     int ready;               /* the last poll() said it has something (or it was not polled yet) */
-    const char *error;       /* set when the socket failed */
-    char errbuf[96];
+    int failed;
 } Sock;
 
 typedef struct {
@@ -264,24 +263,18 @@ typedef struct {
     Py_buffer dst;
     int have_dst;
     int done;
-    int status;
-    uint32_t length;
-    uint64_t info;
+    int status;             /* the completion's (its error message is skipped), or -1: the socket failed */
     size_t placed;          /* payload bytes in dst */
-    const char *error;
-    unsigned char *message; /* an error status's message (malloc'd) */
-    size_t message_len;
 } Job;
 
-static void sock_fail(Sock *s, Job *jobs, Py_ssize_t *order, const char *why) {
-    if (s->error) return;
-    s->error = why;
+static void sock_fail(Sock *s, Job *jobs, Py_ssize_t *order) {
+    if (s->failed) return;
+    s->failed = 1;
     for (Py_ssize_t k = s->first; k < s->first + s->count; k++) {
         Job *j = &jobs[order[k]];
         if (!j->done) {
             j->done = 1;
             j->status = -1;
-            j->error = why;
         }
     }
     s->pending = 0;
@@ -310,22 +303,12 @@ static int sock_parse(Sock *s, Job *jobs, Py_ssize_t *order, Py_ssize_t *hint) {
             unsigned status = c[2], flags = c[3];
             uint32_t tag = ld32(c + 4), length = ld32(c + 8);
             Py_ssize_t ji = ld16(c) == COMPLETION_MAGIC && !flags ? find_job(s, jobs, order, tag, hint) : -1;
-            if (ji < 0) {
-                sock_fail(s, jobs, order, "unexpected completion");
+            if (ji < 0 || (status == 0 ? length != (uint32_t)jobs[ji].dst.len : length > MAX_MESSAGE)) {
+                sock_fail(s, jobs, order);
                 return -1;
             }
             Job *j = &jobs[ji];
-            if (status == 0 ? length != (uint32_t)j->dst.len : length > MAX_MESSAGE) {
-                sock_fail(s, jobs, order, status == 0 ? "unexpected payload length" : "unexpected completion");
-                return -1;
-            }
-            if (status != 0 && (j->message = malloc(length ? length : 1)) == NULL) {
-                sock_fail(s, jobs, order, "out of memory");
-                return -1;
-            }
             j->status = (int)status;
-            j->length = length;
-            j->info = ld64(c + 16);
             s->s_pos += COMPLETION_SIZE;
             s->cur = ji;
             s->remaining = length;
@@ -334,12 +317,9 @@ static int sock_parse(Sock *s, Job *jobs, Py_ssize_t *order, Py_ssize_t *hint) {
         size_t k = avail = s->s_end - s->s_pos;
         if (k > s->remaining) k = s->remaining;
         if (k) {
-            if (j->status == 0) {
+            if (j->status == 0) { /* (an error's message is skipped) */
                 memcpy((unsigned char *)j->dst.buf + j->placed, s->stage + s->s_pos, k);
                 j->placed += k;
-            } else {
-                memcpy(j->message + j->message_len, s->stage + s->s_pos, k);
-                j->message_len += k;
             }
             s->s_pos += k;
             s->remaining -= k;
@@ -388,12 +368,12 @@ static int sock_recv(Sock *s, Job *jobs, Py_ssize_t *order, Py_ssize_t *hint, in
             }
         }
         if (k == 0) {
-            sock_fail(s, jobs, order, "connection closed");
+            sock_fail(s, jobs, order);
             return -1;
         }
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
-        sock_fail(s, jobs, order, strerror_r(errno, s->errbuf, sizeof(s->errbuf)));
+        sock_fail(s, jobs, order);
         return -1;
     }
 }
@@ -420,7 +400,6 @@ static PyObject *reads(PyObject *self, PyObject *args) {
     Py_ssize_t *pidx = calloc((size_t)nf, sizeof(Py_ssize_t));
     Py_ssize_t *hints = calloc((size_t)nf, sizeof(Py_ssize_t));
     PyObject *result = NULL;
-    int sig_err = 0;
     if (!socks || !jobs || !order || !pfd || !pidx || !hints) {
         PyErr_NoMemory();
         goto out;
@@ -495,7 +474,7 @@ static PyObject *reads(PyObject *self, PyObject *args) {
             np = 0;
             for (Py_ssize_t i = 0; i < nf; i++) {
                 Sock *s = &socks[i];
-                if (!s->pending || s->error) continue;
+                if (!s->pending || s->failed) continue;
                 int progress = 0;
                 /* send what the socket takes */
                 while (s->ready && s->out_sent < s->out_len) {
@@ -503,10 +482,10 @@ static PyObject *reads(PyObject *self, PyObject *args) {
                     if (k > 0) { s->out_sent += (size_t)k; progress = 1; continue; }
                     if (k < 0 && errno == EINTR) continue;
                     if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-                    sock_fail(s, jobs, order, k < 0 ? strerror_r(errno, s->errbuf, sizeof(s->errbuf)) : "send failed");
+                    sock_fail(s, jobs, order);
                     break;
                 }
-                if (s->error) continue;
+                if (s->failed) continue;
                 if (s->ready && sock_recv(s, jobs, order, &hints[i], &progress) < 0) continue;
                 if (progress) deadline = mono_now() + timeout; /* no progress for ``timeout``: the end */
                 if (!s->pending) continue;
@@ -528,22 +507,19 @@ static PyObject *reads(PyObject *self, PyObject *args) {
         }
         Py_END_ALLOW_THREADS
         if (np && rc < 0 && err == EINTR) {
-            if (PyErr_CheckSignals() < 0) { sig_err = 1; goto out; }
+            if (PyErr_CheckSignals() < 0) goto out;
             continue;
         }
         if (np && rc < 0) {
-            for (Py_ssize_t q = 0; q < np; q++) {
-                Sock *f = &socks[pidx[q]];
-                sock_fail(f, jobs, order, strerror_r(err, f->errbuf, sizeof(f->errbuf)));
-            }
+            for (Py_ssize_t q = 0; q < np; q++) sock_fail(&socks[pidx[q]], jobs, order);
         } else if (np) { /* no progress for ``timeout`` seconds */
-            for (Py_ssize_t q = 0; q < np; q++) sock_fail(&socks[pidx[q]], jobs, order, "timeout");
+            for (Py_ssize_t q = 0; q < np; q++) sock_fail(&socks[pidx[q]], jobs, order);
         }
         break;
     }
     for (Py_ssize_t i = 0; i < nf; i++) { /* bytes beyond the last completion: the socket is out of step */
         Sock *s = &socks[i];
-        if (!s->error && s->count && s->s_end > s->s_pos) s->error = "bytes after the last completion";
+        if (s->count && s->s_end > s->s_pos) s->failed = 1;
     }
     {
         PyObject *res = PyList_New(nj), *failed = PyList_New(0);
@@ -553,15 +529,7 @@ static PyObject *reads(PyObject *self, PyObject *args) {
             goto out;
         }
         for (Py_ssize_t i = 0; i < nj; i++) {
-            Job *j = &jobs[i];
-            PyObject *t;
-            if (j->status < 0)
-                t = Py_BuildValue("iIKs", -1, 0u, 0ull, j->error ? j->error : "failed");
-            else if (j->status)
-                t = Py_BuildValue("iIKy#", j->status, (unsigned)j->length, (unsigned long long)j->info,
-                                  j->message ? (const char *)j->message : "", (Py_ssize_t)j->message_len);
-            else
-                t = Py_BuildValue("iIKO", 0, (unsigned)j->length, (unsigned long long)j->info, Py_None);
+            PyObject *t = PyLong_FromLong(jobs[i].status);
             if (t == NULL) {
                 Py_DECREF(res);
                 Py_DECREF(failed);
@@ -570,7 +538,7 @@ static PyObject *reads(PyObject *self, PyObject *args) {
             PyList_SET_ITEM(res, i, t);
         }
         for (Py_ssize_t i = 0; i < nf; i++) {
-            if (!socks[i].error) continue;
+            if (!socks[i].failed) continue;
             PyObject *v = PyLong_FromSsize_t(i);
             if (v == NULL || PyList_Append(failed, v) < 0) {
                 Py_XDECREF(v);
@@ -583,11 +551,9 @@ static PyObject *reads(PyObject *self, PyObject *args) {
         result = Py_BuildValue("(NN)", res, failed);
     }
 out:
-    (void)sig_err;
     if (jobs) {
         for (Py_ssize_t i = 0; i < nj; i++) {
             if (jobs[i].have_dst) PyBuffer_Release(&jobs[i].dst);
-            free(jobs[i].message);
         }
     }
     if (socks) {
@@ -610,7 +576,7 @@ static PyMethodDef methods[] = {
      "exchange(fd, header, payload, dest, tag) -> (status, length, info, message): one command's "
      "round trip on a blocking agent socket (see the module's header comment)."},
     {"reads", reads, METH_VARARGS,
-     "reads(fds, jobs, timeout) -> (results, failed): many READs on many agent sockets at once (see "
+     "reads(fds, jobs, timeout) -> (statuses, failed): many READs on many agent sockets at once (see "
      "'batched reads' in the source)."},
     {NULL, NULL, 0, NULL},
 };

@@ -203,6 +203,13 @@ class _LoopThread:
             self.loop.close()
 
 
+def _channel_way(av: AsyncVolume, ep: Any) -> "tuple[str, Any]":
+    """How a thread's own blocking connection reaches ``ep``'s agent: (the agent's Unix socket, or ""
+    for TCP; the TLS context when that is TCP to a TLS data plane, else None)."""
+    unix = ep.unix_path if av.options.transport != "tcp" else ""
+    return unix, av.connections.ssl_for(ep) if ep.tls and not (unix and os.path.exists(unix)) else None
+
+
 def _as_view(buf: Buffer, writable: bool) -> memoryview:
     if not isinstance(buf, (np.ndarray, bytes, bytearray, memoryview)) and hasattr(buf, "numpy"):
         if getattr(buf, "device", None) is not None and str(buf.device) != "cpu":
@@ -311,7 +318,6 @@ class Volume:
         lay = av.layout
         su, size, single = lay.stripe_unit, lay.size, lay.single_piece
         eps = av.endpoints
-        tcp_only = av.options.transport == "tcp"
         reads: list[BatchRead] = []
         owner: list[int] = []
         rest: list[int] = []
@@ -331,9 +337,7 @@ class Volume:
                     rest.append(i)
                     break
                 if ep.address not in conns:
-                    unix = "" if tcp_only else ep.unix_path
-                    ctx = av.connections.ssl_for(ep) if ep.tls and not (unix and os.path.exists(unix)) else None
-                    conns[ep.address] = (unix, ctx)
+                    conns[ep.address] = _channel_way(av, ep)
                 reads.append((ep.address, p.extent.extent_id, p.extent_offset, view if k == n else view[pos : pos + k]))
                 owner.append(i)
                 pos += k
@@ -385,8 +389,7 @@ class Volume:
         ep = av.endpoints.get(p.extent.drive_id) if p is not None else None
         if p is None or ep is None:
             return False
-        unix = ep.unix_path if av.options.transport != "tcp" else ""
-        ctx = av.connections.ssl_for(ep) if ep.tls and not (unix and os.path.exists(unix)) else None
+        unix, ctx = _channel_way(av, ep)
         try:
             self._pool._sync.call(ep.address, unix, opcode, p.extent.extent_id, p.extent_offset, n, lay.generation,
                                   payload=view if opcode == dp.WRITE else None,

@@ -223,14 +223,10 @@ class SyncChannels:
             raise
         except (OSError, ValueError, struct.error) as exc:
             self.misses += 1
-            bad = chans.pop(address, None)
-            if bad is not None:
-                bad.sock.close()
+            self._drop(address)
             raise FastPathMiss(str(exc), timed_out=isinstance(exc, TimeoutError)) from exc
         except BaseException:  # (a signal handler's exception mid-command: the channel is out of step)
-            bad = chans.pop(address, None)
-            if bad is not None:
-                bad.sock.close()
+            self._drop(address)
             raise
 
     def _guarded(self, address: str, step: Callable[[], None]) -> int:
@@ -266,11 +262,7 @@ class SyncChannels:
         ok = [False] * len(reads)
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(reads):
-            g = groups.get(r[0])
-            if g is None:
-                groups[r[0]] = [i]
-            else:
-                g.append(i)
+            groups.setdefault(r[0], []).append(i)
         batched: list[tuple[str, _Channel, list[int]]] = []
         for address, idxs in groups.items():
 
@@ -307,13 +299,13 @@ class SyncChannels:
                 owners.extend(idxs)
                 ch.tag = tag
             try:
-                results, failed = _csync.reads([ch.fd for _a, ch, _i in batched], jobs, self.timeout)
+                statuses, failed = _csync.reads([ch.fd for _a, ch, _i in batched], jobs, self.timeout)
             except BaseException:  # (a signal handler's exception: every connection is out of step)
                 for addr, _ch, _i in batched:
                     self._drop(addr)
                 raise
-            for res, i in zip(results, owners):
-                ok[i] = res[0] == 0
+            for status, i in zip(statuses, owners):
+                ok[i] = status == 0
             for si in failed:
                 self._drop(batched[si][0])
         self.misses += ok.count(False)
