@@ -1394,7 +1394,7 @@ static PyObject *configure(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL,
-     "serve(scratch, pos, end, core, caps, out, small_read_max, batch_bytes) -> (pos, stop)"},
+     "serve(scratch, pos, end, core, caps, regions, out, small_read_max, batch_bytes) -> (pos, stop)"},
     {"configure", configure, METH_VARARGS, "configure(Drive, latency_buckets)"},
     {NULL, NULL, 0, NULL},
 };
