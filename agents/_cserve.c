@@ -64,6 +64,7 @@
 #define MAX_IO (16u * 1024u * 1024u)
 #define ACCESS_WRITE 2
 #define MAX_BUCKETS 64
+#define INTENT_GRAIN (64u * 1024u) /* agents/intent.py INTENT_GRAIN (checked by tests/test_write_intent.py) */
 
 #define STOP_NEED_PYTHON 0
 #define STOP_FULL 1
@@ -72,7 +73,7 @@ static PyObject *drive_type = NULL;   /* agents.drive.Drive: only plain drives a
 static double buckets[MAX_BUCKETS];
 static Py_ssize_t n_buckets = 0;
 
-static PyObject *s_extents, *s_drives, *s_secrets, *s_serve_until, *s_copies, *s_dirty, *s_stats;
+static PyObject *s_extents, *s_drives, *s_secrets, *s_serve_until, *s_copies, *s_dirty, *s_stats, *s_intent;
 static PyObject *s_volume_id, *s_min_generation, *s_replicas, *s_length, *s_drive_id, *s_drive_offset;
 static PyObject *s_failed, *s_fd, *s_expires, *s_access, *s_max_generation;
 static PyObject *s_commands, *s_bytes_read, *s_bytes_written, *s_drives_stats, *s_volumes, *s_latency;
@@ -300,6 +301,7 @@ static int framing_ok(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end, 
 
 typedef struct {
     PyObject *extents, *drives, *caps, *stats, *stats_drives, *stats_volumes, *latency;
+    PyObject *intent;    /* extent id -> current write-intent bitmap (agents/intent.py) */
     int check_caps;
     int writes_ok;       /* no migration copy or dirty tracking on the core */
     double serve_until;  /* monotonic */
@@ -310,6 +312,7 @@ typedef struct {
 } Ctx;
 
 static void ctx_clear(Ctx *c) {
+    Py_CLEAR(c->intent);
     Py_CLEAR(c->latency);
     Py_CLEAR(c->stats_volumes);
     Py_CLEAR(c->stats_drives);
@@ -362,8 +365,9 @@ static int ctx_open(Ctx *c, PyObject *core, PyObject *caps, int threaded) {
     if ((c->stats_drives = PyObject_GetAttr(c->stats, s_drives_stats)) == NULL) return -1;
     if ((c->stats_volumes = PyObject_GetAttr(c->stats, s_volumes)) == NULL) return -1;
     if ((c->latency = PyObject_GetAttr(c->stats, s_latency)) == NULL) return -1;
+    if ((c->intent = PyObject_GetAttr(core, s_intent)) == NULL) return -1;
     if (!PyDict_Check(c->extents) || !PyDict_Check(c->drives) || !PyDict_Check(c->stats_drives) ||
-        !PyDict_Check(c->stats_volumes) || !PyDict_Check(c->latency)) {
+        !PyDict_Check(c->stats_volumes) || !PyDict_Check(c->latency) || !PyDict_Check(c->intent)) {
         PyErr_SetString(PyExc_TypeError, "the core's tables must be dicts");
         return -1;
     }
@@ -457,6 +461,25 @@ static int locate(Ctx *c, const unsigned char *h, Located *L) {
     }
     if (attr_ll(drive, s_fd, &fd) < 0 || attr_ll(rec, s_drive_offset, &drive_offset) < 0) goto error;
     if (fd < 0 || fd > INT32_MAX) goto python;
+    if (write && replicas > 1) {
+        /* Write intent (agents/intent.py): mark the grains before the bytes are applied, in the same
+         * GIL hold as the checks above and the I/O that follows. No bitmap yet: Python creates it. */
+        PyObject *k2 = PyLong_FromUnsignedLongLong(extent_id);
+        if (k2 == NULL) goto error;
+        PyObject *bm = PyDict_GetItemWithError(c->intent, k2); /* borrowed */
+        Py_DECREF(k2);
+        if (bm == NULL) { if (PyErr_Occurred()) goto error; goto python; }
+        if (!PyByteArray_Check(bm)) goto python;
+        uint64_t g0 = offset / INTENT_GRAIN, g1 = length ? (offset + length - 1) / INTENT_GRAIN : g0;
+        Py_ssize_t size = PyByteArray_GET_SIZE(bm);
+        if (length == 0) goto marked;
+        if ((uint64_t)size * 8u <= g1) goto python;
+        {
+            unsigned char *bits = (unsigned char *)PyByteArray_AS_STRING(bm);
+            for (uint64_t g = g0; g <= g1; g++) bits[g >> 3] |= (unsigned char)(1u << (g & 7));
+        }
+    marked:;
+    }
     L->fd = (int)fd;
     L->at = (off_t)(drive_offset + (long long)offset);
     result = 1;
@@ -1416,6 +1439,7 @@ PyMODINIT_FUNC PyInit__cserve(void) {
     }
     INTERN(s_extents, "extents"); INTERN(s_drives, "drives"); INTERN(s_secrets, "secrets");
     INTERN(s_serve_until, "serve_until"); INTERN(s_copies, "_copies"); INTERN(s_dirty, "_dirty");
+    INTERN(s_intent, "_intent");
     INTERN(s_stats, "stats"); INTERN(s_volume_id, "volume_id"); INTERN(s_min_generation, "min_generation");
     INTERN(s_replicas, "replicas"); INTERN(s_length, "length"); INTERN(s_drive_id, "drive_id");
     INTERN(s_drive_offset, "drive_offset"); INTERN(s_failed, "failed"); INTERN(s_fd, "fd");
@@ -1436,6 +1460,7 @@ PyMODINIT_FUNC PyInit__cserve(void) {
     if (PyModule_AddObject(m, "Conn", (PyObject *)&ConnType) < 0 ||
         PyModule_AddIntConstant(m, "STOP_NEED_PYTHON", STOP_NEED_PYTHON) < 0 ||
         PyModule_AddIntConstant(m, "STOP_FULL", STOP_FULL) < 0 ||
+        PyModule_AddIntConstant(m, "INTENT_GRAIN", INTENT_GRAIN) < 0 ||
         PyModule_AddIntConstant(m, "EV_FRAMES", EV_FRAMES) < 0 || PyModule_AddIntConstant(m, "EV_ENDED", EV_ENDED) < 0 ||
         PyModule_AddIntConstant(m, "EV_BAD_FRAMING", EV_BAD_FRAMING) < 0) {
         Py_DECREF(m);

@@ -138,8 +138,19 @@ class AgentServicer(pbg.AgentServicer):  # type: ignore[misc]
                     out.extents.append(pb.DirtyExtent(
                         extent_id=eid, tracking=ranges is not None,
                         ranges=[pb.Range(offset=o, length=n) for o, n in ranges or ()]))
+            elif request.op == "intent-get":
+                for eid in ids:
+                    ranges = self.core.intent_ranges(eid)
+                    out.extents.append(pb.DirtyExtent(
+                        extent_id=eid, tracking=ranges is not None,
+                        ranges=[pb.Range(offset=o, length=n) for o, n in ranges or ()]))
+            elif request.op == "intent-rotate":
+                self.core.intent_rotate(request.volume_id, request.epoch)
+            elif request.op == "intent-settle":
+                self.core.intent_settle(request.volume_id, request.epoch)
             else:
-                raise UsageError(f"unknown dirty-tracking operation {request.op!r} (start, get, stop)")
+                raise UsageError(f"unknown dirty-tracking operation {request.op!r} (start, get, stop, "
+                                 "intent-get, intent-rotate, intent-settle)")
         except (NvpoolError, OSError) as exc:
             await _abort(context, exc)
         return out

@@ -35,7 +35,13 @@ Replicated extents (``ExtentRecord.replicas`` > 1; see ``pool/replication.py``):
 * **Dirty tracking.** While a replica of a column is out of service, the agents of the other
   replicas record which grains (``DIRTY_GRAIN`` bytes) of their extents every write or zero touches
   (``track_dirty``); resync copies only those. The record lives in memory: an agent that restarted
-  answers ``tracking=False`` and the replica is copied whole.
+  answers ``tracking=False`` and the replica is copied whole. Bytes a replica receives by a resync
+  copy (``finish_copy``) are recorded too when it is tracking: a replica that became ``ok`` by copy
+  while another is still out then holds, in its record, every write the other one lacks.
+* **Write intent** (``agents/intent.py``): every write or zero to a replicated extent marks its grains
+  before it is applied, so a writer that dies between two copies leaves a record of what may differ.
+  Copied chunks are marked too: a resync, rebuild or migration copy made from a copy a dead writer
+  left different carries the difference to the destination, and its record says so.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from nvpool.agents import osio
 from nvpool.agents.drive import Drive
+from nvpool.agents.intent import IntentRecords, grain_ranges, mark_grains, new_bitmap
 from nvpool.proto.records import ExtentRecord
 from nvpool.proto.dataplane import Command
 from nvpool.proto.errors import DriveError, NotFoundError, RemoteError, StaleLayoutError, Status, UsageError
@@ -139,6 +146,14 @@ class AgentCore:
         self.max_connections = 4096
         #: extent id -> bitmap of DIRTY_GRAIN grains written since tracking started
         self._dirty: dict[int, bytearray] = {}
+        #: client-chosen data-plane connection id -> that connection's capabilities, and connection ids
+        #: a client revoked, per volume (agents/dataplane.py, "Abandoned connections")
+        self.connection_caps: dict[int, dict[int, Any]] = {}
+        self.revoked: dict[int, set[int]] = {}
+        #: write-intent records of replicated extents; ``_intent`` is its current-epoch table, which
+        #: the compiled command loop marks (agents/_cserve.c)
+        self.intent = IntentRecords()
+        self._intent = self.intent.current
         for d in self.drives.values():
             for rec in d.load_extents():
                 self.extents[rec.extent_id] = rec
@@ -187,26 +202,28 @@ class AgentCore:
             self._note_write(cmd.extent_id, cmd.offset, cmd.length)
         if self._dirty:
             self._mark_dirty(cmd.extent_id, cmd.offset, cmd.length)
+        if rec.replicas > 1:
+            self.intent.mark(rec, cmd.offset, cmd.length)
         self._io(drive, lambda: drive.write(payload, off))
         if fua:
             self._io(drive, drive.flush)
         self.stats.io(rec, True, cmd.length)
 
     def zero(self, cmd: Command) -> None:
-        drive, off, _ = self.locate(cmd)
+        drive, off, rec = self.locate(cmd)
         if self._copies:
             self._note_write(cmd.extent_id, cmd.offset, cmd.length)
         if self._dirty:
             self._mark_dirty(cmd.extent_id, cmd.offset, cmd.length)
+        if rec.replicas > 1:
+            self.intent.mark(rec, cmd.offset, cmd.length)
         self._io(drive, lambda: drive.zero(off, cmd.length))
 
     # ------------------------------------------------------------------ dirty tracking (resync)
     def _mark_dirty(self, extent_id: int, offset: int, length: int) -> None:
         bm = self._dirty.get(extent_id)
-        if bm is None or length <= 0:
-            return
-        for g in range(offset // DIRTY_GRAIN, (offset + length - 1) // DIRTY_GRAIN + 1):
-            bm[g >> 3] |= 1 << (g & 7)
+        if bm is not None:
+            mark_grains(bm, offset, length, DIRTY_GRAIN)
 
     def track_dirty(self, extent_ids: Iterable[int]) -> None:
         """Start recording writes to these extents (idempotent: a running record is kept)."""
@@ -215,7 +232,7 @@ class AgentCore:
             if rec is None:
                 raise NotFoundError(f"extent {eid} is not on this agent")
             if eid not in self._dirty:
-                self._dirty[eid] = bytearray(-(-rec.length // DIRTY_GRAIN) // 8 + 1)
+                self._dirty[eid] = new_bitmap(rec.length, DIRTY_GRAIN)
 
     def untrack_dirty(self, extent_ids: Iterable[int]) -> None:
         for eid in extent_ids:
@@ -227,21 +244,24 @@ class AgentCore:
         rec = self.extents.get(extent_id)
         if bm is None or rec is None:
             return None
-        out: list[tuple[int, int]] = []
-        grains = -(-rec.length // DIRTY_GRAIN)
-        for i, byte in enumerate(bm):
-            if not byte:
-                continue
-            for b in range(8):
-                g = i * 8 + b
-                if byte >> b & 1 and g < grains:
-                    start = g * DIRTY_GRAIN
-                    n = min(DIRTY_GRAIN, rec.length - start)
-                    if out and out[-1][0] + out[-1][1] == start:
-                        out[-1] = (out[-1][0], out[-1][1] + n)
-                    else:
-                        out.append((start, n))
-        return out
+        return grain_ranges(bm, rec.length, DIRTY_GRAIN)
+
+    # ------------------------------------------------------------------ write intent (agents/intent.py)
+    def _replicated(self, volume_id: int) -> list[ExtentRecord]:
+        return [r for r in self.extents.values() if r.volume_id == volume_id and r.replicas > 1]
+
+    def intent_rotate(self, volume_id: int, epoch: int) -> int:
+        return self.intent.rotate(volume_id, epoch, self._replicated(volume_id))
+
+    def intent_settle(self, volume_id: int, epoch: int) -> None:
+        self.intent.settle(volume_id, epoch, self._replicated(volume_id))
+
+    def intent_ranges(self, extent_id: int) -> Optional[list[tuple[int, int]]]:
+        """Extent byte ranges with writes not known settled; None when the record may be incomplete."""
+        rec = self.extents.get(extent_id)
+        if rec is None:
+            raise NotFoundError(f"extent {extent_id} is not on this agent")
+        return self.intent.ranges(rec)
 
     # ------------------------------------------------------------------ migration copies
     def _note_write(self, extent_id: int, offset: int, length: int) -> None:
@@ -278,6 +298,10 @@ class AgentCore:
         applied, pos = 0, cp.offset
         for start, end in sorted(cp.written) + [(cp.offset + cp.length, cp.offset + cp.length)]:
             if start > pos:
+                if self._dirty:  # a copy is a write this replica's record must show (see "Dirty tracking")
+                    self._mark_dirty(cp.extent_id, pos, start - pos)
+                if rec.replicas > 1:  # and its write intent: the source may hold a dead writer's half-done write
+                    self.intent.mark(rec, pos, start - pos)
                 drive.write(data[pos - cp.offset : start - cp.offset], rec.drive_offset + pos)
                 applied += start - pos
             pos = max(pos, end)
@@ -420,6 +444,7 @@ class AgentCore:
         """Drop extents (persisted before this returns), then give their space back to the file system."""
         gone = [rec for eid in extent_ids if (rec := self.extents.pop(eid, None)) is not None]
         self.untrack_dirty(r.extent_id for r in gone)
+        self.intent.drop([r.extent_id for r in gone])
         if gone:
             await self.persist_async({r.drive_id for r in gone})
             await self.punch_async(gone)
@@ -469,6 +494,8 @@ class AgentCore:
                 self.extents[eid] = replace(rec, min_generation=max(rec.min_generation, want.min_generation),
                                             replicas=want.replicas)
                 changed.add(rec.drive_id)
+        self.untrack_dirty(dropped)
+        self.intent.drop(dropped)
         if dropped:
             logger.info("dropped %d extents the metadata service no longer assigns here: %s", len(dropped),
                         sorted(dropped)[:10])

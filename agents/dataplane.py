@@ -36,6 +36,34 @@ operations per command.
 One-sided ("RDMA-style") opcodes work on memory regions that the client registered for this
 connection (``regions``: region id -> writable memoryview); see ``agents/shm.py``.
 
+Abandoned connections
+---------------------
+A client that gives up on a connection (the agent did not answer in time) sends what was in flight
+again on another connection, at the same layout generation, and may write the same blocks again
+later. The abandoned connection's commands may still sit in this agent's socket buffer, or in a batch
+a connection thread holds, and would then land after the newer writes, unfenced. So a client names
+each connection with a random id (AUTH's ``extent_id`` field) and, on the next connection it uses to
+that agent, presents the abandoned id in an AUTH for each volume it wrote through it (``offset``
+field; ``client`` side: ``proto/transport.py``, "Abandoned connections"). That AUTH removes the
+volume's capability from the abandoned connection and remembers the id as revoked for the volume:
+
+1. The revoking AUTH precedes the resent commands on the new connection, which is served in order,
+   so it is applied before any of them.
+2. From then on every command of the abandoned connection for that volume fails its capability
+   check (``DENIED``; a connection left with none is closed), whether it is served by the event
+   loop or a connection thread: capabilities are read before each command under the GIL (see
+   "Native connections", step 2), and the revocation is made by Python code.
+3. A command of the abandoned connection that was checked before the revocation was applied before
+   it too (its check and its I/O happen together), so before anything resent.
+4. An AUTH of the revoked id for that volume, arriving late, is refused: the abandoned connection
+   cannot regain the capability.
+
+Ids are 64 random bits chosen by the client and never shown to anyone else; a revocation needs a
+write capability for the volume and affects only that volume. A refused revoking AUTH leaves its
+connection no capability (the commands resent behind it are refused too, and resent again after a
+successful one). The agent remembers ``MAX_CONNECTION_IDS`` ids and revocations (the oldest are
+forgotten past that; a connection still alive then merely cannot be revoked).
+
 Native connections
 ------------------
 Where the compiled module is built (``native_enabled()``), each plaintext connection (TCP, or the
@@ -171,6 +199,7 @@ class AgentConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.core.stats.connections -= 1
+        forget_connection(self.core, self.caps)
         self.transport = None
         self._pending.clear()
         self._pending_bytes = 0
@@ -489,6 +518,7 @@ class NativeConnection:
         if self._closed:
             return
         self._closed = True
+        forget_connection(self.core, self.caps)
         if self._conn is not None:
             self._conn.stop()
         for task in (*self._tasks, *self._flushes):
@@ -664,17 +694,63 @@ def _authorize(core: AgentCore, cmd: dp.Command, caps: dict[int, Capability]) ->
         raise RemoteError(Status.DENIED, why)
 
 
+#: connection ids (and revoked ones) an agent remembers; past that the oldest are forgotten
+MAX_CONNECTION_IDS = 65536
+
+
 def _accept_capability(core: AgentCore, cmd: dp.Command, caps: dict[int, Capability]) -> None:
-    blob = bytes(cmd.payload) if cmd.payload is not None else b""
+    """AUTH: verify the capability and hold it for this connection; with a connection id (``extent_id``)
+    and a revoked one (``offset``), see "Abandoned connections" at the top. A refused AUTH that was to
+    revoke leaves the connection no capability at all: what the client resends behind it must not be
+    served before the revocation is."""
     if not core.secrets:
         return  # an agent core without keys (in-process tests) checks nothing
+    try:
+        _accept(core, cmd, caps)
+    except RemoteError:
+        if cmd.offset:
+            caps.clear()
+        raise
+
+
+def _accept(core: AgentCore, cmd: dp.Command, caps: dict[int, Capability]) -> None:
+    blob = bytes(cmd.payload) if cmd.payload is not None else b""
     try:
         cap = capability.verify(blob, core.secrets)
     except capability.CapabilityError as exc:
         raise RemoteError(Status.DENIED, str(exc)) from None
     if cap.volume_id not in caps and len(caps) >= MAX_CAPS:
         raise RemoteError(Status.DENIED, f"a connection holds at most {MAX_CAPS} capabilities")
+    own, revoke = cmd.extent_id, cmd.offset
+    if own:
+        if cap.volume_id in core.revoked.get(own, ()):
+            raise RemoteError(Status.DENIED, "this connection was replaced by a newer one of its client (what it "
+                                             "had in flight was sent again there)")
+        held = core.connection_caps.get(own)
+        if held is None:
+            if len(core.connection_caps) >= MAX_CONNECTION_IDS:
+                del core.connection_caps[next(iter(core.connection_caps))]
+            core.connection_caps[own] = caps
+        elif held is not caps:
+            raise RemoteError(Status.DENIED, "another connection uses this connection id")
+    if revoke and revoke != own and cap.access == capability.WRITE:  # (a reader has nothing to fence)
+        old = core.connection_caps.get(revoke)
+        if old is not None:
+            old.pop(cap.volume_id, None)  # its queued commands for the volume are refused from now on
+        gone = core.revoked.get(revoke)
+        if gone is None:
+            if len(core.revoked) >= MAX_CONNECTION_IDS:
+                del core.revoked[next(iter(core.revoked))]
+            gone = core.revoked[revoke] = set()
+        gone.add(cap.volume_id)
     caps[cap.volume_id] = cap
+
+
+def forget_connection(core: AgentCore, caps: dict[int, Capability]) -> None:
+    """A data-plane connection ended: its id no longer names anything."""
+    if core.connection_caps:
+        for k in [k for k, v in core.connection_caps.items() if v is caps]:
+            del core.connection_caps[k]
 
 
 def flush_frames(core: AgentCore, cmd: dp.Command, drives: list[Any]) -> Awaitable[list[bytes]]:

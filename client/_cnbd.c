@@ -148,6 +148,7 @@ typedef struct {
     int thread_started;
     pthread_t thread;
     uint64_t cap_version;  /* capability version presented on this connection (reader's) */
+    uint64_t conn_id;      /* this connection's id, carried in its AUTH (proto/transport.py, "Abandoned connections") */
     /* the reader's queue of unsent iovecs and the slots they belong to */
     struct iovec iov[AGENT_IOV];
     int niov;
@@ -197,6 +198,18 @@ static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Test hook: NVPOOL_TEST_CNBD_ANSWER_DELAY=SECONDS makes a receiver wait that long between reading a
+ * completion's slot and committing its answer (answer_batch), so a test can lose the agent connection in
+ * that window (tests/test_nbd_engine.py). Read once when the module loads; unset, it costs one compare per
+ * completion. */
+static double test_answer_delay;
+
+static void test_delay(double s) {
+    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+    }
 }
 
 static void put_be16(unsigned char *p, uint16_t v) { p[0] = v >> 8; p[1] = (unsigned char)v; }
@@ -399,6 +412,7 @@ static int try_post(Engine *e, int i) {
         memset(h, 0, CMD_SIZE);
         put_le16(h, COMMAND_MAGIC); h[2] = DP_AUTH; h[3] = 0;
         put_le32(h + 4, AUTH_TAG);
+        put_le64(h + 8, a->conn_id);
         put_le32(h + 24, (uint32_t)e->cap_len);
         a->iov[a->niov].iov_base = h; a->iov[a->niov++].iov_len = CMD_SIZE;
         a->iov[a->niov].iov_base = e->cap; a->iov[a->niov++].iov_len = (size_t)e->cap_len;
@@ -590,7 +604,22 @@ static int answer_batch(Engine *e, agent_t *a, char *buf, size_t *ppos, size_t h
         uint32_t expect = status ? n : (cmd == CMD_READ ? want : 0);
         if (n != expect || (status && n > MAX_MESSAGE)) { bad = 1; break; }
         if (have - pos < COMP_SIZE + n) break; /* the rest is on its way */
+        if (test_answer_delay > 0) test_delay(test_answer_delay);
         pthread_mutex_lock(&e->mu);
+        /* Claim the slot: check it again, under the same hold of mu as the state change below. A slot in
+         * S_AGENT leaves that state only under mu, and only once: to S_REPLYING or S_SLOW here, or to S_SLOW
+         * in agent_lost, which the reader (flush_agents: a send to this agent failed) may call while mu was
+         * released above. Whoever moves it first owns the request and answers it; the other skips it. Were
+         * the slot committed on the first check, a request agent_lost handed to Python would be answered
+         * twice (two replies for one handle, counted out of flight twice) or pushed on the slow queue twice
+         * (a cycle take() never leaves). The completion of a slot handed back is dropped: Python answers it,
+         * and this connection is lost anyway. Agent indices are never reused and seq changes with each
+         * request in the slot, so a slot that was freed and filled again in the window fails the check too. */
+        if (s->state != S_AGENT || s->agent != a->index || s->seq != (tag >> 8)) {
+            pthread_mutex_unlock(&e->mu);
+            pos += COMP_SIZE + n;
+            continue;
+        }
         if (status) { /* not a plain success: Python serves it on the full path */
             s->astatus = status;
             e->n_handed_back++;
@@ -727,7 +756,8 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
 
 static PyObject *Engine_add_agent(Engine *self, PyObject *args) {
     int fd;
-    if (!PyArg_ParseTuple(args, "i", &fd)) return NULL;
+    unsigned long long conn_id = 0;
+    if (!PyArg_ParseTuple(args, "i|K", &fd, &conn_id)) return NULL;
     if (self->closed) { PyErr_SetString(PyExc_RuntimeError, "engine is closed"); return NULL; }
     pthread_mutex_lock(&self->mu);
     int n = self->nagents;
@@ -738,6 +768,7 @@ static PyObject *Engine_add_agent(Engine *self, PyObject *args) {
     a->eng = self;
     a->index = n;
     a->fd = fd;
+    a->conn_id = conn_id;
     struct timeval tv = {1, 0};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     struct timeval sv = {(time_t)self->agent_timeout, (suseconds_t)((self->agent_timeout - (time_t)self->agent_timeout) * 1e6)};
@@ -997,7 +1028,7 @@ static void Engine_dealloc(Engine *self) {
 }
 
 static PyMethodDef Engine_methods[] = {
-    {"add_agent", (PyCFunction)Engine_add_agent, METH_VARARGS, "add_agent(fd) -> index: a connected, blocking agent socket (owned from now on)"},
+    {"add_agent", (PyCFunction)Engine_add_agent, METH_VARARGS, "add_agent(fd, conn_id=0) -> index: a connected, blocking agent socket (owned from now on); conn_id goes in its AUTH"},
     {"set_layout", (PyCFunction)Engine_set_layout, METH_VARARGS, "set_layout(generation, stripe_unit, reads, writes, columns)"},
     {"set_cap", (PyCFunction)Engine_set_cap, METH_VARARGS, "set_cap(capability): presented (AUTH) on each agent connection before its next command"},
     {"start", (PyCFunction)Engine_start, METH_NOARGS, "start serving"},
@@ -1058,6 +1089,10 @@ PyMODINIT_FUNC PyInit__cnbd(void) {
             PyErr_SetString(PyExc_ImportError, "_cnbd supports little-endian hosts only");
             return NULL;
         }
+    }
+    {
+        const char *d = getenv("NVPOOL_TEST_CNBD_ANSWER_DELAY");
+        if (d && *d) test_answer_delay = strtod(d, NULL);
     }
     if (PyType_Ready(&EngineType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);

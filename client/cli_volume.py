@@ -247,6 +247,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for r in d["repairs"]:
             groups.setdefault((r["volume"], r["state"], r["reason"]), []).append(r)
         for (vol, state, reason), rs in groups.items():
+            if state == "writer-resync":
+                head += f"\n  {vol}: copies not yet known identical ({reason})"
+                continue
             done, total = sum(r["bytes_done"] for r in rs), sum(r["bytes_total"] for r in rs)
             prog = ""
             if state != "out" and total:

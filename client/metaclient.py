@@ -316,12 +316,13 @@ class MetaClient:
         return VolumeInfo.from_pb(m)
 
     async def report_replica_failure(self, volume_id: int, generation: int, extent_id: int, reason: str,
-                                     timeout: float, address: str = "") -> tuple[Layout, dict[str, Endpoint]]:
+                                     timeout: float, address: str = "", lease_id: str = ""
+                                     ) -> tuple[Layout, dict[str, Endpoint]]:
         """Tell the service a replica did not answer; returns the layout to retry with (see
-        ``pool/replication.py``, step 1)."""
+        ``pool/replication.py``, step 1). Only a holder of a lease on the volume (``lease_id``) is heard."""
         m = await self._call("ReportReplicaFailure", pb.ReplicaFailureRequest(
-            volume_id=volume_id, generation=generation, extent_id=extent_id, reason=reason, address=address),
-            timeout=timeout)
+            volume_id=volume_id, generation=generation, extent_id=extent_id, reason=reason, address=address,
+            lease_id=lease_id), timeout=timeout)
         return layout_from_pb(m)
 
     async def get_volume(self, name: str) -> VolumeInfo:
@@ -359,13 +360,18 @@ class MetaClient:
                                                                 request_id=uuid.uuid4().hex))
         return m.lease_id, m.ttl_ms / 1000
 
-    async def renew_lease(self, lease_id: str) -> tuple[float, bytes]:
-        """Renew a lease; returns (seconds it lives unrenewed, a fresh capability)."""
-        m = await self._call("RenewLease", pb.RenewLeaseRequest(lease_id=lease_id), timeout=5)
-        return float(m.ttl_ms) / 1000, bytes(m.capability)
+    async def renew_lease(self, lease_id: str, intent_settled: int = 0) -> tuple[float, bytes, int]:
+        """Renew a lease; returns (seconds it lives unrenewed, a fresh capability, the volume's write-intent
+        epoch). ``intent_settled``: a replicated volume's writer's claim (``pool/replication.py``, "Write
+        intent"): every write it started before it learned that epoch is on every copy."""
+        m = await self._call("RenewLease", pb.RenewLeaseRequest(lease_id=lease_id, intent_settled=intent_settled),
+                             timeout=5)
+        return float(m.ttl_ms) / 1000, bytes(m.capability), int(m.intent_epoch)
 
-    async def close_volume(self, lease_id: str) -> None:
-        await self._call("CloseVolume", pb.CloseVolumeRequest(lease_id=lease_id), timeout=5)
+    async def close_volume(self, lease_id: str, unsettled: bool = False) -> None:
+        """Return a lease; ``unsettled``: this writer gave up on writes, so its copies may differ (the
+        service resyncs what it may have left different, as after a crash)."""
+        await self._call("CloseVolume", pb.CloseVolumeRequest(lease_id=lease_id, unsettled=unsettled), timeout=5)
 
     async def pool_status(self) -> Any:
         """The PoolStatusResponse message (the CLI renders it)."""

@@ -36,11 +36,12 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from nvpool.client.metrics import COUNTERS
-from nvpool.client.syncpath import connect_agent
+from nvpool.client.syncpath import FastPathMiss, connect_agent, present_revocations
 from nvpool.client import nbdproto as nbd
 from nvpool.client.volume import AsyncVolume
 from nvpool.proto import compiled
 from nvpool.proto.records import Endpoint
+from nvpool.proto.transport import abandoned, new_connection_id
 
 if TYPE_CHECKING:
     from nvpool.client.nbdserver import _Connection
@@ -86,6 +87,8 @@ class EngineLink:
         self._rfd = self._wfd = -1
         self._timer: Optional[asyncio.TimerHandle] = None
         self._reconnecting: Optional["asyncio.Task[None]"] = None
+        #: engine connection index -> its connection id (carried in its AUTH)
+        self._conn_ids: dict[int, int] = {}
         self._last_reconnect = 0.0
 
     # ------------------------------------------------------------------ hand-off
@@ -118,8 +121,8 @@ class EngineLink:
             except BaseException:
                 os.close(nbd_fd)
                 raise
-            for addr, s in socks.items():
-                self._agent_of[addr] = self.engine.add_agent(s.detach())
+            for addr, (s, cid) in socks.items():
+                self._add_agent(addr, s, cid)
             socks.clear()
             self._push()
             asyncio.get_running_loop().add_reader(self._rfd, self._on_notify)
@@ -128,8 +131,14 @@ class EngineLink:
             COUNTERS.engines.add(self)
             return True
         finally:
-            for s in socks.values():
+            for s, _ in socks.values():
                 s.close()
+
+    def _add_agent(self, addr: str, s: socket.socket, cid: int) -> None:
+        assert self.engine is not None
+        idx = self.engine.add_agent(s.detach(), cid)
+        self._agent_of[addr] = idx
+        self._conn_ids[idx] = cid
 
     def _wanted(self) -> dict[str, Endpoint]:
         """Endpoints of the agents holding the layout's extents, by address."""
@@ -142,15 +151,26 @@ class EngineLink:
                     out.setdefault(ep.address, ep)
         return out
 
-    async def _open(self, eps: dict[str, Endpoint]) -> dict[str, socket.socket]:
+    async def _open(self, eps: dict[str, Endpoint]) -> dict[str, tuple[socket.socket, int]]:
+        """Connections to ``eps``, each with its connection id, abandoned ones revoked first."""
         loop = asyncio.get_running_loop()
         opts = self.volume.options
         timeout = min(opts.connect_timeout, opts.io_deadline)
+        lease = self.volume.lease
+        cap, vid = (lease.cap if lease is not None else b""), self.volume.layout.volume_id
 
-        def one(ep: Endpoint) -> Optional[socket.socket]:
+        def one(ep: Endpoint) -> Optional[tuple[socket.socket, int]]:
+            s = None
             try:
-                return _open_channel(ep, opts.transport, timeout)
-            except OSError as exc:
+                s = _open_channel(ep, opts.transport, timeout)
+                if s is None:
+                    return None
+                cid = new_connection_id()
+                present_revocations(s, ep.address, vid, cap, cid, timeout)
+                return s, cid
+            except (OSError, FastPathMiss) as exc:
+                if s is not None:
+                    s.close()
                 logger.info("NBD engine: no connection to agent %s (%s): its requests take the Python path",
                             ep.address, exc)
                 return None
@@ -205,11 +225,11 @@ class EngineLink:
     async def _reconnect(self, eps: dict[str, Endpoint]) -> None:
         try:
             socks = await self._open(eps)
-            for addr, s in socks.items():
+            for addr, (s, cid) in socks.items():
                 if self.closed or self.engine is None:
                     s.close()
                     continue
-                self._agent_of[addr] = self.engine.add_agent(s.detach())
+                self._add_agent(addr, s, cid)
                 logger.info("NBD engine: connected to agent %s again", addr)
             self._push()
         except Exception as exc:  # noqa: BLE001 - the Python path serves meanwhile; tried again later
@@ -227,6 +247,9 @@ class EngineLink:
             for addr, idx in list(self._agent_of.items()):
                 if idx in dead:
                     del self._agent_of[addr]
+                    # its requests are served next by the Python path, which revokes this connection first
+                    # (proto/transport.py, "Abandoned connections")
+                    abandoned(addr, self._conn_ids.pop(idx, 0), [self.volume.layout.volume_id])
                     logger.info("NBD engine: connection to agent %s lost; its requests take the Python path", addr)
             self._push()
         for token, cmd, flags, handle, offset, length, data, verdict, astatus, age in items:

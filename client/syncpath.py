@@ -40,6 +40,7 @@ from typing import Callable, Optional, Union
 from nvpool.proto import compiled
 from nvpool.proto import dataplane as dp
 from nvpool.proto.tls import SERVER_NAME
+from nvpool.proto.transport import abandoned, new_connection_id, revoked, to_revoke
 
 #: the compiled round trip (client/_csync.c; None: the pure-Python ``_Channel.call`` below)
 _csync = compiled.load("nvpool.client._csync")
@@ -120,6 +121,8 @@ class _Channel:
         self.tag = 0
         #: volume id -> capability presented on this connection
         self.authorized: dict[int, bytes] = {}
+        #: this connection's id (proto/transport.py, "Abandoned connections")
+        self.conn_id = new_connection_id()
         #: the compiled round trip serves this channel (plaintext sockets): the socket is made
         #: blocking, with the timeout as the kernel's per-call send and receive timeouts
         self.compiled = compiled and not isinstance(sock, ssl.SSLSocket)
@@ -132,10 +135,19 @@ class _Channel:
         else:
             self.fd = -1
 
-    def authorize(self, volume_id: int, cap: bytes) -> None:
-        """Present a capability (data-plane AUTH) once per connection and capability."""
-        if cap and self.authorized.get(volume_id) != cap:
-            self.call(dp.Opcode.AUTH, 0, 0, len(cap), 0, cap, None)
+    def authorize(self, volume_id: int, cap: bytes, address: str = "") -> None:
+        """Present a capability (data-plane AUTH) once per connection and capability; first, revoke this
+        process's connections to the agent at ``address`` that were abandoned with commands of the volume
+        in flight (proto/transport.py, "Abandoned connections")."""
+        if not cap:
+            return
+        for cid in to_revoke(address, volume_id, self.conn_id) if address else ():
+            self.authorized.pop(volume_id, None)
+            self.call(dp.Opcode.AUTH, self.conn_id, cid, len(cap), 0, cap, None)  # (a refusal raises)
+            revoked(address, cid, volume_id)
+            self.authorized[volume_id] = cap
+        if self.authorized.get(volume_id) != cap:
+            self.call(dp.Opcode.AUTH, self.conn_id, 0, len(cap), 0, cap, None)
             self.authorized[volume_id] = cap
 
     @staticmethod
@@ -192,6 +204,23 @@ class _Channel:
             raise OSError("unexpected payload")
 
 
+def present_revocations(sock: socket.socket, address: str, volume_id: int, cap: bytes, conn_id: int,
+                        timeout: float) -> None:
+    """On a fresh blocking socket that another engine will use as connection ``conn_id`` (the NBD
+    export's): revoke this process's abandoned connections to ``address`` for ``volume_id`` first, as
+    ``_Channel.authorize`` does (proto/transport.py, "Abandoned connections"). Raises OSError (or
+    FastPathMiss on a refusal): then the socket is not to be used."""
+    if not cap or not to_revoke(address, volume_id, conn_id):
+        return
+    was = sock.gettimeout()
+    sock.settimeout(timeout)
+    ch = _Channel.__new__(_Channel)
+    ch._adopt(sock, timeout, False)
+    ch.conn_id = conn_id
+    ch.authorize(volume_id, cap, address)
+    sock.settimeout(was)
+
+
 class SyncChannels:
     """Per-thread blocking connections to agents."""
 
@@ -216,7 +245,7 @@ class SyncChannels:
         try:
             if ch is None:
                 ch = chans[address] = _Channel(address, unix_path, self.timeout, ssl_context)
-            ch.authorize(volume_id, cap)
+            ch.authorize(volume_id, cap, address)
             ch.call(opcode, extent_id, offset, length, generation, payload, dest)
         except FastPathMiss:
             self.misses += 1
@@ -245,9 +274,12 @@ class SyncChannels:
             raise
 
     def _drop(self, address: str) -> None:
+        """Close a channel that failed mid-command: what it had in flight may still land, so the retry
+        (the full path) revokes it first (proto/transport.py, "Abandoned connections")."""
         bad = self._channels().pop(address, None)
         if bad is not None:
             bad.sock.close()
+            abandoned(address, bad.conn_id, bad.authorized)
 
     def read_batch(self, reads: list[BatchRead], generation: int, volume_id: int, cap: bytes,
                    endpoints: dict[str, tuple[str, Optional[ssl.SSLContext]]]) -> list[bool]:

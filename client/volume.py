@@ -77,6 +77,9 @@ from nvpool.proto.errors import (
 
 logger = logging.getLogger(__name__)
 
+#: how often a writer of a replicated volume renews its lease while it writes (the write-intent cadence)
+INTENT_INTERVAL = 1.0
+
 Buffer = Union[bytes, bytearray, memoryview]
 
 
@@ -280,10 +283,52 @@ class Lease:
         self._on_closed = on_closed
         self._timer: Optional[asyncio.TimerHandle] = None
         self._task: "Optional[asyncio.Task[None]]" = None
+        #: write intent (``pool/replication.py``, "Write intent"): the last epoch the service announced,
+        #: and how many replicated writes are in flight per epoch known when each started
+        self.intent_epoch = 0
+        self._in_flight: dict[int, int] = {}
+        #: a replicated write was given up on: its copies may differ until the service resyncs them, so
+        #: this writer claims nothing settled any more and its close counts as unclean
+        self.unsettled = False
+        self._wrote = False
 
     def start(self) -> None:
         if self.ttl > 0 and self._timer is None and not self.closed:
-            self._timer = asyncio.get_running_loop().call_later(self.ttl / 3, self._tick)
+            # while replicated writes go on, every INTENT_INTERVAL: each renewal lets the agents forget
+            # the write intent of what has settled since the one before
+            every = min(self.ttl / 3, INTENT_INTERVAL) if self._wrote else self.ttl / 3
+            self._wrote = False
+            self._timer = asyncio.get_running_loop().call_later(every, self._tick)
+
+    def write_started(self) -> int:
+        """A replicated write begins; returns its token for ``write_done``."""
+        e = self.intent_epoch
+        self._in_flight[e] = self._in_flight.get(e, 0) + 1
+        if not self._wrote:
+            self._wrote = True
+            t = self._timer
+            if t is not None and t.when() - asyncio.get_running_loop().time() > INTENT_INTERVAL:
+                t.cancel()
+                self._timer = None
+                self.start()
+        return e
+
+    def write_done(self, token: int, ok: bool) -> None:
+        """A replicated write ended: on every copy of its write set (``ok``), or given up on."""
+        if not ok:
+            self.unsettled = True
+        n = self._in_flight.get(token, 0) - 1
+        if n > 0:
+            self._in_flight[token] = n
+        else:
+            self._in_flight.pop(token, None)
+
+    def settled_claim(self) -> int:
+        """The epoch whose earlier writes this writer knows complete on every copy (0: no claim)."""
+        e = self.intent_epoch
+        if self.unsettled or not e or any(k < e for k in self._in_flight):
+            return 0
+        return e
 
     def _tick(self) -> None:
         self._timer = None
@@ -292,9 +337,10 @@ class Lease:
 
     async def _renew(self) -> None:
         try:
-            _, cap = await self.meta.renew_lease(self.lease_id)
+            _, cap, epoch = await self.meta.renew_lease(self.lease_id, self.settled_claim() if self.write else 0)
             if cap:
                 self.cap = cap
+            self.intent_epoch = max(self.intent_epoch, epoch)
         except LeaseError as exc:
             self.fence(str(exc))
         except NvpoolError as exc:  # metadata service unreachable: agents' fences keep us safe meanwhile
@@ -327,7 +373,7 @@ class Lease:
         if not self.owner:
             return
         try:
-            await self.meta.close_volume(self.lease_id)
+            await self.meta.close_volume(self.lease_id, unsettled=self.write and (self.unsettled or bool(self._in_flight)))
         except NvpoolError as exc:  # it expires on its own
             logger.info("volume %s: could not return the lease (%s); it expires by itself", self.name, exc)
 
@@ -781,7 +827,7 @@ class AsyncVolume:
         try:
             layout, endpoints = await self.meta.report_replica_failure(
                 lay.volume_id, lay.generation, extent_id, reason, timeout=max(0.1, left),
-                address=ep.address if ep is not None else "")
+                address=ep.address if ep is not None else "", lease_id=self.lease.lease_id if self.lease else "")
         except NvpoolError as meta_exc:
             logger.info("cannot report the failed replica (%s); retrying", meta_exc)
             await asyncio.sleep(max(0.0, min(0.2, deadline - time.monotonic())))
@@ -792,15 +838,20 @@ class AsyncVolume:
 
     async def _write_copies(self, lay: Layout, r: _Range, send: Sender, deadline: float,
                             failed: list[tuple[int, BaseException]], generation: int = 0) -> bool:
-        """Write range ``r`` to every replica of the write set: ``ok`` ones, then ``syncing`` ones (and,
-        while the volume moves, then every replica of the target: ``pool/migration.py``). Returns
-        False (with ``failed`` filled) unless every replica answered OK."""
+        """Write range ``r`` to every replica of the write set: the first ``ok`` one, then the other
+        ``ok`` ones, then ``syncing`` ones (and, while the volume moves, then every replica of the
+        target: ``pool/migration.py``). Returns False (with ``failed`` filled) unless every replica
+        answered OK. The first ``ok`` copy is written first so that no other copy ever holds a write it
+        lacks: after a writer dies, its resync copies from that one, so what any reader saw of an
+        unfinished write is rolled forward, never back (``pool/replication.py``, step 8)."""
         gen = generation or lay.generation
         for p in lay.map(r.offset, r.length):
             ok, syncing = lay.write_set(p.column)
             if not ok:
                 raise UnavailableError(f"volume {self.name!r}: column {p.column} has no replica in service")
-            for phase in (ok, syncing):
+            for phase in (ok[:1], ok[1:], syncing):
+                if not phase:
+                    continue
                 jobs = []
                 for k in phase:
                     ext, eoff = p.copies[k]
@@ -946,11 +997,15 @@ class AsyncVolume:
         budget = self.options.io_deadline if timeout is None else timeout
         deadline = time.monotonic() + budget
         hold = None
+        token: Optional[int] = None
+        done = False
         if send is not None:
             if self.lease is not None and not self.lease.owner:
                 raise UsageError(f"volume {self.name!r} is replicated: a forked process cannot write it through its "
                                  "parent's handle (open it in this process)")
             hold = await self._ranges.acquire(offset, offset + length, deadline)
+            if self.lease is not None:  # counted until it is on every copy, or given up on
+                token = self.lease.write_started()
         else:
             await self._ranges.wait_clear(offset, offset + length, deadline)
         try:
@@ -977,6 +1032,7 @@ class AsyncVolume:
 
                 await asyncio.gather(*(piece(r) for r in _split(lay, todo)))
                 if not failed_ranges:
+                    done = True
                     return
                 history.extend(e for _, e in failures)
                 if time.monotonic() >= deadline:
@@ -1011,6 +1067,8 @@ class AsyncVolume:
                     self._check_writable()
                 todo = failed_ranges
         finally:
+            if token is not None and self.lease is not None:
+                self.lease.write_done(token, done)
             if hold is not None:
                 self._ranges.release(hold)
 

@@ -88,6 +88,14 @@ class GrpcAgentLink:
         resp = await self._call(address, "Dirty", pb.DirtyRequest(extent_ids=extent_ids, op=op), timeout=10)
         return {d.extent_id: [(r.offset, r.length) for r in d.ranges] if d.tracking else None for d in resp.extents}
 
+    async def intent(self, address: str, volume_id: int, extent_ids: list[int], op: str, epoch: int = 0
+                     ) -> dict[int, Optional[list[tuple[int, int]]]]:
+        """Write-intent records (agents/intent.py): "get" (ranges per extent; None: the record may be
+        incomplete), "rotate" to ``epoch``, "settle" up to ``epoch``."""
+        resp = await self._call(address, "Dirty", pb.DirtyRequest(extent_ids=extent_ids, op=f"intent-{op}",
+                                                                  volume_id=volume_id, epoch=epoch), timeout=10)
+        return {d.extent_id: [(r.offset, r.length) for r in d.ranges] if d.tracking else None for d in resp.extents}
+
     async def copy(
         self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,
         length: int, generation: int, volume_id: int = 0, src_tls: bool = False,

@@ -373,14 +373,17 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
 
     async def RenewLease(self, request: Any, context: Any) -> pb.RenewLeaseResponse:
         svc = self.svc  # one view for the whole call, even if leadership changes during it
+        repl = self.repl
         async def renew() -> pb.RenewLeaseResponse:
             lease = svc.renew_lease(request.lease_id)
-            return pb.RenewLeaseResponse(ttl_ms=int(svc.lease_ttl * 1000), capability=svc.capability(lease))
+            epoch = await repl.intent_renew(lease, request.intent_settled) if repl is not None else 0
+            return pb.RenewLeaseResponse(ttl_ms=int(svc.lease_ttl * 1000), capability=svc.capability(lease),
+                                         intent_epoch=epoch)
         return await _guard(context, renew())
 
     async def CloseVolume(self, request: Any, context: Any) -> pb.CloseVolumeResponse:
         svc = self.svc  # one view for the whole call, even if leadership changes during it
-        await _guard(context, svc.close_lease(request.lease_id))
+        await _guard(context, svc.close_lease(request.lease_id, request.unsettled))
         return pb.CloseVolumeResponse()
 
     async def GetVolume(self, request: Any, context: Any) -> pb.Volume:
@@ -457,7 +460,8 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "replication is not available")
         assert self.repl is not None
         await _guard(context, self.repl.report_failure(request.volume_id, request.generation, request.extent_id,
-                                                       request.reason or "unavailable", request.address))
+                                                       request.reason or "unavailable", request.address,
+                                                       request.lease_id))
         async def get() -> pb.Layout:
             lay, eps = svc.layout(volume_id=request.volume_id)
             return layout_to_pb(lay, eps)

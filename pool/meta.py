@@ -54,9 +54,21 @@ one that was not closed cleanly (it expired, or is being broken by ``force``), t
 generation is raised and every agent holding its extents must acknowledge the new fence before the
 lease is granted: the previous holder's in-flight and future commands carry an older generation and
 are refused (``STALE_LAYOUT``); when it re-fetches the layout with its lease id it is told its lease
-is gone, and the client library fails its writes from then on. A takeover is refused while the
+is gone, and the client library fails its writes from then on. For a replicated volume the copies the
+previous writer may have left different are made identical before the lease is granted
+(``pool/replication.py``, "Write intent"); a writer that closes after giving up on a write says so
+(``unsettled``) and its close counts as unclean. A takeover is refused while the
 volume is being re-spread (the migration owns the generation then). Leases are persisted, renewals
 are not: a restarted service gives every persisted lease one full term before it can expire.
+
+Fences are written ahead (why a leader change never strands a volume): every operation that raises
+fences on agents first commits the generation it fences at (``fencing/<volume>``), then sends the
+fences, then commits the layout. A leader that dies in between leaves the store with a layout older
+than fences agents may have applied; the next leader publishes the layout it loaded again at the
+fenced generation (same columns and states). That is always safe: the fence only made agents refuse
+older generations, and a layout at the new generation that changes nothing routes every read and
+write exactly as the old one did (an out replica stays out, a kept one stays in and was fenced with
+the others).
 
 Nothing here imports generated protobuf code; ``pool/grpc_meta.py`` is the gRPC edge.
 """
@@ -72,7 +84,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 import hashlib
 import hmac
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional, Protocol
 
 from nvpool.pool.kvstore import KVStore, StoreUnavailable
 from nvpool.proto.layout import DEFAULT_STRIPE_UNIT, MAX_REPLICAS, Extent, Layout
@@ -114,6 +126,9 @@ class AgentLink(Protocol):
     async def map_extent(self, address: str, extent_id: int) -> list[tuple[int, int]]: ...
 
     async def dirty(self, address: str, extent_ids: list[int], op: str) -> dict[int, Optional[list[tuple[int, int]]]]: ...
+
+    async def intent(self, address: str, volume_id: int, extent_ids: list[int], op: str, epoch: int = 0
+                     ) -> dict[int, Optional[list[tuple[int, int]]]]: ...
 
     async def copy(
         self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,
@@ -182,6 +197,9 @@ class ReplicaRepair:
     since_mono: float = field(default=0.0, compare=False)  # monotonic; not persisted
     state: str = "out"  # "out" | "resync" | "rebuild"
     rebuild: bool = False  # rebuild elsewhere rather than resync in place
+    #: resync it whole, not from the write records: a writer ended uncleanly while it was out, so it
+    #: may hold writes no other copy has (pool/replication.py, "Write intent")
+    whole: bool = False
     bytes_total: int = 0
     bytes_done: int = 0
     started: float = field(default=0.0, compare=False)  # monotonic start of the running copy
@@ -353,8 +371,19 @@ class MetaService:
         self.fences: dict[int, dict[int, int]] = {}  # volume_id -> extent_id -> min generation
         self.reserved: dict[int, Reserved] = {}  # extent_id -> reservation
         self.leases: dict[str, Lease] = {}  # lease_id -> lease
-        #: volume ids whose last writer lease ended without a clean close (next writer must fence)
+        #: volume ids whose last writer lease ended without a clean close (next writer must fence;
+        #: replicated ones are resynced first: ``on_unclean``)
         self.unclean: set[int] = set()
+        #: volume id -> the generation its fences were last raised to (written ahead: see "Fences are
+        #: written ahead")
+        self.fencing: dict[int, int] = {}
+        #: resyncs what a replicated volume's unclean writer may have left different (pool/replication.py)
+        self.on_unclean: Optional[Callable[["VolumeRec"], Awaitable[None]]] = None
+        #: starts a writer's write-intent records afresh when its lease is granted (pool/replication.py)
+        self.on_write_lease: Optional[Callable[["VolumeRec"], Awaitable[None]]] = None
+        #: volume id -> the write-intent epoch last announced to its writer (pool/replication.py)
+        self.intent_epoch: dict[int, int] = {}
+        self._intent_counter = 0
         self.next_volume_id = 1
         self.next_extent_id = 1
         self.pool_id = ""
@@ -411,6 +440,8 @@ class MetaService:
             self.leases[lease.lease_id] = lease
         for _, v in self.store.scan("unclean/"):
             self.unclean.add(int(json.loads(v)))
+        for k, v in self.store.scan("fencing/"):
+            self.fencing[int(k.split("/")[1])] = int(json.loads(v))
         for k, v in self.store.scan("repl/"):
             recs = {}
             for key, r in json.loads(v).items():
@@ -419,6 +450,19 @@ class MetaService:
             self.repairs[int(k.split("/")[1])] = recs
         self.epoch = int(json.loads(self.store.get("epoch") or b"0")) + 1
         puts["epoch"] = _j(self.epoch)
+        for vid, g in self.fencing.items():  # see "Fences are written ahead"
+            was = self.layouts.get(vid)
+            if was is not None and g > was.generation:
+                new = was.evolve(generation=g)
+                self.layouts[vid] = new
+                fences = self.fences.setdefault(vid, {})
+                for e in self.live_extents(new):
+                    fences[e.extent_id] = max(fences.get(e.extent_id, 1), g)
+                puts[f"layout/{vid:020d}"] = _j(new.to_dict())
+                puts[f"fences/{vid:020d}"] = _j({str(k): f for k, f in fences.items()})
+                logger.warning("volume %d: agents may hold fences at generation %d but its layout was persisted at "
+                               "%d (the previous leader stopped in between): published again at %d", vid, g,
+                               was.generation, g)
         raw = raw_pool
         if raw:
             self.pool_id = json.loads(raw)["pool_id"]
@@ -800,9 +844,23 @@ class MetaService:
             out += list(lay.target.extents())
         return out
 
+    def fence_ahead(self, volume_id: int, generation: int) -> None:
+        """Commit that fences at ``generation`` may be sent (before sending them: see "Fences are written
+        ahead")."""
+        if generation > self.fencing.get(volume_id, 0):
+            self.store.commit({f"fencing/{volume_id:020d}": _j(generation)})
+            self.fencing[volume_id] = generation
+
+    def next_intent_epoch(self) -> int:
+        """A write-intent epoch above every one this or an earlier leader announced: the term in the high
+        bits (raised at every start and leader change, and persisted), a counter in the low ones."""
+        self._intent_counter += 1
+        return (self.epoch << 32) | self._intent_counter
+
     async def fence_on_agents(self, volume_id: int, extents: Iterable[Extent], generation: int) -> None:
         """Fence extents at ``generation`` on every agent holding them; all must acknowledge."""
         agents = {self.agent_of_drive(e.drive_id).agent_id for e in extents}
+        self.fence_ahead(volume_id, generation)
         results = await asyncio.gather(
             *(self.link.fence(self.agents[a].control_address, volume_id, generation) for a in sorted(agents)),
             return_exceptions=True,
@@ -957,10 +1015,13 @@ class MetaService:
             for k in dropped:
                 del self.leases[k]
             self.unclean.discard(vol.volume_id)
+            self.fencing.pop(vol.volume_id, None)
+            self.intent_epoch.pop(vol.volume_id, None)
             # one commit: the extents leave every layout and become releasing together
             self.store.commit(
                 self.mark_releasing(extents, vol.volume_id, lay.generation, commit=False),
                 [f"volume/{name}", f"layout/{vol.volume_id:020d}", f"fences/{vol.volume_id:020d}",
+                 f"fencing/{vol.volume_id:020d}",
                  f"migration/{vol.volume_id:020d}", f"unclean/{vol.volume_id:020d}", f"repl/{vol.volume_id:020d}"]
                 + [f"lease/{k}" for k in dropped],
             )
@@ -989,6 +1050,44 @@ class MetaService:
     async def open_volume(self, name: str, write: bool, holder: str, force: bool = False, request: str = "") -> Lease:
         """Take a lease: ``write`` is exclusive (see "Writer leases"), readers share. A request id seen before
         (a retry whose first answer was lost) returns the lease that request took."""
+        while True:
+            vol = await self._break_for_resync(name, write, force, request)
+            if vol is None:
+                lease = await self._open(name, write, holder, force, request)
+                if lease is not None:
+                    return lease
+                continue  # a writer's lease ended meanwhile: resync first
+            assert self.on_unclean is not None
+            await self.on_unclean(vol)  # then grant on the resynced volume
+
+    async def _break_for_resync(self, name: str, write: bool, force: bool, request: str = "") -> Optional[VolumeRec]:
+        """A writer's open of a replicated volume whose copies a previous writer may have left different
+        (its lease expired, or is taken over here): break that lease (unclean) and return the volume,
+        to resync before anything is granted. None: nothing to resync first."""
+        if not write or self.on_unclean is None:
+            return None
+        async with self.lock:
+            self.expire_leases()
+            vol = self.volume(name)
+            vid = vol.volume_id
+            lay = self.layouts[vid]
+            writers = [w for w in self._live_leases(vid) if w.mode == "write"]
+            if lay.replicas == 1 or (not writers and vid not in self.unclean) or (writers and not force):
+                return None
+            if request and any(w.request == request for w in writers):
+                return None  # a retry of the open that took it: _open returns that lease
+            if lay.target is not None or vid in self._busy:
+                return None  # _open refuses the takeover with the reason
+            for w in writers:
+                del self.leases[w.lease_id]
+                logger.warning("writer lease of %s on volume %s broken by a takeover", w.holder, name)
+            self.unclean.add(vid)
+            self.store.commit({f"unclean/{vid:020d}": _j(vid)}, [f"lease/{w.lease_id}" for w in writers])
+            return vol
+
+    async def _open(self, name: str, write: bool, holder: str, force: bool, request: str) -> Optional[Lease]:
+        """The grant, under the lock; None when a replicated volume's previous writer must be resynced
+        first (its lease expired or is being broken since ``_break_for_resync`` looked)."""
         async with self.lock:
             self.expire_leases()
             vol = self.volume(name)
@@ -1009,6 +1108,9 @@ class MetaService:
                         f"{time.strftime('%H:%M:%S', time.localtime(writers[0].granted))}); open it read-only, "
                         f"or take it over with --force (that fences the current writer)"
                     )
+                if (writers or vid in self.unclean) and self.on_unclean is not None \
+                        and self.layouts[vid].replicas > 1 and self.layouts[vid].target is None and vid not in self._busy:
+                    return None  # never break a replicated volume's writer here: _break_for_resync does, then resyncs
                 if writers or vid in self.unclean:
                     await self._fence_writers(vol, [w.holder for w in writers])
                 deletes = [f"lease/{w.lease_id}" for w in writers] + [f"unclean/{vid:020d}"]
@@ -1016,6 +1118,8 @@ class MetaService:
                     del self.leases[w.lease_id]
                     logger.warning("writer lease of %s on volume %s broken by %s", w.holder, name, holder)
                 self.unclean.discard(vid)
+                if self.on_write_lease is not None and self.layouts[vid].replicas > 1:
+                    await self.on_write_lease(vol)
             else:
                 deletes = []
             self.leases[lease.lease_id] = lease
@@ -1069,10 +1173,18 @@ class MetaService:
         if lease is None or lease.volume_id != volume_id or lease.expires <= time.monotonic():
             raise LeaseError("the lease on this volume is gone (it expired or was taken over); reopen the volume")
 
-    async def close_lease(self, lease_id: str) -> None:
+    async def close_lease(self, lease_id: str, unsettled: bool = False) -> None:
+        """Return a lease. ``unsettled``: the writer gave up on writes, so its volume's copies may differ:
+        the close counts as unclean (see "Writer leases")."""
         async with self.lock:
             lease = self.leases.pop(lease_id, None)
             if lease is None:
+                return
+            if unsettled and lease.mode == "write":
+                self.unclean.add(lease.volume_id)
+                self.store.commit({f"unclean/{lease.volume_id:020d}": _j(lease.volume_id)}, [f"lease/{lease_id}"])
+                logger.warning("writer %s closed volume %s after giving up on writes: counted as unclean",
+                               lease.holder, self._name_of(lease.volume_id))
                 return
             self.store.commit({}, [f"lease/{lease_id}"])
             logger.info("%s lease on volume %s released by %s", lease.mode, self._name_of(lease.volume_id), lease.holder)
@@ -1097,9 +1209,21 @@ class MetaService:
                                 a.data_tls))
         return out
 
+    def resync_pending(self, lay: Layout) -> bool:
+        """A replicated volume whose last writer ended uncleanly, not yet resynced: its copies may differ.
+        A writer lease past its expiry counts already (``expire_leases`` marks it unclean a moment later)."""
+        if lay.replicas == 1:
+            return False
+        if lay.volume_id in self.unclean:
+            return True
+        now = time.monotonic()
+        return any(w.volume_id == lay.volume_id and w.mode == "write" and w.expires <= now
+                   for w in self.leases.values())
+
     def _volume_health(self, lay: Layout) -> str:
         """"unavailable" when some column has no copy on a live agent with a working drive, else
-        "degraded" when some copy is out of service or on a server that is down, else "ok"."""
+        "degraded" when some copy is out of service or on a server that is down, or the copies may
+        differ after a writer ended uncleanly (until they are resynced), else "ok"."""
         now = time.monotonic()
 
         def up(col: Any) -> bool:
@@ -1109,7 +1233,7 @@ class MetaService:
                     return False
             return True
 
-        degraded = lay.degraded
+        degraded = lay.degraded or self.resync_pending(lay)
         for i in range(lay.width):
             ups = [up(lay.replica_column(i, k)) for k in lay.readable(i) or [0]]
             if not any(ups):
@@ -1193,7 +1317,7 @@ class MetaService:
                     degraded = True
             agents.append({"agent": a, "alive": alive and a.ready, "drives": drives,
                            "last_seen": a.last_seen_wall if a.last_seen else 0.0})
-        degraded = degraded or any(lay.degraded for lay in self.layouts.values())
+        degraded = degraded or any(lay.degraded or self.resync_pending(lay) for lay in self.layouts.values())
         cap = sum(d.capacity for d in self.drives.values())
         used = sum(s.used_bytes for s in spaces.values())
         health = "empty" if not self.drives else ("degraded" if degraded else "ok")

@@ -85,7 +85,14 @@ class MetaCollector(Collector):
                 rep.add_metric([state], sum(1 for r in reps if r["state"] == state))
             left = GaugeMetricFamily("nvpool_meta_repair_bytes_left", "Bytes still to copy by running repairs")
             left.add_metric([], sum(max(0, r["bytes_total"] - r["bytes_done"]) for r in reps))
-            yield from (rep, left)
+            pending = GaugeMetricFamily("nvpool_meta_writer_resync_pending",
+                                        "Replicated volumes whose writer ended uncleanly, copies not yet resynced")
+            pending.add_metric([], sum(1 for r in reps if r["state"] == "writer-resync"))
+            resyncs = CounterMetricFamily("nvpool_meta_writer_resyncs", "Resyncs after a writer ended uncleanly")
+            resyncs.add_metric([], self.repl.writer_resyncs)
+            copied = CounterMetricFamily("nvpool_meta_writer_resync_bytes", "Bytes those resyncs copied")
+            copied.add_metric([], self.repl.writer_resync_bytes)
+            yield from (rep, left, pending, resyncs, copied)
         yield from self._rpcs()
 
     def _rpcs(self) -> Iterator[Any]:

@@ -137,6 +137,9 @@ class Rebalancer:
             if lay.degraded:  # re-spread only with every replica in service (pool/migration.py)
                 logger.info("rebalance: skipping volume %s until its replicas are all in service", vol.name)
                 continue
+            if svc.resync_pending(lay):  # its copies may differ until resynced (pool/replication.py, step 8)
+                logger.info("rebalance: skipping volume %s until its copies are resynced after its writer", vol.name)
+                continue
             if lay.replicas > 1:
                 planned, next_id = plan_rebalance_replicated(lay, sim, next_id, seed=vol.volume_id,
                                                              domain_key=vol.failure_domain)

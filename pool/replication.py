@@ -9,8 +9,8 @@ service's half of the protocol; the client's half is in ``client/volume.py`` and
 Ordering design: **the client fans out under the exclusive writer lease** (as NVMesh's client-side
 RAID-1 and Mayastor's nexus do), not a primary per column. A volume has at most one writer (a
 client holding the writer lease; a takeover fences the previous one, see ``pool/meta.py``). The
-writer sends each write to every ``ok`` replica of the piece's column, then to every ``syncing``
-one, and acknowledges only when all of them have answered OK. It never has two overlapping writes
+writer sends each write to the first ``ok`` replica of the piece's column, then to the other ``ok``
+ones, then to every ``syncing`` one, and acknowledges only when all of them have answered OK. It never has two overlapping writes
 in flight (a per-volume range lock in the writer's client), so every replica applies overlapping
 writes in the same order, and a read returns the same bytes whichever replica serves it. The price,
 an extra round trip per write compared with a primary that forwards, is paid on the writer's own
@@ -41,13 +41,18 @@ Why replicas never diverge and a reader never sees old bytes, step by step:
 5. **Resync** (the agent is back, its drive is fine): publish ``g+1`` with the replica ``syncing``
    after fencing every agent of the write set at ``g+1`` (a writer still at ``g``, which does not
    write the returning replica, is refused and re-fetches). From then on every write reaches the
-   syncing replica after the ``ok`` ones. Then read the dirty grains from an ``ok`` replica's agent
-   and copy them with ``CopyExtent``, which never overwrites bytes a client wrote to the destination
+   syncing replica after the ``ok`` ones. Then read the dirty grains of **every** ``ok`` replica's
+   agent (the union: with three copies, an ``ok`` replica may itself have come back by copy while
+   another was out, and a write acknowledged on one copy alone is in that copy's record only) and
+   copy them from one ``ok`` replica with ``CopyExtent``, which never overwrites bytes a client wrote to the destination
    while the chunk was in flight (the argument of ``pool/migration.py`` step 3, with the ``ok``
    replica as the old layout and the syncing one as the target). Flush the destination, then
    publish ``g+2`` with the replica ``ok`` (the write set does not change, so no fence is needed).
    An agent that restarted lost its record (``tracking=False``): the replica is copied whole, which
-   skips only never-written ranges (``MapExtent``).
+   skips only ranges never written on the source or the destination (``MapExtent``). A replica that
+   is copied while another replica of its column is ``out`` records what it receives (its agent
+   tracks before the copy starts, and ``finish_copy`` marks copied grains): once ``ok``, its record
+   holds every write the other one lacks even if it is the only ``ok`` copy left by then.
 6. **Rebuild** (the replica has been out longer than ``rebuild_after``, its drive failed or returned
    ``IO_ERROR``, or its server was removed): place a new replica in a failure domain none of the
    column's other replicas use, assign it zeroed, then as in step 5 publish it ``syncing`` (fenced),
@@ -62,6 +67,49 @@ Why replicas never diverge and a reader never sees old bytes, step by step:
    generation: the side without the service loses its serve lease, and the writer without the
    service cannot complete a write that lacks a replica.
 
+8. **Write intent: a writer that dies mid fan-out.** Steps 1-7 cover a write a *replica* missed; a
+   writer killed between two copies of a write leaves copies that differ where no replica failed.
+   Every agent marks, before applying it, each write to a replicated extent in an in-memory
+   write-intent record (``agents/intent.py``), grouped in *epochs*. The writer counts its replicated
+   writes in flight by the epoch it knew when each started, and with each lease renewal (every
+   ``INTENT_INTERVAL`` while it writes) claims epoch ``E`` *settled* once every write it started
+   before it learned ``E`` is on every copy of its write set (``intent_renew``). On that claim the
+   service tells the volume's agents to drop the records closed at ``E`` or earlier, rotates every
+   agent to a new epoch ``E'`` and, only once *all* acknowledged, announces ``E'`` to the writer.
+   Why no unsettled write is forgotten: a write in a record closed at ``E`` reached its agent before
+   that agent acknowledged the rotation to ``E``, so before ``E`` was announced, so before the writer
+   learned ``E``: the claim covers it. A write the writer gave up on (error, cancellation) is never
+   claimed: from then on it claims nothing and its close counts as unclean. When a writer's lease
+   ends without a clean close (crash, expiry, ``--force`` takeover, or an unsettled close), the
+   service, before it grants the next writer lease or calls the volume healthy (``resync_writer``):
+   fences every agent at a new generation (nothing the dead writer still has in flight lands later),
+   reads the records of every copy that is not ``out`` (their union: a write may have reached any
+   subset of the copies), and copies those grains from the column's first ``ok`` copy to the others.
+   That copy holds every acknowledged write (step 1), and every write any other copy holds: the
+   writer sends each write to the first ``ok`` copy first and to the others only once it answered
+   (``client/volume.py``, ``_write_copies``). So a grain an unacknowledged write touched ends up with
+   the source's bytes on every copy, and whatever a reader saw of that write on any copy is rolled
+   forward, never back (unless the first copy itself failed before the resync, and another became
+   first: then the write is lost as by a disk that lost power with it in its cache). A copy
+   that is ``out`` at that moment may hold such a write too: it is resynced whole when it returns
+   (``ReplicaRepair.whole``, kept through later failures). Chunks copied onto a replicated extent
+   (resync, rebuild, migration) are marked as writes are, so a difference a dead writer left travels
+   with its record to the copy made from it; a volume waiting for this resync is not re-spread. A
+   grant breaks no replicated volume's writer itself (``MetaService._open`` goes back to
+   ``_break_for_resync`` when it finds one expired or to be taken over), so no writer lease is ever
+   granted, and no record reset, before the resync. A rotation some agent did not acknowledge is
+   retried at the same epoch, so the others close no new record meanwhile. Records are in memory: an agent that restarted says its record may be
+   incomplete until an epoch it rotated to is settled, and its columns are then compared whole
+   (``MapExtent`` of every copy) instead. Cost on the write path: a few bit sets per write on the
+   agents, and one renewal a second per writer, which the service turns into two control calls per
+   agent of the volume. (A deposed leader's late rotation cannot reach a restarted agent's record:
+   agents obey only the newest term they have seen, and a restarted agent serves replicated extents
+   only after registering with the current leader.)
+9. **Failure reports** come only from a holder of a live lease on the volume, about an extent of
+   the volume's current layout, at most ``REPORT_BURST`` at once and ``REPORT_RATE`` a second per
+   lease; anything else is refused and logged. (Without this, any caller could take healthy copies
+   out of service, one call each.)
+
 What the repair costs the foreground: copies run ``parallel`` chunks at a time through a token bucket
 of ``rate`` bytes/s (``repair_rate`` in the service's config).
 """
@@ -73,11 +121,11 @@ import logging
 import time
 from typing import Any, Optional
 
-from nvpool.pool.meta import MetaService, ReplicaRepair, VolumeRec
+from nvpool.pool.meta import Lease, MetaService, ReplicaRepair, VolumeRec
 from nvpool.pool.migration import CopyChunk
 from nvpool.pool.planner import plan_replica, with_allocations
 from nvpool.pool.rebalancer import TokenBucket
-from nvpool.proto.errors import CapacityError, NvpoolError, UnavailableError
+from nvpool.proto.errors import CapacityError, LeaseError, NvpoolError, UnavailableError, UsageError
 from nvpool.proto.layout import OK, OUT, SYNCING, Column, Extent, Layout
 
 logger = logging.getLogger(__name__)
@@ -85,6 +133,24 @@ logger = logging.getLogger(__name__)
 CHUNK = 4 * 1024 * 1024
 #: longest a fence for taking a replica out may take before its agent must be silent instead
 FENCE_TIMEOUT = 2.0
+#: longest a write-intent call to one agent may take during a lease renewal (two per renewal)
+INTENT_TIMEOUT = 1.0
+#: failure reports one lease may make at once, and per second after that (step 9)
+REPORT_BURST, REPORT_RATE = 32.0, 4.0
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping (offset, length) ranges covering ``ranges``."""
+    merged: list[tuple[int, int]] = []
+    for off, n in sorted(ranges):
+        if n <= 0:
+            continue
+        if merged and merged[-1][0] + merged[-1][1] >= off:
+            end = max(merged[-1][0] + merged[-1][1], off + n)
+            merged[-1] = (merged[-1][0], end - merged[-1][0])
+        else:
+            merged.append((off, n))
+    return merged
 
 
 def column_ranges(layout: Layout, column: int, replica: int, extent_ranges: dict[int, list[tuple[int, int]]]
@@ -95,15 +161,7 @@ def column_ranges(layout: Layout, column: int, replica: int, extent_ranges: dict
     for start, e in zip(col.starts, col.extents):
         for off, n in extent_ranges.get(e.extent_id, ()):
             out.append((start + off, min(n, e.length - off)))
-    out.sort()
-    merged: list[tuple[int, int]] = []
-    for off, n in out:
-        if merged and merged[-1][0] + merged[-1][1] >= off:
-            end = max(merged[-1][0] + merged[-1][1], off + n)
-            merged[-1] = (merged[-1][0], end - merged[-1][0])
-        elif n > 0:
-            merged.append((off, n))
-    return merged
+    return merge_ranges(out)
 
 
 def resync_chunks(layout: Layout, column: int, src: int, dst: int, ranges: list[tuple[int, int]],
@@ -150,6 +208,17 @@ class Replication:
         self.errors = 0
         #: agent -> when a fence to it last failed (the next reports wait for silence instead)
         self._unfenceable: dict[str, float] = {}
+        #: volume id -> serializes its write-intent rotations and writer resyncs (step 8)
+        self._intent_locks: dict[int, asyncio.Lock] = {}
+        #: volume id -> the epoch of a rotation not every agent has acknowledged yet
+        self._rotating: dict[int, int] = {}
+        #: lease id -> (report tokens left, when counted) (step 9)
+        self._report_budget: dict[str, tuple[float, float]] = {}
+        #: resyncs after an unclean writer, and the bytes they copied (pool status, metrics)
+        self.writer_resyncs = 0
+        self.writer_resync_bytes = 0
+        svc.on_unclean = self.resync_writer
+        svc.on_write_lease = self.reset_intent
 
     # ------------------------------------------------------------------ taking replicas out
     def abandon_migration(self, vol: VolumeRec, why: str) -> None:
@@ -248,7 +317,8 @@ class Replication:
             states[(i, k)] = OUT
             prev = reps.get((i, k))
             reps[(i, k)] = ReplicaRepair(reason, prev.since if prev else now_wall, now_mono if not prev else
-                                         prev.since_mono, "out", rebuild or (prev.rebuild if prev else False))
+                                         prev.since_mono, "out", rebuild or (prev.rebuild if prev else False),
+                                         whole=prev.whole if prev else False)
             for e in lay.replica_column(i, k).extents:  # learnt by the agent before it serves again
                 fences[e.extent_id] = max(fences.get(e.extent_id, 1), g)
         new = lay.evolve(generation=g, states=tuple(sorted((i, k, st) for (i, k), st in states.items())))
@@ -259,13 +329,44 @@ class Replication:
                        ", ".join(f"{i}/{k}" for i, k in sorted(todo)), g, reason, "; will rebuild" if rebuild else "")
         return True
 
+    def check_reporter(self, lease_id: str, volume_id: int, extent_id: int) -> None:
+        """Step 9: refuse (and log) a failure report from anyone but a holder of a live lease on the
+        volume, about an extent not in its current layout, or past the lease's rate."""
+        svc = self.svc
+        lease = svc.leases.get(lease_id) if lease_id else None
+        if lease is None or lease.volume_id != volume_id or lease.expires <= time.monotonic():
+            logger.warning("refused a replica failure report for volume %d extent %d: %s", volume_id, extent_id,
+                           "no lease given" if not lease_id else "the lease is not a live lease on that volume")
+            raise LeaseError("replica failures are reported only by a holder of a live lease on the volume")
+        lay = svc.layouts.get(volume_id)
+        if lay is None or lay.replica_of(extent_id) is None:
+            logger.warning("refused a replica failure report from %s: extent %d is not a replica of volume %d",
+                           lease.holder, extent_id, volume_id)
+            raise UsageError(f"extent {extent_id} is not a replica of volume {volume_id}")
+        now = time.monotonic()
+        tokens, when = self._report_budget.get(lease_id, (REPORT_BURST, now))
+        tokens = min(REPORT_BURST, tokens + (now - when) * REPORT_RATE)
+        if tokens < 1.0:
+            self._report_budget[lease_id] = (tokens, now)
+            logger.warning("refused a replica failure report from %s on volume %d: more than %g a second",
+                           lease.holder, volume_id, REPORT_RATE)
+            raise UnavailableError("too many replica failure reports from this lease; try again shortly")
+        self._report_budget[lease_id] = (tokens - 1.0, now)
+        if len(self._report_budget) > 4096:  # forget leases that are gone
+            for k in [k for k in self._report_budget if k not in svc.leases]:
+                del self._report_budget[k]
+
     async def report_failure(self, volume_id: int, generation: int, extent_id: int, reason: str,
-                             address: str = "") -> None:
+                             address: str = "", lease_id: str = "", check: bool = True) -> None:
         """A client could not write or read the replica holding ``extent_id`` (step 1). Returns once
         the replica is out (or another layout is current, or it is the column's last copy); bounded
         by about ``agent_timeout`` + ``FENCE_TIMEOUT``. The fence is sent outside the lock (a hung
-        agent must not stall the service) and the layout re-checked before anything is published."""
+        agent must not stall the service) and the layout re-checked before anything is published.
+        Only a lease holder is heard (step 9; ``check=False``: the service's own callers)."""
         svc = self.svc
+        if check:
+            async with svc.lock:
+                self.check_reporter(lease_id, volume_id, extent_id)
         deadline = time.monotonic() + svc.agent_timeout + FENCE_TIMEOUT + 1.0
         rebuild = reason == "io"
         while True:
@@ -291,6 +392,7 @@ class Replication:
                     return  # the column's last copy: the client waits for it
                 g = lay.generation + 1
                 control = svc.agents[agent].control_address
+                svc.fence_ahead(volume_id, g)
             fenced = False
             if time.monotonic() - self._unfenceable.get(agent, -1e9) > svc.agent_timeout:
                 try:
@@ -321,6 +423,201 @@ class Replication:
             if time.monotonic() > deadline:
                 raise UnavailableError(f"agent {agent} neither took a fence nor went silent; the replica stays in")
             await asyncio.sleep(0.1)
+
+    # ------------------------------------------------------------------ write intent (step 8)
+    def _intent_lock(self, volume_id: int) -> asyncio.Lock:
+        lock = self._intent_locks.get(volume_id)
+        if lock is None:
+            lock = self._intent_locks[volume_id] = asyncio.Lock()
+        return lock
+
+    def _intent_agents(self, lay: Layout) -> dict[str, list[int]]:
+        """Agent -> the volume's extents it holds in copies that are written (not ``out``)."""
+        out: dict[str, list[int]] = {}
+        for e in MetaService.live_extents(lay):
+            a = self._agent_of(e)
+            if a is not None and a in self.svc.agents:
+                out.setdefault(a, []).append(e.extent_id)
+        return out
+
+    async def _intent_all(self, lay: Layout, op: str, epoch: int, timeout: float = FENCE_TIMEOUT) -> bool:
+        """``op`` ("rotate" or "settle") at ``epoch`` on every agent of the volume; whether all acknowledged."""
+        svc = self.svc
+        agents = self._intent_agents(lay)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(svc.link.intent(svc.agents[a].control_address, lay.volume_id, ids, op, epoch), timeout)
+              for a, ids in agents.items()), return_exceptions=True)
+        ok = True
+        for a, r in zip(agents, results):
+            if isinstance(r, BaseException):
+                ok = False
+                logger.info("volume %d: agent %s did not take write-intent %s %d (%s)", lay.volume_id, a, op, epoch, r)
+        return ok
+
+    async def intent_renew(self, lease: Lease, settled: int) -> int:
+        """A writer's lease renewal with its settled claim (step 8): drop what settled, rotate every agent
+        to a new epoch, and return the epoch the writer may now count from."""
+        svc = self.svc
+        vid = lease.volume_id
+        lay = svc.layouts.get(vid)
+        if lay is None or lay.replicas == 1 or lease.mode != "write":
+            return 0
+        lock = self._intent_lock(vid)
+        if lock.locked():  # a rotation or a resync runs: nothing new to announce
+            return svc.intent_epoch.get(vid, 0)
+        async with lock:
+            cur = svc.intent_epoch.get(vid, 0)
+            if cur and settled < cur:
+                return cur  # writes started before it learned ``cur`` are still in flight
+            if cur:
+                await self._intent_all(lay, "settle", cur, timeout=INTENT_TIMEOUT)
+            # a rotation some agent missed is retried at the same epoch: the others close nothing new
+            new = self._rotating.get(vid) or svc.next_intent_epoch()
+            self._rotating[vid] = new
+            if await self._intent_all(lay, "rotate", new, timeout=INTENT_TIMEOUT):
+                svc.intent_epoch[vid] = new  # announced only once every agent marks in it
+                del self._rotating[vid]
+            return svc.intent_epoch.get(vid, 0)
+
+    async def reset_intent(self, vol: VolumeRec) -> None:
+        """A writer lease is being granted (no write of any earlier writer is unsettled: it closed cleanly
+        or was resynced): start every agent's record afresh, complete from here on even on an agent
+        that restarted. Best effort, briefly: an agent that misses it keeps its record incomplete, which
+        only makes a later resync compare more."""
+        lay = self.svc.layouts.get(vol.volume_id)
+        if lay is None or lay.replicas == 1:
+            return
+        new = self.svc.next_intent_epoch()
+        self._rotating.pop(vol.volume_id, None)
+        if await self._intent_all(lay, "rotate", new, timeout=INTENT_TIMEOUT):
+            await self._intent_all(lay, "settle", new, timeout=INTENT_TIMEOUT)
+            self.svc.intent_epoch[vol.volume_id] = new
+
+    async def _replica_ranges(self, lay: Layout, i: int, k: int, op: str) -> Optional[list[tuple[int, int]]]:
+        """Column ranges of replica ``k`` of column ``i``: its write-intent record (``op`` "intent"), its
+        dirty record ("dirty"), or what was ever written ("map"). None: a record may be incomplete."""
+        svc = self.svc
+        exts = lay.replica_column(i, k).extents
+        by_agent: dict[str, list[int]] = {}
+        for e in exts:
+            a = self._agent_of(e)
+            if a is None or a not in svc.agents:
+                raise UnavailableError(f"the agent of extent {e.extent_id} is not registered")
+            by_agent.setdefault(a, []).append(e.extent_id)
+        per_ext: dict[int, list[tuple[int, int]]] = {}
+        for a, ids in by_agent.items():
+            addr = svc.agents[a].control_address
+            if op == "map":
+                for eid in ids:
+                    per_ext[eid] = await svc.link.map_extent(addr, eid)
+                continue
+            got = await (svc.link.intent(addr, lay.volume_id, ids, "get") if op == "intent"
+                         else svc.link.dirty(addr, ids, "get"))
+            for eid in ids:
+                ranges = got.get(eid)
+                if ranges is None:
+                    return None
+                per_ext[eid] = ranges
+        return column_ranges(lay, i, k, per_ext)
+
+    async def resync_writer(self, vol: VolumeRec) -> None:
+        """Step 8: make every written copy of ``vol`` identical after its writer ended uncleanly, before a
+        writer lease is granted again or the volume is called healthy. Raises when it cannot now."""
+        svc = self.svc
+        vid = vol.volume_id
+        async with self._intent_lock(vid):
+            async with svc.lock:
+                lay = svc.layouts.get(vid)
+                if vid not in svc.unclean or lay is None:
+                    return
+                if lay.replicas == 1 or any(w.mode == "write" for w in svc._live_leases(vid)):
+                    return
+                await svc._fence_writers(vol, ["a writer that ended uncleanly"])
+                lay = svc.layouts[vid]
+                reps = svc.repairs.setdefault(vid, {})
+                for i, k, st in lay.states:
+                    if st == OUT:  # it may hold a write no other copy has: compared whole when it returns
+                        reps.setdefault((i, k), ReplicaRepair("unknown", time.time(), time.monotonic())).whole = True
+                svc.persist_volume(vol)
+            t0 = time.monotonic()
+            plan: list[tuple[tuple[int, int], CopyChunk]] = []
+            whole_cols = 0
+            for i in range(lay.width):
+                copies = [k for k in range(lay.replicas) if lay.replica_state(i, k) != OUT]
+                ok = lay.readable(i)
+                if len(copies) < 2:
+                    continue
+                if not ok:
+                    raise UnavailableError(f"volume {vol.name!r} column {i} has no up-to-date copy to resync the "
+                                           "others from yet")
+                found: list[tuple[int, int]] = []
+                for k in copies:
+                    got = await self._replica_ranges(lay, i, k, "intent")
+                    if got is None:
+                        break
+                    found += got
+                else:
+                    got = found
+                if got is None:  # a record may be incomplete (its agent restarted): everything written
+                    whole_cols += 1
+                    found = []
+                    for k in copies:
+                        found += await self._replica_ranges(lay, i, k, "map") or []
+                ranges = merge_ranges(found)
+                for k in copies:
+                    if k != ok[0]:
+                        plan += [((i, k), c) for c in resync_chunks(lay, i, ok[0], k, ranges)]
+            await self._copy_chunks(vid, lay, plan, {})
+            for a in sorted({x for _, c in plan if (x := self._agent_of(c.dst)) is not None}):
+                await svc.link.flush(svc.agents[a].control_address)
+            copied = sum(c.length for _, c in plan)
+            async with svc.lock:
+                cur = svc.layouts.get(vid)
+                if cur is None:
+                    return
+                reps = svc.repairs.setdefault(vid, {})
+                for (i, k), _ in plan:  # a copy that went out meanwhile may have missed part of it
+                    if cur.replica_state(i, k) == OUT:
+                        reps.setdefault((i, k), ReplicaRepair("unknown", time.time(), time.monotonic())).whole = True
+                svc.unclean.discard(vid)
+                svc.store.commit(svc._volume_puts(vol), [f"unclean/{vid:020d}"])
+                self.writer_resyncs += 1
+                self.writer_resync_bytes += copied
+                logger.warning("volume %s: copies resynced after a writer ended uncleanly: %d bytes in %d chunks%s "
+                               "(%.2fs)", vol.name, copied, len(plan),
+                               f", {whole_cols} columns compared whole" if whole_cols else "", time.monotonic() - t0)
+            await self.reset_intent(vol)
+
+    async def _copy_chunks(self, vid: int, lay: Layout, plan: list[tuple[tuple[int, int], CopyChunk]],
+                           reps: dict[tuple[int, int], ReplicaRepair]) -> None:
+        """Copy ``plan``'s chunks, ``parallel`` at a time through the ``rate`` token bucket."""
+        svc = self.svc
+        sem = asyncio.Semaphore(self.parallel)
+        bucket = TokenBucket(self.rate)  # at most `rate` bytes/s on average, as the rebalancer
+
+        async def one(t: tuple[int, int], c: CopyChunk) -> None:
+            try:
+                dst = svc.agent_of_drive(c.dst.drive_id)
+                src = svc.agent_of_drive(c.src.drive_id)
+                await svc.link.copy(dst.control_address, c.dst, c.dst_offset, src.address, c.src, c.src_offset,
+                                    c.length, svc.layouts[vid].generation if vid in svc.layouts else lay.generation,
+                                    vid, src.data_tls)
+                rec = reps.get(t)
+                if rec is not None:
+                    rec.bytes_done += c.length
+            finally:
+                sem.release()
+
+        tasks = []
+        try:
+            for t, c in plan:
+                await sem.acquire()
+                await bucket.take(c.length)
+                tasks.append(asyncio.create_task(one(t, c)))
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
 
     # ------------------------------------------------------------------ background repair
     def start(self) -> None:
@@ -361,7 +658,30 @@ class Replication:
             svc.drives[e.drive_id].state == "ok" for e in lay.replica_column(i, k).extents if e.drive_id in svc.drives)
 
     async def tick(self) -> None:
-        """Take silent agents' replicas out, then repair one volume's out replicas."""
+        """Take silent agents' replicas out, resync volumes whose writer ended uncleanly, then repair
+        out replicas."""
+        svc = self.svc
+        await self._tick_out()
+        for vid in sorted(svc.unclean):
+            try:
+                vol = svc.volume_by_id(vid)
+            except NvpoolError:
+                continue
+            lay = svc.layouts.get(vid)
+            if lay is None or lay.replicas == 1 or any(w.mode == "write" for w in svc._live_leases(vid)):
+                continue
+            try:
+                await self.resync_writer(vol)
+            except (NvpoolError, TimeoutError) as exc:
+                logger.info("volume %s: resync after an unclean writer not possible yet: %s", vol.name, exc)
+        for vol in sorted(svc.volumes.values(), key=lambda v: v.name):
+            lay = svc.layouts.get(vol.volume_id)
+            if lay is None or not lay.degraded:
+                continue
+            await self.repair(vol)
+
+    async def _tick_out(self) -> None:
+        """Take silent agents' replicas out (and abandon migrations that lost an extent)."""
         svc = self.svc
         async with svc.lock:
             for vol in list(svc.volumes.values()):
@@ -391,11 +711,6 @@ class Replication:
                     await self.mark_out(vol, down, f"agent {', '.join(gone)} stopped answering heartbeats")
                 if failed:
                     await self.mark_out(vol, failed, "drive failed", rebuild=True)
-        for vol in sorted(svc.volumes.values(), key=lambda v: v.name):
-            lay = svc.layouts.get(vol.volume_id)
-            if lay is None or not lay.degraded:
-                continue
-            await self.repair(vol)
 
     async def repair(self, vol: VolumeRec) -> None:
         """Resync or rebuild every out (or interrupted syncing) replica of ``vol`` that can be now."""
@@ -470,12 +785,22 @@ class Replication:
             new.validate()
             write_set = [e for i in range(new.width) for k in range(new.replicas)
                          if new.replica_state(i, k) != OUT for e in new.replica_column(i, k).extents]
+        # step 5: a copy made while another copy of its column is out records what it receives
+        track: dict[str, list[int]] = {}
+        for i, k in targets:
+            if any(new.replica_state(i, j) == OUT for j in range(new.replicas) if j != k):
+                for e in new.replica_column(i, k).extents:
+                    a = self._agent_of(e)
+                    if a is not None and a in svc.agents:
+                        track.setdefault(a, []).append(e.extent_id)
         # step 5: every agent of the new write set refuses the old generation before it is published
         # (outside the lock: a hung agent must not stall the service; the layout is re-checked below)
         try:
+            for a, ids in track.items():
+                await asyncio.wait_for(svc.link.dirty(svc.agents[a].control_address, ids, "start"), FENCE_TIMEOUT)
             await asyncio.wait_for(svc.fence_on_agents(vid, write_set, g), FENCE_TIMEOUT * 2)
             changed = False
-        except (UnavailableError, TimeoutError) as exc:
+        except (NvpoolError, TimeoutError) as exc:
             changed = True
             why: BaseException = exc
         async with svc.lock:
@@ -513,66 +838,31 @@ class Replication:
         reps = svc.repairs.get(vid, {})
         plan: list[tuple[tuple[int, int], CopyChunk]] = []
         for i, k in sorted(targets):
-            src = lay.readable(i)[0]
-            src_exts = lay.replica_column(i, src).extents
-            per_ext: Optional[dict[int, list[tuple[int, int]]]] = None
-            if (i, k) not in full:
-                per_ext = {}
-                by_agent: dict[str, list[int]] = {}
-                for e in src_exts:
-                    a = self._agent_of(e)
-                    if a is not None:
-                        by_agent.setdefault(a, []).append(e.extent_id)
-                for a, ids in by_agent.items():
-                    got = await svc.link.dirty(svc.agents[a].control_address, ids, "get")
-                    for eid in ids:
-                        ranges = got.get(eid)
-                        if ranges is None:
-                            per_ext = None
-                            break
-                        per_ext[eid] = ranges
-                    if per_ext is None:
+            oks = lay.readable(i)
+            src = oks[0]
+            found: Optional[list[tuple[int, int]]] = None
+            rec = reps.get((i, k))
+            if (i, k) not in full and not (rec is not None and rec.whole):
+                found = []
+                for j in oks:  # the union of every ok copy's record (step 5)
+                    got = await self._replica_ranges(lay, i, j, "dirty")
+                    if got is None:
+                        found = None
                         break
-            if per_ext is None:  # a whole copy: only what was ever written (MapExtent)
-                per_ext = {}
-                for e in src_exts:
-                    a = self._agent_of(e)
-                    assert a is not None
-                    per_ext[e.extent_id] = await svc.link.map_extent(svc.agents[a].control_address, e.extent_id)
-            chunks = resync_chunks(lay, i, src, k, column_ranges(lay, i, src, per_ext))
+                    found += got
+            if found is None:  # a whole copy: what was ever written, on the source or (a resync) here
+                found = await self._replica_ranges(lay, i, src, "map") or []
+                if (i, k) not in full:
+                    found += await self._replica_ranges(lay, i, k, "map") or []
+            chunks = resync_chunks(lay, i, src, k, merge_ranges(found))
             rec = reps.get((i, k))
             if rec is not None:
                 rec.bytes_total = sum(c.length for c in chunks)
             plan += [((i, k), c) for c in chunks]
-        sem = asyncio.Semaphore(self.parallel)
-        bucket = TokenBucket(self.rate)  # at most `rate` bytes/s on average, as the rebalancer
-
-        async def one(t: tuple[int, int], c: CopyChunk) -> None:
-            try:
-                dst = svc.agent_of_drive(c.dst.drive_id)
-                src = svc.agent_of_drive(c.src.drive_id)
-                await svc.link.copy(dst.control_address, c.dst, c.dst_offset, src.address, c.src, c.src_offset,
-                                    c.length, svc.layouts[vid].generation if vid in svc.layouts else lay.generation,
-                                    vid, src.data_tls)
-                rec = reps.get(t)
-                if rec is not None:
-                    rec.bytes_done += c.length
-            finally:
-                sem.release()
-
-        tasks = []
-        try:
-            for t, c in plan:
-                await sem.acquire()
-                await bucket.take(c.length)
-                tasks.append(asyncio.create_task(one(t, c)))
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
+        await self._copy_chunks(vid, lay, plan, reps)
         dst_agents = {self._agent_of(e) for i, k in targets for e in lay.replica_column(i, k).extents}
-        for a in sorted(x for x in dst_agents if x is not None):
-            await svc.link.flush(svc.agents[a].control_address)
+        for dst_agent in sorted(x for x in dst_agents if x is not None):
+            await svc.link.flush(svc.agents[dst_agent].control_address)
         async with svc.lock:
             cur = svc.layouts.get(vid)
             if cur is None:
@@ -614,6 +904,11 @@ class Replication:
             lay = self.svc.layouts.get(vol.volume_id)
             if lay is None:
                 continue
+            if self.svc.resync_pending(lay):
+                out.append({"volume": vol.name, "column": 0, "replica": 0, "state": "writer-resync",
+                            "reason": "its writer ended without a clean close; the copies it may have left "
+                                      "different are being made identical", "since": 0.0,
+                            "bytes_total": 0, "bytes_done": 0, "eta_s": 0.0})
             reps = self.svc.repairs.get(vol.volume_id, {})
             for i, k, st in lay.states:
                 rec = reps.get((i, k))

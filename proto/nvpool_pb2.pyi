@@ -375,24 +375,30 @@ class OpenVolumeResponse(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., volume: _Optional[_Union[Volume, _Mapping]] = ..., capability: _Optional[bytes] = ...) -> None: ...
 
 class RenewLeaseRequest(_message.Message):
-    __slots__ = ("lease_id",)
+    __slots__ = ("lease_id", "intent_settled")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    INTENT_SETTLED_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
-    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+    intent_settled: int
+    def __init__(self, lease_id: _Optional[str] = ..., intent_settled: _Optional[int] = ...) -> None: ...
 
 class RenewLeaseResponse(_message.Message):
-    __slots__ = ("ttl_ms", "capability")
+    __slots__ = ("ttl_ms", "capability", "intent_epoch")
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    INTENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
     ttl_ms: int
     capability: bytes
-    def __init__(self, ttl_ms: _Optional[int] = ..., capability: _Optional[bytes] = ...) -> None: ...
+    intent_epoch: int
+    def __init__(self, ttl_ms: _Optional[int] = ..., capability: _Optional[bytes] = ..., intent_epoch: _Optional[int] = ...) -> None: ...
 
 class CloseVolumeRequest(_message.Message):
-    __slots__ = ("lease_id",)
+    __slots__ = ("lease_id", "unsettled")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    UNSETTLED_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
-    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+    unsettled: bool
+    def __init__(self, lease_id: _Optional[str] = ..., unsettled: _Optional[bool] = ...) -> None: ...
 
 class CloseVolumeResponse(_message.Message):
     __slots__ = ()
@@ -524,18 +530,20 @@ class VolumeUsageResponse(_message.Message):
     def __init__(self, volumes: _Optional[_Iterable[_Union[VolumeUsage, _Mapping]]] = ...) -> None: ...
 
 class ReplicaFailureRequest(_message.Message):
-    __slots__ = ("volume_id", "generation", "extent_id", "reason", "address")
+    __slots__ = ("volume_id", "generation", "extent_id", "reason", "address", "lease_id")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     volume_id: int
     generation: int
     extent_id: int
     reason: str
     address: str
-    def __init__(self, volume_id: _Optional[int] = ..., generation: _Optional[int] = ..., extent_id: _Optional[int] = ..., reason: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    lease_id: str
+    def __init__(self, volume_id: _Optional[int] = ..., generation: _Optional[int] = ..., extent_id: _Optional[int] = ..., reason: _Optional[str] = ..., address: _Optional[str] = ..., lease_id: _Optional[str] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
     __slots__ = ("plan_only", "max_rate", "volumes")
@@ -690,12 +698,16 @@ class MapExtentResponse(_message.Message):
     def __init__(self, data: _Optional[_Iterable[_Union[Range, _Mapping]]] = ...) -> None: ...
 
 class DirtyRequest(_message.Message):
-    __slots__ = ("extent_ids", "op")
+    __slots__ = ("extent_ids", "op", "volume_id", "epoch")
     EXTENT_IDS_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     extent_ids: _containers.RepeatedScalarFieldContainer[int]
     op: str
-    def __init__(self, extent_ids: _Optional[_Iterable[int]] = ..., op: _Optional[str] = ...) -> None: ...
+    volume_id: int
+    epoch: int
+    def __init__(self, extent_ids: _Optional[_Iterable[int]] = ..., op: _Optional[str] = ..., volume_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class DirtyExtent(_message.Message):
     __slots__ = ("extent_id", "tracking", "ranges")

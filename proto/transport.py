@@ -18,15 +18,26 @@ at the deadline as well.
 ``AgentConnection`` (submit a command, close) is the TCP/Unix socket initiator, used by the client
 library and by agents' migration copies; the one-sided shared-memory variant is
 ``client/transport_shm.py``.
+
+Abandoned connections (the agent's half and the argument: ``agents/dataplane.py``). Every client
+connection has a random id, sent in its AUTH frames. A connection lost with commands in flight is
+recorded in ``ABANDONED`` (by this module, the blocking path ``client/syncpath.py`` and the NBD
+engine ``client/nbdengine.py``), with the volumes it held capabilities for; whatever it had in flight
+is retried through an ``AgentConnection``, whose ``authorize`` first presents, for each such volume,
+an AUTH revoking the abandoned id on that agent. So a write that was given up on can never land after
+the retry, or after a later write to the same blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
+import os
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Optional, TypeVar, Union
@@ -37,6 +48,54 @@ from nvpool.proto.tls import SERVER_NAME
 from nvpool.proto.errors import AgentTimeoutError, DigestError, ProtocolError, UnavailableError, remote_error
 
 logger = logging.getLogger(__name__)
+
+#: connections this process gave up on with commands in flight: agent address -> connection id -> the
+#: volumes it held capabilities for (see "Abandoned connections" above); changed under _ABANDONED_LOCK
+#: (the blocking paths change it from their own threads)
+ABANDONED: dict[str, dict[int, set[int]]] = {}
+_ABANDONED_LOCK = threading.Lock()
+
+
+def new_connection_id() -> int:
+    """A random, non-zero 64-bit connection id (carried in AUTH)."""
+    return int.from_bytes(os.urandom(8), "little") or 1
+
+
+def abandoned(address: str, conn_id: int, volumes: Any) -> None:
+    """Record that the connection ``conn_id`` to ``address`` was given up on with commands in flight."""
+    vols = set(volumes)
+    if conn_id and vols:
+        with _ABANDONED_LOCK:
+            ABANDONED.setdefault(address, {}).setdefault(conn_id, set()).update(vols)
+
+
+def to_revoke(address: str, volume_id: int, own: int) -> list[int]:
+    """The abandoned connections to ``address`` a connection (``own``) must revoke for ``volume_id``
+    before it sends anything of that volume."""
+    if not ABANDONED:
+        return []
+    with _ABANDONED_LOCK:
+        return [cid for cid, vols in ABANDONED.get(address, {}).items() if volume_id in vols and cid != own]
+
+
+def revoked(address: str, conn_id: int, volume_id: int) -> None:
+    """The agent at ``address`` accepted the revocation of ``conn_id`` for ``volume_id``."""
+    with _ABANDONED_LOCK:
+        left = ABANDONED.get(address, {})
+        vols = left.get(conn_id)
+        if vols is not None:
+            vols.discard(volume_id)
+            if not vols:
+                del left[conn_id]
+        if not left:
+            ABANDONED.pop(address, None)
+
+
+def _revoke_done(conn: "AgentConnection", conn_id: int, volume_id: int, fut: "asyncio.Future[dp.Completion]") -> None:
+    conn._revoking.discard((conn_id, volume_id))
+    if fut.cancelled() or fut.exception() is not None or fut.result().status != 0:
+        return  # still recorded: the next authorize tries again
+    revoked(conn.address, conn_id, volume_id)
 
 Buffer = Union[bytes, bytearray, memoryview]
 T = TypeVar("T")
@@ -84,6 +143,10 @@ class AgentConnection(asyncio.BufferedProtocol):
         self._watch_handle: Optional[asyncio.TimerHandle] = None
         #: volume id -> the capability presented on this connection (proto/capability.py)
         self.authorized: dict[int, bytes] = {}
+        #: this connection's id (see "Abandoned connections")
+        self.conn_id = new_connection_id()
+        #: (abandoned connection id, volume id) revocations posted on this connection, not yet answered
+        self._revoking: set[tuple[int, int]] = set()
 
     # ------------------------------------------------------------------ asyncio protocol
     def _watch(self) -> None:
@@ -155,6 +218,8 @@ class AgentConnection(asyncio.BufferedProtocol):
         err = UnavailableError(f"connection to agent {self.address} lost: {cause}")
         err.__cause__ = cause
         pending, self.pending = self.pending, {}
+        if pending and self.authorized:  # what was in flight may still land: the retry revokes this connection
+            abandoned(self.address, self.conn_id, self.authorized)
         for p in pending.values():
             if not p.future.done():
                 p.future.set_exception(err)
@@ -274,11 +339,32 @@ class AgentConnection(asyncio.BufferedProtocol):
         """Present ``cap`` for ``volume_id`` before the next command (once per connection and
         capability). It is posted now, so it precedes every command posted after it; a refusal shows
         as ``DENIED`` on those commands (the client then fetches a new capability)."""
-        if not cap or self.authorized.get(volume_id) == cap or self.closed:
+        if not cap or self.closed:
+            return
+        if ABANDONED and self._revoke(volume_id, cap):
+            return
+        if self.authorized.get(volume_id) == cap:
             return
         self.authorized[volume_id] = cap
-        fut = self._post(dp.Opcode.AUTH, 0, 0, len(cap), 0, cap, None, 0, 0, 0, 0)
+        fut = self._post(dp.Opcode.AUTH, self.conn_id, 0, len(cap), 0, cap, None, 0, 0, 0, 0)
         fut.add_done_callback(_auth_done)
+
+    def _revoke(self, volume_id: int, cap: bytes) -> bool:
+        """Present ``cap`` revoking every abandoned connection to this agent that held ``volume_id``
+        (see "Abandoned connections"); whether any AUTH was posted."""
+        posted = False
+        for cid in to_revoke(self.address, volume_id, self.conn_id):
+            if (cid, volume_id) in self._revoking:
+                posted = True  # (posted before: it precedes whatever is sent now)
+                continue
+            self._revoking.add((cid, volume_id))
+            fut = self._post(dp.Opcode.AUTH, self.conn_id, cid, len(cap), 0, cap, None, 0, 0, 0, 0)
+            fut.add_done_callback(_auth_done)
+            fut.add_done_callback(functools.partial(_revoke_done, self, cid, volume_id))
+            posted = True
+        if posted:
+            self.authorized[volume_id] = cap
+        return posted
 
     def abandon(self, fut: "asyncio.Future[dp.Completion]") -> None:
         """The caller stopped waiting for this command (cancelled; a hedged read that lost): its READ

@@ -7,7 +7,7 @@ flight, NOPs, FLUSHes, zeroing, unknown opcodes, a framing error at the end), cu
 frames straddle receives, through an ``AgentConnection`` on a fake transport that also stops
 consuming replies now and then. Two cores on identical drive files answer them: one with the compiled
 loop, one with it switched off. Every completion (status, info, message, data), their order, what is
-on the drives afterwards, the copy's recorded writes, the core's counters and whether the connection
+on the drives afterwards, the copy's recorded writes, the write-intent marks, the core's counters and whether the connection
 was closed must be the same.
 """
 
@@ -247,6 +247,7 @@ async def run_stream(core: AgentCore, stream: bytes, cuts: list[int], pause_afte
         "closed": (t.closing, t.aborted),
         "data": data,
         "copy": sorted(cp.written) if cp is not None else None,
+        "intent": {eid: bytes(bm) for eid, bm in core.intent.current.items()},  # write intent (agents/intent.py)
         "regions": {rid: bytes(v) for rid, v in regions.items()},
         "stats": (st.commands, st.bytes_read, st.bytes_written, dict(st.errors),
                   {k: list(v) for k, v in st.drives.items()}, {k: list(v) for k, v in st.volumes.items()},

@@ -37,7 +37,8 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
       "nvpool.agents.metrics"],
      ("nvpool.client", "nvpool.pool")),
     # the agent core and drives
-    (["nvpool.agents.core", "nvpool.agents.drive", "nvpool.agents.dataplane", "nvpool.agents.osio"],
+    (["nvpool.agents.core", "nvpool.agents.drive", "nvpool.agents.dataplane", "nvpool.agents.osio",
+      "nvpool.agents.intent"],
      ("nvpool.client", "nvpool.pool", *GENERATED)),
     # the whole metadata service, gRPC edge included
     (["nvpool.pool.grpc_meta", "nvpool.pool.metrics"], ("nvpool.client", "nvpool.agents")),

@@ -45,6 +45,11 @@ class FakeLink:
         self.dirty_calls.append((address, list(extent_ids), op))
         return {e: [] for e in extent_ids} if op == "get" else {}
 
+    async def intent(self, address: str, volume_id: int, extent_ids: list[int], op: str, epoch: int = 0
+                     ) -> dict[int, Optional[list[tuple[int, int]]]]:
+        self.dirty_calls.append((address, list(extent_ids), f"intent-{op}"))
+        return {e: [] for e in extent_ids} if op == "get" else {}
+
     async def copy(self, *args: object) -> int:
         return 0
 

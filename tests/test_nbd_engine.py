@@ -7,7 +7,9 @@ volume exported through the engine serves reads and writes that match a model by
 simple and structured replies, the requests it hands to Python (spanning pieces, large, FLUSH/TRIM/
 WRITE_ZEROES) included; every degenerate request gets the answer nbdkit gives; a client that stops
 reading replies keeps memory bounded; an agent killed and restarted mid-stream loses no request and the
-engine goes back to serving from C; a writer fenced by a forced take-over writes nothing more.
+engine goes back to serving from C; a completion whose agent connection is declared lost while the
+engine answers it is answered once (a test hook in _cnbd.c holds the window open); a writer fenced by a
+forced take-over writes nothing more.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import select
 import socket
 import struct
 import threading
@@ -28,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nvpool.client import nbdproto as nbd
-from nvpool.client.cluster import LocalCluster
+from nvpool.client.cluster import LocalCluster, pid_alive
 from nvpool.proto import compiled
 from nvpool.proto.layout import Layout
 from tests.test_layout import layouts
@@ -384,3 +387,74 @@ def test_engine_reads_and_writes_show_in_the_exports_metrics(local_pool: LocalCl
         assert after["bytes:write"] == live["bytes:write"], (live, after)
     finally:
         server.stop()
+
+
+#: the test hook in client/_cnbd.c: a receiver waits this long between reading a completion's slot and
+#: committing its answer
+ANSWER_DELAY_ENV = "NVPOOL_TEST_CNBD_ANSWER_DELAY"
+
+
+@needs_engine
+def test_engine_answers_once_when_the_agent_connection_is_lost_while_it_answers(
+        local_pool: LocalCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A receiver has read an agent's completion and checked its slot when the reader, sending to the same
+    # (killed) agent, declares the connection lost and hands the slot to Python. The request must be
+    # answered once, by whichever side claims the slot first: here Python, the hook holding the receiver
+    # in between for longer than the slow path takes (an answer from both would come as two replies for
+    # one handle, and count the request out of flight twice, so the connection never ends).
+    from nvpool import client
+
+    delay = 6.0
+    content = os.urandom(8 * MiB)
+    with client.connect(local_pool.meta.address) as pool:
+        pool.create_volume("engrace", len(content), stripe_unit="1M")
+        vol = pool.open("engrace")
+        vol.write(0, content)
+        vol.flush()
+        (piece,) = vol.asyncio.layout.map(0, 1)
+        holder = vol.asyncio.endpoints[piece.extent.drive_id].agent_id
+        vol.close()
+    victim = [a.name for a in local_pool.agents].index(holder)
+    monkeypatch.setenv(ANSWER_DELAY_ENV, str(delay))
+    server = start_pool_export(local_pool, tmp_path, "engrace")
+    monkeypatch.delenv(ANSWER_DELAY_ENV)  # (the agent restarted below inherits the environment)
+    try:
+        p = Peer(server.sock)
+        peer = opened_peer(server, 0)
+        want: dict[int, Optional[bytes]] = {1: content[:4096], 2: content[8192:12288], 3: None}
+        t0 = time.monotonic()
+        p.send(nbd.CMD_READ, 1, 0, 0, 4096)  # served from C: the receiver holds its completion in the window
+        time.sleep(1.0)
+        assert not select.select([p.sock], [], [], 0)[0], "the hook did not hold the completion"
+        local_pool.kill_agent(victim)
+        p.send(nbd.CMD_READ, 2, 0, 8192, 4096)  # the reader's send to the dead agent fails: both go to Python
+        local_pool.start_agent(victim)  # which serves them once the agent is back
+        answered: list[tuple[int, int, bytes]] = []
+
+        def until(handle: int) -> None:
+            while handle not in {h for _, h, _ in answered}:
+                error, h, data = reply_any(p, want)
+                assert h not in {h for _, h, _ in answered}, f"handle {h} answered twice"
+                answered.append((error, h, data))
+
+        until(1)
+        until(2)
+        took = time.monotonic() - t0
+        print(f"\nthe slow path answered both in {took:.1f}s; the receiver was held {delay:.0f}s")
+        assert took < delay - 1, f"the slow path took {took:.1f}s: raise the delay to keep the window open"
+        time.sleep(max(0.0, t0 + delay + 0.5 - time.monotonic()))  # the receiver leaves the window
+        p.send(nbd.CMD_FLUSH, 3)
+        until(3)
+        assert sorted(answered) == [(0, 1, want[1]), (0, 2, want[2]), (0, 3, b"")]
+        p.send(nbd.CMD_DISC, 4)
+        p.close()
+        # the connection ends only once no request is in flight: each one was counted out once
+        (summary,) = wait_summaries(server, 1, 0, peer)
+        assert (summary["reads"], summary["python"], summary["handed_back"], summary["lost"]) == (2, 3, 2, 1), summary
+    finally:
+        server.stop()
+        if not pid_alive(local_pool.agents[victim].pid):
+            local_pool.start_agent(victim)
+        local_pool.wait_registered()
+    text = server.log_text()
+    assert "Traceback" not in text and "no such request" not in text, text[-3000:]

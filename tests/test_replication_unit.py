@@ -221,6 +221,11 @@ class ReplLink(FakeLink):
         self.fences.append((address, volume_id, min_generation))
 
 
+async def reader(svc: MetaService, name: str = "v") -> str:
+    """A read lease on the volume: only lease holders' failure reports are heard."""
+    return (await svc.open_volume(name, False, "test reader")).lease_id
+
+
 async def replicated_service(agents: int = 3) -> tuple[MetaService, ReplLink, Replication]:
     link = ReplLink()
     svc = MetaService(MemoryStore(), link, agent_timeout=0.3)
@@ -311,7 +316,7 @@ def test_a_client_report_fences_a_live_agent_before_its_replica_goes_out() -> No
         lay = svc.layouts[1]
         ext = lay.replica_column(0, 1).extents[0]
         agent = svc.drives[ext.drive_id].agent_id
-        await repl.report_failure(1, lay.generation, ext.extent_id, "timeout")
+        await repl.report_failure(1, lay.generation, ext.extent_id, "timeout", lease_id=await reader(svc))
         new = svc.layouts[1]
         assert new.replica_state(0, 1) == OUT
         # every copy on that agent goes out with it, in one generation (not one per later report)
@@ -322,7 +327,7 @@ def test_a_client_report_fences_a_live_agent_before_its_replica_goes_out() -> No
         ctl = svc.agents[agent].control_address
         assert (ctl, 1, new.generation) in link.fences  # acknowledged before publishing
         # a second report for the same replica changes nothing
-        await repl.report_failure(1, lay.generation, ext.extent_id, "timeout")
+        await repl.report_failure(1, lay.generation, ext.extent_id, "timeout", lease_id=await reader(svc))
         assert svc.layouts[1].generation == new.generation
 
     asyncio.run(body())
@@ -347,7 +352,7 @@ def test_a_report_waits_for_an_unfenceable_agent_to_go_silent() -> None:
         beats = asyncio.ensure_future(others_beat())
         t0 = time.monotonic()
         try:
-            await repl.report_failure(1, lay.generation, ext.extent_id, "timeout")
+            await repl.report_failure(1, lay.generation, ext.extent_id, "timeout", lease_id=await reader(svc))
         finally:
             beats.cancel()
         waited = time.monotonic() - t0
@@ -424,7 +429,7 @@ def test_an_io_error_rebuilds_the_replica_elsewhere_at_once() -> None:
         lay = svc.layouts[1]
         ext = lay.replica_column(2, 0).extents[0]
         bad_drive = ext.drive_id
-        await repl.report_failure(1, lay.generation, ext.extent_id, "io")
+        await repl.report_failure(1, lay.generation, ext.extent_id, "io", lease_id=await reader(svc))
         assert svc.layouts[1].replica_state(2, 0) == OUT
         assert svc.repairs[1][(2, 0)].rebuild  # not worth a resync in place
         await repl.tick()  # rebuilt on another drive although the agent is alive
@@ -443,10 +448,10 @@ def test_a_failure_at_a_restarted_agents_old_address_takes_nothing_out() -> None
         agent = svc.drives[ext.drive_id].agent_id
         old = svc.agents[agent].address
         svc.agents[agent].address = "127.0.0.1:9999"  # re-registered after a restart, alive
-        await repl.report_failure(1, lay.generation, ext.extent_id, "unavailable", address=old)
+        await repl.report_failure(1, lay.generation, ext.extent_id, "unavailable", address=old, lease_id=await reader(svc))
         assert svc.layouts[1].generation == lay.generation and not svc.layouts[1].degraded
         # at its current address the same report does take it out
-        await repl.report_failure(1, lay.generation, ext.extent_id, "unavailable", address="127.0.0.1:9999")
+        await repl.report_failure(1, lay.generation, ext.extent_id, "unavailable", address="127.0.0.1:9999", lease_id=await reader(svc))
         assert svc.layouts[1].replica_state(0, 1) == OUT
 
     asyncio.run(body())
