@@ -157,7 +157,8 @@ class EngineLink:
         opts = self.volume.options
         timeout = min(opts.connect_timeout, opts.io_deadline)
         lease = self.volume.lease
-        cap, vid = (lease.cap if lease is not None else b""), self.volume.layout.volume_id
+        cap = lease.cap if lease is not None and lease.write else b""  # (only writers revoke)
+        vid = self.volume.layout.volume_id
 
         def one(ep: Endpoint) -> Optional[tuple[socket.socket, int]]:
             s = None
@@ -249,7 +250,10 @@ class EngineLink:
                     del self._agent_of[addr]
                     # its requests are served next by the Python path, which revokes this connection first
                     # (proto/transport.py, "Abandoned connections")
-                    abandoned(addr, self._conn_ids.pop(idx, 0), [self.volume.layout.volume_id])
+                    cid = self._conn_ids.pop(idx, 0)
+                    lease = self.volume.lease
+                    if lease is not None and lease.cap and lease.write:
+                        abandoned(addr, cid, [self.volume.layout.volume_id])
                     logger.info("NBD engine: connection to agent %s lost; its requests take the Python path", addr)
             self._push()
         for token, cmd, flags, handle, offset, length, data, verdict, astatus, age in items:

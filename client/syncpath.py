@@ -136,14 +136,18 @@ class _Channel:
             self.fd = -1
 
     def authorize(self, volume_id: int, cap: bytes, address: str = "") -> None:
-        """Present a capability (data-plane AUTH) once per connection and capability; first, revoke this
-        process's connections to the agent at ``address`` that were abandoned with commands of the volume
-        in flight (proto/transport.py, "Abandoned connections")."""
+        """Present a capability (data-plane AUTH) once per connection and capability; first, with
+        ``address`` (the caller writes, holding a write capability: agents take revocations only with
+        one), revoke this process's connections to that agent that were abandoned with commands of the
+        volume in flight (proto/transport.py, "Abandoned connections")."""
         if not cap:
             return
         for cid in to_revoke(address, volume_id, self.conn_id) if address else ():
-            self.authorized.pop(volume_id, None)
-            self.call(dp.Opcode.AUTH, self.conn_id, cid, len(cap), 0, cap, None)  # (a refusal raises)
+            try:
+                self.call(dp.Opcode.AUTH, self.conn_id, cid, len(cap), 0, cap, None)
+            except BaseException:
+                self.authorized.clear()  # a refused revocation leaves the connection no capability at all
+                raise
             revoked(address, cid, volume_id)
             self.authorized[volume_id] = cap
         if self.authorized.get(volume_id) != cap:
@@ -221,6 +225,9 @@ def present_revocations(sock: socket.socket, address: str, volume_id: int, cap: 
     sock.settimeout(was)
 
 
+_WRITES = frozenset({dp.WRITE, int(dp.Opcode.WRITE_ZEROES), int(dp.Opcode.DISCARD)})
+
+
 class SyncChannels:
     """Per-thread blocking connections to agents."""
 
@@ -245,7 +252,7 @@ class SyncChannels:
         try:
             if ch is None:
                 ch = chans[address] = _Channel(address, unix_path, self.timeout, ssl_context)
-            ch.authorize(volume_id, cap, address)
+            ch.authorize(volume_id, cap, address if opcode in _WRITES else "")
             ch.call(opcode, extent_id, offset, length, generation, payload, dest)
         except FastPathMiss:
             self.misses += 1

@@ -337,7 +337,9 @@ class Lease:
 
     async def _renew(self) -> None:
         try:
-            _, cap, epoch = await self.meta.renew_lease(self.lease_id, self.settled_claim() if self.write else 0)
+            # (a lease inherited from a forked parent claims nothing: the parent's writes are not its own)
+            claim = self.settled_claim() if self.write and self.owner else 0
+            _, cap, epoch = await self.meta.renew_lease(self.lease_id, claim)
             if cap:
                 self.cap = cap
             self.intent_epoch = max(self.intent_epoch, epoch)
@@ -650,14 +652,14 @@ class AsyncVolume:
         """The connection to ``ep``'s agent, with this volume's capability presented on it."""
         conn = await self.connections.get(ep, deadline)
         if self.lease is not None and self.lease.cap:
-            conn.authorize(self.layout.volume_id, self.lease.cap)
+            conn.authorize(self.layout.volume_id, self.lease.cap, self.lease.write)
         return conn
 
     def _peek(self, ep: Optional[Endpoint]) -> Optional[AgentConnection]:
         """An open connection to ``ep``'s agent, if there is one (fast paths), capability presented."""
         conn = self.connections.peek(ep) if ep is not None else None
         if conn is not None and self.lease is not None and self.lease.cap:
-            conn.authorize(self.layout.volume_id, self.lease.cap)
+            conn.authorize(self.layout.volume_id, self.lease.cap, self.lease.write)
         return conn
 
     def _endpoint(self, drive_id: str) -> Endpoint:

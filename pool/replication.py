@@ -90,7 +90,10 @@ Why replicas never diverge and a reader never sees old bytes, step by step:
    (``client/volume.py``, ``_write_copies``). So a grain an unacknowledged write touched ends up with
    the source's bytes on every copy, and whatever a reader saw of that write on any copy is rolled
    forward, never back (unless the first copy itself failed before the resync, and another became
-   first: then the write is lost as by a disk that lost power with it in its cache). A copy
+   first: then the write is lost as by a disk that lost power with it in its cache). Which copy is
+   first never changes otherwise: a copy returning to ``ok`` (published without a fence, so writers
+   of the previous generation still write in the old order) takes a slot after the first copy's,
+   trading places with it if it had a lower one. A copy
    that is ``out`` at that moment may hold such a write too: it is resynced whole when it returns
    (``ReplicaRepair.whole``, kept through later failures). Chunks copied onto a replicated extent
    (resync, rebuild, migration) are marked as writes are, so a difference a dead writer left travels
@@ -212,6 +215,8 @@ class Replication:
         self._intent_locks: dict[int, asyncio.Lock] = {}
         #: volume id -> the epoch of a rotation not every agent has acknowledged yet
         self._rotating: dict[int, int] = {}
+        #: volume id -> the generation a writer resync fenced at (a retry of it need not fence again)
+        self._resync_fenced: dict[int, int] = {}
         #: lease id -> (report tokens left, when counted) (step 9)
         self._report_budget: dict[str, tuple[float, float]] = {}
         #: resyncs after an unclean writer, and the bytes they copied (pool status, metrics)
@@ -476,7 +481,7 @@ class Replication:
             self._rotating[vid] = new
             if await self._intent_all(lay, "rotate", new, timeout=INTENT_TIMEOUT):
                 svc.intent_epoch[vid] = new  # announced only once every agent marks in it
-                del self._rotating[vid]
+                self._rotating.pop(vid, None)
             return svc.intent_epoch.get(vid, 0)
 
     async def reset_intent(self, vol: VolumeRec) -> None:
@@ -532,8 +537,14 @@ class Replication:
                     return
                 if lay.replicas == 1 or any(w.mode == "write" for w in svc._live_leases(vid)):
                     return
-                await svc._fence_writers(vol, ["a writer that ended uncleanly"])
-                lay = svc.layouts[vid]
+                for i in range(lay.width):
+                    if not lay.readable(i) and sum(lay.replica_state(i, k) != OUT for k in range(lay.replicas)) > 1:
+                        raise UnavailableError(f"volume {vol.name!r} column {i} has no up-to-date copy to resync "
+                                               "the others from yet")
+                if self._resync_fenced.get(vid) != lay.generation:  # once per attempt that got this far
+                    await svc._fence_writers(vol, ["a writer that ended uncleanly"])
+                    lay = svc.layouts[vid]
+                    self._resync_fenced[vid] = lay.generation
                 reps = svc.repairs.setdefault(vid, {})
                 for i, k, st in lay.states:
                     if st == OUT:  # it may hold a write no other copy has: compared whole when it returns
@@ -580,6 +591,7 @@ class Replication:
                     if cur.replica_state(i, k) == OUT:
                         reps.setdefault((i, k), ReplicaRepair("unknown", time.time(), time.monotonic())).whole = True
                 svc.unclean.discard(vid)
+                self._resync_fenced.pop(vid, None)
                 svc.store.commit(svc._volume_puts(vol), [f"unclean/{vid:020d}"])
                 self.writer_resyncs += 1
                 self.writer_resync_bytes += copied
@@ -874,6 +886,14 @@ class Replication:
             states = {(i, k): st for i, k, st in cur.states if (i, k) not in done}
             new = cur.evolve(generation=cur.generation + 1,
                              states=tuple(sorted((i, k, st) for (i, k), st in states.items())))
+            # the copy every write reaches first stays first (step 8): a promoted copy of a lower index
+            # trades places with it (both ok now: no state or repair record moves)
+            for i, k in sorted(done):
+                first = cur.readable(i)
+                if first and k < first[0]:
+                    promoted, kept = new.replica_column(i, k), new.replica_column(i, first[0])
+                    new = _with_column(_with_column(new, i, k, kept), i, first[0], promoted)
+            new.validate()
             svc.layouts[vid] = new
             for t in done:
                 svc.repairs.get(vid, {}).pop(t, None)

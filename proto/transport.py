@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 #: (the blocking paths change it from their own threads)
 ABANDONED: dict[str, dict[int, set[int]]] = {}
 _ABANDONED_LOCK = threading.Lock()
+#: abandoned connections remembered at most (each costs its agent a little memory until revoked)
+MAX_ABANDONED = 4096
 
 
 def new_connection_id() -> int:
@@ -66,6 +68,8 @@ def abandoned(address: str, conn_id: int, volumes: Any) -> None:
     vols = set(volumes)
     if conn_id and vols:
         with _ABANDONED_LOCK:
+            if sum(len(d) for d in ABANDONED.values()) >= MAX_ABANDONED:  # forget the oldest agent's
+                del ABANDONED[next(iter(ABANDONED))]
             ABANDONED.setdefault(address, {}).setdefault(conn_id, set()).update(vols)
 
 
@@ -93,8 +97,11 @@ def revoked(address: str, conn_id: int, volume_id: int) -> None:
 
 def _revoke_done(conn: "AgentConnection", conn_id: int, volume_id: int, fut: "asyncio.Future[dp.Completion]") -> None:
     conn._revoking.discard((conn_id, volume_id))
-    if fut.cancelled() or fut.exception() is not None or fut.result().status != 0:
+    if fut.cancelled() or fut.exception() is not None:
         return  # still recorded: the next authorize tries again
+    if fut.result().status != 0:
+        conn.authorized.clear()  # a refused revocation leaves the connection no capability at all
+        return
     revoked(conn.address, conn_id, volume_id)
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -335,13 +342,13 @@ class AgentConnection(asyncio.BufferedProtocol):
             raise
         self.check(comp, opcode, length, dest)
 
-    def authorize(self, volume_id: int, cap: bytes) -> None:
+    def authorize(self, volume_id: int, cap: bytes, write: bool = False) -> None:
         """Present ``cap`` for ``volume_id`` before the next command (once per connection and
         capability). It is posted now, so it precedes every command posted after it; a refusal shows
         as ``DENIED`` on those commands (the client then fetches a new capability)."""
         if not cap or self.closed:
             return
-        if ABANDONED and self._revoke(volume_id, cap):
+        if ABANDONED and write and self._revoke(volume_id, cap):
             return
         if self.authorized.get(volume_id) == cap:
             return
@@ -350,12 +357,13 @@ class AgentConnection(asyncio.BufferedProtocol):
         fut.add_done_callback(_auth_done)
 
     def _revoke(self, volume_id: int, cap: bytes) -> bool:
-        """Present ``cap`` revoking every abandoned connection to this agent that held ``volume_id``
-        (see "Abandoned connections"); whether any AUTH was posted."""
+        """Present ``cap`` (a write capability: agents take revocations only with one) revoking every
+        abandoned connection to this agent that held ``volume_id`` (see "Abandoned connections");
+        whether an AUTH with ``cap`` was posted now. One already in flight precedes whatever is sent
+        now, so it is not posted again."""
         posted = False
         for cid in to_revoke(self.address, volume_id, self.conn_id):
             if (cid, volume_id) in self._revoking:
-                posted = True  # (posted before: it precedes whatever is sent now)
                 continue
             self._revoking.add((cid, volume_id))
             fut = self._post(dp.Opcode.AUTH, self.conn_id, cid, len(cap), 0, cap, None, 0, 0, 0, 0)

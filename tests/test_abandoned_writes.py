@@ -208,7 +208,13 @@ def test_the_client_revokes_a_connection_lost_with_commands_in_flight_before_any
         second = tp.AgentConnection("10.9.9.9:1")
         t2 = Transport()
         second.connection_made(t2)  # type: ignore[arg-type]
-        second.authorize(VOL, b"cap")
+        second.authorize(VOL, b"rocap")  # a reader: agents take revocations only with a write capability
+        await asyncio.sleep(0)
+        assert auths(bytes(t2.sent)) == [(second.conn_id, 0)] and tp.ABANDONED
+        second.authorized.clear()
+        t2.sent.clear()
+        second.pending.clear()
+        second.authorize(VOL, b"cap", write=True)
         await asyncio.sleep(0)
         assert auths(bytes(t2.sent)) == [(second.conn_id, first.conn_id)]  # the revocation comes first
         # the agent accepts it: forgotten; the next authorize posts nothing more
@@ -217,9 +223,18 @@ def test_the_client_revokes_a_connection_lost_with_commands_in_flight_before_any
         await asyncio.sleep(0)
         assert tp.ABANDONED == {}
         n = len(t2.sent)
-        second.authorize(VOL, b"cap")
+        second.authorize(VOL, b"cap", write=True)
         await asyncio.sleep(0)
         assert len(t2.sent) == n
+        # a refused revocation leaves the agent's side of the connection no capability: the client
+        # presents its capabilities again before anything else
+        tp.abandoned("10.9.9.9:1", 0x77, [VOL])
+        second.authorize(VOL, b"cap", write=True)
+        tag = list(second.pending)[-1]
+        second.pending[tag].future.set_result(dp.Completion(int(Status.DENIED), 0, tag))
+        await asyncio.sleep(0)
+        assert second.authorized == {} and tp.ABANDONED
+        tp.ABANDONED.clear()
         for c in (first, second):
             if c._watch_handle is not None:
                 c._watch_handle.cancel()

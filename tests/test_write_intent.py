@@ -302,6 +302,47 @@ def test_the_client_claims_an_epoch_only_when_every_write_started_before_it_is_d
     assert lease.settled_claim() == 0 and lease.unsettled
 
 
+def test_a_lease_inherited_by_a_forked_child_claims_nothing_for_its_parent() -> None:
+    class Meta:
+        claims: list[int] = []
+
+        async def renew_lease(self, lease_id: str, settled: int = 0) -> tuple[float, bytes, int]:
+            self.claims.append(settled)
+            return 15.0, b"", 9
+
+    async def body() -> None:
+        meta = Meta()
+        child = ClientLease(meta, "v", "l", 15.0, True)  # type: ignore[arg-type]
+        child.owner = False
+        child.intent_epoch = 9
+        await child._renew()
+        await child._renew()
+        assert meta.claims == [0, 0]
+        child.closed = True
+        if child._timer is not None:
+            child._timer.cancel()
+
+    asyncio.run(body())
+
+
+def test_a_copy_returning_to_service_never_takes_the_first_place_from_the_copy_written_first() -> None:
+    async def body() -> None:
+        svc, link, repl = await intent_service(replicas=3)
+        vol = svc.volume("v")
+        before = {i: svc.layouts[1].replica_column(i, 0) for i in range(svc.layouts[1].width)}
+        await repl.mark_out(vol, {(i, 0) for i in range(svc.layouts[1].width)}, "test")
+        firsts = {i: svc.layouts[1].replica_column(i, svc.layouts[1].readable(i)[0])
+                  for i in range(svc.layouts[1].width)}
+        await repl.repair(vol)  # copy 0 of every column resynced and published ok
+        lay = svc.layouts[1]
+        assert not lay.degraded
+        for i in range(lay.width):
+            assert lay.replica_column(i, lay.readable(i)[0]) == firsts[i]  # the first copy did not change
+            assert before[i] in [lay.replica_column(i, k) for k in range(lay.replicas)]
+
+    asyncio.run(body())
+
+
 def test_a_leader_that_dies_between_fencing_agents_and_persisting_the_layout_strands_nothing() -> None:
     """Agents acknowledged a fence at g, the leader died before the layout at g was stored: the next
     leader must not publish g-1 (every I/O would be refused as stale, forever)."""
