@@ -132,15 +132,10 @@ class AgentServicer(pbg.AgentServicer):  # type: ignore[misc]
                 self.core.track_dirty(ids)
             elif request.op == "stop":
                 self.core.untrack_dirty(ids)
-            elif request.op == "get":
+            elif request.op in ("get", "intent-get"):
+                record = self.core.dirty_ranges if request.op == "get" else self.core.intent_ranges
                 for eid in ids:
-                    ranges = self.core.dirty_ranges(eid)
-                    out.extents.append(pb.DirtyExtent(
-                        extent_id=eid, tracking=ranges is not None,
-                        ranges=[pb.Range(offset=o, length=n) for o, n in ranges or ()]))
-            elif request.op == "intent-get":
-                for eid in ids:
-                    ranges = self.core.intent_ranges(eid)
+                    ranges = record(eid)
                     out.extents.append(pb.DirtyExtent(
                         extent_id=eid, tracking=ranges is not None,
                         ranges=[pb.Range(offset=o, length=n) for o, n in ranges or ()]))

@@ -1072,18 +1072,24 @@ class MetaService:
             vid = vol.volume_id
             lay = self.layouts[vid]
             writers = [w for w in self._live_leases(vid) if w.mode == "write"]
-            if lay.replicas == 1 or (not writers and vid not in self.unclean) or (writers and not force):
-                return None
+            if not self._resync_first(lay, bool(writers)) or (writers and not force):
+                return None  # (a migrating or busy volume: _open refuses the takeover with the reason)
             if request and any(w.request == request for w in writers):
                 return None  # a retry of the open that took it: _open returns that lease
-            if lay.target is not None or vid in self._busy:
-                return None  # _open refuses the takeover with the reason
             for w in writers:
                 del self.leases[w.lease_id]
                 logger.warning("writer lease of %s on volume %s broken by a takeover", w.holder, name)
             self.unclean.add(vid)
             self.store.commit({f"unclean/{vid:020d}": _j(vid)}, [f"lease/{w.lease_id}" for w in writers])
             return vol
+
+    def _resync_first(self, lay: Layout, writers: bool) -> bool:
+        """Whether a writer lease on ``lay``'s volume waits for ``on_unclean``: it is replicated, a writer
+        holds it (to be taken over) or the last one ended uncleanly, and it is not being re-spread or
+        resized (then the takeover is refused instead)."""
+        vid = lay.volume_id
+        return (self.on_unclean is not None and lay.replicas > 1 and (writers or vid in self.unclean)
+                and lay.target is None and vid not in self._busy)
 
     async def _open(self, name: str, write: bool, holder: str, force: bool, request: str) -> Optional[Lease]:
         """The grant, under the lock; None when a replicated volume's previous writer must be resynced
@@ -1108,8 +1114,7 @@ class MetaService:
                         f"{time.strftime('%H:%M:%S', time.localtime(writers[0].granted))}); open it read-only, "
                         f"or take it over with --force (that fences the current writer)"
                     )
-                if (writers or vid in self.unclean) and self.on_unclean is not None \
-                        and self.layouts[vid].replicas > 1 and self.layouts[vid].target is None and vid not in self._busy:
+                if self._resync_first(self.layouts[vid], bool(writers)):
                     return None  # never break a replicated volume's writer here: _break_for_resync does, then resyncs
                 if writers or vid in self.unclean:
                     await self._fence_writers(vol, [w.holder for w in writers])

@@ -50,18 +50,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-MiB = 1 << 20
-KiB4 = 4096
+sys.path.append(str(ROOT))  # (last: a child's PYTHONPATH, the tree it measures, comes first)
+
+from tests.benchlib import KiB4, MiB, daemon_problems, say, seq_timed, seq_write  # noqa: E402
+
 EXTENSIONS = ("agents/_cserve.c", "proto/_ccomplete.c", "client/_cnbd.c", "client/_csync.c")
 R2, R1, CRASH_VOL = "wi2", "wi1", "wic"
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) (\S+): (.*)$")
 RESYNCED = re.compile(r"volume (\S+): copies resynced after a writer ended uncleanly: (\d+) bytes in (\d+) chunks"
                       r".*\(([\d.]+)s\)")
 EXPIRED = re.compile(r"lease of .* on volume (\S+) \(write\) expired")
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -96,28 +94,6 @@ async def rand_write(vol: Any, seconds: float, qd: int = 32, io: int = KiB4, see
     wall = time.perf_counter() - t0
     return {"iops": len(lat) / wall, "p50_ms": pct(lat, 0.5) * 1000, "p99_ms": pct(lat, 0.99) * 1000,
             "ops": float(len(lat))}
-
-
-async def seq_write(vol: Any, seconds: float = 0.0, total: int = 0, qd: int = 8, io: int = MiB,
-                    seed: int = 2) -> float:
-    """Sequential ``io`` writes, ``qd`` at a time: [0, total) once, or wrapping for ``seconds``; MB/s."""
-    data = random.Random(seed).randbytes(io)
-    span = vol.size - vol.size % io
-    nxt, done = 0, 0
-    end = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal nxt, done
-        while (nxt < total) if total else (time.perf_counter() < end):
-            off = nxt
-            nxt = nxt + io if total else (nxt + io) % span
-            n = min(io, total - off) if total else io
-            await vol.write(off, data[:n])
-            done += n
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(qd)))
-    return done / (time.perf_counter() - t0) / 1e6
 
 
 # ------------------------------------------------------------------------------------------- child: checks
@@ -167,16 +143,6 @@ def check_daemons(c: Any, tree: str) -> list[str]:
     return notes
 
 
-def daemon_problems(c: Any) -> list[str]:
-    """Tracebacks and error lines in a pool's daemon logs."""
-    out = []
-    for log in sorted((c.dir / "logs").glob("*.log")) if (c.dir / "logs").is_dir() else []:
-        for line in log.read_text(errors="replace").splitlines():
-            if "Traceback (most recent call last)" in line or " ERROR " in line or " CRITICAL " in line:
-                out.append(f"{log.name}: {line}")
-    return out
-
-
 def new_cluster(args: argparse.Namespace, directory: Path, extra: list[str], metrics: bool = False) -> Any:
     from nvpool.client.cluster import LocalCluster
 
@@ -207,7 +173,7 @@ async def measure(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> 
             await rand_write(r2, 0.5, seed=99)  # warm: the random-write path, renewals
             sec = args.seconds
             out["r2_rand"] = await rand_write(r2, sec, seed=args.seed)
-            out["r2_seq"] = {"mbps": await seq_write(r2, seconds=sec)}
+            out["r2_seq"] = {"mbps": (await seq_timed(r2, sec, write=True))[0]}
             out["r1_rand"] = await rand_write(r1, sec, seed=args.seed)
             out["fill_mbps"] = fill
             out["client_stats"] = {R2: dict(r2.stats), R1: dict(r1.stats)}

@@ -127,40 +127,73 @@ def test_a_refused_revocation_leaves_the_connection_nothing_and_readers_revoke_n
         core.close()
 
 
+class ScriptedAgent:
+    """The far end of a socket pair: decodes ``want`` commands and answers each OK."""
+
+    def __init__(self, want: int) -> None:
+        import socket
+        import threading
+
+        self.client, self._end = socket.socketpair()
+        self.seen: list[dp.Command] = []
+        self._want = want
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        dec = dp.CommandDecoder()
+        while len(self.seen) < self._want:
+            data = self._end.recv(65536)
+            if not data:
+                return
+            for cmd in dec.next_commands(data):
+                self.seen.append(cmd)
+                self._end.sendall(dp.encode_completion(cmd.tag, 0, 0, 0))
+
+    def commands(self) -> list[tuple[int, int, int]]:
+        self._thread.join(5)
+        return [(c.opcode, c.extent_id, c.offset) for c in self.seen]
+
+    def close(self) -> None:
+        self.client.close()
+        self._end.close()
+
+
 def test_the_blocking_path_revokes_before_it_sends_anything_of_the_volume() -> None:
-    import socket
-    import threading
     from nvpool.client.syncpath import _Channel
 
     tp.ABANDONED.clear()
     tp.abandoned("agent:1", 0x1111, [VOL])
-    a, b = socket.socketpair()
-    seen: list[dp.Command] = []
-
-    def agent() -> None:
-        dec = dp.CommandDecoder()
-        while len(seen) < 2:
-            data = b.recv(65536)
-            if not data:
-                return
-            for cmd in dec.next_commands(data):
-                seen.append(cmd)
-                b.sendall(dp.encode_completion(cmd.tag, 0, 0, 0))
-
-    t = threading.Thread(target=agent, daemon=True)
-    t.start()
+    agent = ScriptedAgent(2)
     try:
         ch = _Channel.__new__(_Channel)
-        ch._adopt(a, 5.0, False)
+        ch._adopt(agent.client, 5.0, False)
         ch.conn_id = 0x2222
         ch.authorize(VOL, b"cap", "agent:1")
         ch.call(dp.WRITE, 3, 0, 4, 1, b"aaaa", None)
-        t.join(5)
-        assert [(c.opcode, c.extent_id, c.offset) for c in seen] == [(dp.Opcode.AUTH, 0x2222, 0x1111), (dp.WRITE, 3, 0)]
+        assert agent.commands() == [(dp.Opcode.AUTH, 0x2222, 0x1111), (dp.WRITE, 3, 0)]
         assert tp.ABANDONED == {}
     finally:
-        a.close()
-        b.close()
+        agent.close()
+
+
+def test_the_nbd_engines_fresh_connection_revokes_before_the_engine_gets_it() -> None:
+    from nvpool.client.syncpath import present_revocations
+
+    tp.ABANDONED.clear()
+    present_revocations(None, "agent:1", VOL, b"cap", 0x3333, 5.0)  # type: ignore[arg-type]  # nothing to revoke: untouched
+    tp.abandoned("agent:1", 0x1111, [VOL])
+    tp.abandoned("agent:1", 0x2222, [VOL + 1])  # another volume's: not this engine's to revoke
+    agent = ScriptedAgent(1)
+    try:
+        agent.client.settimeout(None)  # (the engine's sockets are blocking)
+        present_revocations(agent.client, "agent:1", VOL, b"cap", 0x3333, 5.0)
+        assert agent.commands() == [(dp.Opcode.AUTH, 0x3333, 0x1111)]
+        assert tp.ABANDONED == {"agent:1": {0x2222: {VOL + 1}}}
+        assert agent.client.gettimeout() is None  # left as the engine wants it
+    finally:
+        agent.close()
+        tp.ABANDONED.clear()
 
 
 class Transport:
