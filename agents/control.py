@@ -150,6 +150,13 @@ class AgentServicer(pbg.AgentServicer):  # type: ignore[misc]
             await _abort(context, exc)
         return out
 
+    async def Scrub(self, request: Any, context: Any) -> pb.ScrubResponse:
+        try:
+            sums, bad, kept = await self.core.scrub(request.extent_id, request.offset, request.length)
+        except (NvpoolError, OSError) as exc:
+            await _abort(context, exc)
+        return pb.ScrubResponse(sums=sums, bad=bad, checksummed=kept)
+
     async def Flush(self, request: Any, context: Any) -> pb.FlushResponse:
         try:
             await self.core.flush_all_async()

@@ -38,6 +38,9 @@ Replicated extents (``ExtentRecord.replicas`` > 1; see ``pool/replication.py``):
   answers ``tracking=False`` and the replica is copied whole. Bytes a replica receives by a resync
   copy (``finish_copy``) are recorded too when it is tracking: a replica that became ``ok`` by copy
   while another is still out then holds, in its record, every write the other one lacks.
+* **Block sums** (``agents/checksums.py``): writes, zeroes and copies to a replicated extent also
+  store a checksum of every 4 KiB block they touch, beside the data, so a scrub can tell which copy a
+  drive corrupted.
 * **Write intent** (``agents/intent.py``): every write or zero to a replicated extent marks its grains
   before it is applied, so a writer that dies between two copies leaves a record of what may differ.
   Copied chunks are marked too: a resync, rebuild or migration copy made from a copy a dead writer
@@ -55,11 +58,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from nvpool.agents import osio
-from nvpool.agents.drive import Drive
+from nvpool.agents.checksums import SCRUB_MAX, SUM_BLOCK, mismatches
+from nvpool.agents.drive import DATA_OFFSET, Drive
 from nvpool.agents.intent import IntentRecords, grain_ranges, mark_grains, new_bitmap
 from nvpool.proto.records import ExtentRecord
 from nvpool.proto.dataplane import Command
-from nvpool.proto.errors import DriveError, NotFoundError, RemoteError, StaleLayoutError, Status, UsageError
+from nvpool.proto.errors import (DriveError, NotFoundError, RemoteError, StaleLayoutError, Status, UnavailableError,
+                                 UsageError)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -204,7 +209,9 @@ class AgentCore:
             self._mark_dirty(cmd.extent_id, cmd.offset, cmd.length)
         if rec.replicas > 1:
             self.intent.mark(rec, cmd.offset, cmd.length)
-        self._io(drive, lambda: drive.write(payload, off))
+            self._io(drive, lambda: drive.sealed_write(payload, off))
+        else:
+            self._io(drive, lambda: drive.write(payload, off))
         if fua:
             self._io(drive, drive.flush)
         self.stats.io(rec, True, cmd.length)
@@ -217,7 +224,9 @@ class AgentCore:
             self._mark_dirty(cmd.extent_id, cmd.offset, cmd.length)
         if rec.replicas > 1:
             self.intent.mark(rec, cmd.offset, cmd.length)
-        self._io(drive, lambda: drive.zero(off, cmd.length))
+            self._io(drive, lambda: drive.sealed_zero(off, cmd.length))
+        else:
+            self._io(drive, lambda: drive.zero(off, cmd.length))
 
     # ------------------------------------------------------------------ dirty tracking (resync)
     def _mark_dirty(self, extent_id: int, offset: int, length: int) -> None:
@@ -263,6 +272,29 @@ class AgentCore:
             raise NotFoundError(f"extent {extent_id} is not on this agent")
         return self.intent.ranges(rec)
 
+    # ------------------------------------------------------------------ scrub (pool/scrub.py)
+    async def scrub(self, extent_id: int, offset: int, length: int) -> tuple[bytes, list[int], bool]:
+        """Read ``[offset, offset+length)`` of an extent from its drive (block aligned, at most
+        ``SCRUB_MAX``) and return (the sum of each block as read now, the indexes of the blocks whose
+        stored sum is recorded and differs, whether the extent keeps sums). Runs on the drive's worker
+        thread; a write racing it may show as a difference, which the scrub's second look discards."""
+        rec = self.extents.get(extent_id)
+        if rec is None:
+            raise NotFoundError(f"extent {extent_id} is not on this agent")
+        if offset % SUM_BLOCK or length % SUM_BLOCK or length <= 0 or length > SCRUB_MAX or offset + length > rec.length:
+            raise UsageError(f"scrub range [{offset}, {offset + length}) of extent {extent_id} must be "
+                             f"{SUM_BLOCK}-byte aligned, at most {SCRUB_MAX} bytes and inside the extent")
+        drive = self.drives.get(rec.drive_id)
+        if drive is None or drive.failed:
+            raise UnavailableError(f"drive {rec.drive_id} is failed or missing")
+        kept = rec.replicas > 1 and drive.sums is not None
+        try:
+            now, stored = await self._on_drive(
+                rec.drive_id, lambda: drive.scrub_read(rec.drive_offset + offset, length, kept))
+        except DriveError as exc:
+            raise UnavailableError(f"drive {rec.drive_id}: {exc}") from None
+        return now, mismatches(now, stored), kept
+
     # ------------------------------------------------------------------ migration copies
     def _note_write(self, extent_id: int, offset: int, length: int) -> None:
         for cp in self._copies.get(extent_id, ()):
@@ -300,9 +332,12 @@ class AgentCore:
             if start > pos:
                 if self._dirty:  # a copy is a write this replica's record must show (see "Dirty tracking")
                     self._mark_dirty(cp.extent_id, pos, start - pos)
+                chunk = data[pos - cp.offset : start - cp.offset]
                 if rec.replicas > 1:  # and its write intent: the source may hold a dead writer's half-done write
                     self.intent.mark(rec, pos, start - pos)
-                drive.write(data[pos - cp.offset : start - cp.offset], rec.drive_offset + pos)
+                    drive.sealed_write(chunk, rec.drive_offset + pos)
+                else:
+                    drive.write(chunk, rec.drive_offset + pos)
                 applied += start - pos
             pos = max(pos, end)
         return applied
@@ -356,7 +391,7 @@ class AgentCore:
             drive = self.drives.get(r.drive_id)
             if drive is None:
                 raise NotFoundError(f"drive {r.drive_id} is not attached to this agent")
-            if r.drive_offset < 0 or r.drive_offset + r.length > drive.size or r.length <= 0:
+            if r.drive_offset < DATA_OFFSET or r.drive_offset + r.length > drive.data_end or r.length <= 0:
                 raise UsageError(f"extent {r.extent_id} does not fit drive {r.drive_id}")
             if drive.failed:
                 raise UsageError(f"drive {r.drive_id} has failed ({drive.failed}); it takes no new extents")
@@ -377,9 +412,12 @@ class AgentCore:
         return [r for r in recs if r.extent_id not in self.extents]
 
     def _prepare(self, r: ExtentRecord, zero: bool) -> None:
-        """Zero a new extent and make it own its space (runs on the drive's worker thread)."""
+        """Zero a new extent and make it own its space, and forget its blocks' sums (runs on the drive's
+        worker thread)."""
+        drive = self.drives[r.drive_id]
         if zero:
-            self.drives[r.drive_id].reserve(r.drive_offset, r.length)
+            drive.reserve(r.drive_offset, r.length)
+        drive.clear_sums(r.drive_offset, r.length)
 
     def assign(self, records: Iterable[ExtentRecord], zero: bool) -> None:
         """Add extents (zeroed and reserved first if asked). Re-assigning the same extent is idempotent."""
@@ -387,7 +425,7 @@ class AgentCore:
         for r in self._check_assign(recs):
             self._io(self.drives[r.drive_id], lambda r=r: self._prepare(r, zero))  # type: ignore[misc]
         for r in recs:
-            self.extents[r.extent_id] = r
+            self._adopt(r)
         self._persist({r.drive_id for r in recs})
 
     async def assign_async(self, records: Iterable[ExtentRecord], zero: bool) -> None:
@@ -416,8 +454,22 @@ class AgentCore:
             for r in new:
                 self._assigning.pop(r.extent_id, None)
         for r in recs:
-            self.extents[r.extent_id] = r
+            self._adopt(r)
         await self.persist_async({r.drive_id for r in recs})
+
+    def _adopt(self, r: ExtentRecord) -> None:
+        """Put an assigned extent in the table (an existing one re-assigned with another replica count
+        forgets its sums: those of a plain extent are not kept up)."""
+        old = self.extents.get(r.extent_id)
+        if old is not None and (old.replicas > 1) != (r.replicas > 1):
+            self._forget_sums(r)
+        self.extents[r.extent_id] = r
+
+    def _forget_sums(self, r: ExtentRecord) -> None:
+        try:
+            self.drives[r.drive_id].clear_sums(r.drive_offset, r.length)
+        except DriveError as exc:
+            logger.warning("extent %d: forgetting its block sums: %s", r.extent_id, exc)
 
     async def _on_drive(self, drive_id: str, fn: Callable[[], T]) -> T:
         drive = self.drives[drive_id]
@@ -491,6 +543,8 @@ class AgentCore:
                 changed.add(self.extents.pop(eid).drive_id)
                 dropped.append(eid)
             elif want.min_generation > rec.min_generation or want.replicas != rec.replicas:
+                if (want.replicas > 1) != (rec.replicas > 1):
+                    self._forget_sums(rec)
                 self.extents[eid] = replace(rec, min_generation=max(rec.min_generation, want.min_generation),
                                             replicas=want.replicas)
                 changed.add(rec.drive_id)

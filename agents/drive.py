@@ -22,6 +22,12 @@ On-disk format (the first ``LABEL_AREA`` bytes; extents start at ``DATA_OFFSET``
     0       4 KiB  label: b"NVPOOLDRV1\\n" + JSON {drive_id, created, size, pool_id} , zero padded
     64 KiB  slot A  extent table: header <8s magic, Q seq, I length, I crc32c> + JSON list
     576 KiB slot B  extent table (the two slots alternate; the valid one with the highest seq wins)
+    2 MiB   data area: extents, at drive offsets the metadata service chooses, up to ``data_end``
+    sums    the sums area (label key ``sums``, MiB aligned, to the end of the drive): a checksum of
+            every 4 KiB of the data area as last written (``agents/checksums.py``)
+
+Drives labelled before sums existed have no ``sums`` key: their data area runs to the end, and the
+scrub can compare their copies but not say which one a drive corrupted.
 
 So an agent restarted on the same drives, or a drive moved to another server, is recognised with its
 extents and their generation fences, before the metadata service is even reachable. ``pool_id`` is
@@ -36,15 +42,18 @@ import fcntl
 from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
+import mmap
 import os
 import struct
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
-from nvpool.agents import osio
+from nvpool.agents import checksums, osio
+from nvpool.agents.checksums import SUM_BLOCK, SumsArea
+from nvpool.proto.compiled import load as load_compiled
 from nvpool.proto.records import ExtentRecord
 from nvpool.proto.dataplane import crc32c
 from nvpool.proto.errors import DriveError, UsageError
@@ -115,6 +124,14 @@ class Drive:
         self.errors = 0
         self.last_error = ""
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"drive-{drive_id[:8]}")
+        #: where the sums area starts (0: a drive labelled before sums existed); the compiled command
+        #: loop reads it (agents/_cserve.c)
+        raw = self.label.get("sums", 0)
+        self.sums_at = raw if (isinstance(raw, int) and DATA_OFFSET < raw <= size
+                               and size - raw >= checksums.sums_bytes(raw - DATA_OFFSET)) else 0
+        self.sums = SumsArea(fd, self.sums_at, DATA_OFFSET) if self.sums_at else None
+        #: a second descriptor (O_DIRECT where the drive allows it) for scrub reads, opened on first use
+        self._scrub_fd = -1
         self._table_seq = 0
         self._table_lock = threading.Lock()
 
@@ -155,7 +172,8 @@ class Drive:
                 drive_id = str(meta["drive_id"])
             elif label.strip(b"\0") == b"" or created:
                 drive_id = str(uuid.uuid4())
-                meta = {"drive_id": drive_id, "created": time.time(), "size": size}
+                meta = {"drive_id": drive_id, "created": time.time(), "size": size, "sums": sums_offset(size)}
+                osio.zero_range(fd, meta["sums"], size - meta["sums"])  # no stale sums from a previous life
                 body = LABEL_MAGIC + json.dumps(meta).encode()
                 os.pwrite(fd, body.ljust(LABEL_SIZE, b"\0"), 0)
                 for off in SLOT_OFFSETS:  # no stale tables from a previous life
@@ -187,15 +205,22 @@ class Drive:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        for fd in (self.fd, self._scrub_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    @property
+    def data_end(self) -> int:
+        """Where the data area ends (the sums area, or the end of the drive)."""
+        return self.sums_at or self.size
 
     @property
     def capacity(self) -> int:
         """Bytes usable for extents (1 MiB aligned)."""
-        return (self.size - DATA_OFFSET) // MiB * MiB
+        return (self.data_end - DATA_OFFSET) // MiB * MiB
 
     # ------------------------------------------------------------------ extent table
     @staticmethod
@@ -317,3 +342,93 @@ class Drive:
             os.fdatasync(self.fd)
         except OSError as exc:
             raise self._fail(exc) from None
+
+    # ------------------------------------------------------------------ sums (agents/checksums.py)
+    def sealed_write(self, data: Buffer, offset: int) -> None:
+        """``write`` and the sums of the blocks it touches, together (see ``agents/checksums.py``)."""
+        if self.sums is None:
+            return self.write(data, offset)
+        try:
+            view = memoryview(data)
+            if _cserve is not None:  # one GIL hold for the data and its sums
+                _cserve.sealed_pwrite(self.fd, self.sums_at, offset, view)
+                return
+            partial = self.sums.before(offset, len(view))
+            n = os.pwritev(self.fd, [view], offset)
+            while n < len(view):
+                n += os.pwritev(self.fd, [view[n:]], offset + n)
+            self.sums.after(offset, len(view), view, partial)
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def sealed_zero(self, offset: int, length: int) -> None:
+        """``zero`` and the sums of the blocks it touches."""
+        if self.sums is None:
+            return self.zero(offset, length)
+        try:
+            partial = self.sums.before(offset, length)
+            osio.zero_range(self.fd, offset, length)
+            self.sums.after(offset, length, None, partial)
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def clear_sums(self, offset: int, length: int) -> None:
+        """Forget the sums of ``[offset, offset+length)`` (a newly assigned extent, or one whose replica
+        count changed)."""
+        if self.sums is None:
+            return
+        try:
+            self.sums.clear(offset, length)
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def scrub_read(self, offset: int, length: int, sums: bool) -> tuple[bytes, bytes]:
+        """(the blocks' sums as the drive returns them now, their stored sums or b"") for a block-aligned
+        range, read from the drive itself where it allows O_DIRECT (not from the page cache, which
+        would hide what the media lost). Runs on the drive's worker thread."""
+        if (offset % SUM_BLOCK or length % SUM_BLOCK or length <= 0 or length > checksums.SCRUB_MAX
+                or offset + length > self.data_end):
+            raise DriveError(self.drive_id, errno.EINVAL, f"scrub range [{offset}, {offset + length}) is not "
+                             "block aligned inside the data area")
+        try:
+            if self._scrub_fd < 0:  # the same file as ``fd`` even if its path now names another
+                same = f"/proc/self/fd/{self.fd}"
+                try:
+                    self._scrub_fd = os.open(same, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0))
+                except OSError:  # a file system without O_DIRECT (tmpfs)
+                    self._scrub_fd = os.open(same, os.O_RDONLY | os.O_CLOEXEC)
+            buf = mmap.mmap(-1, -(-length // SUM_BLOCK) * SUM_BLOCK)  # page aligned, as O_DIRECT needs
+            try:
+                with memoryview(buf) as view:
+                    try:
+                        n = os.preadv(self._scrub_fd, [view], offset)
+                    except OSError as exc:
+                        if exc.errno != errno.EINVAL:
+                            raise
+                        n = os.preadv(self.fd, [view], offset)
+                    while 0 < n < length:
+                        with view[n:length] as rest:
+                            got = os.preadv(self.fd, [rest], offset + n)
+                        if got == 0:
+                            break
+                        n += got
+                    if n < length:
+                        raise OSError(errno.EIO, "short read")
+                    with view[:length] as part:
+                        now = checksums.block_sums(part)
+            finally:
+                buf.close()
+            stored = self.sums.read(offset, length) if sums and self.sums is not None else b""
+            return now, stored
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+
+def sums_offset(size: int) -> int:
+    """Where a new drive of ``size`` bytes puts its sums area: after as much data area as it can cover."""
+    data = size - DATA_OFFSET
+    return DATA_OFFSET + (data - checksums.sums_bytes(data)) // MiB * MiB
+
+
+#: the compiled sealed write (agents/_cserve.c); None on the pure-Python path (proto/compiled.py)
+_cserve: Any = load_compiled("nvpool.agents._cserve")

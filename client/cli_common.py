@@ -129,6 +129,16 @@ def seconds_arg(text: str) -> float:
     return s
 
 
+def seconds_or_zero_arg(text: str) -> float:
+    """Seconds as ``seconds_arg``, or 0 (off)."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return seconds_arg(text)
+
+
 def volume_name(text: str) -> str:
     """A volume name the metadata service accepts: 1-64 letters, digits, '.', '_', '-', first a letter or digit."""
     if not NAME_RE.match(text):

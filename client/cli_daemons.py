@@ -17,7 +17,7 @@ import sys
 import tomllib
 from typing import Any, Awaitable, Callable, Optional
 
-from nvpool.client.cli_common import listen_address, meta_address, seconds_arg, size_arg
+from nvpool.client.cli_common import listen_address, meta_address, seconds_arg, seconds_or_zero_arg, size_arg
 from nvpool.proto.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def cmd_meta(args: argparse.Namespace) -> int:
     if getattr(args, "meta_cmd", None) == "migrate":
         return cmd_meta_migrate(args)
     for key in ("listen", "store", "lease_ttl", "agent_timeout", "heartbeat_interval", "rebuild_after", "repair_rate",
-                "join_secret_file", "tls_ca", "tls_cert", "tls_key", "metrics_listen", "prefix", "leader_ttl",
+                "scrub_interval", "scrub_rate", "join_secret_file", "tls_ca", "tls_cert", "tls_key", "metrics_listen", "prefix", "leader_ttl",
                 "advertise"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -177,6 +177,11 @@ def register(sub: Any) -> None:
                         "resynced in place (default 300)")
     p.add_argument("--repair-rate", type=size_arg(0, 1 << 50),
                    help="bytes/s for resync and rebuild copies, pool-wide, e.g. 200M (default 64M; 0: unlimited)")
+    p.add_argument("--scrub-interval", type=seconds_or_zero_arg,
+                   help="seconds between background scrubs of each replicated volume (default 604800, a week; "
+                        "0: only `nvpool volume scrub`)")
+    p.add_argument("--scrub-rate", type=size_arg(0, 1 << 50),
+                   help="bytes/s a background scrub reads from each copy, e.g. 64M (default 16M; 0: unlimited)")
     p.add_argument("--join-secret-file", metavar="PATH",
                    help="the pool's join secret (created at the first start if missing; default: next to a SQLite "
                         "store, STORE.join-secret); copy it to every storage server")

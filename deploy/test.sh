@@ -20,5 +20,5 @@ if [ $# -eq 0 ]; then
   NVPOOL_PURE_PYTHON=1 exec .venv/bin/python -m pytest -p no:cacheprovider -q \
     tests/test_dataplane_codec.py tests/test_agent.py tests/test_agent_hostile.py tests/test_transports.py \
     tests/test_client_faults.py tests/test_capabilities.py tests/test_data_safety.py tests/test_full_drive.py \
-    tests/test_nbd_hostile.py tests/test_nbd.py tests/test_nbd_engine.py
+    tests/test_nbd_hostile.py tests/test_nbd.py tests/test_nbd_engine.py tests/test_scrub.py
 fi

@@ -96,6 +96,12 @@ class GrpcAgentLink:
                                                                   volume_id=volume_id, epoch=epoch), timeout=10)
         return {d.extent_id: [(r.offset, r.length) for r in d.ranges] if d.tracking else None for d in resp.extents}
 
+    async def scrub(self, address: str, extent_id: int, offset: int, length: int) -> tuple[bytes, list[int], bool]:
+        """(sums of the blocks as read now, blocks failing their stored sums, sums kept) (agents/checksums.py)."""
+        resp = await self._call(address, "Scrub", pb.ScrubRequest(extent_id=extent_id, offset=offset, length=length),
+                                timeout=30)
+        return bytes(resp.sums), list(resp.bad), bool(resp.checksummed)
+
     async def copy(
         self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,
         length: int, generation: int, volume_id: int = 0, src_tls: bool = False,

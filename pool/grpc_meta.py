@@ -24,6 +24,7 @@ from nvpool.pool.meta import AgentLink, AgentRec, DriveRec, MetaService, Role, c
 from nvpool.pool.metrics import MetaCollector
 from nvpool.pool.rebalancer import Rebalancer
 from nvpool.pool.replication import Replication
+from nvpool.pool.scrub import ScrubState, Scrubber
 from nvpool.proto import nvpool_pb2 as pb
 from nvpool.proto import nvpool_pb2_grpc as pbg
 from nvpool.proto import capability, grpctls, keys
@@ -64,6 +65,10 @@ class MetaConfig:
     rebuild_after: float = 300.0
     #: bytes/s for resync and rebuild copies, pool-wide (0 = unlimited)
     repair_rate: int = 64 * 1024 * 1024
+    #: every replicated volume is scrubbed once per this many seconds (0 = only on request), at
+    #: ``scrub_rate`` bytes/s of volume read from each copy (pool/scrub.py)
+    scrub_interval: float = 7 * 86400.0
+    scrub_rate: int = 16 * 1024 * 1024
     #: the pool's join secret; "" = next to a SQLite store (PATH.join-secret), created at first start
     join_secret_file: str = ""
     #: TLS (proto/tls.py): the pool CA, this service's certificate and key; all three or none
@@ -97,8 +102,8 @@ class MetaConfig:
                 f"agent_timeout ({self.agent_timeout:g}s) must be at least 2.5 x heartbeat_interval "
                 f"({self.heartbeat_interval:g}s): agents serve replicated data for 0.75 x agent_timeout after a "
                 "heartbeat, which must span more than one heartbeat")
-        if self.rebuild_after < 0 or self.repair_rate < 0:
-            raise UsageError("rebuild_after and repair_rate must not be negative")
+        if self.rebuild_after < 0 or self.repair_rate < 0 or self.scrub_interval < 0 or self.scrub_rate < 0:
+            raise UsageError("rebuild_after, repair_rate, scrub_interval and scrub_rate must not be negative")
         if self.store.startswith("etcd://"):
             from nvpool.pool.etcdstore import parse_url
 
@@ -447,7 +452,30 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             repairs = self.repl.status()
             resp.repairs.extend(pb.RepairStatus(**r) for r in repairs)
             resp.degraded_volumes = len({r["volume"] for r in repairs})
+        if self.role.scrub is not None:
+            resp.scrubs.extend(pb.ScrubStatus(**s) for s in self.role.scrub.status())
         return resp
+
+    async def _scrubber(self, context: Any) -> Scrubber:
+        if self.role.scrub is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this metadata service stopped leading; retry")
+        return self.role.scrub  # type: ignore[no-any-return]
+
+    async def ScrubVolume(self, request: Any, context: Any) -> pb.ScrubStatus:
+        scrub = await self._scrubber(context)
+        logger.info("scrub of volume %s requested by %s (max rate %s)", request.name, who(context),
+                    request.max_rate or "unlimited")
+
+        async def start() -> ScrubState:
+            return scrub.start_scrub(request.name, request.max_rate)
+        return pb.ScrubStatus(**(await _guard(context, start())).public())
+
+    async def GetScrub(self, request: Any, context: Any) -> pb.ScrubStatus:
+        scrub = await self._scrubber(context)
+
+        async def get() -> ScrubState:
+            return scrub.get(request.name)
+        return pb.ScrubStatus(**(await _guard(context, get())).public())
 
     async def VolumeUsage(self, request: Any, context: Any) -> pb.VolumeUsageResponse:
         svc = self.svc  # one view for the whole call, even if leadership changes during it
@@ -611,10 +639,12 @@ async def _lead(config: MetaConfig, store: KVStore, link: AgentLink, secrets: li
             link.may_act = role.acting  # no orders to agents while the term is uncertain
         rebalancer = Rebalancer(service)
         replication = Replication(service, rebuild_after=config.rebuild_after, rate=config.repair_rate)
-        role.svc, role.reb, role.repl = service, rebalancer, replication
+        scrubber = Scrubber(service, replication, rate=config.scrub_rate, interval=config.scrub_interval)
+        role.svc, role.reb, role.repl, role.scrub = service, rebalancer, replication, scrubber
         role.watch = asyncio.create_task(_watch(service, role))
         rebalancer.resume()
         replication.start()
+        scrubber.start()
         if took_up is not None:
             took_up.set()
         logger.info("metadata service of pool %s leads on %s (store %s, term %d)", service.pool_id, role.address,
@@ -633,10 +663,10 @@ async def _retry_later(store: KVStore, events: "asyncio.Queue[bool]", term: Any 
 
 
 async def _step_down(role: Role) -> None:
-    svc, reb, repl, watch = role.svc, role.reb, role.repl, role.watch
+    svc, reb, repl, scrub, watch = role.svc, role.reb, role.repl, role.scrub, role.watch
     if svc is None:
         return
-    role.svc = role.reb = role.repl = None
+    role.svc = role.reb = role.repl = role.scrub = None
     role.watch = None
     # this view is over: whatever of it still runs (a create waiting on agents) must not commit, and its
     # late failure must not end a later term (pool/kvstore.py)
@@ -645,6 +675,8 @@ async def _step_down(role: Role) -> None:
         svc.failed = UnavailableError("this metadata service stepped down")
     if watch is not None:
         watch.cancel()
+    if scrub is not None:
+        await scrub.stop()
     if repl is not None:
         await repl.stop()
     if reb is not None:

@@ -130,6 +130,8 @@ class AgentLink(Protocol):
     async def intent(self, address: str, volume_id: int, extent_ids: list[int], op: str, epoch: int = 0
                      ) -> dict[int, Optional[list[tuple[int, int]]]]: ...
 
+    async def scrub(self, address: str, extent_id: int, offset: int, length: int) -> tuple[bytes, list[int], bool]: ...
+
     async def copy(
         self, address: str, dst: Extent, dst_offset: int, src_address: str, src: Extent, src_offset: int,
         length: int, generation: int, volume_id: int = 0, src_tls: bool = False,
@@ -257,6 +259,7 @@ class Role:
     svc: "Optional[MetaService]" = None
     reb: Any = None
     repl: Any = None
+    scrub: Any = None
     #: where this process is reached (published in the leader key)
     address: str = ""
     #: the store's URL, for status
@@ -1022,7 +1025,8 @@ class MetaService:
                 self.mark_releasing(extents, vol.volume_id, lay.generation, commit=False),
                 [f"volume/{name}", f"layout/{vol.volume_id:020d}", f"fences/{vol.volume_id:020d}",
                  f"fencing/{vol.volume_id:020d}",
-                 f"migration/{vol.volume_id:020d}", f"unclean/{vol.volume_id:020d}", f"repl/{vol.volume_id:020d}"]
+                 f"migration/{vol.volume_id:020d}", f"unclean/{vol.volume_id:020d}", f"repl/{vol.volume_id:020d}",
+                 f"scrub/{vol.volume_id:020d}"]
                 + [f"lease/{k}" for k in dropped],
             )
         await self.release_on_agents(extents, mark=False)

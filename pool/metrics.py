@@ -93,6 +93,27 @@ class MetaCollector(Collector):
             copied = CounterMetricFamily("nvpool_meta_writer_resync_bytes", "Bytes those resyncs copied")
             copied.add_metric([], self.repl.writer_resync_bytes)
             yield from (rep, left, pending, resyncs, copied)
+        scrub = role.scrub
+        if scrub is not None:  # pool/scrub.py
+            t = dict(scrub.totals)
+            scrubbed = CounterMetricFamily("nvpool_meta_scrub_bytes", "Column bytes scrubbed (each copy read them)")
+            scrubbed.add_metric([], t["bytes"])
+            found = CounterMetricFamily("nvpool_meta_scrub_errors", "Blocks scrubs found wrong", labels=["kind"])
+            found.add_metric(["checksum"], t["checksum_errors"])
+            found.add_metric(["mismatch"], t["mismatches"])
+            repaired = CounterMetricFamily("nvpool_meta_scrub_repaired", "Block copies scrubs rewrote")
+            repaired.add_metric([], t["repaired"])
+            lost = CounterMetricFamily("nvpool_meta_scrub_unrepairable", "Blocks no copy of which matched its sums")
+            lost.add_metric([], t["unrepairable"])
+            running = GaugeMetricFamily("nvpool_meta_scrub_running", "Scrubs running")
+            states = scrub.status()
+            running.add_metric([], sum(1 for s in states if s["state"] == "running"))
+            last = GaugeMetricFamily("nvpool_meta_scrub_last_finished", "Wall time a volume's last scrub finished",
+                                     labels=["volume"])
+            for s in states:
+                if s["finished"]:
+                    last.add_metric([s["volume"]], s["finished"])
+            yield from (scrubbed, found, repaired, lost, running, last)
         yield from self._rpcs()
 
     def _rpcs(self) -> Iterator[Any]:

@@ -112,6 +112,10 @@ Why replicas never diverge and a reader never sees old bytes, step by step:
    the volume's current layout, at most ``REPORT_BURST`` at once and ``REPORT_RATE`` a second per
    lease; anything else is refused and logged. (Without this, any caller could take healthy copies
    out of service, one call each.)
+10. **Scrub** (``pool/scrub.py``): copies that a *drive* made differ (bit rot, a lost or misdirected
+   write inside it) are found by comparing per-block checksums stored at write time
+   (``agents/checksums.py``) and copy against copy, and repaired under a fence from a copy that
+   matches its own checksums, by the same first-copy rule as step 8 when each copy matches its own.
 
 What the repair costs the foreground: copies run ``parallel`` chunks at a time through a token bucket
 of ``rate`` bytes/s (``repair_rate`` in the service's config).

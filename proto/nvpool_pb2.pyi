@@ -448,7 +448,7 @@ class PoolStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PoolStatusResponse(_message.Message):
-    __slots__ = ("agents", "capacity", "used", "volumes", "health", "rebalance", "pool_id", "releasing_extents", "releasing_bytes", "repairs", "degraded_volumes", "meta_store", "meta_epoch", "meta_leader")
+    __slots__ = ("agents", "capacity", "used", "volumes", "health", "rebalance", "pool_id", "releasing_extents", "releasing_bytes", "repairs", "degraded_volumes", "meta_store", "meta_epoch", "meta_leader", "scrubs")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
@@ -463,6 +463,7 @@ class PoolStatusResponse(_message.Message):
     META_STORE_FIELD_NUMBER: _ClassVar[int]
     META_EPOCH_FIELD_NUMBER: _ClassVar[int]
     META_LEADER_FIELD_NUMBER: _ClassVar[int]
+    SCRUBS_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[AgentStatus]
     capacity: int
     used: int
@@ -477,7 +478,8 @@ class PoolStatusResponse(_message.Message):
     meta_store: str
     meta_epoch: int
     meta_leader: str
-    def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., volumes: _Optional[int] = ..., health: _Optional[str] = ..., rebalance: _Optional[_Union[RebalanceStatus, _Mapping]] = ..., pool_id: _Optional[str] = ..., releasing_extents: _Optional[int] = ..., releasing_bytes: _Optional[int] = ..., repairs: _Optional[_Iterable[_Union[RepairStatus, _Mapping]]] = ..., degraded_volumes: _Optional[int] = ..., meta_store: _Optional[str] = ..., meta_epoch: _Optional[int] = ..., meta_leader: _Optional[str] = ...) -> None: ...
+    scrubs: _containers.RepeatedCompositeFieldContainer[ScrubStatus]
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., volumes: _Optional[int] = ..., health: _Optional[str] = ..., rebalance: _Optional[_Union[RebalanceStatus, _Mapping]] = ..., pool_id: _Optional[str] = ..., releasing_extents: _Optional[int] = ..., releasing_bytes: _Optional[int] = ..., repairs: _Optional[_Iterable[_Union[RepairStatus, _Mapping]]] = ..., degraded_volumes: _Optional[int] = ..., meta_store: _Optional[str] = ..., meta_epoch: _Optional[int] = ..., meta_leader: _Optional[str] = ..., scrubs: _Optional[_Iterable[_Union[ScrubStatus, _Mapping]]] = ...) -> None: ...
 
 class RepairStatus(_message.Message):
     __slots__ = ("volume", "column", "replica", "state", "reason", "since", "bytes_total", "bytes_done", "eta_s")
@@ -613,6 +615,52 @@ class DrainRequest(_message.Message):
     max_rate: int
     def __init__(self, host: _Optional[str] = ..., remove: _Optional[bool] = ..., undrain: _Optional[bool] = ..., max_rate: _Optional[int] = ...) -> None: ...
 
+class ScrubVolumeRequest(_message.Message):
+    __slots__ = ("name", "max_rate")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_RATE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    max_rate: int
+    def __init__(self, name: _Optional[str] = ..., max_rate: _Optional[int] = ...) -> None: ...
+
+class GetScrubRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ScrubStatus(_message.Message):
+    __slots__ = ("volume", "state", "bytes_total", "bytes_done", "checksum_errors", "mismatches", "repaired", "unrepairable", "busy", "started", "finished", "error", "max_rate", "background")
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    UNREPAIRABLE_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MAX_RATE_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    volume: str
+    state: str
+    bytes_total: int
+    bytes_done: int
+    checksum_errors: int
+    mismatches: int
+    repaired: int
+    unrepairable: int
+    busy: int
+    started: float
+    finished: float
+    error: str
+    max_rate: int
+    background: bool
+    def __init__(self, volume: _Optional[str] = ..., state: _Optional[str] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., checksum_errors: _Optional[int] = ..., mismatches: _Optional[int] = ..., repaired: _Optional[int] = ..., unrepairable: _Optional[int] = ..., busy: _Optional[int] = ..., started: _Optional[float] = ..., finished: _Optional[float] = ..., error: _Optional[str] = ..., max_rate: _Optional[int] = ..., background: _Optional[bool] = ...) -> None: ...
+
 class AssignExtentsRequest(_message.Message):
     __slots__ = ("extents", "zero")
     EXTENTS_FIELD_NUMBER: _ClassVar[int]
@@ -724,6 +772,26 @@ class DirtyResponse(_message.Message):
     EXTENTS_FIELD_NUMBER: _ClassVar[int]
     extents: _containers.RepeatedCompositeFieldContainer[DirtyExtent]
     def __init__(self, extents: _Optional[_Iterable[_Union[DirtyExtent, _Mapping]]] = ...) -> None: ...
+
+class ScrubRequest(_message.Message):
+    __slots__ = ("extent_id", "offset", "length")
+    EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    extent_id: int
+    offset: int
+    length: int
+    def __init__(self, extent_id: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class ScrubResponse(_message.Message):
+    __slots__ = ("sums", "bad", "checksummed")
+    SUMS_FIELD_NUMBER: _ClassVar[int]
+    BAD_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMMED_FIELD_NUMBER: _ClassVar[int]
+    sums: bytes
+    bad: _containers.RepeatedScalarFieldContainer[int]
+    checksummed: bool
+    def __init__(self, sums: _Optional[bytes] = ..., bad: _Optional[_Iterable[int]] = ..., checksummed: _Optional[bool] = ...) -> None: ...
 
 class FlushRequest(_message.Message):
     __slots__ = ()

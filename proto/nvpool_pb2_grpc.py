@@ -125,6 +125,16 @@ class MetaStub:
                 request_serializer=nvpool_dot_proto_dot_nvpool__pb2.VolumeUsageRequest.SerializeToString,
                 response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.VolumeUsageResponse.FromString,
                 _registered_method=True)
+        self.ScrubVolume = channel.unary_unary(
+                '/nvpool.v1.Meta/ScrubVolume',
+                request_serializer=nvpool_dot_proto_dot_nvpool__pb2.ScrubVolumeRequest.SerializeToString,
+                response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.ScrubStatus.FromString,
+                _registered_method=True)
+        self.GetScrub = channel.unary_unary(
+                '/nvpool.v1.Meta/GetScrub',
+                request_serializer=nvpool_dot_proto_dot_nvpool__pb2.GetScrubRequest.SerializeToString,
+                response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.ScrubStatus.FromString,
+                _registered_method=True)
 
 
 class MetaServicer:
@@ -238,6 +248,19 @@ class MetaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScrubVolume(self, request, context):
+        """start a scrub (or join the running one)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetScrub(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -330,6 +353,16 @@ def add_MetaServicer_to_server(servicer, server):
                     servicer.VolumeUsage,
                     request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.VolumeUsageRequest.FromString,
                     response_serializer=nvpool_dot_proto_dot_nvpool__pb2.VolumeUsageResponse.SerializeToString,
+            ),
+            'ScrubVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScrubVolume,
+                    request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.ScrubVolumeRequest.FromString,
+                    response_serializer=nvpool_dot_proto_dot_nvpool__pb2.ScrubStatus.SerializeToString,
+            ),
+            'GetScrub': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetScrub,
+                    request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.GetScrubRequest.FromString,
+                    response_serializer=nvpool_dot_proto_dot_nvpool__pb2.ScrubStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -828,6 +861,60 @@ class Meta:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ScrubVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvpool.v1.Meta/ScrubVolume',
+            nvpool_dot_proto_dot_nvpool__pb2.ScrubVolumeRequest.SerializeToString,
+            nvpool_dot_proto_dot_nvpool__pb2.ScrubStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetScrub(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvpool.v1.Meta/GetScrub',
+            nvpool_dot_proto_dot_nvpool__pb2.GetScrubRequest.SerializeToString,
+            nvpool_dot_proto_dot_nvpool__pb2.ScrubStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AgentStub:
     """Missing associated documentation comment in .proto file."""
@@ -872,6 +959,11 @@ class AgentStub:
                 '/nvpool.v1.Agent/Dirty',
                 request_serializer=nvpool_dot_proto_dot_nvpool__pb2.DirtyRequest.SerializeToString,
                 response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.DirtyResponse.FromString,
+                _registered_method=True)
+        self.Scrub = channel.unary_unary(
+                '/nvpool.v1.Agent/Scrub',
+                request_serializer=nvpool_dot_proto_dot_nvpool__pb2.ScrubRequest.SerializeToString,
+                response_deserializer=nvpool_dot_proto_dot_nvpool__pb2.ScrubResponse.FromString,
                 _registered_method=True)
 
 
@@ -920,6 +1012,12 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scrub(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -957,6 +1055,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Dirty,
                     request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.DirtyRequest.FromString,
                     response_serializer=nvpool_dot_proto_dot_nvpool__pb2.DirtyResponse.SerializeToString,
+            ),
+            'Scrub': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scrub,
+                    request_deserializer=nvpool_dot_proto_dot_nvpool__pb2.ScrubRequest.FromString,
+                    response_serializer=nvpool_dot_proto_dot_nvpool__pb2.ScrubResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1148,6 +1251,33 @@ class Agent:
             '/nvpool.v1.Agent/Dirty',
             nvpool_dot_proto_dot_nvpool__pb2.DirtyRequest.SerializeToString,
             nvpool_dot_proto_dot_nvpool__pb2.DirtyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scrub(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nvpool.v1.Agent/Scrub',
+            nvpool_dot_proto_dot_nvpool__pb2.ScrubRequest.SerializeToString,
+            nvpool_dot_proto_dot_nvpool__pb2.ScrubResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -248,8 +248,11 @@ def test_assign_refuses_an_extent_over_bytes_another_extent_holds(tmp_path: Path
     d = new_drive(tmp_path)
     core = AgentCore([d])
     core.assign([ExtentRecord(1, d.drive_id, DATA_OFFSET, 4 * MiB, 1, 1)], zero=True)
-    for off, n in ((DATA_OFFSET, MiB), (DATA_OFFSET + 3 * MiB, 2 * MiB), (DATA_OFFSET - MiB, 2 * MiB)):
+    for off, n in ((DATA_OFFSET, MiB), (DATA_OFFSET + 3 * MiB, 2 * MiB)):
         with pytest.raises(UsageError, match="overlap extent 1"):
+            core.assign([ExtentRecord(2, d.drive_id, off, n, 2, 1)], zero=True)
+    for off, n in ((DATA_OFFSET - MiB, 2 * MiB), (d.data_end - MiB, 2 * MiB)):  # into the label or sums area
+        with pytest.raises(UsageError, match="does not fit"):
             core.assign([ExtentRecord(2, d.drive_id, off, n, 2, 1)], zero=True)
     # two new extents that overlap each other in one request
     with pytest.raises(UsageError, match="overlap"):

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import pytest
 
 from nvpool.agents import dataplane as adp
+from nvpool.agents import drive as drive_mod
 from nvpool.agents.core import AgentCore
 from nvpool.agents.drive import DATA_OFFSET, Drive, DriveSpec
 from nvpool.proto import capability
@@ -248,6 +249,7 @@ async def run_stream(core: AgentCore, stream: bytes, cuts: list[int], pause_afte
         "data": data,
         "copy": sorted(cp.written) if cp is not None else None,
         "intent": {eid: bytes(bm) for eid, bm in core.intent.current.items()},  # write intent (agents/intent.py)
+        "sums": drive.sums.read(DATA_OFFSET, 12 * MiB) if drive.sums is not None else None,  # agents/checksums.py
         "regions": {rid: bytes(v) for rid, v in regions.items()},
         "stats": (st.commands, st.bytes_read, st.bytes_written, dict(st.errors),
                   {k: list(v) for k, v in st.drives.items()}, {k: list(v) for k, v in st.volumes.items()},
@@ -278,6 +280,7 @@ def test_compiled_loop_answers_exactly_as_the_python_path(tmp_path: Path, templa
         core = make_core(tmp_path, f"c{int(compiled)}", template, lease_ok)
         if not compiled:
             monkeypatch.setattr(adp, "_cserve", None)
+            monkeypatch.setattr(drive_mod, "_cserve", None)  # the pure-Python sealed write
         try:
             results.append(asyncio.run(run_stream(core, stream, cuts, pause_after, copy)))
         finally:
@@ -290,6 +293,8 @@ def test_compiled_loop_answers_exactly_as_the_python_path(tmp_path: Path, templa
     assert fast["copy"] == ref["copy"]
     assert fast["stats"] == ref["stats"]
     assert fast["data"] == ref["data"]
+    assert fast["sums"] == ref["sums"] and fast["sums"] is not None
+    assert fast["intent"] == ref["intent"]
     assert fast["regions"] == ref["regions"]
 
 

@@ -28,7 +28,7 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
     (["nvpool.proto.dataplane", "nvpool.proto.layout", "nvpool.proto.records", "nvpool.proto.units",
       "nvpool.proto.capability", "nvpool.proto.keys", "nvpool.proto.tls", "nvpool.proto.metrics",
       "nvpool.proto.errors", "nvpool.proto.transport", "nvpool.proto.config", "nvpool.proto.addresses",
-      "nvpool.proto.compiled"],
+      "nvpool.proto.compiled", "nvpool.proto.blocksums"],
      ("nvpool.pool", "nvpool.agents", "nvpool.client", *GENERATED)),
     (["nvpool.proto.convert", "nvpool.proto.generate", "nvpool.proto.grpctls"],
      ("nvpool.pool", "nvpool.agents", "nvpool.client")),
@@ -38,13 +38,13 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
      ("nvpool.client", "nvpool.pool")),
     # the agent core and drives
     (["nvpool.agents.core", "nvpool.agents.drive", "nvpool.agents.dataplane", "nvpool.agents.osio",
-      "nvpool.agents.intent"],
+      "nvpool.agents.intent", "nvpool.agents.checksums"],
      ("nvpool.client", "nvpool.pool", *GENERATED)),
     # the whole metadata service, gRPC edge included
     (["nvpool.pool.grpc_meta", "nvpool.pool.metrics"], ("nvpool.client", "nvpool.agents")),
     # the metadata core
     (["nvpool.pool.meta", "nvpool.pool.planner", "nvpool.pool.migration", "nvpool.pool.rebalancer",
-      "nvpool.pool.replication",
+      "nvpool.pool.replication", "nvpool.pool.scrub",
       "nvpool.pool.kvstore"],
      ("nvpool.client", "nvpool.agents", "nvpool.pool.etcdstore", "aetcd", *GENERATED)),
     # the etcd store: an edge of its own (etcd's gRPC API, through aetcd), never nvpool's generated code
