@@ -167,7 +167,7 @@ def register(sub: Any) -> None:
     cs = p.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--dir", default=default_dir(), help="state, logs and drive files (default $NVPOOL_HOME or ./.nvpool)")
+        q.add_argument("--dir", default=default_dir(), help="state, logs and drive files (default $NVPOOL_HOME, or ./.nvpool/local as the quick start uses)")
         q.add_argument("--json", action="store_true", help="machine-readable output")
 
     up = cs.add_parser("up", help="start a metadata service and N agents; wait until registered")
@@ -195,7 +195,7 @@ def register(sub: Any) -> None:
     st.set_defaults(func=cmd_status)
 
     env = cs.add_parser("env", help='print "export NVPOOL_META=..." for the local pool (use with eval)')
-    env.add_argument("--dir", default=default_dir(), help="state of the local pool (default $NVPOOL_HOME or ./.nvpool)")
+    env.add_argument("--dir", default=default_dir(), help="state of the local pool (default $NVPOOL_HOME, or ./.nvpool/local as the quick start uses)")
     env.set_defaults(func=cmd_env)
 
     demo = cs.add_parser("demo", help="end-to-end check: write random data, read it back, compare, MB/s")

@@ -38,8 +38,11 @@ def describe(v: VolumeInfo) -> str:
             f"volume      {v.name} (id {v.volume_id})",
             f"size        {human(v.size)} ({v.size} bytes)",
             f"striping    {v.stripe_width} columns x {human(v.stripe_unit)} stripe unit",
-            f"replicas    {v.replicas}" + (f" (failure domain: {v.failure_domain}; health {v.health})"
-                                           if v.replicas > 1 else ""),
+            f"replicas    {v.replicas}" + (f" (failure domain: {v.failure_domain})" if v.replicas > 1 else ""),
+            f"health      {v.health}" + {"degraded": " (a copy is out of service, on a server that is down, or "
+                                                     "not yet known identical: I/O goes on)",
+                                         "unavailable": " (a server holding some of its data is down: I/O to that "
+                                                        "part waits, then fails)"}.get(v.health, ""),
             f"generation  {v.generation}",
             f"state       {v.state}",
             f"servers     {', '.join(sorted(set(v.hosts)))}",
@@ -91,10 +94,11 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     vols = with_meta(args, lambda m: m.list_volumes())
-    rows = [[v.name, human(v.size), str(v.stripe_width), human(v.stripe_unit), str(v.generation), v.state] for v in vols]
+    rows = [[v.name, human(v.size), str(v.stripe_width), human(v.stripe_unit), str(v.replicas), str(v.generation),
+             v.state, v.health] for v in vols]
     emit(
         args, [v.to_dict() for v in vols],
-        table(rows, ["NAME", "SIZE", "WIDTH", "UNIT", "GEN", "STATE"]) if rows else "no volumes",
+        table(rows, ["NAME", "SIZE", "WIDTH", "UNIT", "COPIES", "GEN", "STATE", "HEALTH"]) if rows else "no volumes",
     )
     return 0
 
@@ -256,6 +260,7 @@ def status_dict(st: Any) -> dict[str, Any]:
             for r in st.repairs
         ],
         "scrubs": [scrub_dict(x) for x in st.scrubs],
+        "unavailable_volumes": list(st.unavailable_volumes),
         "capacity": st.capacity,
         "used": st.used,
         "volumes": st.volumes,
@@ -314,6 +319,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             since = min(r["since"] for r in rs)
             at = time.strftime("%H:%M:%S", time.localtime(since)) if since else "?"
             head += f"\n  {vol}: {plural(len(rs), 'replica')} {state}{prog} (since {at}: {reason})"
+    if d["unavailable_volumes"]:
+        names = d["unavailable_volumes"]
+        head += (f"\n{plural(len(names), 'volume')} unavailable (a server holding part of {'its' if len(names) == 1 else 'their'} "
+                 f"data is down; unreplicated volumes wait for it): {', '.join(names[:20])}"
+                 + (f" and {len(names) - 20} more" if len(names) > 20 else ""))
     for sc in d["scrubs"]:
         if sc["state"] == "running":
             head += (f"\nscrub running: {sc['volume']}, {human(sc['bytes_done'])} of {human(sc['bytes_total'])}, "

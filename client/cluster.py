@@ -119,7 +119,8 @@ class LocalCluster:
         try:
             state = json.loads((d / "cluster.json").read_text())
         except FileNotFoundError:
-            raise UsageError(f"no local pool in {d} (start one with `nvpool cluster up --dir {d}`)") from None
+            raise UsageError(f"no local pool in {d}: pass --dir DIR (or set NVPOOL_HOME) where one was started, or "
+                             f"start one with `nvpool cluster up --dir {d}`") from None
         c = cls(d, len(state["agents"]), state["drives_per_agent"], state["drive_size"],
                 unix_sockets=state.get("unix_sockets", True), tls=bool(state.get("tls_dir")),
                 tls_dir=state.get("tls_dir") or None, data_tls=state.get("data_tls", True),
@@ -393,7 +394,17 @@ class LocalCluster:
 
 
 def default_dir() -> str:
-    return os.environ.get("NVPOOL_HOME") or os.path.join(os.getcwd(), ".nvpool")
+    """Where the local pool lives when no ``--dir`` is given: ``$NVPOOL_HOME``, else ``./.nvpool/local``
+    (where the quick start, ``deploy/local-pool.sh``, puts it), else a pool an earlier version started in
+    ``./.nvpool``."""
+    home = os.environ.get("NVPOOL_HOME")
+    if home:
+        return home
+    local = os.path.join(os.getcwd(), ".nvpool", "local")
+    older = os.path.join(os.getcwd(), ".nvpool")
+    if not os.path.exists(os.path.join(local, "cluster.json")) and os.path.exists(os.path.join(older, "cluster.json")):
+        return older
+    return local
 
 
 def read_meta_address(directory: Optional[str]) -> Optional[str]:

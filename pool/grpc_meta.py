@@ -445,7 +445,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
                                      health=st["health"], pool_id=st["pool_id"],
                                      releasing_extents=st["releasing_extents"], releasing_bytes=st["releasing_bytes"],
                                      meta_store=self.role.store_url, meta_epoch=svc.epoch,
-                                     meta_leader=self.role.address)
+                                     meta_leader=self.role.address, unavailable_volumes=st["unavailable_volumes"])
         if self.reb is not None:
             resp.rebalance.CopyFrom(rebalance_pb(self.reb.status()))
         if self.repl is not None:

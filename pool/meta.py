@@ -1331,6 +1331,8 @@ class MetaService:
         used = sum(s.used_bytes for s in spaces.values())
         health = "empty" if not self.drives else ("degraded" if degraded else "ok")
         releasing = [r for r in self.reserved.values() if r.kind == "releasing"]
+        unavailable = sorted(v.name for v in self.volumes.values()
+                             if v.volume_id in self.layouts and self._volume_health(self.layouts[v.volume_id]) == "unavailable")
         return {"agents": agents, "capacity": cap, "used": used, "volumes": len(self.volumes), "health": health,
                 "pool_id": self.pool_id, "releasing_extents": len(releasing),
-                "releasing_bytes": sum(r.length for r in releasing)}
+                "releasing_bytes": sum(r.length for r in releasing), "unavailable_volumes": unavailable}

@@ -448,7 +448,7 @@ class PoolStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PoolStatusResponse(_message.Message):
-    __slots__ = ("agents", "capacity", "used", "volumes", "health", "rebalance", "pool_id", "releasing_extents", "releasing_bytes", "repairs", "degraded_volumes", "meta_store", "meta_epoch", "meta_leader", "scrubs")
+    __slots__ = ("agents", "capacity", "used", "volumes", "health", "rebalance", "pool_id", "releasing_extents", "releasing_bytes", "repairs", "degraded_volumes", "meta_store", "meta_epoch", "meta_leader", "scrubs", "unavailable_volumes")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     USED_FIELD_NUMBER: _ClassVar[int]
@@ -464,6 +464,7 @@ class PoolStatusResponse(_message.Message):
     META_EPOCH_FIELD_NUMBER: _ClassVar[int]
     META_LEADER_FIELD_NUMBER: _ClassVar[int]
     SCRUBS_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_VOLUMES_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[AgentStatus]
     capacity: int
     used: int
@@ -479,7 +480,8 @@ class PoolStatusResponse(_message.Message):
     meta_epoch: int
     meta_leader: str
     scrubs: _containers.RepeatedCompositeFieldContainer[ScrubStatus]
-    def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., volumes: _Optional[int] = ..., health: _Optional[str] = ..., rebalance: _Optional[_Union[RebalanceStatus, _Mapping]] = ..., pool_id: _Optional[str] = ..., releasing_extents: _Optional[int] = ..., releasing_bytes: _Optional[int] = ..., repairs: _Optional[_Iterable[_Union[RepairStatus, _Mapping]]] = ..., degraded_volumes: _Optional[int] = ..., meta_store: _Optional[str] = ..., meta_epoch: _Optional[int] = ..., meta_leader: _Optional[str] = ..., scrubs: _Optional[_Iterable[_Union[ScrubStatus, _Mapping]]] = ...) -> None: ...
+    unavailable_volumes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., capacity: _Optional[int] = ..., used: _Optional[int] = ..., volumes: _Optional[int] = ..., health: _Optional[str] = ..., rebalance: _Optional[_Union[RebalanceStatus, _Mapping]] = ..., pool_id: _Optional[str] = ..., releasing_extents: _Optional[int] = ..., releasing_bytes: _Optional[int] = ..., repairs: _Optional[_Iterable[_Union[RepairStatus, _Mapping]]] = ..., degraded_volumes: _Optional[int] = ..., meta_store: _Optional[str] = ..., meta_epoch: _Optional[int] = ..., meta_leader: _Optional[str] = ..., scrubs: _Optional[_Iterable[_Union[ScrubStatus, _Mapping]]] = ..., unavailable_volumes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RepairStatus(_message.Message):
     __slots__ = ("volume", "column", "replica", "state", "reason", "since", "bytes_total", "bytes_done", "eta_s")

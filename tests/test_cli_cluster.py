@@ -94,3 +94,25 @@ def test_local_pool_with_three_metadata_services_survives_killing_the_leader(tmp
         assert {"ha", "demo"} <= {v["name"] for v in vols}
     finally:
         nv("cluster", "down", "--dir", d)
+
+
+def test_without_dir_the_cli_finds_the_quick_starts_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``nvpool cluster env`` / ``status`` with no ``--dir`` look where the quick start put its pool
+    (``.nvpool/local``), still find a pool an earlier version started in ``.nvpool``, and when there is
+    none say to pass ``--dir`` (issue 30, the first hour, 5)."""
+    from nvpool.client.cluster import LocalCluster, default_dir
+    from nvpool.proto.errors import UsageError
+
+    monkeypatch.delenv("NVPOOL_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_dir() == str(tmp_path / ".nvpool" / "local")
+    (tmp_path / ".nvpool").mkdir()
+    (tmp_path / ".nvpool" / "cluster.json").write_text("{}")
+    assert default_dir() == str(tmp_path / ".nvpool")  # an older pool, and no quick-start one
+    (tmp_path / ".nvpool" / "local").mkdir()
+    (tmp_path / ".nvpool" / "local" / "cluster.json").write_text("{}")
+    assert default_dir() == str(tmp_path / ".nvpool" / "local")
+    monkeypatch.setenv("NVPOOL_HOME", str(tmp_path / "elsewhere"))
+    assert default_dir() == str(tmp_path / "elsewhere")
+    with pytest.raises(UsageError, match="pass --dir DIR"):
+        LocalCluster.load(default_dir())

@@ -26,6 +26,7 @@ def blocks(section: str, lang: str) -> list[str]:
 def test_blocks_are_found() -> None:
     assert len(blocks("Quick start", "sh")) == 2
     assert len(blocks("Python API", "python")) == 4
+    assert len(blocks("Surviving a dead server", "sh")) == 1
 
 
 def test_quick_start_and_python_api_run_as_written(tmp_path: Path) -> None:
@@ -54,6 +55,13 @@ def test_quick_start_and_python_api_run_as_written(tmp_path: Path) -> None:
                 r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                                    text=True, timeout=120)
                 assert r.returncode == 0, f"Python API block {i} (run {attempt + 1}):\n{code}\n{r.stderr}"
+        # the replication section's commands fit this pool and name no volume the blocks above use
+        # (issue 30, the first hour, 11)
+        shell = blocks("Surviving a dead server", "sh")[0]
+        r = subprocess.run(["bash", "-euo", "pipefail", "-c", shell], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=180, env={**env, "PATH": f"{venv / 'bin'}:{env.get('PATH', '')}"})
+        assert r.returncode == 0, f"{shell}\n{r.stdout}\n{r.stderr}"
+        assert "0 checksum errors" in r.stdout
     finally:
         down = subprocess.run([*nv, "cluster", "down", "--dir", ".nvpool/local"], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=60)
