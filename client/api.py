@@ -80,6 +80,9 @@ class AsyncPool:
         self.connections = Connections(options)
         #: (volume name, read-only) -> the lease every handle of that volume shares
         self._leases: dict[tuple[str, bool], Lease] = {}
+        #: one lease request at a time per key: handles opened at once (several threads of a program
+        #: through one ``Pool``) share the lease the first one takes, instead of being refused by it
+        self._opening: dict[tuple[str, bool], asyncio.Lock] = {}
 
     @classmethod
     async def connect(cls, meta_address: Optional[str] = None, options: Optional[ClientOptions] = None) -> "AsyncPool":
@@ -94,16 +97,18 @@ class AsyncPool:
         renewed in the background and returned when the last handle closes. ``lease`` (id, term)
         joins a lease this program already holds (the export's worker processes)."""
         key = (name, read_only)
-        held = self._leases.get(key)
-        if held is None or held.closed or held.fenced is not None:
-            if lease is not None:
-                lease_id, ttl = lease
-            else:
-                lease_id, ttl = await self.meta.open_volume(name, write=not read_only, force=force, holder=holder)
-            held = Lease(self.meta, name, lease_id, ttl, not read_only, self._forget)
-            self._leases[key] = held
-            held.start()
-        held.refs += 1  # while the layout is fetched
+        gate = self._opening.setdefault(key, asyncio.Lock())
+        async with gate:
+            held = self._leases.get(key)
+            if held is None or held.closed or held.fenced is not None:
+                if lease is not None:
+                    lease_id, ttl = lease
+                else:
+                    lease_id, ttl = await self.meta.open_volume(name, write=not read_only, force=force, holder=holder)
+                held = Lease(self.meta, name, lease_id, ttl, not read_only, self._forget)
+                self._leases[key] = held
+                held.start()
+            held.refs += 1  # while the layout is fetched
         try:
             layout, endpoints, cap = await self.meta.get_layout_cap(name=name, lease_id=held.lease_id)
             if cap:

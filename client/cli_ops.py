@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -30,14 +31,48 @@ def cmd_health(args: argparse.Namespace) -> int:
     try:
         status = asyncio.run(check())
     except grpc.aio.AioRpcError as exc:
-        print(f"nvpool: error: no health answer from {args.address}: {exc.code().name}", file=sys.stderr)
-        return 1
+        control = _agent_control_address(args.address, files)
+        if not control:
+            print(f"nvpool: error: no health answer from {args.address}: {exc.code().name}", file=sys.stderr)
+            return 1
+        # the data-plane address every listing shows: the health service is on the agent's control port
+        print(f"{args.address} is an agent's data plane; asking its control port {control}", file=sys.stderr)
+        args.address = control
+        try:
+            status = asyncio.run(check())
+        except grpc.aio.AioRpcError as exc2:
+            print(f"nvpool: error: no health answer from {control}: {exc2.code().name}", file=sys.stderr)
+            return 1
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
     if args.json:
         print(f'{{"address": "{args.address}", "status": "{name}"}}')
     else:
         print(f"{args.address}: {name}")
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 3
+
+
+def _agent_control_address(address: str, files: Any) -> str:
+    """The control address of the agent whose data-plane address is ``address``, asked from the metadata
+    service ($NVPOOL_META, or the local pool's); "" when none is reachable or none matches."""
+    from nvpool.client.cluster import read_meta_address
+    from nvpool.client.metaclient import MetaClient
+
+    meta = os.environ.get("NVPOOL_META") or read_meta_address(None)
+    if not meta:
+        return ""
+
+    async def find() -> str:
+        m = MetaClient(meta, timeout=5, tls=files)
+        try:
+            st = await m.pool_status()
+            return next((a.control_address for a in st.agents if a.address == address and a.control_address), "")
+        finally:
+            await m.close()
+
+    try:
+        return asyncio.run(find())
+    except Exception:  # noqa: BLE001 - only a better answer when it works
+        return ""
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
@@ -64,8 +99,9 @@ def register(sub: Any) -> None:
     m.set_defaults(func=cmd_man)
     h = sub.add_parser("health", help="ask a metadata service or agent whether it is serving (gRPC health)",
                        description="The standard gRPC health check against HOST:PORT (a metadata service, or an "
-                                   "agent's control port). Exit 0: SERVING; 3: answering but not serving; 1: no "
-                                   "answer. Uses $NVPOOL_TLS when the pool uses TLS.")
+                                   "agent's control port; given an agent's data-plane address, the one listings show, it asks "
+                                   "the metadata service ($NVPOOL_META) for the control port). Exit 0: SERVING; 3: "
+                                   "answering but not serving; 1: no answer. Uses $NVPOOL_TLS when the pool uses TLS.")
     h.add_argument("address", type=listen_address, help="HOST:PORT")
     h.add_argument("--tls-ca", metavar="PEM", help="with --tls-cert/--tls-key: TLS material (default $NVPOOL_TLS; a "
                                                    "daemon's own certificate works, for its probes)")

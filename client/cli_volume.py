@@ -266,7 +266,8 @@ def status_dict(st: Any) -> dict[str, Any]:
         "volumes": st.volumes,
         "agents": [
             {
-                "agent_id": a.agent_id, "host": a.host, "rack": a.rack, "address": a.address, "alive": a.alive,
+                "agent_id": a.agent_id, "host": a.host, "rack": a.rack, "address": a.address,
+                "control_address": a.control_address, "alive": a.alive,
                 "state": a.state, "last_seen": a.last_seen,
                 "drives": [
                     {"drive_id": d.info.drive_id, "path": d.info.path, "capacity": d.info.capacity,

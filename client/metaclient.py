@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import socket
 import sys
 import time
@@ -83,6 +84,25 @@ def holder_name(what: str = "") -> str:
     """Who opens a volume, as status and refusals show it: 'host pid N (program)'."""
     prog = what or os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python") or "python"
     return f"{socket.gethostname()} pid {os.getpid()} ({prog})"
+
+
+def holder_gone(message: str) -> str:
+    """For a refusal naming a holder ('host pid N (program)'): when that holder ran on this host and its
+    process is gone, a sentence saying so (its lease runs out by itself); else ""."""
+    m = re.search(r"by (\S+) pid (\d+) \(", message)
+    if m is None or m.group(1) != socket.gethostname():
+        return ""
+    pid = int(m.group(2))
+    if pid == os.getpid():
+        return "that is this process: another of its clients holds it"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return (f"process {pid} has exited without closing the volume; its lease runs out by itself, or take it "
+                "over with force / --force")
+    except OSError:
+        pass
+    return ""
 
 
 _CODES: dict[grpc.StatusCode, type[NvpoolError]] = {
@@ -355,9 +375,15 @@ class MetaClient:
 
     async def open_volume(self, name: str, write: bool, force: bool = False, holder: str = "") -> tuple[str, float]:
         """Take a lease (writer: exclusive; reader: shared); returns (lease id, seconds it lives unrenewed)."""
-        m = await self._call("OpenVolume", pb.OpenVolumeRequest(name=name, write=write, force=force,
-                                                                holder=holder or holder_name(),
-                                                                request_id=uuid.uuid4().hex))
+        try:
+            m = await self._call("OpenVolume", pb.OpenVolumeRequest(name=name, write=write, force=force,
+                                                                    holder=holder or holder_name(),
+                                                                    request_id=uuid.uuid4().hex))
+        except LeaseError as exc:
+            gone = holder_gone(str(exc))
+            if gone:
+                raise LeaseError(f"{exc} ({gone})") from None
+            raise
         return m.lease_id, m.ttl_ms / 1000
 
     async def renew_lease(self, lease_id: str, intent_settled: int = 0) -> tuple[float, bytes, int]:
@@ -372,6 +398,25 @@ class MetaClient:
         """Return a lease; ``unsettled``: this writer gave up on writes, so its copies may differ (the
         service resyncs what it may have left different, as after a crash)."""
         await self._call("CloseVolume", pb.CloseVolumeRequest(lease_id=lease_id, unsettled=unsettled), timeout=5)
+
+    def close_volume_sync(self, lease_id: str, unsettled: bool = False, timeout: float = 2.0) -> bool:
+        """``close_volume`` through gRPC's synchronous stack, for when no event loop may run any more (at
+        interpreter exit): each address in turn (a standby forwards to the leader); whether one took it."""
+        req = pb.CloseVolumeRequest(lease_id=lease_id, unsettled=unsettled)
+        for address in self.addresses:
+            try:
+                ch = grpctls.sync_channel(address, self.tls)
+                try:
+                    pbg.MetaStub(ch).CloseVolume(req, timeout=timeout)
+                    return True
+                finally:
+                    ch.close()
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                    return True  # gone already
+            except (OSError, ValueError):
+                pass
+        return False
 
     async def pool_status(self) -> Any:
         """The PoolStatusResponse message (the CLI renders it)."""

@@ -46,10 +46,12 @@ Replicated volumes (the client's half of ``pool/replication.py``):
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import math
 import os
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Union
@@ -263,6 +265,32 @@ class RangeLock:
             fut.set_result(None)
 
 
+#: leases this process took and has not returned, by lease id (``return_leases_at_exit``)
+_HELD: "dict[str, Lease]" = {}
+_HELD_LOCK = threading.Lock()
+
+
+def return_leases_at_exit() -> int:
+    """Give back every lease this process took and did not return (``atexit``): a script that writes and
+    exits without ``close()`` does not leave its volume locked for the lease's term. A forked child
+    returns none of its parent's. Each is returned through gRPC's synchronous stack (the program's event
+    loops may be gone), with a short deadline; one that cannot be returned expires by itself. A writer
+    with writes still in flight returns its lease as unsettled (the copies are resynced, as after a
+    crash). Returns how many were returned."""
+    with _HELD_LOCK:
+        leases = [lease for lease in _HELD.values() if lease.pid == os.getpid() and lease.owner and not lease.closed]
+        _HELD.clear()
+    done = 0
+    for lease in leases:
+        lease.closed = True
+        if lease.meta.close_volume_sync(lease.lease_id, lease.write and (lease.unsettled or bool(lease._in_flight))):
+            done += 1
+    return done
+
+
+atexit.register(return_leases_at_exit)
+
+
 class Lease:
     """A volume lease held by one pool (client), shared by all its handles of that volume in that mode:
     the writer lease is exclusive per *client*, as RBD's exclusive lock is per librbd client, so one
@@ -291,8 +319,13 @@ class Lease:
         #: this writer claims nothing settled any more and its close counts as unclean
         self.unsettled = False
         self._wrote = False
+        #: the process that took it (only that one returns it at exit)
+        self.pid = os.getpid()
 
     def start(self) -> None:
+        if self.owner and not self.closed and self.pid == os.getpid():
+            with _HELD_LOCK:
+                _HELD[self.lease_id] = self
         if self.ttl > 0 and self._timer is None and not self.closed:
             # while replicated writes go on, every INTENT_INTERVAL: each renewal lets the agents forget
             # the write intent of what has settled since the one before
@@ -372,6 +405,8 @@ class Lease:
             self._task.cancel()
         if self._on_closed is not None:
             self._on_closed(self)
+        with _HELD_LOCK:
+            _HELD.pop(self.lease_id, None)
         if not self.owner:
             return
         try:

@@ -432,6 +432,7 @@ class MetaServicer(pbg.MetaServicer):  # type: ignore[misc]
             rec = a["agent"]
             agents.append(pb.AgentStatus(
                 agent_id=rec.agent_id, host=rec.host, rack=rec.rack, address=rec.address, alive=a["alive"],
+                control_address=rec.control_address,
                 labels=rec.labels,
                 state=rec.state, last_seen=a["last_seen"],
                 drives=[pb.DriveStatus(

@@ -1113,10 +1113,12 @@ class MetaService:
             if write:
                 writers = [w for w in self._live_leases(vid) if w.mode == "write"]
                 if writers and not force:
+                    left = max(0.0, writers[0].expires - time.monotonic())
                     raise LeaseError(
                         f"volume {name!r} is open for writing by {writers[0].holder} (since "
-                        f"{time.strftime('%H:%M:%S', time.localtime(writers[0].granted))}); open it read-only, "
-                        f"or take it over with --force (that fences the current writer)"
+                        f"{time.strftime('%H:%M:%S', time.localtime(writers[0].granted))}; its lease runs out in "
+                        f"{left:.0f}s unless renewed); open it read-only, or take it over with --force (that fences "
+                        "the current writer)"
                     )
                 if self._resync_first(self.layouts[vid], bool(writers)):
                     return None  # never break a replicated volume's writer here: _break_for_resync does, then resyncs

@@ -2,7 +2,9 @@
 
 A secret file holds one secret per line (hex): the first signs, every line is accepted, so a secret
 is rotated by adding a new first line on every daemon, restarting them, then dropping the old line.
-The file must be readable by its owner only (0600); a daemon refuses one that others can read.
+The file must be readable by its owner (0600), or by its owner and group (0440/0640: a Kubernetes
+secret mounted for a non-root daemon with ``fsGroup``); a daemon refuses one that anyone else can read
+or that its group can write.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ def load(path: str) -> list[bytes]:
             lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     except OSError as exc:
         raise UsageError(f"cannot read the pool's join secret {path}: {exc.strerror or exc}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise UsageError(f"the join secret {path} is readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-                         f"chmod 600 {path}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO):
+        raise UsageError(f"the join secret {path} is open to others (mode {stat.S_IMODE(st.st_mode):o}); "
+                         f"chmod 600 {path} (or 440 for a group of daemons)")
     try:
         out = [bytes.fromhex(ln) for ln in lines]
     except ValueError:

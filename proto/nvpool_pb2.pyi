@@ -405,7 +405,7 @@ class CloseVolumeResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentStatus(_message.Message):
-    __slots__ = ("agent_id", "host", "rack", "address", "alive", "last_seen", "drives", "state", "labels")
+    __slots__ = ("agent_id", "host", "rack", "address", "alive", "last_seen", "drives", "state", "labels", "control_address")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -422,6 +422,7 @@ class AgentStatus(_message.Message):
     DRIVES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     host: str
     rack: str
@@ -431,7 +432,8 @@ class AgentStatus(_message.Message):
     drives: _containers.RepeatedCompositeFieldContainer[DriveStatus]
     state: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., last_seen: _Optional[float] = ..., drives: _Optional[_Iterable[_Union[DriveStatus, _Mapping]]] = ..., state: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    control_address: str
+    def __init__(self, agent_id: _Optional[str] = ..., host: _Optional[str] = ..., rack: _Optional[str] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., last_seen: _Optional[float] = ..., drives: _Optional[_Iterable[_Union[DriveStatus, _Mapping]]] = ..., state: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., control_address: _Optional[str] = ...) -> None: ...
 
 class DriveStatus(_message.Message):
     __slots__ = ("info", "used", "extents")

@@ -72,3 +72,44 @@ def test_grafana_dashboard_queries_only_metrics_we_export() -> None:
     for name in names:  # every metric the dashboard uses is one a collector defines
         base = re.sub(r"_(total|bucket|count|sum)$", "", name)
         assert f'"{base}"' in source, name
+
+
+def test_deployment_files_give_the_daemons_what_they_need(tmp_path: Path) -> None:
+    """Issue 30, the first hour, 10: what a deployment from these files met, checked without a cluster."""
+    import os
+    import yaml  # type: ignore[import-untyped]
+
+    import nvpool
+    from nvpool.client.mounting import run_dir
+    from nvpool.proto import keys
+    from nvpool.proto.errors import UsageError
+
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "nvpool.yaml").read_text()) if d]
+    # every image is this version's
+    images = [c["image"] for d in docs if d.get("spec", {}).get("template")
+              for c in d["spec"]["template"]["spec"]["containers"]]
+    assert images and all(i == f"nvpool:{nvpool.__version__}" for i in images), images
+    # a non-root metadata pod can read its secrets: mounted for its group, and nvpool takes group-readable
+    meta = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    uid = meta["containers"][0]["securityContext"]["runAsUser"]
+    assert meta["securityContext"]["fsGroup"] == uid
+    for v in meta["volumes"]:
+        if "secret" in v:
+            assert v["secret"]["defaultMode"] & 0o040, v  # group-readable
+    secret = tmp_path / "secret"
+    keys.create(str(secret))
+    os.chmod(secret, 0o440)
+    assert keys.load(str(secret))
+    for bad in (0o444, 0o460, 0o640 | 0o004):
+        os.chmod(secret, bad)
+        with pytest.raises(UsageError, match="open to others"):
+            keys.load(str(secret))
+    # stopping the agent must not wipe what `nvpool mount` keeps in /run/nvpool
+    unit = (DEPLOY / "systemd" / "nvpool-agent.service").read_text()
+    if "RuntimeDirectory=nvpool\n" in unit:
+        assert "RuntimeDirectoryPreserve=yes" in unit
+    assert str(run_dir()) == "/run/nvpool" or os.environ.get("NVPOOL_RUN_DIR")
+    # the image carries the compiled hot paths, or its build fails saying so
+    cf = (DEPLOY / "Containerfile").read_text()
+    assert "AS build" in cf and "gcc" in cf.split("AS build", 1)[1].split("FROM", 1)[0]
+    assert "compiled.status()" in cf and "sys.exit" in cf

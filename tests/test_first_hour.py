@@ -1,7 +1,15 @@
 """What a new user meets in the first hour (issue 30, "The first hour"), each tried as they would.
 
+1. A script that opens a volume for writing, writes and exits without ``close()`` gives its lease back
+   at exit: run again at once, it opens the volume. A holder that died without that (SIGKILL) is named
+   as gone in the refusal, with the time its lease has left.
+2. Several threads of one program opening one volume at once through one ``Pool`` share its lease.
 3. With an agent of the pool dead, unreplicated volumes with data on it cannot be read: ``pool status``
    names them, ``volume list`` and ``volume show`` say ``unavailable`` for them as for replicated ones.
+7. ``nvpool health`` given the agent address every listing shows (its data plane) asks its control port.
+
+(5 and 9 are in tests/test_cli_cluster.py and tests/test_config.py, 10 in tests/test_deploy.py, 11 in
+tests/test_readme.py.)
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -66,3 +75,84 @@ def test_plain_volumes_on_a_dead_agent_are_named_unavailable(pool: LocalCluster)
     while json.loads(nvpool(meta, "pool", "status", "--json").stdout)["unavailable_volumes"]:
         assert time.monotonic() < deadline, "the volume stayed unavailable after its agent came back"
         time.sleep(0.2)
+
+
+SCRIPT = """
+import os, sys
+from nvpool import client
+pool = client.connect(os.environ["NVPOOL_META"])
+vol = pool.open(sys.argv[1])
+vol.write(0, b"x" * 4096)
+if sys.argv[2] == "kill":
+    os.kill(os.getpid(), 9)
+print("wrote")
+"""
+
+
+def test_a_script_that_exits_without_close_gives_its_writer_lease_back(pool: LocalCluster, tmp_path: Path) -> None:
+    meta = pool.meta.address
+    with client.connect(meta) as p:
+        p.create_volume("script", 8 * MiB)
+    env = dict(os.environ, NVPOOL_META=meta)
+    script = tmp_path / "writer.py"
+    script.write_text(SCRIPT)
+    for run in range(2):  # the second run finds the volume free at once
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, str(script), "script", "exit"], capture_output=True, text=True, env=env,
+                           timeout=60)
+        assert r.returncode == 0 and "wrote" in r.stdout, f"run {run}: {r.stderr}"
+        assert time.monotonic() - t0 < 10
+    held = json.loads(nvpool(meta, "volume", "status", "script", "--json").stdout)["holders"]
+    assert held == [], held
+    # a writer killed outright cannot give it back: the next opener is told the holder is gone
+    r = subprocess.run([sys.executable, str(script), "script", "kill"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == -9
+    r = subprocess.run([sys.executable, str(script), "script", "exit"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode != 0
+    assert "has exited without closing the volume" in r.stderr and "lease runs out in" in r.stderr, r.stderr
+
+
+def test_threads_opening_one_volume_at_once_share_the_lease(pool: LocalCluster) -> None:
+    import threading
+
+    meta = pool.meta.address
+    with client.connect(meta) as p:
+        p.create_volume("threads", 8 * MiB)
+        errors: list[BaseException] = []
+        handles = []
+        start = threading.Barrier(8)
+
+        def opener(i: int) -> None:
+            try:
+                start.wait()
+                v = p.open("threads")
+                v.write(i * 4096, bytes([i + 1]) * 4096)
+                handles.append(v)
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        threads = [threading.Thread(target=opener, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert len(handles) == 8
+        for i in range(8):
+            assert bytes(handles[0].read(i * 4096, 4096)) == bytes([i + 1]) * 4096
+        for v in handles:
+            v.close()
+
+
+def test_health_of_an_agent_by_the_address_listings_show(pool: LocalCluster) -> None:
+    meta = pool.meta.address
+    st = json.loads(nvpool(meta, "pool", "status", "--json").stdout)
+    agent = st["agents"][0]
+    assert agent["control_address"] and agent["control_address"] != agent["address"]
+    r = nvpool(meta, "health", agent["address"])
+    assert r.returncode == 0, r.stderr
+    assert "SERVING" in r.stdout and "asking its control port" in r.stderr
+    r = nvpool(meta, "health", agent["control_address"])
+    assert r.returncode == 0 and "SERVING" in r.stdout and not r.stderr
