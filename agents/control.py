@@ -119,7 +119,7 @@ class AgentServicer(pbg.AgentServicer):  # type: ignore[misc]
 
     async def MapExtent(self, request: Any, context: Any) -> pb.MapExtentResponse:
         try:
-            ranges = await self.core.map_extent(request.extent_id)
+            ranges = await self.core.map_extent(request.extent_id, request.written)
         except (NvpoolError, OSError) as exc:
             await _abort(context, exc)
         return pb.MapExtentResponse(data=[pb.Range(offset=o, length=n) for o, n in ranges])

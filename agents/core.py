@@ -359,13 +359,15 @@ class AgentCore:
         drive, _, _ = self.locate(cmd)
         self._io(drive, drive.flush)
 
-    async def map_extent(self, extent_id: int) -> list[tuple[int, int]]:
-        """Ranges of an extent (extent offsets) that may hold written data (see ``osio.data_ranges``)."""
+    async def map_extent(self, extent_id: int, written: bool = False) -> list[tuple[int, int]]:
+        """Ranges of an extent (extent offsets) that may hold written data (see ``osio.data_ranges``);
+        ``written``: only what was written, for reports (``osio.written_ranges``: it writes back first)."""
         rec = self.extents.get(extent_id)
         if rec is None:
             raise NotFoundError(f"extent {extent_id} is not on this agent")
         drive = self.drives[rec.drive_id]
-        ranges = await self._on_drive(rec.drive_id, lambda: osio.data_ranges(drive.fd, rec.drive_offset, rec.length))
+        probe = osio.written_ranges if written else osio.data_ranges
+        ranges = await self._on_drive(rec.drive_id, lambda: probe(drive.fd, rec.drive_offset, rec.length))
         return [(off - rec.drive_offset, n) for off, n in ranges]
 
     async def flush_all_async(self) -> None:

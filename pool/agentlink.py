@@ -73,8 +73,9 @@ class GrpcAgentLink:
     async def release(self, address: str, extent_ids: list[int]) -> None:
         await self._call(address, "ReleaseExtents", pb.ReleaseExtentsRequest(extent_ids=extent_ids), timeout=5)
 
-    async def map_extent(self, address: str, extent_id: int) -> list[tuple[int, int]]:
-        resp = await self._call(address, "MapExtent", pb.MapExtentRequest(extent_id=extent_id), timeout=30)
+    async def map_extent(self, address: str, extent_id: int, written: bool = False) -> list[tuple[int, int]]:
+        resp = await self._call(address, "MapExtent", pb.MapExtentRequest(extent_id=extent_id, written=written),
+                                timeout=30)
         return [(r.offset, r.length) for r in resp.data]
 
     async def flush(self, address: str) -> None:

@@ -123,7 +123,7 @@ class AgentLink(Protocol):
 
     async def flush(self, address: str) -> None: ...
 
-    async def map_extent(self, address: str, extent_id: int) -> list[tuple[int, int]]: ...
+    async def map_extent(self, address: str, extent_id: int, written: bool = False) -> list[tuple[int, int]]: ...
 
     async def dirty(self, address: str, extent_ids: list[int], op: str) -> dict[int, Optional[list[tuple[int, int]]]]: ...
 
@@ -1279,7 +1279,8 @@ class MetaService:
 
     async def volume_usage(self, names: Iterable[str] = ()) -> list[dict[str, Any]]:
         """Provisioned, allocated and written bytes of volumes (``nvpool volume du``). Written bytes
-        come from the agents (SEEK_DATA over each extent), asked in parallel outside the lock."""
+        come from the agents (written extents of each, ``osio.written_ranges``), asked in parallel
+        outside the lock."""
         wanted = list(names) or sorted(self.volumes)
         vols = [self.volume(n) for n in wanted]
         out = []
@@ -1293,7 +1294,7 @@ class MetaService:
                 if a is None or not self.alive(a.agent_id):
                     return None
                 try:
-                    ranges = await asyncio.wait_for(self.link.map_extent(a.control_address, e.extent_id), 10)
+                    ranges = await asyncio.wait_for(self.link.map_extent(a.control_address, e.extent_id, True), 10)
                 except (NvpoolError, TimeoutError):
                     return None
                 return sum(min(n, e.length - off) for off, n in ranges if off < e.length)

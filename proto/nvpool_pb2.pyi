@@ -730,10 +730,12 @@ class CopyExtentResponse(_message.Message):
     def __init__(self, bytes: _Optional[int] = ...) -> None: ...
 
 class MapExtentRequest(_message.Message):
-    __slots__ = ("extent_id",)
+    __slots__ = ("extent_id", "written")
     EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
     extent_id: int
-    def __init__(self, extent_id: _Optional[int] = ...) -> None: ...
+    written: bool
+    def __init__(self, extent_id: _Optional[int] = ..., written: _Optional[bool] = ...) -> None: ...
 
 class Range(_message.Message):
     __slots__ = ("offset", "length")

@@ -6,6 +6,7 @@
 2. Several threads of one program opening one volume at once through one ``Pool`` share its lease.
 3. With an agent of the pool dead, unreplicated volumes with data on it cannot be read: ``pool status``
    names them, ``volume list`` and ``volume show`` say ``unavailable`` for them as for replicated ones.
+8. ``volume du`` counts as written only what was written: reads of a new volume add nothing.
 7. ``nvpool health`` given the agent address every listing shows (its data plane) asks its control port.
 
 (5 and 9 are in tests/test_cli_cluster.py and tests/test_config.py, 10 in tests/test_deploy.py, 11 in
@@ -156,3 +157,23 @@ def test_health_of_an_agent_by_the_address_listings_show(pool: LocalCluster) -> 
     assert "SERVING" in r.stdout and "asking its control port" in r.stderr
     r = nvpool(meta, "health", agent["control_address"])
     assert r.returncode == 0 and "SERVING" in r.stdout and not r.stderr
+
+
+def test_du_counts_written_bytes_not_read_ones(pool: LocalCluster) -> None:
+    meta = pool.meta.address
+
+    def written() -> int:
+        rows = json.loads(nvpool(meta, "volume", "du", "readonly", "--json").stdout)
+        return int(rows[0]["written"])
+
+    with client.connect(meta) as p:
+        p.create_volume("readonly", 24 * MiB)
+        assert written() == 0
+        v = p.open("readonly", read_only=True)
+        assert not bytes(v.read(0, 24 * MiB)).strip(b"\0")  # reads bring the space into the page cache
+        v.close()
+        assert written() == 0  # ... which SEEK_DATA counted as data
+        w = p.open("readonly")
+        w.write(5 * MiB, b"z" * 8192)
+        w.close()
+    assert 8192 <= written() <= 2 * 8192  # written back, then counted by file-system block

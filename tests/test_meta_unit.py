@@ -38,7 +38,7 @@ class FakeLink:
     async def flush(self, address: str) -> None:
         pass
 
-    async def map_extent(self, address: str, extent_id: int) -> list[tuple[int, int]]:
+    async def map_extent(self, address: str, extent_id: int, written: bool = False) -> list[tuple[int, int]]:
         return [(0, 1 << 40)]  # everything may hold data
 
     async def dirty(self, address: str, extent_ids: list[int], op: str) -> dict[int, Optional[list[tuple[int, int]]]]:
