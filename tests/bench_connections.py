@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import uvloop  # noqa: E402
 
-from nvpool.client.cli_bench import run_bench  # noqa: E402
+from nvpool.client.cli.bench import run_bench  # noqa: E402
 from nvpool.client.cluster import LocalCluster  # noqa: E402
 from tests.bench_dataplane import proc_cpu_s, sync_qd1  # noqa: E402
 

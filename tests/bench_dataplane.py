@@ -45,7 +45,7 @@ import uvloop  # noqa: E402
 
 from nvpool.agents.drive import DATA_OFFSET  # noqa: E402
 from nvpool.proto.units import parse_size  # noqa: E402
-from nvpool.client.cli_bench import run_bench  # noqa: E402
+from nvpool.client.cli.bench import run_bench  # noqa: E402
 from nvpool.client.cluster import LocalCluster  # noqa: E402
 from nvpool.proto import compiled  # noqa: E402
 from tests.benchlib import loopback_tcp_MBps, memcpy_MBps  # noqa: E402

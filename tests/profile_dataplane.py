@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import uvloop  # noqa: E402
 
-from nvpool.client.cli_bench import run_bench  # noqa: E402
+from nvpool.client.cli.bench import run_bench  # noqa: E402
 from nvpool.client.cluster import LocalCluster  # noqa: E402
 
 MiB = 1 << 20
@@ -64,7 +64,7 @@ STAGES = [
     ("client volume logic (split, retries, locks)", ("client/volume.py", "client/api.py")),
     ("agent connection (agents/dataplane.py)", ("agents/dataplane.py", "agents/shm.py")),
     ("agent core (checks, fences, stats)", ("agents/core.py", "agents/drive.py", "agents/metrics.py")),
-    ("benchmark loop (client/cli_bench.py)", ("client/cli_bench.py",)),
+    ("benchmark loop (client/cli/bench.py)", ("client/cli/bench.py",)),
     ("drive syscalls (pread/pwrite)", ("built-in method posix.pread", "built-in method posix.pwrite")),
     ("socket writes (transport write/writelines)", ("method 'write' of 'uvloop", "method 'writelines' of 'uvloop",
                                                     "method 'send", "sendmsg")),

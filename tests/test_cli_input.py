@@ -95,7 +95,7 @@ def test_export_refuses_zero_workers() -> None:
 
 
 def test_names_are_checked_like_the_metadata_service() -> None:
-    from nvpool.client import cli_common
+    from nvpool.client.cli import common as cli_common
     from nvpool.pool import meta
 
     assert cli_common.NAME_RE.pattern == meta.NAME_RE.pattern

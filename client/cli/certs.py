@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nvpool.client.cli_common import emit
+from nvpool.client.cli.common import emit
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import sys
 import tomllib
 from typing import Any, Awaitable, Callable, Optional
 
-from nvpool.client.cli_common import listen_address, meta_address, seconds_arg, seconds_or_zero_arg, size_arg
+from nvpool.client.cli.common import listen_address, meta_address, seconds_arg, seconds_or_zero_arg, size_arg
 from nvpool.proto.errors import UsageError
 
 logger = logging.getLogger(__name__)

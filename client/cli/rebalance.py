@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from nvpool.client.cli_common import BadArgument, emit, human, server_name, size_arg, table, volume_name, with_meta
+from nvpool.client.cli.common import BadArgument, emit, human, server_name, size_arg, table, volume_name, with_meta
 from nvpool.client.metaclient import MetaClient
 from nvpool.proto import nvpool_pb2 as pb
 

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from nvpool.client.cli_common import (
+from nvpool.client.cli.common import (
     add_timeout,
     check_meta_address,
     int_arg,

@@ -9,8 +9,8 @@ import time
 from typing import Any, TypeVar
 
 from nvpool.client.metaclient import VolumeInfo
-from nvpool.client import cli_rebalance
-from nvpool.client.cli_common import (
+from nvpool.client.cli import rebalance as cli_rebalance
+from nvpool.client.cli.common import (
     MAX_UINT32,
     SIZE_ALIGN,
     add_common,

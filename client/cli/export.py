@@ -11,8 +11,8 @@ import socket
 import sys
 from typing import Any
 
-from nvpool.client.cli_common import add_timeout, int_arg, listen_address, meta_address, resolve_meta, volume_name
-from nvpool.client.cli_daemons import run_daemon, write_ready
+from nvpool.client.cli.common import add_timeout, int_arg, listen_address, meta_address, resolve_meta, volume_name
+from nvpool.client.cli.daemons import run_daemon, write_ready
 from nvpool.client.metaclient import holder_name
 from nvpool.proto.units import human
 

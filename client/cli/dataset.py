@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from nvpool.client.cli_common import add_common, emit, size_arg, volume_name
+from nvpool.client.cli.common import add_common, emit, size_arg, volume_name
 from nvpool.proto.units import human
 
 

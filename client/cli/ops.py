@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from nvpool.client.cli_common import add_timeout, listen_address
+from nvpool.client.cli.common import add_timeout, listen_address
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -78,7 +78,7 @@ def _agent_control_address(address: str, files: Any) -> str:
 def cmd_completion(args: argparse.Namespace) -> int:
     import shtab
 
-    from nvpool.client.cli import build_parser
+    from nvpool.client.cli.main import build_parser
 
     print(shtab.complete(build_parser(), shell=args.shell))
     return 0
@@ -87,7 +87,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 def cmd_man(args: argparse.Namespace) -> int:
     from build_manpages.manpage import Manpage
 
-    from nvpool.client.cli import build_parser
+    from nvpool.client.cli.main import build_parser
 
     print(Manpage(build_parser()))
     return 0

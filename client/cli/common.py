@@ -3,7 +3,7 @@
 Argument checking: every option is converted by a ``type=`` function below that raises
 ``argparse.ArgumentTypeError`` with a one-line reason; ``Parser.error`` prints that one line
 (``nvpool: error: ...``) and exits with status 2, argparse's convention for usage errors. A check that
-needs several arguments at once raises ``BadArgument`` from the command, which ``nvpool.client.cli.main``
+needs several arguments at once raises ``BadArgument`` from the command, which ``nvpool.client.cli.main.main``
 also turns into status 2.
 """
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from nvpool.client.cli_common import BadArgument, add_timeout, int_arg, meta_address, resolve_meta, seconds_arg, size_arg, volume_name
+from nvpool.client.cli.common import BadArgument, add_timeout, int_arg, meta_address, resolve_meta, seconds_arg, size_arg, volume_name
 from nvpool.proto.errors import UsageError
 from nvpool.proto.units import GiB, human
 

@@ -12,20 +12,20 @@ import sys
 from typing import Any, Optional, Sequence
 
 from nvpool import __version__
-from nvpool.client.cli_common import BadArgument, Parser, one_line
+from nvpool.client.cli.common import BadArgument, Parser, one_line
 from nvpool.proto.errors import NvpoolError
 from nvpool.proto.units import human
 
 #: modules that add subcommands (each has register(subparsers) -> None)
 COMMAND_MODULES = (
-    "nvpool.client.cli_daemons",  # meta, agent
-    "nvpool.client.cli_volume",  # volume, pool
-    "nvpool.client.cli_cluster",  # cluster up/down/status
-    "nvpool.client.cli_bench",  # bench
-    "nvpool.client.cli_export",  # export, mount, unmount
-    "nvpool.client.cli_certs",  # certs init/issue
-    "nvpool.client.cli_ops",  # health, completion
-    "nvpool.client.cli_dataset",  # dataset pack/show
+    "nvpool.client.cli.daemons",  # meta, agent
+    "nvpool.client.cli.volume",  # volume, pool
+    "nvpool.client.cli.cluster",  # cluster up/down/status
+    "nvpool.client.cli.bench",  # bench
+    "nvpool.client.cli.export",  # export, mount, unmount
+    "nvpool.client.cli.certs",  # certs init/issue
+    "nvpool.client.cli.ops",  # health, completion
+    "nvpool.client.cli.dataset",  # dataset pack/show
 )
 
 
