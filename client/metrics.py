@@ -22,7 +22,7 @@ class Counters:
         self.latency: dict[str, tuple[list[int], list[float]]] = {}
         #: volumes whose recovery stats are summed at scrape time
         self.volumes: "weakref.WeakSet[Any]" = weakref.WeakSet()
-        #: NBD export connections on the compiled engine (client/nbdengine.py): their reads and writes
+        #: NBD export connections on the compiled engine (client/nbd/engine.py): their reads and writes
         #: served in C are counted by the engine, summed at scrape time, and added here when they end
         self.engines: "weakref.WeakSet[Any]" = weakref.WeakSet()
 

@@ -87,7 +87,7 @@ def connect_agent(address: str, unix_path: str, timeout: float,
                   ssl_context: Optional[ssl.SSLContext] = None) -> socket.socket:
     """A blocking connection to an agent's data plane (timeout ``timeout``): its Unix socket when
     ``unix_path`` exists (no registered regions), else TCP (TLS with ``ssl_context``). Also used by the
-    NBD export's compiled engine (client/nbdengine.py)."""
+    NBD export's compiled engine (client/nbd/engine.py)."""
     if unix_path and os.path.exists(unix_path):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

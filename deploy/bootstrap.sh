@@ -30,7 +30,7 @@ stamp=.venv/.nvpool-installed
 # machine's compiler) is newer than the last install.
 stale=0
 [ -f "$stamp" ] || stale=1
-for src in pyproject.toml agents/*.c proto/*.c client/*.c; do
+for src in pyproject.toml agents/*.c proto/*.c client/*.c client/*/*.c; do
   [ -f "$src" ] && [ "$src" -nt "$stamp" ] && stale=1
 done
 if [ "$stale" -eq 1 ]; then

@@ -13,7 +13,7 @@ echo "test: mypy (strict, whole tree, tests included)" >&2
 export PYTHONFAULTHANDLER=1
 .venv/bin/python -m pytest -p no:cacheprovider "$@"
 # The data plane has a compiled hot path (agents/_cserve.c with the agents' connection threads, proto/_ccomplete.c,
-# client/_cnbd.c, client/_csync.c) and a pure-Python reference; the run above used the compiled one. Without arguments, the data-plane tests run once more
+# client/nbd/_cnbd.c, client/_csync.c) and a pure-Python reference; the run above used the compiled one. Without arguments, the data-plane tests run once more
 # on the reference (NVPOOL_PURE_PYTHON=1, which agents started by the tests inherit).
 if [ $# -eq 0 ]; then
   echo "test: the data-plane tests again on the pure-Python reference (NVPOOL_PURE_PYTHON=1)" >&2

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 MODULES = {
     "nvpool.agents._cserve": "nvpool.agents.dataplane (the agent's command loop)",
     "nvpool.proto._ccomplete": "nvpool.proto.transport (the client's completion path)",
-    "nvpool.client._cnbd": "nvpool.client.nbdserver (the NBD export's transmission loop)",
+    "nvpool.client.nbd._cnbd": "nvpool.client.nbd.server (the NBD export's transmission loop)",
     "nvpool.client._csync": "nvpool.client.syncpath (the blocking API's round trip)",
 }
 

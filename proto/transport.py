@@ -22,7 +22,7 @@ library and by agents' migration copies; the one-sided shared-memory variant is
 Abandoned connections (the agent's half and the argument: ``agents/dataplane.py``). Every client
 connection has a random id, sent in its AUTH frames. A connection lost with commands in flight is
 recorded in ``ABANDONED`` (by this module, the blocking path ``client/syncpath.py`` and the NBD
-engine ``client/nbdengine.py``), with the volumes it held capabilities for; whatever it had in flight
+engine ``client/nbd/engine.py``), with the volumes it held capabilities for; whatever it had in flight
 is retried through an ``AgentConnection``, whose ``authorize`` first presents, for each such volume,
 an AUTH revoking the abandoned id on that agent. So a write that was given up on can never land after
 the retry, or after a later write to the same blocks.

@@ -54,7 +54,7 @@ sys.path.append(str(ROOT))  # (last: a child's PYTHONPATH, the tree it measures,
 
 from tests.benchlib import KiB4, MiB, daemon_problems, say, seq_timed, seq_write  # noqa: E402
 
-EXTENSIONS = ("agents/_cserve.c", "proto/_ccomplete.c", "client/_cnbd.c", "client/_csync.c")
+EXTENSIONS = ("agents/_cserve.c", "proto/_ccomplete.c", "client/nbd/_cnbd.c", "client/_csync.c")
 R2, R1, CRASH_VOL = "wi2", "wi1", "wic"
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) (\S+): (.*)$")
 RESYNCED = re.compile(r"volume (\S+): copies resynced after a writer ended uncleanly: (\d+) bytes in (\d+) chunks"

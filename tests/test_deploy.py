@@ -80,7 +80,7 @@ def test_deployment_files_give_the_daemons_what_they_need(tmp_path: Path) -> Non
     import yaml  # type: ignore[import-untyped]
 
     import nvpool
-    from nvpool.client.mounting import run_dir
+    from nvpool.client.nbd.mounting import run_dir
     from nvpool.proto import keys
     from nvpool.proto.errors import UsageError
 

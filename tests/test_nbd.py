@@ -21,10 +21,10 @@ import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nvpool.client import nbdproto as nbd
+from nvpool.client.nbd import proto as nbd
 from nvpool.client.blockdev import MemoryBlockDevice
 from nvpool.client.cluster import LocalCluster
-from nvpool.client.nbdserver import NBDServer
+from nvpool.client.nbd.server import NBDServer
 from nvpool.proto.errors import UnavailableError
 
 MiB = 1 << 20

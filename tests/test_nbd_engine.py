@@ -1,4 +1,4 @@
-"""The NBD export's compiled transmission loop (client/_cnbd.c, client/nbdengine.py).
+"""The NBD export's compiled transmission loop (client/nbd/_cnbd.c, client/nbd/engine.py).
 
 Differential tests hold the engine to the Python specification: its request validation is the codec's
 (``ServerConnection._validate``) on random headers, and its address math is ``Layout.single_piece``
@@ -30,7 +30,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nvpool.client import nbdproto as nbd
+from nvpool.client.nbd import proto as nbd
 from nvpool.client.cluster import LocalCluster, pid_alive
 from nvpool.proto import compiled
 from nvpool.proto.layout import Layout
@@ -40,7 +40,7 @@ from tests.test_nbd_hostile import (CASES, EXPORT_SIZE, RSS_LIMIT_MIB, Case, Pee
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
-_cnbd: Any = compiled.load("nvpool.client._cnbd")
+_cnbd: Any = compiled.load("nvpool.client.nbd._cnbd")
 needs_engine = pytest.mark.skipif(_cnbd is None, reason="the compiled NBD engine is not in use (not built, or NVPOOL_PURE_PYTHON)")
 
 
@@ -389,7 +389,7 @@ def test_engine_reads_and_writes_show_in_the_exports_metrics(local_pool: LocalCl
         server.stop()
 
 
-#: the test hook in client/_cnbd.c: a receiver waits this long between reading a completion's slot and
+#: the test hook in client/nbd/_cnbd.c: a receiver waits this long between reading a completion's slot and
 #: committing its answer
 ANSWER_DELAY_ENV = "NVPOOL_TEST_CNBD_ANSWER_DELAY"
 

@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Union
 
 import pytest
 
-from nvpool.client import nbdproto as nbd
+from nvpool.client.nbd import proto as nbd
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent

@@ -107,7 +107,7 @@ def test_version_flag() -> None:
     lines = p.stdout.splitlines()
     assert p.returncode == 0 and lines[0] == f"nvpool {nvpool.__version__}", p.stdout + p.stderr
     # the second line names the data plane's implementation: compiled here (the test command builds it)
-    assert lines[1] == "data plane: agents._cserve compiled, proto._ccomplete compiled, client._cnbd compiled, client._csync compiled", p.stdout
+    assert lines[1] == "data plane: agents._cserve compiled, proto._ccomplete compiled, client.nbd._cnbd compiled, client._csync compiled", p.stdout
     env = {**os.environ, "NVPOOL_PURE_PYTHON": "1"}
     p = subprocess.run([sys.executable, "-m", "nvpool", "--version"], capture_output=True, text=True, timeout=60,
                        env=env)

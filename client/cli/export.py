@@ -21,7 +21,7 @@ MAX_WORKERS = 256
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nvpool.client.nbdserver import FileBlockDevice, NBDServer
+    from nvpool.client.nbd.server import FileBlockDevice, NBDServer
 
     if args.file and args.volume:
         print("nvpool: error: give a VOLUME or --file, not both", file=sys.stderr)
@@ -169,7 +169,7 @@ def _fork_workers(n: int) -> "list[int] | None":
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from nvpool.client.mounting import mount
+    from nvpool.client.nbd.mounting import mount
 
     st = mount(args.volume, args.mountpoint, args.meta, args.mkfs, args.read_only, args.socket, args.force)
     if args.json:
@@ -180,7 +180,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    from nvpool.client.mounting import unmount
+    from nvpool.client.nbd.mounting import unmount
 
     unmount(args.mountpoint)
     print(f"unmounted {args.mountpoint}")

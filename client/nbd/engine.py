@@ -1,7 +1,7 @@
 """The NBD export's compiled transmission loop, seen from asyncio: hand-off, the slow path, layout updates.
 
-When a client enters transmission on an export of a pool volume, ``nbdserver._Connection`` hands the
-connection to an ``EngineLink``, which runs it on ``client/_cnbd.c``'s engine (native threads, no GIL;
+When a client enters transmission on an export of a pool volume, ``server._Connection`` hands the
+connection to an ``EngineLink``, which runs it on ``client/nbd/_cnbd.c``'s engine (native threads, no GIL;
 its header comment is the contract) and keeps the engine in step with the volume:
 
 * **Hand-off.** The asyncio transport stops reading (and stays open, idle, until the engine ends); the
@@ -37,18 +37,18 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from nvpool.client.metrics import COUNTERS
 from nvpool.client.syncpath import FastPathMiss, connect_agent, present_revocations
-from nvpool.client import nbdproto as nbd
+from nvpool.client.nbd import proto as nbd
 from nvpool.client.volume import AsyncVolume
 from nvpool.proto import compiled
 from nvpool.proto.records import Endpoint
 from nvpool.proto.transport import abandoned, new_connection_id
 
 if TYPE_CHECKING:
-    from nvpool.client.nbdserver import _Connection
+    from nvpool.client.nbd.server import _Connection
 
 logger = logging.getLogger(__name__)
 
-_cnbd: Any = compiled.load("nvpool.client._cnbd")
+_cnbd: Any = compiled.load("nvpool.client.nbd._cnbd")
 #: how often the link re-checks the volume (layout, capability, fence) and retries lost agents
 SYNC_INTERVAL = 1.0
 

@@ -316,7 +316,7 @@ class ServerConnection:
 
     def take_buffered(self) -> bytes:
         """Hand over the bytes received and not yet parsed (transmission only, between requests): the
-        compiled engine (``client/_cnbd.c``) goes on from there."""
+        compiled engine (``client/nbd/_cnbd.c``) goes on from there."""
         if self._state != _TRANSMISSION or self._pending is not None:
             raise NBDProtocolError("the connection is not between requests")
         out, self._buf = bytes(self._buf), bytearray()

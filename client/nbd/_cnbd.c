@@ -1,11 +1,11 @@
-/* nvpool.client._cnbd: the NBD export's compiled transmission loop (the fast path of client/nbdserver.py).
+/* nvpool.client._cnbd: the NBD export's compiled transmission loop (the fast path of client/nbd/server.py).
  *
- * The asyncio server (nbdserver.py + the sans-IO codec nbdproto.py) is the specification. It runs the
- * handshake; once a client enters transmission on a pool volume, nbdserver hands the connection to an
+ * The asyncio server (server.py + the sans-IO codec proto.py) is the specification. It runs the
+ * handshake; once a client enters transmission on a pool volume, server.py hands the connection to an
  * ``Engine``, which serves it from native threads, without the GIL:
  *
  *   - one *reader* thread reads requests from the NBD socket, frames and validates them exactly as
- *     ``nbdproto.ServerConnection`` does (``validate`` below is ``_validate``, in nbdkit's order; a test
+ *     ``proto.ServerConnection`` does (``validate`` below is ``_validate``, in nbdkit's order; a test
  *     compares the two on random headers), admits them within the same per-connection budget
  *     (MAX_IN_FLIGHT commands, MAX_BYTES_IN_FLIGHT pinned bytes, a request alone always admitted), and
  *     posts each small READ/WRITE that maps to one piece of an unreplicated layout to the agent holding
@@ -19,7 +19,7 @@
  * write the layout does not allow this engine to send: replicas, a migration target, a fenced lease),
  * and a posted command whose completion is anything but plain success (STALE_LAYOUT, NO_EXTENT, DENIED,
  * a drive error) or whose agent connection broke or did not answer within ``agent_timeout``. Python takes
- * them (``take``) and serves them through ``nbdserver._Connection._serve`` on the full client path
+ * them (``take``) and serves them through ``server._Connection._serve`` on the full client path
  * (``client/volume.py``), which refreshes layouts, retries, maps errors and replies (``reply``). A request
  * is owned by exactly one party at a time (the slot's state, under the engine's mutex), so it is answered
  * exactly once.
@@ -32,7 +32,7 @@
  * Bounded: at most MAX_IN_FLIGHT requests and MAX_BYTES_IN_FLIGHT bytes per connection (a WRITE's payload
  * buffer is committed page by page as its bytes arrive), a client that stops reading replies stops being
  * read, a refused WRITE's payload is read and discarded (up to MAX_SKIP, beyond which the connection is
- * dropped, as nbdproto does), an agent that does not answer is cut off after ``agent_timeout``.
+ * dropped, as proto.py does), an agent that does not answer is cut off after ``agent_timeout``.
  *
  * Python is told of work through a pipe (one byte per wake-up); ``take()`` returns the requests for it,
  * whether the engine has finished (the client disconnected, or sent bytes that cannot be answered: then
@@ -90,8 +90,8 @@
 #define DP_FUA 4
 #define MAX_MESSAGE 4096
 /* engine */
-#define MAX_IN_FLIGHT 128              /* nbdserver.MAX_IN_FLIGHT */
-#define MAX_BYTES_IN_FLIGHT (16u << 20) /* nbdserver.MAX_BYTES_IN_FLIGHT */
+#define MAX_IN_FLIGHT 128              /* server.MAX_IN_FLIGHT */
+#define MAX_BYTES_IN_FLIGHT (16u << 20) /* server.MAX_BYTES_IN_FLIGHT */
 #define FAST_MAX (1u << 20)            /* largest READ/WRITE the engine posts itself */
 #define RBUF (256u << 10)              /* reader's receive buffer */
 #define ABUF (FAST_MAX + (64u << 10))  /* a receiver's buffer: a whole READ completion fits */
@@ -266,7 +266,7 @@ static int recv_all(int fd, char *p, size_t n) {
     return 0;
 }
 
-/* nbdproto.ServerConnection._validate: the NBD error a request is refused with, 0 if it may be served */
+/* proto.ServerConnection._validate: the NBD error a request is refused with, 0 if it may be served */
 static int validate(uint64_t size, uint64_t max_block, int read_only, int structured, int bsn,
                     int cmd, int flags, uint64_t offset, uint64_t length) {
     int past = length == 0 || offset + length < offset || offset + length > size;

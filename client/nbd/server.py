@@ -1,16 +1,16 @@
-"""NBD export of a block device (a pool volume, or a plain file): the asyncio side of ``nbdproto``.
+"""NBD export of a block device (a pool volume, or a plain file): the asyncio side of ``proto``.
 
 Many requests are in flight per connection (each one a task), within a per-connection budget of
 commands and bytes (see ``_Connection``): a client that stops reading replies, or pipelines more
 than the budget, is simply not read from until its replies drain, so memory stays bounded whatever
 it sends. Replies go out whole, each with one ``writelines``. Several connections may serve one
 export (multi-conn): they share the same device, so FLUSH on any connection makes every completed
-write durable. Invalid requests are refused by the codec with nbdkit's error codes (``nbdproto``);
+write durable. Invalid requests are refused by the codec with nbdkit's error codes (``proto``);
 any failure below (agent unreachable, drive error) -> EIO for that request only; the connection and
 the server go on. Input that cannot be answered drops only that connection, with one log line.
 
 Compiled transmission: once a client of a pool volume enters transmission, the connection is handed to
-the compiled engine (``client/_cnbd.c`` through ``client/nbdengine.py``): native threads frame,
+the compiled engine (``client/nbd/_cnbd.c`` through ``client/nbd/engine.py``): native threads frame,
 validate and answer requests within the same budget, post small reads and writes straight to the agents
 and hand everything else back to ``_serve`` here. With ``NVPOOL_PURE_PYTHON=1``, when the module is not
 built, or for ``--file`` exports, this module serves the whole connection itself.
@@ -26,8 +26,8 @@ import socket
 from typing import Any, Optional, Union
 
 from nvpool.client.blockdev import BlockDevice, check_range
-from nvpool.client import nbdengine
-from nvpool.client import nbdproto as nbd
+from nvpool.client.nbd import engine as nbdengine
+from nvpool.client.nbd import proto as nbd
 from nvpool.proto.errors import NvpoolError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class _Connection(asyncio.Protocol):
         self._out_requests = 0
         self._out_bytes = 0
         self._flush_scheduled = False
-        #: the compiled engine serving this connection's transmission phase (client/nbdengine.py), if any
+        #: the compiled engine serving this connection's transmission phase (client/nbd/engine.py), if any
         self._link: Optional[nbdengine.EngineLink] = None
         self._handing_off = False
 
@@ -234,7 +234,7 @@ class _Connection(asyncio.Protocol):
                 self._begin_handoff()
 
     def _begin_handoff(self) -> None:
-        """Serve the transmission phase from the compiled engine (client/nbdengine.py): stop reading here
+        """Serve the transmission phase from the compiled engine (client/nbd/engine.py): stop reading here
         (the engine reads the socket from now on); if the engine cannot start, go on in Python."""
         assert self.transport is not None
         self._handing_off = True
@@ -379,7 +379,7 @@ class NBDServer:
     def __init__(self, device: BlockDevice, name: str, read_only: bool = False, description: str = "",
                  use_engine: bool = True) -> None:
         self.device = device
-        #: hand pool-volume connections to the compiled engine once they transmit (client/nbdengine.py)
+        #: hand pool-volume connections to the compiled engine once they transmit (client/nbd/engine.py)
         self.use_engine = use_engine
         self.name = name
         self.read_only = read_only or device.read_only
