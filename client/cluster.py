@@ -34,7 +34,7 @@ class ProcInfo:
 
 
 def pid_alive(pid: int) -> bool:
-    """The process exists and is not a zombie (of ours)."""
+    """The process exists and is not a zombie."""
     if pid <= 0:
         return False
     try:
@@ -43,10 +43,15 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie child of ours is dead
+    try:  # a zombie child of ours is dead (and reaped here)
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
     except ChildProcessError:
+        pass
+    try:  # so is anyone else's zombie (a daemon restarted by hand, its parent not yet waiting)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return True
 
 
@@ -131,6 +136,15 @@ class LocalCluster:
         c.meta_extra = list(state.get("meta_extra", []))
         c.meta = ProcInfo(**state["meta"])
         c.agents = [ProcInfo(**a) for a in state["agents"]]
+        for info in [*c.metas, *c.agents]:  # a daemon restarted by hand with its ready file is this one now
+            if info.ready_file and not pid_alive(info.pid):
+                try:
+                    ready = json.loads(Path(info.ready_file).read_text())
+                except (OSError, ValueError):
+                    continue
+                pid = int(ready.get("pid") or 0)
+                if pid and pid_alive(pid):
+                    info.pid, info.address = pid, str(ready.get("address") or info.address)
         return c
 
     # ------------------------------------------------------------------ processes
@@ -300,7 +314,13 @@ class LocalCluster:
         if self.state_file.exists():
             old = LocalCluster.load(self.dir)
             if any(pid_alive(m.pid) for m in old.metas) or any(pid_alive(a.pid) for a in old.agents):
-                raise UsageError(f"a local pool is already running in {self.dir} (meta {old.meta.address})")
+                # running: start what is missing, and add agents up to the count asked for
+                old.resume(max(self.n_agents, len(old.agents)), timeout)
+                self.__dict__.update(old.__dict__)
+                return self
+            # every agent it had comes back (an agent left out would hold data nobody serves), on its drives
+            self.n_agents = max(self.n_agents, len(old.agents))
+            self.drives_per_agent, self.drive_size = old.drives_per_agent, old.drive_size
             for mine, theirs in zip(self.metas, old.metas):
                 mine.address = theirs.address
             if old.etcd and self.n_metas > 1 and not self.store:
@@ -317,6 +337,34 @@ class LocalCluster:
             self.down()
             raise
         return self
+
+    def resume(self, agents: int, timeout: float = 60) -> list[str]:
+        """On a running pool: start every daemon of it that is not running (on its old address and
+        drives), then add agents until there are ``agents``; returns what was started. Never stops
+        anything."""
+        started = []
+        etcd = self._etcd
+        if etcd is not None:
+            dead = [i for i in range(len(etcd.endpoints)) if not etcd.alive(i)]
+            for i in dead:  # each rejoins with its data, on its port
+                etcd.start_member(i, state="existing")
+                started.append(f"etcd{i}")
+            if dead:
+                etcd.wait_healthy(timeout)
+        for i, m in enumerate(self.metas):
+            if not pid_alive(m.pid):
+                self.start_meta(timeout, i)
+                started.append(m.name)
+        for i, a in enumerate(list(self.agents)):
+            if not pid_alive(a.pid):
+                self.start_agent(i, timeout)
+                started.append(a.name)
+        while len(self.agents) < agents:
+            started.append(self.add_agent(timeout).name)
+        self.n_agents = len(self.agents)
+        self.save()
+        self.wait_registered(timeout)
+        return started
 
     def wait_registered(self, timeout: float = 30) -> None:
         """Until the metadata service sees every agent alive."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,17 @@ def pool_env(d: str) -> dict[str, str]:
     return env
 
 
+def gone(pid: int) -> None:
+    """SIGKILL ``pid`` and wait until it no longer exists."""
+    from nvpool.client.cluster import pid_alive
+
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def test_cluster_lifecycle_demo_and_bench(tmp_path: Path) -> None:
     d = str(tmp_path / "pool")
     up = json.loads(nv("cluster", "up", "--dir", d, "--agents", "3", "--drives-per-agent", "1", "--drive-size", "512M", "--json"))
@@ -45,16 +58,35 @@ def test_cluster_lifecycle_demo_and_bench(tmp_path: Path) -> None:
             assert b["ops"] == 256 and b["bytes"] == 16 << 20 and b["lat_p99_us"] >= b["lat_p50_us"] > 0
         st = json.loads(nv("cluster", "status", "--dir", d, "--json"))
         assert st["meta"]["alive"] and len(st["agents"]) == 3
-        with pytest.raises(AssertionError, match="already running"):
-            nv("cluster", "up", "--dir", d)
+        # `cluster up` on the running pool starts what is down and adds servers (issue 30, first hour, 4)
+        assert json.loads(nv("cluster", "up", "--dir", d, "--json"))["started"] == []
+        gone(st["agents"][1]["pid"])
+        again = json.loads(nv("cluster", "up", "--dir", d, "--json"))
+        assert again["started"] == ["agent1"] and all(a["alive"] for a in again["agents"]), again
+        grown = json.loads(nv("cluster", "up", "--dir", d, "--agents", "4", "--json"))
+        assert grown["started"] == ["agent3"] and len(grown["agents"]) == 4 and all(a["alive"] for a in grown["agents"])
+        pool_st = json.loads(nv("pool", "status", "--json", env=env))
+        assert sum(1 for a in pool_st["agents"] if a["alive"]) == 4
+        # an agent restarted by hand (same arguments, same ready file) is the pool's: up, and stopped by down
+        state = json.loads((tmp_path / "pool" / "cluster.json").read_text())
+        gone(state["agents"][0]["pid"])
+        by_hand = subprocess.Popen([sys.executable, "-m", "nvpool", *state["agents"][0]["args"]],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not all(a["alive"] for a in json.loads(nv("cluster", "status", "--dir", d, "--json"))["agents"]):
+            assert time.monotonic() < deadline, "the agent restarted by hand shows DOWN"
+            time.sleep(0.2)
+        assert "DOWN" not in nv("cluster", "status", "--dir", d)
     finally:
         nv("cluster", "down", "--dir", d)
+    assert by_hand.wait(30) is not None  # `cluster down` stopped it too
     st = json.loads(nv("cluster", "status", "--dir", d, "--json"))
     assert not st["meta"]["alive"] and not any(a["alive"] for a in st["agents"])
     # the pool comes back with its volume and data
     nv("cluster", "up", "--dir", d, "--agents", "3", "--drives-per-agent", "1", "--drive-size", "512M")
     try:
         env = pool_env(d)
+        assert len(json.loads(nv("cluster", "status", "--dir", d, "--json"))["agents"]) == 4  # the one added, too
         vols = json.loads(nv("volume", "list", "--json", env=env))
         assert [v["name"] for v in vols] == ["demo"]
     finally:

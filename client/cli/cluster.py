@@ -21,7 +21,7 @@ from nvpool.client.cli.common import (
     volume_name,
 )
 from nvpool.proto.units import MiB, human
-from nvpool.client.cluster import LocalCluster, default_dir
+from nvpool.client.cluster import LocalCluster, default_dir, pid_alive
 
 #: the smallest drive an agent accepts (agents/drive.py MIN_DRIVE_SIZE: a 2 MiB label area + 8 MiB)
 MIN_DRIVE_SIZE = 10 * MiB
@@ -30,8 +30,22 @@ MAX_LOCAL_AGENTS, MAX_LOCAL_DRIVES = 256, 64
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    asked = args.agents
+    args.agents = asked or 4
     c = LocalCluster(args.dir, args.agents, args.drives_per_agent, str(args.drive_size), meta_listen=args.meta_listen,
                      metas=args.metas)
+    if c.state_file.exists():
+        running = LocalCluster.load(c.dir)
+        if any(pid_alive(m.pid) for m in running.metas) or any(pid_alive(a.pid) for a in running.agents):
+            # a running pool: start what of it is down, and add agents up to --agents (never removes one)
+            started = running.resume(max(asked or 0, len(running.agents)), timeout=args.timeout)
+            if args.json:
+                json.dump({**running.status(), "started": started}, sys.stdout, indent=2)
+                print()
+            else:
+                print(f"the pool in {running.dir} runs: " + (f"started {', '.join(started)}" if started
+                                                              else "everything was up already"))
+            return 0
     if not args.json:
         what = (f"{args.metas} metadata services on a 3-member etcd cluster" if args.metas > 1
                 else "a metadata service")
@@ -170,9 +184,10 @@ def register(sub: Any) -> None:
         q.add_argument("--dir", default=default_dir(), help="state, logs and drive files (default $NVPOOL_HOME, or ./.nvpool/local as the quick start uses)")
         q.add_argument("--json", action="store_true", help="machine-readable output")
 
-    up = cs.add_parser("up", help="start a metadata service and N agents; wait until registered")
-    up.add_argument("--agents", type=int_arg(1, MAX_LOCAL_AGENTS, "number of agents"), default=4,
-                    help="number of agents (servers), default 4")
+    up = cs.add_parser("up", help="start a metadata service and N agents; wait until registered (on a running pool: "
+                                  "start what is down, and add agents up to --agents)")
+    up.add_argument("--agents", type=int_arg(1, MAX_LOCAL_AGENTS, "number of agents"),
+                    help="number of agents (servers), default 4; on a running pool, more than it has adds servers")
     up.add_argument("--drives-per-agent", type=int_arg(1, MAX_LOCAL_DRIVES, "drives per agent"), default=2,
                     help="file-backed drives per agent, default 2")
     up.add_argument("--drive-size", default="4G", type=size_arg(MIN_DRIVE_SIZE, None, "drive size"),
