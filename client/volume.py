@@ -379,7 +379,8 @@ class Lease:
         except LeaseError as exc:
             self.fence(str(exc))
         except NvpoolError as exc:  # metadata service unreachable: agents' fences keep us safe meanwhile
-            logger.warning("volume %s: cannot renew the lease: %s", self.name, exc)
+            if not self.closed:  # (returned meanwhile, at exit too: nothing to say)
+                logger.warning("volume %s: cannot renew the lease: %s", self.name, exc)
         finally:
             self._task = None
             self.start()

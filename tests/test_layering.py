@@ -50,6 +50,10 @@ CASES: list[tuple[list[str], tuple[str, ...]]] = [
     # the etcd store: an edge of its own (etcd's gRPC API, through aetcd), never nvpool's generated code
     (["nvpool.pool.etcdstore"],
      ("nvpool.client", "nvpool.agents", "nvpool.proto.nvpool_pb2", "nvpool.proto.nvpool_pb2_grpc")),
+    # the NBD protocol codec is sans-IO: no event loop, no client library, no gRPC (the client package
+    # imports its library lazily for this)
+    (["nvpool.client.nbd.proto"], ("nvpool.pool", "nvpool.agents", "nvpool.client.api", "nvpool.client.volume",
+                                   "asyncio", "numpy", *GENERATED)),
     # `import nvpool` is cheap: it loads none of the layers
     (["nvpool"], ("nvpool.pool", "nvpool.agents", "nvpool.client", "nvpool.proto", "numpy", "grpc")),
 ]
