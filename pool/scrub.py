@@ -62,6 +62,7 @@ from typing import Any, Optional
 from nvpool.proto.blocksums import SCRUB_MAX, SUM_BLOCK, SUM_SIZE
 from nvpool.pool.meta import MetaService, VolumeRec
 from nvpool.pool.rebalancer import TokenBucket
+from nvpool.pool.replication import merge_ranges
 from nvpool.proto.errors import NotFoundError, NvpoolError, UnavailableError, UsageError
 from nvpool.proto.layout import Extent, Layout
 
@@ -88,18 +89,11 @@ class Piece:
 
 def _align(ranges: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
     """``ranges`` widened to whole blocks, clipped to ``limit``, merged."""
-    out: list[tuple[int, int]] = []
-    for off, n in sorted(ranges):
+    widened = []
+    for off, n in ranges:
         start = off - off % SUM_BLOCK
-        end = min(limit, -(-(off + n) // SUM_BLOCK) * SUM_BLOCK)
-        if end <= start:
-            continue
-        if out and out[-1][0] + out[-1][1] >= start:
-            s = out[-1][0]
-            out[-1] = (s, max(out[-1][0] + out[-1][1], end) - s)
-        else:
-            out.append((start, end - start))
-    return out
+        widened.append((start, min(limit, -(-(off + n) // SUM_BLOCK) * SUM_BLOCK) - start))
+    return merge_ranges(widened)
 
 
 def scrub_pieces(layout: Layout, column: int, copies: list[int], ranges: list[tuple[int, int]],

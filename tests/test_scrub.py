@@ -36,6 +36,7 @@ from nvpool.proto.compiled import load
 from nvpool.proto.dataplane import crc32c
 from nvpool.proto.layout import Layout
 from tests.conftest import make_cluster
+from tests.test_writer_crash import drive_files
 
 MiB = 1 << 20
 _cserve: Any = load("nvpool.agents._cserve")
@@ -250,14 +251,6 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     c.up()
     yield c
     c.down()
-
-
-def drive_files(c: LocalCluster) -> dict[str, Path]:
-    out = {}
-    for path in sorted((c.dir / "drives").glob("*.img")):
-        label, _ = Drive.inspect(str(path))
-        out[str(label["drive_id"])] = path
-    return out
 
 
 def layout(c: LocalCluster, name: str) -> Layout:
